@@ -1,0 +1,112 @@
+"""Kernels behind every mixer, with one signature per op and a dispatcher.
+
+Layout `[B, T, H, D]`, log-space gates (<= 0), fp32 accumulation and fp32 state.
+Backends: `naive` (loop over time, the fp64 reference), `torch` (chunked PyTorch, the CPU
+path) and `triton` (chunked GPU kernels). The dispatcher uses `triton` for CUDA tensors
+and `torch` otherwise; set LINEARIZE_KERNEL_BACKEND=naive|torch|triton to force one.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("naive", "torch", "triton")
+ENV_VAR = "LINEARIZE_KERNEL_BACKEND"
+
+
+def select_backend(x: torch.Tensor) -> str:
+    """The backend the dispatcher uses for tensors like `x` (honours LINEARIZE_KERNEL_BACKEND)."""
+    forced = os.environ.get(ENV_VAR, "").strip().lower()
+    if forced and forced != "auto":
+        if forced not in BACKENDS:
+            raise ValueError(f"{ENV_VAR}={forced!r} is not a backend; choose one of {', '.join(BACKENDS)} or auto")
+        return forced
+    if x.is_cuda and triton_available():
+        return "triton"
+    return "torch"
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def gated_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.LongTensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gated linear attention S_t = Diag(exp g_t) S_{t-1} + k_t^T v_t, o_t = scale q_t S_t.
+
+    q: [B, T, H, K]; k: [B, T, HKV, K]; v: [B, T, HKV, V]; g: [B, T, HKV, K] or [B, T, HKV]
+    (log decay <= 0); initial_state: [N, HKV, K, V]. Returns o [B, T, H, V] and the final
+    state [N, HKV, K, V] in fp32 (or None). A normalizer is obtained by appending a column
+    of ones to v (see `linearize.mixers.base`).
+    """
+    backend = backend or select_backend(q)
+    kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+                  cu_seqlens=cu_seqlens)
+    if backend == "naive":
+        from .gla.naive import naive_gla
+
+        return naive_gla(q, k, v, g, **kwargs)
+    if backend == "torch":
+        from .gla.chunk import chunk_gla
+
+        return chunk_gla(q, k, v, g, **kwargs)
+    if backend == "triton":
+        from .gla.triton_chunk import triton_chunk_gla
+
+        return triton_chunk_gla(q, k, v, g, **kwargs)
+    raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def sliding_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    window: int | None,
+    num_sink_tokens: int = 0,
+    sink_logits: torch.Tensor | None = None,
+    scale: float | None = None,
+    key_mask: torch.Tensor | None = None,
+    cu_seqlens: torch.LongTensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sliding-window softmax attention with sink tokens and sink logits.
+
+    q: [B, T, H, D]; k: [B, T, HKV, D]; v: [B, T, HKV, Dv]; sink_logits: [H] or [H, M];
+    key_mask: [B, T] (False = padding). Returns o [B, T, H, Dv] and lse [B, T, H] (fp32),
+    the log of each row's full softmax denominator (sink logits included).
+    """
+    backend = backend or select_backend(q)
+    kwargs = dict(window=window, num_sink_tokens=num_sink_tokens, sink_logits=sink_logits, scale=scale,
+                  key_mask=key_mask, cu_seqlens=cu_seqlens)
+    if backend == "naive":
+        from .window.naive import naive_window_attention
+
+        return naive_window_attention(q, k, v, **kwargs)
+    if backend == "torch":
+        from .window.chunk import chunk_window_attention
+
+        return chunk_window_attention(q, k, v, **kwargs)
+    if backend == "triton":
+        from .window.triton_window import triton_window_attention
+
+        return triton_window_attention(q, k, v, **kwargs)
+    raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+__all__ = ["gated_linear_attention", "sliding_window_attention", "select_backend", "BACKENDS", "ENV_VAR"]

@@ -1,0 +1,1 @@
+"""linearize: turn pretrained Hugging Face LLMs into linear-time models."""
