@@ -1,0 +1,210 @@
+"""LinearizeConfig: everything that defines a conversion, saved as JSON beside the weights."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+METHODS = ("liger-gla", "liger-hgrn2", "lizard", "lolcats", "window-sinks")
+GATES = ("liger", "scalar", "mamba2", "none")
+FEATURE_MAPS = ("softmax", "hedgehog", "none")
+MIXINGS = ("fixed", "learned", "shared-denominator", "window-only", "linear-only")
+
+CONFIG_NAME = "linearize_config.json"
+
+
+@dataclass(frozen=True)
+class MethodDefaults:
+    window: int
+    gate: str
+    feature_map: str
+    mixing: str
+    normalize: bool
+    linear_rope: bool
+    num_sink_tokens: int = 0
+    num_sink_logits: int = 0
+    allowed_gates: tuple[str, ...] = ("none",)
+
+
+METHOD_DEFAULTS: dict[str, MethodDefaults] = {
+    # Liger: parameter-free softmax feature maps and gates pooled from the key; Liger Attention
+    # mixes a 64-token window with the recurrence 0.5/0.5.
+    "liger-gla": MethodDefaults(64, "liger", "softmax", "fixed", False, False,
+                                allowed_gates=("liger", "scalar", "mamba2")),
+    "liger-hgrn2": MethodDefaults(64, "liger", "softmax", "fixed", False, False, allowed_gates=("liger",)),
+    # Lizard: Hedgehog maps, a scalar gate per token and head, normalized recurrence, a 128-token
+    # window with 4 meta-memory sink logits; learned per-head branch weights.
+    "lizard": MethodDefaults(128, "scalar", "hedgehog", "learned", True, False, num_sink_logits=4,
+                             allowed_gates=("scalar", "mamba2", "liger")),
+    # LoLCATs: Hedgehog linear attention and a 64-token window under one softmax denominator.
+    "lolcats": MethodDefaults(64, "none", "hedgehog", "shared-denominator", True, True,
+                              allowed_gates=("none", "scalar", "mamba2")),
+    # Zero-training baseline: softmax over 4 sink tokens and the last 64 tokens.
+    "window-sinks": MethodDefaults(64, "none", "none", "window-only", False, True, num_sink_tokens=4),
+}
+
+
+class ConfigError(ValueError):
+    """A LinearizeConfig field has a bad value; the message names the field and the fix."""
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclass
+class LinearizeConfig:
+    """How to linearize a model. Fields left as None take the method's default.
+
+    method: one of `METHODS`.
+    window: sliding-window size of the softmax branch; 0 gives the pure recurrent form.
+    num_sink_tokens: first tokens every query keeps attending to (window-sinks: 4).
+    num_sink_logits: learned per-head logits that only enter the window's softmax
+        denominator (Lizard's meta-memory, 4).
+    gate: `liger` (pooled key, per channel), `scalar` (sigmoid of a learned projection, per
+        token and head), `mamba2` (-exp(A) softplus(dt)), or `none`.
+    feature_map: `softmax` (over the head dimension, Liger), `hedgehog` (learned, LoLCATs and
+        Lizard) or `none` (window-only methods).
+    feature_dim: width of the Hedgehog projection (None: the head dimension); the feature
+        map outputs twice this many features.
+    mixing: `fixed` (window_weight, linear_weight), `learned` (per-head weights initialised
+        to window_weight, linear_weight), `shared-denominator` (LoLCATs), `window-only`,
+        `linear-only` (implied by window=0).
+    normalize: divide the recurrence by its normalizer phi(q) z_t.
+    linear_rope: feed RoPE-rotated q and k to the feature maps.
+    gate_normalizer: Liger divides the log gate by this (16).
+    layers: layer indices to linearize (None: every layer not in softmax_layers).
+    softmax_layers: layer indices that keep softmax attention (inter-layer hybrid).
+    share_state_across_group: keep the recurrent state per KV head, shared by the query
+        heads of a GQA group (False repeats k and v per query head; same result, more memory).
+    lolcats_init_linear_weight: sigmoid of LoLCATs' per-head linear weight at initialisation.
+    """
+
+    method: str = "liger-gla"
+    window: int | None = None
+    num_sink_tokens: int | None = None
+    num_sink_logits: int | None = None
+    gate: str | None = None
+    feature_map: str | None = None
+    feature_dim: int | None = None
+    mixing: str | None = None
+    window_weight: float = 0.5
+    linear_weight: float = 0.5
+    normalize: bool | None = None
+    linear_rope: bool | None = None
+    gate_normalizer: float = 16.0
+    layers: list[int] | None = None
+    softmax_layers: list[int] = field(default_factory=list)
+    share_state_across_group: bool = True
+    lolcats_init_linear_weight: float = 0.1
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def resolved(self) -> "LinearizeConfig":
+        """A copy with every method default filled in."""
+        d = METHOD_DEFAULTS[self.method]
+        out = dataclasses.replace(self)
+        out.window = d.window if self.window is None else self.window
+        out.gate = d.gate if self.gate is None else self.gate
+        out.feature_map = d.feature_map if self.feature_map is None else self.feature_map
+        out.normalize = d.normalize if self.normalize is None else self.normalize
+        out.linear_rope = d.linear_rope if self.linear_rope is None else self.linear_rope
+        out.num_sink_tokens = d.num_sink_tokens if self.num_sink_tokens is None else self.num_sink_tokens
+        out.num_sink_logits = d.num_sink_logits if self.num_sink_logits is None else self.num_sink_logits
+        if self.mixing is not None:
+            out.mixing = self.mixing
+        elif out.window == 0:
+            out.mixing = "linear-only"
+        else:
+            out.mixing = d.mixing
+        if out.window == 0:
+            out.num_sink_tokens = 0
+            out.num_sink_logits = 0
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        d = METHOD_DEFAULTS[self.method]
+        if self.window is not None:
+            if not _is_int(self.window) or self.window < 0:
+                raise ConfigError(f"window must be an integer >= 1 (or 0 for the pure recurrent form), got {self.window!r}")
+            if self.window == 0 and self.method == "window-sinks":
+                raise ConfigError("window-sinks has no recurrent branch: its window must be >= 1 (default 64)")
+        for name in ("num_sink_tokens", "num_sink_logits", "feature_dim"):
+            val = getattr(self, name)
+            if val is not None and (not _is_int(val) or val < (1 if name == "feature_dim" else 0)):
+                raise ConfigError(f"{name} must be a {'positive' if name == 'feature_dim' else 'non-negative'} integer, got {val!r}")
+        if self.gate is not None:
+            if self.gate not in GATES:
+                raise ConfigError(f"unknown gate {self.gate!r}; choose one of: {', '.join(GATES)}")
+            if self.gate not in d.allowed_gates:
+                raise ConfigError(f"method {self.method} supports gate in ({', '.join(d.allowed_gates)}), got {self.gate!r}")
+        if self.feature_map is not None and self.feature_map not in FEATURE_MAPS:
+            raise ConfigError(f"unknown feature_map {self.feature_map!r}; choose one of: {', '.join(FEATURE_MAPS)}")
+        if self.method == "window-sinks" and self.feature_map not in (None, "none"):
+            raise ConfigError("window-sinks has no linear branch: leave feature_map unset")
+        if self.method != "window-sinks" and self.feature_map == "none":
+            raise ConfigError(f"{self.method} needs a feature map: softmax or hedgehog")
+        if self.mixing is not None:
+            if self.mixing not in MIXINGS:
+                raise ConfigError(f"unknown mixing {self.mixing!r}; choose one of: {', '.join(MIXINGS)}")
+            if self.method == "window-sinks" and self.mixing != "window-only":
+                raise ConfigError("window-sinks only supports mixing='window-only'")
+            if self.window == 0 and self.mixing != "linear-only":
+                raise ConfigError(f"window=0 has no window branch: mixing must be linear-only, got {self.mixing!r}")
+        for name in ("window_weight", "linear_weight", "gate_normalizer"):
+            val = getattr(self, name)
+            if not isinstance(val, (int, float)) or isinstance(val, bool) or val != val:
+                raise ConfigError(f"{name} must be a number, got {val!r}")
+        if self.gate_normalizer <= 0:
+            raise ConfigError(f"gate_normalizer must be > 0, got {self.gate_normalizer}")
+        if not 0.0 < self.lolcats_init_linear_weight < 1.0:
+            raise ConfigError(f"lolcats_init_linear_weight must be in (0, 1), got {self.lolcats_init_linear_weight}")
+        for name in ("layers", "softmax_layers"):
+            val = getattr(self, name)
+            if val is None:
+                continue
+            if not isinstance(val, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in val):
+                raise ConfigError(f"{name} must be a list of non-negative layer indices, got {val!r}")
+            setattr(self, name, sorted(set(int(i) for i in val)))
+        if self.layers is not None and set(self.layers) & set(self.softmax_layers):
+            both = sorted(set(self.layers) & set(self.softmax_layers))
+            raise ConfigError(f"layers {both} are listed both to linearize and to keep as softmax attention")
+
+    def linearized_layers(self, num_layers: int) -> list[int]:
+        """Indices of the layers this config converts in a model with `num_layers` layers."""
+        for name in ("layers", "softmax_layers"):
+            bad = [i for i in (getattr(self, name) or []) if i >= num_layers]
+            if bad:
+                raise ConfigError(f"{name} {bad} out of range: the model has {num_layers} layers (0..{num_layers - 1})")
+        chosen = range(num_layers) if self.layers is None else self.layers
+        return [i for i in chosen if i not in set(self.softmax_layers)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LinearizeConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"a linearize config must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown linearize config field(s) {unknown}; known fields: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    def to_json_file(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> "LinearizeConfig":
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON ({e}); re-save the model or fix the file") from e
+        return cls.from_dict(data)

@@ -1,0 +1,146 @@
+"""Model surgery: swap attention modules for mixers, and back.
+
+PEFT-style: walk the decoder layers, build a mixer that holds the original projections by
+reference, `setattr` it on the parent. `unconvert` puts the original modules back, so the
+model is bit-for-bit what it was. `teacher(model)` runs the original softmax attention
+without a second copy of the weights.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch.nn as nn
+
+from .config import LinearizeConfig
+from .families import Family, decoder_layers, family_of, get_submodule
+from .mixers import MIXERS, LinearizedAttention
+from .mixers.context import ForwardContext
+
+STATE_ATTR = "_linearize_state"
+
+
+@dataclass
+class LinearizeState:
+    """What `convert` did to a model, kept on the model for `unconvert` and the cache."""
+
+    config: LinearizeConfig  # resolved
+    family: Family
+    layers: list[int]
+    num_layers: int
+    context: ForwardContext
+    hook: object
+    original_model_class: type
+    original_config_class: type
+    teacher_active: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def linearize_state(model: nn.Module) -> LinearizeState:
+    st = getattr(model, STATE_ATTR, None)
+    if st is None:
+        raise ValueError(f"{type(model).__name__} is not linearized: call linearize.convert(model, config) first")
+    return st
+
+
+def is_linearized(model: nn.Module) -> bool:
+    """True when `model` has been converted by `linearize.convert`."""
+    return getattr(model, STATE_ATTR, None) is not None
+
+
+def mixers(model: nn.Module) -> list[LinearizedAttention]:
+    """The mixer modules of a converted model, in layer order."""
+    return [m for m in model.modules() if isinstance(m, LinearizedAttention)]
+
+
+def convert(model: nn.Module, config: LinearizeConfig | None = None, *, _in_init: bool = False, **overrides) -> nn.Module:
+    """Linearize a loaded transformers causal LM in place and return it.
+
+    Args:
+        model: e.g. a `LlamaForCausalLM`; families in `linearize.families.FAMILIES`.
+        config: the conversion; or pass its fields as keyword arguments
+            (`convert(model, method="lizard", window=128)`).
+
+    Returns the same model object, whose class becomes `Linearized<Base>ForCausalLM` so that
+    `save_pretrained` / `AutoModelForCausalLM.from_pretrained` round-trip it.
+    """
+    if config is None:
+        config = LinearizeConfig(**overrides)
+    elif overrides:
+        raise TypeError("pass either a LinearizeConfig or keyword fields, not both")
+    if is_linearized(model):
+        raise ValueError("model is already linearized; call linearize.unconvert(model) first")
+    family = family_of(model)
+    resolved = config.resolved()
+    layers = decoder_layers(model, family)
+    indices = resolved.linearized_layers(len(layers))
+    context = ForwardContext()
+    decoder = get_submodule(model, family.decoder_path)
+    hook = decoder.register_forward_pre_hook(context.record, with_kwargs=True)
+    mixer_cls = MIXERS[resolved.method]
+    for i in indices:
+        attn = getattr(layers[i], family.attention_name)
+        weight = attn.q_proj.weight
+        mixer = mixer_cls(attn, resolved, family, i, context)
+        for name, p in mixer.new_parameters():
+            p.data = p.data.to(device=weight.device, dtype=weight.dtype)
+        setattr(layers[i], family.attention_name, mixer)
+    from .checkpoint import BASE_CLASS_ATTR, linearized_classes
+
+    base_model_cls = getattr(type(model), BASE_CLASS_ATTR, type(model))
+    base_config_cls = getattr(type(model.config), BASE_CLASS_ATTR, type(model.config))
+    state = LinearizeState(resolved, family, indices, len(layers), context, hook, base_model_cls, base_config_cls)
+    object.__setattr__(model, STATE_ATTR, state)
+    model.config.linearize = resolved.to_dict()
+    model.config.linearize_base_model_type = family.model_type
+    if not _in_init:
+        model_cls, config_cls = linearized_classes(family.model_type, type(model), type(model.config))
+        model.config.__class__ = config_cls
+        model.__class__ = model_cls
+    return model
+
+
+def unconvert(model: nn.Module) -> nn.Module:
+    """Restore the original attention modules (bit for bit) and the original classes."""
+    st = linearize_state(model)
+    layers = decoder_layers(model, st.family)
+    for i in st.layers:
+        mixer = getattr(layers[i], st.family.attention_name)
+        setattr(layers[i], st.family.attention_name, mixer._teacher_attention)
+    st.hook.remove()
+    for attr in ("linearize", "linearize_base_model_type"):
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+    model.config.__class__ = st.original_config_class
+    model.__class__ = st.original_model_class
+    object.__delattr__(model, STATE_ATTR)
+    return model
+
+
+@contextlib.contextmanager
+def teacher(model: nn.Module):
+    """Run a converted model with its original softmax attention inside the block.
+
+    No weights are copied: the mixers route to the original modules, which share the same
+    projections. On a model that is not linearized this does nothing.
+    """
+    if not is_linearized(model):
+        yield model
+        return
+    st = linearize_state(model)
+    found = mixers(model)
+    previous = [m.teacher_active for m in found], st.teacher_active
+    for m in found:
+        m.teacher_active = True
+    st.teacher_active = True
+    try:
+        yield model
+    finally:
+        for m, was in zip(found, previous[0]):
+            m.teacher_active = was
+        st.teacher_active = previous[1]
+
+
+def new_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of every parameter that conversion added (stage-1 trainables)."""
+    return [(n, p) for n, p in model.named_parameters() if ".linearize_" in n or n.startswith("linearize_")]

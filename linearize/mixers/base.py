@@ -1,0 +1,229 @@
+"""The shared body of every mixer: projections, RoPE, padding, the two branches, mixing.
+
+A mixer replaces one attention module. It holds the pretrained q/k/v/o projections (and
+q/k norms) by reference, so their parameters keep their original names, and keeps the
+original module itself outside the module tree so the teacher can run again at any time.
+New parameters live in submodules whose names start with `linearize_`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import LinearizeConfig
+from ..families import Family
+from ..kernels import gated_linear_attention, sliding_window_attention
+from .context import ForwardContext
+from .feature_maps import build_feature_map
+from .gates import build_gate
+
+NEW_PARAMETER_PREFIX = "linearize_"
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, T, H, D]; cos, sin: [B, T, D] -> rotated x (Llama convention)."""
+    cos, sin = cos.unsqueeze(2).to(x.dtype), sin.unsqueeze(2).to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+class AttentionTransfer:
+    """Stage-1 hook: the mixer also runs the teacher, stores the MSE and passes the teacher's
+    output on, so every layer learns from the teacher's input."""
+
+    def __init__(self) -> None:
+        self.losses: list[torch.Tensor] = []
+
+    def record(self, student: torch.Tensor, teacher: torch.Tensor) -> None:
+        self.losses.append(F.mse_loss(student.float(), teacher.float()))
+
+
+class LinearizedAttention(nn.Module):
+    """Base mixer. Subclasses choose feature maps and gates through `LinearizeConfig`."""
+
+    method: str = ""
+
+    def __init__(self, attn: nn.Module, config: LinearizeConfig, family: Family, layer_idx: int,
+                 context: ForwardContext):
+        super().__init__()
+        self.config = attn.config
+        self.lconfig = config
+        self.layer_idx = layer_idx
+        self.head_dim = attn.head_dim
+        self.num_heads = attn.config.num_attention_heads
+        self.num_kv_heads = attn.config.num_key_value_heads
+        self.scaling = attn.scaling
+        self.is_causal = True
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        if family.qk_norm:
+            self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
+        object.__setattr__(self, "_teacher_attention", attn)
+        object.__setattr__(self, "_context", context)
+        self.teacher_active = False
+        self.transfer: AttentionTransfer | None = None
+        self._build_branches()
+
+    # -- construction -------------------------------------------------------------------
+    def _build_branches(self) -> None:
+        cfg = self.lconfig
+        hidden = self.config.hidden_size
+        self.has_linear = cfg.mixing != "window-only"
+        self.has_window = cfg.window > 0 and cfg.mixing != "linear-only"
+        state_heads = self.num_kv_heads if cfg.share_state_across_group else self.num_heads
+        if self.has_linear:
+            self.linearize_feature_map_q = build_feature_map(cfg.feature_map, self.num_heads, self.head_dim, cfg.feature_dim)
+            self.linearize_feature_map_k = build_feature_map(cfg.feature_map, self.num_kv_heads, self.head_dim, cfg.feature_dim)
+            feat = self.linearize_feature_map_k.out_dim
+            if cfg.gate == "liger" and feat % self.head_dim:
+                raise ValueError(f"the liger gate works per channel of the key: feature width {feat} must be a "
+                                 f"multiple of head_dim {self.head_dim} (set feature_dim to head_dim)")
+            self.linearize_gate = build_gate(cfg.gate, hidden_size=hidden, num_kv_heads=self.num_kv_heads,
+                                             normalizer=cfg.gate_normalizer, repeat=max(feat // self.head_dim, 1))
+        self.state_heads = state_heads
+        if self.has_window and cfg.num_sink_logits:
+            # Meta-memory logits start low (exp(-5) each): the window is then almost exactly the
+            # teacher's softmax, and training raises them where attention needs a sink.
+            self.linearize_sink_logits = nn.Parameter(torch.full((self.num_heads, cfg.num_sink_logits), -5.0))
+        if cfg.mixing == "learned":
+            self.linearize_window_weight = nn.Parameter(torch.full((self.num_heads,), float(cfg.window_weight)))
+            self.linearize_linear_weight = nn.Parameter(torch.full((self.num_heads,), float(cfg.linear_weight)))
+        if cfg.mixing == "shared-denominator":
+            p = cfg.lolcats_init_linear_weight
+            logit = torch.log(torch.tensor(p / (1 - p)))
+            self.linearize_linear_logit = nn.Parameter(torch.full((self.num_heads,), float(logit)))
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
+                cache=None, past_key_values=None, **kwargs):
+        cache = cache if cache is not None else past_key_values
+        if self.teacher_active:
+            from ..cache import LinearizeCache
+
+            if isinstance(cache, LinearizeCache):
+                cache = cache.softmax_view()
+            return self._teacher_attention(hidden_states, position_embeddings=position_embeddings,
+                                           attention_mask=attention_mask, cache=cache, **kwargs)
+        out = self.student_forward(hidden_states, position_embeddings, cache)
+        if self.transfer is not None:
+            with torch.no_grad():
+                teacher, _ = self._teacher_attention(hidden_states, position_embeddings=position_embeddings,
+                                                     attention_mask=attention_mask, cache=None, **kwargs)
+            self.transfer.record(out, teacher)
+            return teacher, None
+        return out, None
+
+    def project(self, hidden_states: torch.Tensor):
+        """hidden [B, T, C] -> q [B, T, H, D], k [B, T, HKV, D], v [B, T, HKV, D] (before RoPE)."""
+        B, T, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def student_forward(self, hidden_states: torch.Tensor, position_embeddings, cache) -> torch.Tensor:
+        B, T, _ = hidden_states.shape
+        q, k, v = self.project(hidden_states)
+        cos, sin = position_embeddings
+        q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        key_mask = self._context.key_mask(T)
+        cu_seqlens = self._context.cu_seqlens(B, T) if key_mask is None else None
+        state = cache.linear_layer(self.layer_idx) if cache is not None and hasattr(cache, "linear_layer") else None
+        o_win = lse = o_lin = den = None
+        if self.has_window:
+            o_win, lse = self.window_branch(q_rot, k_rot, v, key_mask, cu_seqlens, state)
+        if self.has_linear:
+            lin_q, lin_k = (q_rot, k_rot) if self.lconfig.linear_rope else (q, k)
+            o_lin, den = self.linear_branch(hidden_states, lin_q, lin_k, k, v, key_mask, cu_seqlens, state)
+        if state is not None:
+            state.advance(T, key_mask)
+        o = self.mix(o_win, lse, o_lin, den)
+        return self.o_proj(o.reshape(B, T, -1).to(hidden_states.dtype))
+
+    # -- branches --------------------------------------------------------------------------
+    def window_branch(self, q, k, v, key_mask, cu_seqlens, state):
+        """Softmax over the window (and sinks). Returns o [B, T, H, D] and lse [B, T, H] (fp32)."""
+        cfg = self.lconfig
+        sink_logits = getattr(self, "linearize_sink_logits", None)
+        if state is not None and state.has_window_past():
+            return state.window_attention(q, k, v, key_mask, window=cfg.window, num_sink_tokens=cfg.num_sink_tokens,
+                                          sink_logits=sink_logits, scale=self.scaling)
+        o, lse = sliding_window_attention(q, k, v, window=cfg.window, num_sink_tokens=cfg.num_sink_tokens,
+                                          sink_logits=sink_logits, scale=self.scaling, key_mask=key_mask,
+                                          cu_seqlens=cu_seqlens)
+        if state is not None:
+            state.store_window(k, v, key_mask, window=cfg.window, num_sink_tokens=cfg.num_sink_tokens)
+        return o, lse
+
+    def feature_maps(self, q: torch.Tensor, k: torch.Tensor, k_raw: torch.Tensor):
+        """phi(q) [B, T, H, F], phi(k) [B, T, HKV, F]; overridden by methods with tied maps."""
+        return self.linearize_feature_map_q(q), self.linearize_feature_map_k(k)
+
+    def linear_branch(self, hidden, q, k, k_raw, v, key_mask, cu_seqlens, state):
+        """Gated linear recurrence. Returns o [B, T, H, V] and, when normalized, den [B, T, H]."""
+        cfg = self.lconfig
+        fq, fk = self.feature_maps(q, k, k_raw)
+        B, T = fq.shape[:2]
+        if self.linearize_gate is not None:
+            g = self.linearize_gate(hidden, k_raw)
+        else:
+            g = fk.new_zeros(B, T, self.num_kv_heads, dtype=torch.float32)
+        vv = v
+        if cfg.normalize:
+            vv = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
+        if key_mask is not None:
+            keep = key_mask[:, :, None, None]
+            fk = fk * keep
+            g = g * (keep if g.dim() == 4 else keep[..., 0])
+        if self.state_heads != self.num_kv_heads:
+            rep = self.num_heads // self.num_kv_heads
+            fk, vv = fk.repeat_interleave(rep, dim=2), vv.repeat_interleave(rep, dim=2)
+            g = g.repeat_interleave(rep, dim=2)
+        initial = state.recurrent if state is not None else None
+        o, final = gated_linear_attention(fq, fk.to(fq.dtype), vv.to(fq.dtype), g, scale=1.0, initial_state=initial,
+                                          output_final_state=state is not None, cu_seqlens=cu_seqlens)
+        if state is not None:
+            state.recurrent = final
+        if not cfg.normalize:
+            return o, None
+        return o[..., :-1], o[..., -1].float()
+
+    # -- mixing ----------------------------------------------------------------------------
+    def mix(self, o_win, lse, o_lin, den) -> torch.Tensor:
+        mixing = self.lconfig.mixing
+        if mixing == "window-only":
+            return o_win
+        if o_lin is not None and den is not None:
+            lin_normalized = o_lin.float() / den.clamp_min(1e-6).unsqueeze(-1)
+        else:
+            lin_normalized = None if o_lin is None else o_lin.float()
+        if mixing == "linear-only":
+            return lin_normalized
+        if mixing == "fixed":
+            return self.lconfig.window_weight * o_win.float() + self.lconfig.linear_weight * lin_normalized
+        if mixing == "learned":
+            w_win = self.linearize_window_weight.float()[:, None]
+            w_lin = self.linearize_linear_weight.float()[:, None]
+            return w_win * o_win.float() + w_lin * lin_normalized
+        if mixing == "shared-denominator":
+            # (e^lse o_win + c num) / (e^lse + c den) as a convex combination, stable for any lse.
+            log_c = F.logsigmoid(self.linearize_linear_logit.float())
+            beta = torch.sigmoid(log_c + torch.log(den.clamp_min(1e-30)) - lse.float())
+            beta = torch.where(torch.isneginf(lse), torch.ones_like(beta), beta).unsqueeze(-1)
+            return (1 - beta) * o_win.float() + beta * lin_normalized
+        raise ValueError(f"unknown mixing {mixing!r}")
+
+    def extra_repr(self) -> str:
+        c = self.lconfig
+        return (f"method={self.method}, layer={self.layer_idx}, window={c.window}, gate={c.gate}, "
+                f"feature_map={c.feature_map}, mixing={c.mixing}")
+
+    def new_parameters(self):
+        """(name, parameter) pairs of the parameters this mixer added to the model."""
+        return [(n, p) for n, p in self.named_parameters() if n.startswith(NEW_PARAMETER_PREFIX)]

@@ -1,0 +1,44 @@
+"""Feature maps phi applied to queries and keys before the linear recurrence."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class SoftmaxFeatureMap(nn.Module):
+    """Liger's parameter-free map: softmax over the head dimension. [B, T, H, D] -> same."""
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.out_dim = head_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(x.float(), dim=-1).to(x.dtype)
+
+
+class HedgehogFeatureMap(nn.Module):
+    """phi(x) = [softmax(x W_h) ++ softmax(-x W_h)] with a learned W_h per head.
+
+    x: [B, T, H, D] -> [B, T, H, 2 * feature_dim]. W is initialised to the identity
+    (truncated or zero-padded when feature_dim != D), the published Hedgehog/LoLCATs start:
+    the map then ranks channels exactly as the raw key or query does.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, feature_dim: int | None = None):
+        super().__init__()
+        feature_dim = feature_dim or head_dim
+        self.out_dim = 2 * feature_dim
+        eye = torch.eye(head_dim, feature_dim)
+        self.weight = nn.Parameter(eye.unsqueeze(0).repeat(num_heads, 1, 1))  # [H, D, F]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.einsum("bthd,hdf->bthf", x.float(), self.weight.float())
+        return torch.cat([torch.softmax(z, dim=-1), torch.softmax(-z, dim=-1)], dim=-1).to(x.dtype)
+
+
+def build_feature_map(kind: str, num_heads: int, head_dim: int, feature_dim: int | None) -> nn.Module:
+    if kind == "softmax":
+        return SoftmaxFeatureMap(head_dim)
+    if kind == "hedgehog":
+        return HedgehogFeatureMap(num_heads, head_dim, feature_dim)
+    raise ValueError(f"no feature map {kind!r}")

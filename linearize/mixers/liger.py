@@ -1,0 +1,28 @@
+"""Liger: linearize with parameter-free gates built from the key projection.
+
+Liger-GLA: phi = softmax over the head dimension on q and k, log a_t = logsigmoid(k_t)/16,
+no normalizer. Liger-HGRN2: q = softmax(q), the key is tied to the gate, k' = 1 - a_t.
+By default both run as Liger Attention: 0.5 * window softmax (64 tokens, RoPE) + 0.5 * the
+recurrence; window=0 gives the pure recurrent form. Nothing new is learned: the model is
+usable straight after conversion and LoRA on q/k/v recovers the rest.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import LinearizedAttention
+
+
+class LigerGLAAttention(LinearizedAttention):
+    method = "liger-gla"
+
+
+class LigerHGRN2Attention(LinearizedAttention):
+    method = "liger-hgrn2"
+
+    def feature_maps(self, q: torch.Tensor, k: torch.Tensor, k_raw: torch.Tensor):
+        fq = self.linearize_feature_map_q(q)
+        log_a = F.logsigmoid(k_raw.float()) / self.lconfig.gate_normalizer
+        fk = -torch.expm1(log_a)  # 1 - a_t: input gate tied to the forget gate
+        return fq, fk.to(q.dtype)
