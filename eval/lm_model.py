@@ -1,0 +1,144 @@
+"""The ``linearize`` model for lm-eval: HFLM over a checkpoint loaded by ``linearize.load``.
+
+    lm_eval.simple_evaluate(model="linearize", model_args="pretrained=DIR,adapter=LORA_DIR", ...)
+
+Model args beyond HFLM's: ``adapter`` (a peft LoRA folder applied on top; ``peft`` is
+accepted as an alias) and ``teacher`` (``True`` scores the original softmax attention of
+the same weights, through ``linearize.teacher``). Everything else (batch_size, device,
+dtype, max_length, tokenizer, ...) means what it means for ``hf``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+from pathlib import Path
+
+import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+
+def parse_dtype(value) -> torch.dtype | None:
+    """``"auto"``/``None`` -> None (as saved); ``"bfloat16"``/``torch.bfloat16`` -> the dtype."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if str(value) == "auto":
+        return None
+    dtype = getattr(torch, str(value).replace("torch.", ""), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {value!r} (use auto, float32, bfloat16 or float16)")
+    return dtype
+
+
+def _truthy(value) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "y", "on")
+    return bool(value)
+
+
+def check_checkpoint(pretrained, adapter=None) -> tuple[Path, Path | None]:
+    """Validate the folders before anything loads; raise with a message that says the fix.
+
+    Raises ``FileNotFoundError`` for missing paths and ``ValueError`` for an adapter given
+    without a base model, or an adapter folder passed as the base.
+    """
+    if pretrained is None or str(pretrained).strip() == "":
+        if adapter:
+            raise ValueError(
+                f"adapter={adapter} needs its base model: pass pretrained=DIR (the linearized "
+                "checkpoint the adapter was trained on) as well as adapter=DIR"
+            )
+        raise ValueError("no checkpoint given: pass pretrained=DIR")
+    path = Path(pretrained).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no checkpoint at {path}: pass a folder written by save_pretrained or "
+            "`linearize convert --out` (hub names are not resolved here)"
+        )
+    if path.is_dir() and not (path / "config.json").is_file() and (path / "adapter_config.json").is_file():
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        raise ValueError(
+            f"{path} is a LoRA adapter without its base model: pass the base checkpoint as "
+            f"pretrained=DIR and this folder as adapter={path}"
+            + (f" (the adapter was trained on {base})" if base else "")
+        )
+    adapter_path = None
+    if adapter:
+        adapter_path = Path(adapter).expanduser()
+        if not adapter_path.exists():
+            raise FileNotFoundError(f"no LoRA adapter at {adapter_path}")
+        if not (adapter_path / "adapter_config.json").is_file():
+            raise ValueError(f"{adapter_path} is not a peft adapter folder (no adapter_config.json)")
+    return path, adapter_path
+
+
+def load_checkpoint(path, *, dtype=None, device=None, adapter=None):
+    """``linearize.load`` with the dtype keyword it accepts (``dtype`` or ``torch_dtype``)."""
+    import linearize
+
+    kwargs = {"device": device, "adapter": adapter}
+    if dtype is not None:
+        params = inspect.signature(linearize.load).parameters
+        kwargs["torch_dtype" if "torch_dtype" in params else "dtype"] = dtype
+    return linearize.load(path, **kwargs)
+
+
+def teacher_context(model, active: bool):
+    """``linearize.teacher(model)`` when ``active``, else a no-op context."""
+    if not active:
+        return contextlib.nullcontext(model)
+    import linearize
+
+    return linearize.teacher(model)
+
+
+@register_model("linearize")
+class LinearizeLM(HFLM):
+    """lm-eval model over a linearized checkpoint (see the module docstring)."""
+
+    def __init__(self, pretrained=None, adapter=None, teacher=False, **kwargs):
+        adapter = adapter or kwargs.pop("peft", None)
+        path, adapter_path = check_checkpoint(pretrained, adapter)
+        self._adapter_path = adapter_path
+        self._load_dtype = kwargs.get("dtype", "auto")
+        self.use_teacher = _truthy(teacher)
+        kwargs.pop("peft", None)
+        kwargs.pop("delta", None)
+        super().__init__(pretrained=str(path), **kwargs)
+        self.adapter = str(adapter_path) if adapter_path else None
+
+    def _get_config(self, pretrained, **kwargs) -> None:
+        dtype = parse_dtype(self._load_dtype)
+        self._model = load_checkpoint(
+            pretrained, dtype=dtype, device=self._device, adapter=self._adapter_path
+        )
+        self._config = self._model.config
+
+    def _create_model(self, *args, **kwargs) -> None:
+        # The model was loaded with its config in _get_config.
+        return None
+
+    @property
+    def is_linearized(self) -> bool:
+        import linearize
+
+        return linearize.is_linearized(self.model)
+
+    def _model_call(self, inps, attn_mask=None, labels=None):
+        with teacher_context(self.model, self.use_teacher):
+            return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+
+    def _model_generate(self, context, max_length, stop, **generation_kwargs):
+        with teacher_context(self.model, self.use_teacher):
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
+
+    def get_model_info(self) -> dict:
+        info = super().get_model_info()
+        info.update(
+            linearize_adapter=self.adapter,
+            linearize_teacher=self.use_teacher,
+            linearize_is_linearized=self.is_linearized,
+        )
+        return info
