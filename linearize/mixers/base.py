@@ -7,6 +7,8 @@ New parameters live in submodules whose names start with `linearize_`.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -94,8 +96,7 @@ class LinearizedAttention(nn.Module):
             self.linearize_linear_weight = nn.Parameter(torch.full((self.num_heads,), float(cfg.linear_weight)))
         if cfg.mixing == "shared-denominator":
             p = cfg.lolcats_init_linear_weight
-            logit = torch.log(torch.tensor(p / (1 - p)))
-            self.linearize_linear_logit = nn.Parameter(torch.full((self.num_heads,), float(logit)))
+            self.linearize_linear_logit = nn.Parameter(torch.full((self.num_heads,), math.log(p / (1 - p))))
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,

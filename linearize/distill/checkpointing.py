@@ -1,0 +1,147 @@
+"""Resumable training checkpoints, written so that a kill at any moment leaves a usable one.
+
+Layout of `output_dir/checkpoints/`:
+
+    stage1-step0000020/     params.safetensors (new + LoRA parameters, unwrapped names),
+                            trainer.pt (scheduler, counters), trainer.json (readable copy),
+                            optimizer / RNG files from `accelerator.save_state`
+    latest                  the name of the newest complete checkpoint, replaced last
+
+A checkpoint is written under `.tmp-<name>`, fsynced, renamed into place, and only then is
+`latest` replaced (write, fsync, `os.replace`). A kill during a save leaves a `.tmp-*`
+folder that the next run removes; `latest` always names a complete checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+LATEST = "latest"
+PARAMS_FILE = "params.safetensors"
+TRAINER_FILE = "trainer.pt"
+TRAINER_JSON = "trainer.json"
+
+
+class CheckpointMissingError(RuntimeError):
+    """A `latest` pointer names a checkpoint that is not there or not complete."""
+
+
+@dataclass
+class TrainerState:
+    """Where a run stands: stage (1 or 2), optimizer steps done in it out of stage_steps,
+    the global batch (rows per step over all processes) and the tokens seen so far."""
+
+    stage: int
+    step: int
+    stage_steps: int
+    global_batch: int
+    tokens: int
+    elapsed_s: float
+
+    @property
+    def stage_done(self) -> bool:
+        return self.step >= self.stage_steps
+
+
+def checkpoint_name(stage: int, step: int) -> str:
+    return f"stage{stage}-step{step:07d}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and folder under `root` (and `root` itself)."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(dirpath))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` so that readers see the old or the new content, never a mix."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def latest_checkpoint(ckdir: Path) -> Path | None:
+    """The checkpoint `latest` names, or None when there is none yet."""
+    pointer = ckdir / LATEST
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text().strip()
+    path = ckdir / name
+    if not name or not (path / TRAINER_FILE).is_file() or not (path / PARAMS_FILE).is_file():
+        raise CheckpointMissingError(f"{pointer} names {name!r}, which is missing or incomplete; "
+                                     f"restore that folder or delete {ckdir} to start over")
+    return path
+
+
+def clean_partial(ckdir: Path) -> None:
+    """Remove `.tmp-*` folders left by a save that was killed."""
+    if ckdir.is_dir():
+        for p in ckdir.glob(".tmp-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def save_checkpoint(accelerator, ckdir: Path, state: TrainerState, params: dict[str, torch.Tensor] | None,
+                    scheduler_state: dict, keep: int) -> Path:
+    """Write a checkpoint of the prepared objects (every process calls this).
+
+    params: {name: tensor} of the parameters to keep (new + LoRA), on the main process.
+    """
+    name = checkpoint_name(state.stage, state.step)
+    tmp, final = ckdir / f".tmp-{name}", ckdir / name
+    if accelerator.is_main_process:
+        ckdir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        save_file({k: v.detach().cpu().contiguous() for k, v in (params or {}).items()}, str(tmp / PARAMS_FILE))
+        torch.save({"trainer": asdict(state), "scheduler": scheduler_state}, tmp / TRAINER_FILE)
+        (tmp / TRAINER_JSON).write_text(json.dumps(asdict(state), indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(ckdir)
+        write_atomic(ckdir / LATEST, name + "\n")
+        prune(ckdir, keep)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def prune(ckdir: Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints (and always the one `latest` names)."""
+    current = (ckdir / LATEST).read_text().strip()
+    found = sorted(p for p in ckdir.iterdir() if p.is_dir() and p.name.startswith("stage"))
+    for p in found[:-keep]:
+        if p.name != current:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def read_checkpoint(path: Path) -> tuple[TrainerState, dict, dict[str, torch.Tensor]]:
+    """(trainer state, scheduler state, saved parameters) of a checkpoint folder."""
+    blob = torch.load(path / TRAINER_FILE, weights_only=False)
+    return TrainerState(**blob["trainer"]), blob["scheduler"], load_file(str(path / PARAMS_FILE))

