@@ -1,0 +1,80 @@
+"""Agreement between a student and its teacher on held-out text: top-1 match and KL."""
+
+from __future__ import annotations
+
+
+import torch
+import torch.nn.functional as F
+
+
+def _teacher_context(model):
+    import linearize
+
+    return linearize.teacher(model)
+
+
+@torch.no_grad()
+def teacher_agreement(
+    student,
+    teacher,
+    tokenizer,
+    texts: list[str],
+    max_length: int = 512,
+    batch_size: int = 4,
+    bin_size: int = 64,
+) -> dict:
+    """Next-token agreement of ``student`` with ``teacher`` at every position of ``texts``.
+
+    ``teacher=None`` scores the student against its own original softmax attention
+    (``linearize.teacher(student)``), with no second copy of the weights. Each text is
+    truncated to ``max_length`` tokens; batches are right-padded ``[batch, <= max_length]``
+    and only real positions count. Per position ``t``: match = ``argmax p_s == argmax p_t``,
+    KL = ``sum_v p_t(v) (log p_t(v) - log p_s(v))`` in nats (teacher as reference).
+
+    Returns ``{"top1_agreement" (%), "kl_mean" (nats/token), "tokens", "texts",
+    "bin_size", "agreement_by_position" (%, per bin of positions), "kl_by_position"}``.
+    """
+    device = next(student.parameters()).device
+    encoded = [tokenizer(t, return_tensors=None)["input_ids"][:max_length] for t in texts]
+    encoded = sorted((e for e in encoded if e), key=len)
+    nbins = (max((len(e) for e in encoded), default=0) + bin_size - 1) // bin_size
+    match_bins = torch.zeros(nbins, dtype=torch.float64)
+    kl_bins = torch.zeros(nbins, dtype=torch.float64)
+    count_bins = torch.zeros(nbins, dtype=torch.float64)
+    for b in range(0, len(encoded), batch_size):
+        chunk = encoded[b : b + batch_size]
+        width = len(chunk[-1])
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for row, e in enumerate(chunk):
+            ids[row, : len(e)] = torch.tensor(e)
+            mask[row, : len(e)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        if teacher is None:
+            with _teacher_context(student):
+                t_logits = student(input_ids=ids, attention_mask=mask).logits
+        else:
+            t_logits = teacher(input_ids=ids, attention_mask=mask).logits
+        s_logits = student(input_ids=ids, attention_mask=mask).logits
+        t_logp = F.log_softmax(t_logits.float(), -1)
+        s_logp = F.log_softmax(s_logits.float(), -1)
+        kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).clamp_min(0.0)
+        match = (t_logp.argmax(-1) == s_logp.argmax(-1)).double()
+        valid = mask.bool()
+        pos_bin = (torch.arange(width, device=device) // bin_size).expand_as(ids)[valid].cpu()
+        match_bins.index_add_(0, pos_bin, match[valid].cpu())
+        kl_bins.index_add_(0, pos_bin, kl[valid].double().cpu())
+        count_bins.index_add_(0, pos_bin, torch.ones_like(pos_bin, dtype=torch.float64))
+    tokens = int(count_bins.sum())
+    if tokens == 0:
+        raise ValueError("no tokens to compare: all texts are empty")
+    nonzero = count_bins.clamp_min(1)
+    return {
+        "top1_agreement": 100.0 * float(match_bins.sum()) / tokens,
+        "kl_mean": float(kl_bins.sum()) / tokens,
+        "tokens": tokens,
+        "texts": len(encoded),
+        "bin_size": bin_size,
+        "agreement_by_position": (100.0 * match_bins / nonzero).tolist(),
+        "kl_by_position": (kl_bins / nonzero).tolist(),
+    }
