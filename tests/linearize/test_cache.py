@@ -1,0 +1,139 @@
+"""Decoding parity: prefill + step-by-step decode must equal one full forward."""
+import pytest
+import torch
+from transformers import DynamicCache
+
+import linearize
+from linearize import LinearizeCache
+
+CASES = {
+    "liger-gla": dict(method="liger-gla", window=6),
+    "liger-hgrn2": dict(method="liger-hgrn2", window=6),
+    "lizard": dict(method="lizard", window=6),
+    "lolcats": dict(method="lolcats", window=6),
+    "window-sinks": dict(method="window-sinks", window=6, num_sink_tokens=2),
+    "liger-gla-recurrent": dict(method="liger-gla", window=0, gate="mamba2"),
+    "hybrid-lizard": dict(method="lizard", window=5, softmax_layers=[1]),
+}
+
+
+def padded_batch(T=26, pads=(0, 3, 8)):
+    ids = torch.randint(1, 128, (len(pads), T))
+    mask = torch.ones(len(pads), T, dtype=torch.long)
+    for row, p in enumerate(pads):
+        mask[row, :p] = 0
+    return ids, mask
+
+
+def positions(mask):
+    return (mask.cumsum(-1) - 1).clamp_min(0)
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def convert(make_tiny_model, case):
+    model = make_tiny_model("llama", num_hidden_layers=3)
+    return linearize.convert(model, **CASES[case])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_prefill_then_decode_equals_full_forward(make_tiny_model, case):
+    model = convert(make_tiny_model, case)
+    ids, mask = padded_batch()
+    pos = positions(mask)
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        cache = LinearizeCache(model)
+        P = 9
+        outs = [model(ids[:, :P], attention_mask=mask[:, :P], position_ids=pos[:, :P], cache=cache).logits]
+        for t in range(P, ids.shape[1]):
+            outs.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=pos[:, t:t + 1],
+                              cache=cache).logits)
+    step = torch.cat(outs, dim=1)
+    valid = mask.bool()
+    assert rel(step[valid], full[valid]) < 1e-4
+
+
+@pytest.mark.parametrize("case", ["lizard", "window-sinks", "hybrid-lizard"])
+def test_prefill_in_pieces_equals_prefill_at_once(make_tiny_model, case):
+    model = convert(make_tiny_model, case)
+    ids, mask = padded_batch(T=30)
+    pos = positions(mask)
+    with torch.no_grad():
+        whole_cache = LinearizeCache(model)
+        whole = model(ids, attention_mask=mask, position_ids=pos, cache=whole_cache).logits
+        cache = LinearizeCache(model)
+        pieces = [model(ids[:, a:b], attention_mask=mask[:, :b], position_ids=pos[:, a:b], cache=cache).logits
+                  for a, b in ((0, 7), (7, 19), (19, 30))]
+        nxt = torch.randint(1, 128, (3, 1))
+        m2 = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1)
+        p2 = positions(m2)[:, -1:]
+        after_whole = model(nxt, attention_mask=m2, position_ids=p2, cache=whole_cache).logits
+        after_pieces = model(nxt, attention_mask=m2, position_ids=p2, cache=cache).logits
+    valid = mask.bool()
+    assert rel(torch.cat(pieces, 1)[valid], whole[valid]) < 1e-4
+    assert rel(after_pieces, after_whole) < 1e-4
+
+
+@pytest.mark.parametrize("case", ["liger-gla", "lolcats", "window-sinks", "hybrid-lizard"])
+def test_greedy_generate_with_cache_matches_recompute(make_tiny_model, case):
+    model = convert(make_tiny_model, case)
+    ids, mask = padded_batch(T=12)
+    with torch.no_grad():
+        cached = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        recomputed = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, use_cache=False,
+                                    pad_token_id=0)
+    assert torch.equal(cached, recomputed)
+
+
+def test_generate_uses_the_linearize_cache(make_tiny_model):
+    model = convert(make_tiny_model, "lizard")
+    ids = torch.randint(1, 128, (1, 10))
+    out = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
+    assert isinstance(out.cache if hasattr(out, "cache") else out.past_key_values, LinearizeCache)
+
+
+def test_beam_search_matches_without_cache(make_tiny_model):
+    model = convert(make_tiny_model, "hybrid-lizard")
+    ids = torch.randint(1, 128, (2, 9))
+    kw = dict(max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cached = model.generate(ids, **kw)
+        recomputed = model.generate(ids, use_cache=False, **kw)
+    assert torch.equal(cached, recomputed)
+
+
+def test_sampling_and_stopping_run(make_tiny_model):
+    model = convert(make_tiny_model, "liger-gla")
+    ids = torch.randint(1, 128, (2, 5))
+    out = model.generate(ids, max_new_tokens=6, do_sample=True, top_p=0.9, pad_token_id=0, eos_token_id=3)
+    assert out.shape[0] == 2 and 5 < out.shape[1] <= 11
+
+
+def test_linearized_cache_memory_is_constant(make_tiny_model):
+    model = convert(make_tiny_model, "hybrid-lizard")
+    layer_bytes = []
+    with torch.no_grad():
+        for T in (100, 1000):
+            cache = LinearizeCache(model)
+            model(torch.randint(1, 128, (1, T)), cache=cache)
+            layer_bytes.append(cache.layers[0].nbytes())
+    assert layer_bytes[0] == layer_bytes[1] > 0
+    # the softmax-kept layer (1) grows like an ordinary KV cache
+    assert cache.layers[1].keys.shape[-2] == 1000
+
+
+def test_teacher_mode_generates_with_an_ordinary_kv_cache(make_tiny_model):
+    base = make_tiny_model("llama", num_hidden_layers=3)
+    ids = torch.randint(1, 128, (1, 8))
+    with torch.no_grad():
+        ref = base.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        linearize.convert(base, method="liger-gla")
+        with linearize.teacher(base):
+            out = base.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0,
+                                return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref)
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    assert isinstance(cache, DynamicCache) and not isinstance(cache, LinearizeCache)
