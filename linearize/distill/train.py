@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from .. import convert as convert_module
+from ..convert import convert, is_linearized, mixers, new_parameters, teacher
 from ..config import LinearizeConfig
 from ..mixers import AttentionTransfer
 from .checkpointing import (CheckpointMissingError, TrainerState, clean_partial, fsync_tree, latest_checkpoint,
@@ -91,14 +91,14 @@ def build_model(recipe: Recipe, path: str):
     except Exception as e:
         raise DistillError(f"could not load the model {path}: {type(e).__name__}: {e}. Without hub access, "
                            "set model.path to a local Hugging Face folder (or null for the embedded default)") from e
-    already = convert_module.is_linearized(model)
+    already = is_linearized(model)
     if already and recipe.linearize is not None:
         raise RecipeError(f"{path} is already linearized ({config.linearize.get('method')}): set linearize: null "
                           "in the recipe to train it as it is")
     if not already:
         if recipe.linearize is None:
             raise RecipeError(f"{path} is not linearized: give a linearize config (e.g. linearize: {{method: lizard}})")
-        convert_module.convert(model, LinearizeConfig.from_dict(dict(recipe.linearize)))
+        convert(model, LinearizeConfig.from_dict(dict(recipe.linearize)))
     model.config.use_cache = False
     softmax_layers = model.config.linearize.get("softmax_layers") or []
     max_pos = getattr(model.config, "max_position_embeddings", None)
@@ -192,7 +192,7 @@ def recovery_loss(model, peft_model, batch, kd_ratio: float, temperature: float)
     valid = labels != IGNORE_INDEX
     teacher_logits = None
     if kd_ratio > 0:
-        with torch.no_grad(), peft_model.disable_adapter(), convert_module.teacher(peft_model.get_base_model()):
+        with torch.no_grad(), peft_model.disable_adapter(), teacher(peft_model.get_base_model()):
             teacher_logits = model(**forward_inputs(batch), use_cache=False).logits[:, :-1].float()
     logits = model(**forward_inputs(batch), use_cache=False).logits[:, :-1].float()
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX,
@@ -278,7 +278,7 @@ class Run:
         set_seed(recipe.seed)
         model = build_model(recipe, self.model_path)
         method = model.config.linearize["method"]
-        has_new = bool(convert_module.new_parameters(model))
+        has_new = bool(new_parameters(model))
         s1 = self.stage_steps(1) if recipe.stage1.enabled and has_new else 0
         if recipe.stage1.enabled and not has_new:
             self.say(f"stage 1 skipped: {method} has no new parameters to train (its feature maps and gates are "
@@ -334,7 +334,7 @@ class Run:
         if plan.stage == 1:
             for p in model.parameters():
                 p.requires_grad_(False)
-            for _, p in convert_module.new_parameters(model):
+            for _, p in new_parameters(model):
                 p.requires_grad_(True)
             section = recipe.stage1
         else:
@@ -364,13 +364,13 @@ class Run:
         transfer = None
         if plan.stage == 1:
             transfer = AttentionTransfer()
-            for m in convert_module.mixers(acc.unwrap_model(model)):
+            for m in mixers(acc.unwrap_model(model)):
                 m.transfer = transfer
         try:
             self.loop(plan, model, peft_model, optimizer, scheduler, transfer, step, tokens, elapsed0)
         finally:
             if transfer is not None:
-                for m in convert_module.mixers(acc.unwrap_model(model)):
+                for m in mixers(acc.unwrap_model(model)):
                     m.transfer = None
 
     def loop(self, plan, model, peft_model, optimizer, scheduler, transfer, step, tokens, elapsed0) -> None:
