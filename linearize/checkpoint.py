@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from .config import LinearizeConfig
@@ -58,7 +59,7 @@ class LinearizedModelMixin:
         want_info = kwargs.pop("output_loading_info", False)
         try:
             model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
-        except (OSError, ValueError, RuntimeError) as e:
+        except (OSError, ValueError, RuntimeError, SafetensorError) as e:
             raise CheckpointError(f"could not load the weights in {pretrained_model_name_or_path}: {e}. "
                                   "The checkpoint may be truncated or corrupt: re-save or re-convert it.") from e
         problems = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}

@@ -147,34 +147,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.set_defaults(func=cmd_generate)
 
-    _add_optional_commands(sub)
+    for name, (module, add, run, text) in DELEGATED_COMMANDS.items():
+        p = sub.add_parser(name, help=text, description=text, add_help=False)
+        p.set_defaults(func=_delegate(module, run), delegated=(module, add))
     return parser
 
 
-def _add_optional_commands(sub) -> None:
-    import importlib.util
-    if importlib.util.find_spec("linearize.distill.cli_commands") is None:  # dev-only guard while building
-        return
-    from .distill.cli_commands import add_distill_arguments, run_distill
+# Subcommands whose arguments live beside their code; their modules (lm-eval, accelerate,
+# ...) are imported only when that subcommand runs.
+DELEGATED_COMMANDS = {
+    "distill": ("linearize.distill.cli_commands", "add_distill_arguments", "run_distill",
+                "recover quality: stage-1 attention transfer and stage-2 LoRA from a YAML recipe"),
+    "eval": ("linearize.eval.cli_commands", "add_eval_arguments", "run_eval",
+             "lm-eval tasks and our own metrics, student beside teacher"),
+    "report": ("linearize.eval.cli_commands", "add_report_arguments", "run_report",
+               "collect eval runs into one markdown report"),
+    "bench": ("linearize.eval.bench.cli_commands", "add_bench_arguments", "run_bench",
+              "prefill, decode, training and kernel benchmarks, teacher beside student"),
+}
 
-    p = sub.add_parser("distill", help="recover quality: stage-1 attention transfer and stage-2 LoRA from a YAML recipe")
-    add_distill_arguments(p)
-    p.set_defaults(func=run_distill)
 
-    from .eval.cli_commands import add_eval_arguments, add_report_arguments, run_eval, run_report
+def _delegate(module: str, run: str):
+    def call(args):
+        import importlib
 
-    p = sub.add_parser("eval", help="lm-eval tasks and our own metrics, student beside teacher")
-    add_eval_arguments(p)
-    p.set_defaults(func=run_eval)
-    p = sub.add_parser("report", help="collect eval runs into one markdown report")
-    add_report_arguments(p)
-    p.set_defaults(func=run_report)
+        return getattr(importlib.import_module(module), run)(args)
 
-    from .eval.bench.cli_commands import add_bench_arguments, run_bench
+    return call
 
-    p = sub.add_parser("bench", help="prefill, decode, training and kernel benchmarks, teacher beside student")
-    add_bench_arguments(p)
-    p.set_defaults(func=run_bench)
+
+def parse_args(argv: list[str] | None):
+    import importlib
+
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if argv and argv[0] in DELEGATED_COMMANDS:
+        module, add, _, text = DELEGATED_COMMANDS[argv[0]]
+        sub = argparse.ArgumentParser(prog=f"linearize {argv[0]}", description=text)
+        getattr(importlib.import_module(module), add)(sub)
+        args = sub.parse_args(argv[1:])
+        args.command = argv[0]
+        args.func = _delegate(module, DELEGATED_COMMANDS[argv[0]][2])
+        return args
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .families import UnsupportedArchitectureError
 
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except (ConfigError, UnsupportedArchitectureError, CheckpointError, FileNotFoundError, ValueError) as e:
