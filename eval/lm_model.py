@@ -106,6 +106,7 @@ class LinearizeLM(HFLM):
         self.use_teacher = _truthy(teacher)
         kwargs.pop("peft", None)
         kwargs.pop("delta", None)
+        kwargs.setdefault("backend", "causal")
         super().__init__(pretrained=str(path), **kwargs)
         self.adapter = str(adapter_path) if adapter_path else None
 

@@ -1,0 +1,369 @@
+"""One evaluation run: lm-eval tasks and our own metrics on a student and its teacher.
+
+The teacher is the same checkpoint under ``linearize.teacher`` (the original softmax
+attention of the same weights), so one loaded model serves both. A run folder holds
+``results.json`` (the schema below), ``results.md`` (the side-by-side table), the raw
+lm-eval outputs and ``plots/*.png``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+FORMAT = "linearize-eval/1"
+METRICS = ("ppl", "agreement", "passkey", "mqar")
+# The metric each paper table reports per task; everything else uses acc.
+TASK_METRIC = {"arc_challenge": "acc_norm", "hellaswag": "acc_norm"}
+
+
+@dataclass
+class EvalSettings:
+    """Everything a run depends on (saved in results.json)."""
+
+    checkpoint: str
+    tasks: list[str] = field(default_factory=lambda: ["mmlu_local"])
+    adapter: str | None = None
+    teacher: bool = False
+    limit: float | None = None
+    num_fewshot: int | None = None
+    metrics: list[str] = field(default_factory=lambda: ["ppl", "agreement"])
+    include_path: list[str] = field(default_factory=list)
+    batch_size: int = 4
+    device: str | None = None
+    dtype: str = "auto"
+    ppl_texts: int = 64
+    max_length: int = 1024
+    stride: int = 512
+    agreement_length: int = 512
+    passkey_lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192, 16384])
+    passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    passkey_trials: int = 1
+    mqar_pairs: list[int] = field(default_factory=lambda: [4, 8, 16, 32, 64])
+    mqar_samples: int = 16
+    seed: int = 0
+
+
+def check_tasks(tasks: list[str], tm) -> None:
+    """Raise ``ValueError`` naming every task lm-eval does not know, with close matches."""
+    known = set(tm.all_tasks)
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        hints = []
+        for t in unknown:
+            close = difflib.get_close_matches(t, known, n=3)
+            hints.append(f"{t}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        raise ValueError(
+            "unknown task(s): " + "; ".join(hints)
+            + ". Local tasks: mmlu_local (and mmlu_local_<subject>); for piqa, arc_*, hellaswag "
+            "and winogrande without hub access see eval/README.md (--include-path)."
+        )
+
+
+def check_metrics(metrics: list[str]) -> None:
+    bad = [m for m in metrics if m not in METRICS]
+    if bad:
+        raise ValueError(f"unknown metric(s): {', '.join(bad)}; choose from {', '.join(METRICS)}")
+
+
+def _leaves(name: str, group_subtasks: dict) -> list[str]:
+    if name not in group_subtasks:
+        return [name]
+    return [leaf for sub in group_subtasks[name] for leaf in _leaves(sub, group_subtasks)]
+
+
+def task_scores(results: dict, tasks: list[str]) -> dict[str, dict]:
+    """Pick the reported number per requested task from an lm-eval results dict.
+
+    Returns ``{task: {"metric", "value", "stderr", "num_fewshot", "samples"}}`` with value
+    and stderr in percent (stderr None when lm-eval has none).
+    """
+    out = {}
+    table = {**results.get("results", {}), **results.get("groups", {})}
+    for task in tasks:
+        row = table.get(task, {})
+        metric = TASK_METRIC.get(task, "acc")
+        key = f"{metric},none"
+        if key not in row:
+            numeric = [k for k, v in row.items() if "," in k and "_stderr" not in k
+                       and isinstance(v, (int, float))]
+            key = numeric[0] if numeric else key
+            metric = key.split(",")[0]
+        value = row.get(key)
+        stderr = row.get(key.replace(",", "_stderr,", 1))
+        leaves = _leaves(task, results.get("group_subtasks", {}))
+        shots = {results.get("n-shot", {}).get(leaf) for leaf in leaves} - {None}
+        samples = sum(results.get("n-samples", {}).get(leaf, {}).get("effective", 0) for leaf in leaves)
+        out[task] = {
+            "metric": metric,
+            "value": None if value is None else 100.0 * value,
+            "stderr": 100.0 * stderr if isinstance(stderr, (int, float)) else None,
+            "num_fewshot": shots.pop() if len(shots) == 1 else (sorted(shots) if shots else None),
+            "samples": samples,
+        }
+    return out
+
+
+def recovery(student: float | None, teacher: float | None) -> float | None:
+    """``100 * student / teacher`` (None when either is missing or the teacher is 0)."""
+    if student is None or teacher is None or teacher == 0:
+        return None
+    return 100.0 * student / teacher
+
+
+def _json_default(o):
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    return str(o)
+
+
+def run_evaluation(settings: EvalSettings, out_dir: str | Path, log=print) -> dict:
+    """Run everything ``settings`` asks for, write the run folder, return results.json's dict.
+
+    Raises ``ValueError``/``FileNotFoundError`` on bad input before loading anything.
+    """
+    import lm_eval
+    import torch
+
+    import linearize.eval as le
+
+    from .agreement import teacher_agreement
+    from .heldout import heldout_texts
+    from .lm_model import LinearizeLM, check_checkpoint, teacher_context
+    from .mqar import mqar_accuracy
+    from .passkey import passkey_retrieval
+    from .perplexity import perplexity
+    from .plots import plot_agreement, plot_mqar, plot_passkey, plot_tasks
+
+    s = settings
+    check_metrics(s.metrics)
+    check_checkpoint(s.checkpoint, s.adapter)
+    tm = None
+    if s.tasks:
+        # Indexing lm-eval's own ~15k task configs takes seconds: only when a task needs it.
+        tm = le.task_manager(include_path=s.include_path or None, include_defaults=False)
+        if not set(s.tasks) <= set(tm.all_tasks):
+            tm = le.task_manager(include_path=s.include_path or None)
+        check_tasks(s.tasks, tm)
+
+    out = Path(out_dir)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    t0 = time.time()
+    lm = LinearizeLM(pretrained=s.checkpoint, adapter=s.adapter, batch_size=s.batch_size,
+                     device=device, dtype=s.dtype)
+    model, tok = lm.model, lm.tokenizer
+    linearized = lm.is_linearized
+    roles = ["student"] + (["teacher"] if s.teacher else [])
+    notes = []
+    if s.teacher and not linearized:
+        notes.append("The checkpoint is not linearized: the teacher is the same model, so its "
+                     "numbers are the student's (not run twice).")
+    if "passkey" in s.metrics:
+        from .passkey import make_passkey_sample
+
+        for length in s.passkey_lengths:
+            make_passkey_sample(tok, length, 0.0)
+    log(f"loaded {s.checkpoint} ({'linearized' if linearized else 'plain HF'}) on {device} "
+        f"in {time.time() - t0:.1f}s")
+
+    def for_roles(fn):
+        res = {}
+        for role in roles:
+            if role == "teacher" and not linearized:
+                res[role] = res["student"]
+                continue
+            with teacher_context(model, role == "teacher"):
+                res[role] = fn(role)
+        return res
+
+    results = {
+        "format": FORMAT,
+        "checkpoint": str(Path(s.checkpoint).resolve()),
+        "adapter": str(Path(s.adapter).resolve()) if s.adapter else None,
+        "is_linearized": linearized,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "settings": asdict(s),
+        "tasks": {},
+        "metrics": {},
+        "plots": {},
+        "notes": notes,
+    }
+
+    if s.tasks:
+        limit = s.limit
+        if limit is not None and float(limit).is_integer():
+            limit = int(limit)
+
+        def run_tasks(role):
+            lm.use_teacher = role == "teacher"
+            t = time.time()
+            r = lm_eval.simple_evaluate(
+                model=lm, tasks=s.tasks, task_manager=tm, limit=limit, num_fewshot=s.num_fewshot,
+                log_samples=False, random_seed=s.seed, numpy_random_seed=s.seed,
+                torch_random_seed=s.seed, fewshot_random_seed=s.seed, verbosity="WARNING",
+            )
+            lm.use_teacher = False
+            (out / f"lm_eval_{role}.json").write_text(
+                json.dumps(r, indent=1, default=_json_default, ensure_ascii=False))
+            log(f"lm-eval {role}: {', '.join(s.tasks)} in {time.time() - t:.1f}s")
+            return task_scores(r, s.tasks)
+
+        by_role = {}
+        for role in roles:
+            if role == "teacher" and not linearized:
+                by_role[role] = by_role["student"]
+            else:
+                by_role[role] = run_tasks(role)
+        for task in s.tasks:
+            st = by_role["student"][task]
+            row = {k: st[k] for k in ("metric", "num_fewshot", "samples")}
+            for role in roles:
+                row[role] = by_role[role][task]["value"]
+                row[f"{role}_stderr"] = by_role[role][task]["stderr"]
+            if s.teacher:
+                row["recovery"] = recovery(row["student"], row["teacher"])
+            results["tasks"][task] = row
+        if s.teacher:
+            bars = {t: {r: results["tasks"][t][r] for r in ("teacher", "student")
+                        if results["tasks"][t][r] is not None} for t in s.tasks}
+            results["plots"]["tasks"] = str(plot_tasks(bars, out / "plots" / "tasks.png").relative_to(out))
+
+    texts = heldout_texts(s.ppl_texts) if {"ppl", "agreement"} & set(s.metrics) else []
+    if "ppl" in s.metrics:
+        t = time.time()
+        ppl = for_roles(lambda role: perplexity(model, tok, texts, s.max_length, s.stride, s.batch_size))
+        if s.teacher:
+            ppl["recovery"] = recovery(ppl["teacher"]["perplexity"], ppl["student"]["perplexity"])
+        results["metrics"]["perplexity"] = ppl
+        log(f"perplexity in {time.time() - t:.1f}s: "
+            + ", ".join(f"{r} {ppl[r]['perplexity']:.3f}" for r in roles))
+    if "agreement" in s.metrics:
+        t = time.time()
+        if linearized:
+            agr = teacher_agreement(model, None, tok, texts, max_length=s.agreement_length,
+                                    batch_size=s.batch_size)
+            results["metrics"]["agreement"] = agr
+            results["plots"]["agreement"] = str(
+                plot_agreement({"student": agr}, out / "plots" / "agreement.png").relative_to(out))
+            log(f"agreement in {time.time() - t:.1f}s: top-1 {agr['top1_agreement']:.2f}%, "
+                f"KL {agr['kl_mean']:.4f}")
+        else:
+            notes.append("Agreement skipped: the checkpoint is not linearized, so the student is "
+                         "its own teacher (100% agreement, KL 0).")
+    if "passkey" in s.metrics:
+        t = time.time()
+        pk = for_roles(lambda role: passkey_retrieval(
+            model, tok, s.passkey_lengths, s.passkey_depths, s.passkey_trials, s.seed))
+        if s.teacher:
+            pk["recovery"] = recovery(pk["student"]["mean_accuracy"], pk["teacher"]["mean_accuracy"])
+        results["metrics"]["passkey"] = pk
+        results["plots"]["passkey"] = str(plot_passkey(
+            {r: pk[r] for r in roles}, out / "plots" / "passkey.png").relative_to(out))
+        log(f"passkey in {time.time() - t:.1f}s")
+    if "mqar" in s.metrics:
+        t = time.time()
+        mq = for_roles(lambda role: mqar_accuracy(
+            model, tok, s.mqar_pairs, s.mqar_samples, s.seed, s.batch_size))
+        if s.teacher:
+            mq["recovery"] = recovery(mq["student"]["mean_accuracy"], mq["teacher"]["mean_accuracy"])
+        results["metrics"]["mqar"] = mq
+        results["plots"]["mqar"] = str(plot_mqar(
+            {r: mq[r] for r in roles}, out / "plots" / "mqar.png").relative_to(out))
+        log(f"mqar in {time.time() - t:.1f}s")
+
+    results["seconds"] = time.time() - t0
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))
+    (out / "results.md").write_text(run_markdown(results, title=Path(s.checkpoint).name))
+    return results
+
+
+def _pct(x: float | None, stderr: float | None = None) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    return f"{x:.1f}" + (f" ± {stderr:.1f}" if stderr else "")
+
+
+def task_table(results: dict) -> str:
+    """Markdown table of the lm-eval tasks: teacher and student side by side, recovery %."""
+    teacher = results["settings"]["teacher"]
+    head = "| Task | Metric | Shots | " + ("Teacher | Student | Recovery |" if teacher else "Student |")
+    sep = "|---|---|---|" + ("---:|---:|---:|" if teacher else "---:|")
+    lines = [head, sep]
+    for task, row in results["tasks"].items():
+        cells = [task, row["metric"], str(row["num_fewshot"])]
+        if teacher:
+            cells += [_pct(row["teacher"], row.get("teacher_stderr")),
+                      _pct(row["student"], row.get("student_stderr")), _pct(row.get("recovery"))]
+        else:
+            cells.append(_pct(row["student"], row.get("student_stderr")))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def metric_rows(results: dict) -> list[tuple[str, str | None, str, str | None]]:
+    """``(name, teacher, student, recovery)`` strings for our own metrics."""
+    m = results["metrics"]
+    rows = []
+    if "perplexity" in m:
+        p = m["perplexity"]
+        rows.append(("held-out perplexity (lower is better)",
+                     f"{p['teacher']['perplexity']:.3f}" if "teacher" in p else None,
+                     f"{p['student']['perplexity']:.3f}", _pct(p.get("recovery")) if "recovery" in p else None))
+    if "agreement" in m:
+        a = m["agreement"]
+        rows.append(("top-1 agreement with teacher %", None, f"{a['top1_agreement']:.2f}", None))
+        rows.append(("KL(teacher ‖ student), nats/token", None, f"{a['kl_mean']:.4f}", None))
+    for key, name in (("passkey", "passkey retrieval %"), ("mqar", "MQAR recall %")):
+        if key in m:
+            r = m[key]
+            rows.append((name, _pct(r["teacher"]["mean_accuracy"]) if "teacher" in r else None,
+                         _pct(r["student"]["mean_accuracy"]), _pct(r.get("recovery")) if "recovery" in r else None))
+    return rows
+
+
+def metrics_table(results: dict) -> str:
+    """Markdown table of our own metrics (teacher / student / recovery)."""
+    teacher = results["settings"]["teacher"]
+    lines = ["| Metric | " + ("Teacher | Student | Recovery |" if teacher else "Student |"),
+             "|---|" + ("---:|---:|---:|" if teacher else "---:|")]
+    for name, t, st, rec in metric_rows(results):
+        cells = [name] + ([t or "—", st, rec or "—"] if teacher else [st])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_markdown(results: dict, title: str, plot_prefix: str = "") -> str:
+    """The markdown page of one run (tables, plots, notes)."""
+    s = results["settings"]
+    parts = [f"# {title}", "",
+             f"Checkpoint `{results['checkpoint']}`"
+             + (f" + adapter `{results['adapter']}`" if results["adapter"] else "")
+             + (" (linearized)" if results["is_linearized"] else " (plain HF model)")
+             + f"; {results['created']}"
+             + (f"; lm-eval limit {s['limit']}" if s["limit"] else "") + ".", ""]
+    if results["tasks"]:
+        parts += ["## lm-eval tasks", "", task_table(results), ""]
+        if s["teacher"]:
+            parts += ["Recovery = student / teacher. Scores in %, ± one standard error.", ""]
+    if results["metrics"]:
+        parts += ["## Own metrics", "", metrics_table(results), ""]
+        m = results["metrics"]
+        if "perplexity" in m:
+            p = m["perplexity"]["student"]
+            parts += [f"Perplexity: {p['texts']} held-out Wikipedia summaries, {p['tokens']} scored "
+                      f"tokens, windows of {p['max_length']} with stride {p['stride']}"
+                      + ("; recovery = teacher ppl / student ppl." if "recovery" in m["perplexity"] else "."), ""]
+    for key, caption in (("tasks", "Task scores"), ("agreement", "Agreement by position"),
+                         ("passkey", "Passkey retrieval"), ("mqar", "MQAR recall")):
+        if key in results["plots"]:
+            parts += [f"![{caption}]({plot_prefix}{results['plots'][key]})", ""]
+    if results["notes"]:
+        parts += ["Notes:", ""] + [f"- {n}" for n in results["notes"]] + [""]
+    return "\n".join(parts)
