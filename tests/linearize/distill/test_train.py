@@ -1,0 +1,131 @@
+"""In-process runs on a tiny model: both stages, frozen weights, stage-1 progress, bad runs."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import linearize
+from linearize.distill import DistillError, RecipeError, distill, load_recipe
+from linearize.distill.cli_commands import run_distill
+from linearize.mixers import AttentionTransfer
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def run(path: Path, *overrides: str) -> Path:
+    return distill(load_recipe(path, list(overrides)))
+
+
+def test_both_stages_run_and_frozen_weights_stay_bit_identical(write_recipe, assets, tmp_path):
+    final = run(write_recipe(stage2={"max_steps": 2, "kd_ratio": 0.5, "optimizer": {"lr": 1e-3}}, save_adapter=True))
+    out = tmp_path / "run"
+    log = read_log(out)
+    assert [(r["stage"], r["step"]) for r in log] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert all(math.isfinite(r["loss"]) for r in log)
+    assert all(r["kl"] >= 0 and math.isfinite(r["ce"]) for r in log if r["stage"] == 2)
+    assert (out / "loss.png").stat().st_size > 0
+    assert (out / "checkpoints" / "latest").read_text().strip() == "stage2-step0000002"
+
+    original = load_file(str(assets / "model" / "model.safetensors"))
+    saved = load_file(str(final / "model.safetensors"))
+    new = {k for k in saved if ".linearize_" in k}
+    assert new and set(saved) - new == set(original)
+    for k, v in original.items():
+        assert torch.equal(saved[k], v), f"frozen weight {k} changed"
+    fresh = AutoModelForCausalLM.from_pretrained(assets / "model")
+    linearize.convert(fresh, linearize.LinearizeConfig(method="lizard", window=8))
+    init = dict(linearize.new_parameters(fresh))
+    assert any(not torch.equal(saved[k], init[k]) for k in new), "stage 1 did not train the new parameters"
+
+    model = linearize.load(final, adapter=final / "adapter")
+    lora = [n for n, _ in model.named_parameters() if "lora_B" in n]
+    assert lora and any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    ids = torch.randint(3, 100, (1, 24))
+    assert torch.isfinite(model(ids).logits).all()
+
+
+def test_parameter_free_method_skips_stage1_and_merges_lora(write_recipe, assets, tmp_path, capsys):
+    final = run(write_recipe(linearize={"method": "liger-gla", "window": 8}, stage2={"max_steps": 2}))
+    assert "stage 1 skipped: liger-gla has no new parameters" in capsys.readouterr().out
+    assert [(r["stage"], r["step"]) for r in read_log(tmp_path / "run")] == [(2, 1), (2, 2)]
+    model = linearize.load(final)
+    assert linearize.is_linearized(model) and not any("lora" in n for n, _ in model.named_parameters())
+    original = load_file(str(assets / "model" / "model.safetensors"))
+    merged = dict(model.named_parameters())
+    for k, v in original.items():
+        changed = not torch.equal(merged[k], v)
+        assert changed == any(t in k for t in ("q_proj", "k_proj", "v_proj")), k
+
+
+def transfer_mse(model, ids: torch.Tensor) -> float:
+    t = AttentionTransfer()
+    for m in linearize.mixers(model):
+        m.transfer = t
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    for m in linearize.mixers(model):
+        m.transfer = None
+    return float(torch.stack(t.losses).sum())
+
+
+def test_stage1_lowers_the_attention_mse(write_recipe, assets):
+    final = run(write_recipe(seq_len=64, stage1={"max_steps": 30, "optimizer": {"lr": 2e-2}}, stage2={"enabled": False}))
+    torch.manual_seed(1)
+    ids = torch.randint(3, 120, (2, 64))
+    before = AutoModelForCausalLM.from_pretrained(assets / "model")
+    linearize.convert(before, linearize.LinearizeConfig(method="lizard", window=8))
+    after = linearize.load(final)
+    mse0, mse1 = transfer_mse(before, ids), transfer_mse(after, ids)
+    assert mse1 < 0.7 * mse0, (mse0, mse1)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(write_recipe, tmp_path, monkeypatch):
+    import linearize.distill.train as train
+
+    calls = []
+    real = train.transfer_loss
+
+    def poisoned(*args):
+        calls.append(1)
+        loss = real(*args)
+        return loss * float("nan") if len(calls) == 4 else loss
+
+    monkeypatch.setattr(train, "transfer_loss", poisoned)
+    path = write_recipe(stage1={"max_steps": 6}, stage2={"enabled": False}, checkpoint_every=2)
+    with pytest.raises(DistillError, match=r"stage 1 step 4: the loss is nan\. Stopped before updating the weights; "
+                                           r"the last good checkpoint is .*stage1-step0000002 \(resume=true"):
+        run(path)
+    ck = tmp_path / "run" / "checkpoints"
+    assert (ck / "latest").read_text().strip() == "stage1-step0000002"
+    assert [r["step"] for r in read_log(tmp_path / "run")] == [1, 2, 3]
+    monkeypatch.setattr(train, "transfer_loss", real)
+    run(path, "resume=true")
+    assert [r["step"] for r in read_log(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_run_errors_name_the_fix(write_recipe, tmp_path, capsys):
+    import argparse
+
+    bad_len = write_recipe("long.yaml", seq_len=512, linearize={"method": "lizard", "window": 8, "softmax_layers": [1]})
+    with pytest.raises(RecipeError, match="above the model's max_position_embeddings 256.*lower seq_len"):
+        run(bad_len)
+    with pytest.raises(RecipeError, match="data file .* does not exist"):
+        run(write_recipe("nodata.yaml", data={"source": str(tmp_path / "missing.jsonl")}))
+    done = write_recipe("ok.yaml", linearize={"method": "liger-gla"}, stage2={"max_steps": 1})
+    run(done)
+    with pytest.raises(DistillError, match="already holds a run.*resume=true"):
+        run(done)
+    with pytest.raises(DistillError, match="the recipe changed since this run started.*seq_len"):
+        run(done, "resume=true", "seq_len=16")
+    code = run_distill(argparse.Namespace(recipe=str(done), overrides=["stage2.lora.target_modules=[nope]",
+                                                                         "output_dir=" + str(tmp_path / "other")],
+                                          print_recipe=False))
+    assert code == 2 and "target_modules" in capsys.readouterr().err
