@@ -356,6 +356,16 @@ def save_figure(fig, path: str | Path) -> Path:
     return path
 
 
+def log_y(ax) -> None:
+    """Log-scale y axis labelled with plain numbers at 1, 2, 5 x 10^k."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: ""))
+
+
 def log2_axis(ax, ticks: list[int]) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xticks(ticks, [f"{t // 1024}k" if t >= 1024 and t % 1024 == 0 else str(t) for t in ticks])

@@ -14,9 +14,9 @@ import torch
 
 from linearize.generate import cache_nbytes
 
-from .common import (ROLE_STYLE, ROLES, fmt, human_bytes, log2_axis, machine_info, markdown_table, mib, model_device,
-                     model_info, new_figure, progress, random_ids, require_linearized, role_context, save_figure,
-                     spread, target, timed, write_report)
+from .common import (ROLE_STYLE, ROLES, fmt, human_bytes, log2_axis, log_y, machine_info, markdown_table, mib,
+                     model_device, model_info, new_figure, progress, random_ids, require_linearized, role_context,
+                     save_figure, spread, target, timed, write_report)
 
 DEFAULT_CONTEXTS = (1024, 4096, 16384)
 TARGET_CONTEXT, TARGET_SPEEDUP, TARGET_CACHE_RATIO = 16384, 3.0, 100.0
@@ -140,7 +140,7 @@ def plot_decode(rows: list[dict], path: str | Path) -> Path:
         a2.plot(xs, [r["cache_mib"] for r in mine], label=role, **ROLE_STYLE[role])
     a1.set_ylabel("ms per generated token (median)")
     a1.set_title("decode step time")
-    a2.set_yscale("log")
+    log_y(a2)
     a2.set_ylabel("cache memory (MiB)")
     a2.set_title("decode cache memory")
     for ax in (a1, a2):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .common import (ROLE_STYLE, ROLES, PeakMemory, fmt, log2_axis, machine_info, markdown_table, median, mib,
+from .common import (ROLE_STYLE, ROLES, PeakMemory, fmt, log2_axis, log_y, machine_info, markdown_table, median, mib,
                      model_device, model_info, new_figure, ordered_roles, progress, random_ids, require_linearized,
                      role_context, save_figure, spread, target, timed, write_report)
 
@@ -115,7 +115,7 @@ def plot_prefill(rows: list[dict], path: str | Path) -> Path:
         xs = [r["length"] for r in mine]
         a1.plot(xs, [r["ms"] / 1e3 for r in mine], label=role, **ROLE_STYLE[role])
         a2.plot(xs, [r["peak_mib"] for r in mine], label=role, **ROLE_STYLE[role])
-    a1.set_yscale("log")
+    log_y(a1)
     a1.set_ylabel("forward time (s, median)")
     a1.set_title("prefill time")
     a2.set_ylabel("peak memory above weights (MiB)")
