@@ -77,13 +77,14 @@ def transfer_mse(model, ids: torch.Tensor) -> float:
 
 
 def test_stage1_lowers_the_attention_mse(write_recipe, assets):
-    final = run(write_recipe(seq_len=64, stage1={"max_steps": 30, "optimizer": {"lr": 2e-2}}, stage2={"enabled": False}))
+    final = run(write_recipe(seq_len=48, stage1={"max_steps": 24, "optimizer": {"lr": 2e-2}}, stage2={"enabled": False}))
     torch.manual_seed(1)
-    ids = torch.randint(3, 120, (2, 64))
+    ids = torch.randint(3, 120, (2, 48))
     before = AutoModelForCausalLM.from_pretrained(assets / "model")
     linearize.convert(before, linearize.LinearizeConfig(method="lizard", window=8))
     after = linearize.load(final)
     mse0, mse1 = transfer_mse(before, ids), transfer_mse(after, ids)
+    print("attention MSE before / after stage 1:", mse0, mse1)
     assert mse1 < 0.7 * mse0, (mse0, mse1)
 
 
