@@ -67,12 +67,6 @@ def eval_model_dir(tmp_path_factory, eval_model, eval_tokenizer):
     return path
 
 
-@pytest.fixture
-def naive_kernels(monkeypatch):
-    """Linearized forwards through the fp64-reference kernels (any CPU, no Triton)."""
-    monkeypatch.setenv("LINEARIZE_KERNEL_BACKEND", "naive")
-
-
 @pytest.fixture(scope="session")
 def linearized_dir(tmp_path_factory, eval_tokenizer):
     """A saved liger-gla conversion of the tiny model, with its tokenizer."""

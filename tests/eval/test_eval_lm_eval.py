@@ -69,7 +69,7 @@ def test_lm_eval_cli_runs_the_mmlu_group_with_limit(eval_model_dir, tmp_path, mo
     assert res["config"]["model"] == "linearize"
 
 
-def test_generation_and_teacher_mode_on_a_linearized_checkpoint(naive_kernels, linearized_dir):
+def test_generation_and_teacher_mode_on_a_linearized_checkpoint(linearized_dir):
     from lm_eval.api.instance import Instance
 
     from linearize.eval.lm_model import LinearizeLM
