@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
 
 import torch
 import torch.nn.functional as F
 
 
-def _teacher_context(model):
+@contextlib.contextmanager
+def teacher_context(model, active: bool = True):
+    """Run ``model`` as its teacher inside the block (when ``active``).
+
+    The teacher is the original model: softmax attention switched back on
+    (``linearize.teacher``) and, on a peft model, the LoRA adapters disabled. Same weights,
+    no copy. A plain HF model without adapters is its own teacher.
+    """
+    if not active:
+        yield model
+        return
     import linearize
 
-    return linearize.teacher(model)
+    with contextlib.ExitStack() as stack:
+        if hasattr(model, "disable_adapter") and hasattr(model, "get_base_model"):
+            stack.enter_context(model.disable_adapter())
+        stack.enter_context(linearize.teacher(model))
+        yield model
 
 
 @torch.no_grad()
@@ -25,8 +40,8 @@ def teacher_agreement(
 ) -> dict:
     """Next-token agreement of ``student`` with ``teacher`` at every position of ``texts``.
 
-    ``teacher=None`` scores the student against its own original softmax attention
-    (``linearize.teacher(student)``), with no second copy of the weights. Each text is
+    ``teacher=None`` scores the student against its own original model (softmax attention,
+    LoRA adapters off: :func:`teacher_context`), with no second copy of the weights. Each text is
     truncated to ``max_length`` tokens; batches are right-padded ``[batch, <= max_length]``
     and only real positions count. Per position ``t``: match = ``argmax p_s == argmax p_t``,
     KL = ``sum_v p_t(v) (log p_t(v) - log p_s(v))`` in nats (teacher as reference).
@@ -51,7 +66,7 @@ def teacher_agreement(
             mask[row, : len(e)] = 1
         ids, mask = ids.to(device), mask.to(device)
         if teacher is None:
-            with _teacher_context(student):
+            with teacher_context(student):
                 t_logits = student(input_ids=ids, attention_mask=mask).logits
         else:
             t_logits = teacher(input_ids=ids, attention_mask=mask).logits

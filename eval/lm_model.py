@@ -4,13 +4,12 @@
 
 Model args beyond HFLM's: ``adapter`` (a peft LoRA folder applied on top; ``peft`` is
 accepted as an alias) and ``teacher`` (``True`` scores the original softmax attention of
-the same weights, through ``linearize.teacher``). Everything else (batch_size, device,
+the same weights: ``linearize.teacher`` with any LoRA adapter disabled). Everything else (batch_size, device,
 dtype, max_length, tokenizer, ...) means what it means for ``hf``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 from pathlib import Path
@@ -18,6 +17,8 @@ from pathlib import Path
 import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
+
+from .agreement import teacher_context
 
 
 def parse_dtype(value) -> torch.dtype | None:
@@ -83,15 +84,6 @@ def load_checkpoint(path, *, dtype=None, device=None, adapter=None):
         params = inspect.signature(linearize.load).parameters
         kwargs["torch_dtype" if "torch_dtype" in params else "dtype"] = dtype
     return linearize.load(path, **kwargs)
-
-
-def teacher_context(model, active: bool):
-    """``linearize.teacher(model)`` when ``active``, else a no-op context."""
-    if not active:
-        return contextlib.nullcontext(model)
-    import linearize
-
-    return linearize.teacher(model)
 
 
 @register_model("linearize")

@@ -1,7 +1,7 @@
 """One evaluation run: lm-eval tasks and our own metrics on a student and its teacher.
 
-The teacher is the same checkpoint under ``linearize.teacher`` (the original softmax
-attention of the same weights), so one loaded model serves both. A run folder holds
+The teacher is the same checkpoint under ``linearize.teacher`` with any LoRA adapter
+disabled (the original model, same weights), so one loaded model serves both. A run folder holds
 ``results.json`` (the schema below), ``results.md`` (the side-by-side table), the raw
 lm-eval outputs and ``plots/*.png``.
 """
@@ -133,9 +133,9 @@ def run_evaluation(settings: EvalSettings, out_dir: str | Path, log=print) -> di
 
     import linearize.eval as le
 
-    from .agreement import teacher_agreement
+    from .agreement import teacher_agreement, teacher_context
     from .heldout import heldout_texts
-    from .lm_model import LinearizeLM, check_checkpoint, teacher_context
+    from .lm_model import LinearizeLM, check_checkpoint
     from .mqar import mqar_accuracy
     from .passkey import passkey_retrieval
     from .perplexity import perplexity
@@ -160,11 +160,12 @@ def run_evaluation(settings: EvalSettings, out_dir: str | Path, log=print) -> di
                      device=device, dtype=s.dtype)
     model, tok = lm.model, lm.tokenizer
     linearized = lm.is_linearized
+    distinct = linearized or s.adapter is not None  # else the teacher is the student itself
     roles = ["student"] + (["teacher"] if s.teacher else [])
     notes = []
-    if s.teacher and not linearized:
-        notes.append("The checkpoint is not linearized: the teacher is the same model, so its "
-                     "numbers are the student's (not run twice).")
+    if s.teacher and not distinct:
+        notes.append("The checkpoint is not linearized and has no adapter: the teacher is the "
+                     "same model, so its numbers are the student's (not run twice).")
     if "passkey" in s.metrics:
         from .passkey import make_passkey_sample
 
@@ -176,7 +177,7 @@ def run_evaluation(settings: EvalSettings, out_dir: str | Path, log=print) -> di
     def for_roles(fn):
         res = {}
         for role in roles:
-            if role == "teacher" and not linearized:
+            if role == "teacher" and not distinct:
                 res[role] = res["student"]
                 continue
             with teacher_context(model, role == "teacher"):
@@ -217,7 +218,7 @@ def run_evaluation(settings: EvalSettings, out_dir: str | Path, log=print) -> di
 
         by_role = {}
         for role in roles:
-            if role == "teacher" and not linearized:
+            if role == "teacher" and not distinct:
                 by_role[role] = by_role["student"]
             else:
                 by_role[role] = run_tasks(role)
@@ -246,7 +247,7 @@ def run_evaluation(settings: EvalSettings, out_dir: str | Path, log=print) -> di
             + ", ".join(f"{r} {ppl[r]['perplexity']:.3f}" for r in roles))
     if "agreement" in s.metrics:
         t = time.time()
-        if linearized:
+        if distinct:
             agr = teacher_agreement(model, None, tok, texts, max_length=s.agreement_length,
                                     batch_size=s.batch_size)
             results["metrics"]["agreement"] = agr
@@ -255,8 +256,8 @@ def run_evaluation(settings: EvalSettings, out_dir: str | Path, log=print) -> di
             log(f"agreement in {time.time() - t:.1f}s: top-1 {agr['top1_agreement']:.2f}%, "
                 f"KL {agr['kl_mean']:.4f}")
         else:
-            notes.append("Agreement skipped: the checkpoint is not linearized, so the student is "
-                         "its own teacher (100% agreement, KL 0).")
+            notes.append("Agreement skipped: the student is its own teacher (not linearized, no "
+                         "adapter), so agreement is 100% and KL 0.")
     if "passkey" in s.metrics:
         t = time.time()
         pk = for_roles(lambda role: passkey_retrieval(

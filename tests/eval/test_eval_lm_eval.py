@@ -129,3 +129,23 @@ def test_bad_checkpoint_paths_fail_clearly(tmp_path, eval_model_dir):
     (tmp_path / "not_adapter").mkdir()
     with pytest.raises(ValueError, match="not a peft adapter"):
         LinearizeLM(pretrained=str(eval_model_dir), adapter=str(tmp_path / "not_adapter"), device="cpu")
+
+
+def test_teacher_of_an_adapted_linearized_model_is_the_original(linearized_dir, tmp_path):
+    import linearize
+    from lm_eval.api.instance import Instance
+    from peft import LoraConfig, get_peft_model
+
+    from linearize.eval.lm_model import LinearizeLM
+
+    torch.manual_seed(2)
+    peft_model = get_peft_model(linearize.load(linearized_dir), LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM"))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    reqs = [Instance("loglikelihood", {}, ("The sky is", " blue"), 0)]
+    plain_teacher = LinearizeLM(pretrained=str(linearized_dir), teacher=True, device="cpu")
+    adapted = LinearizeLM(pretrained=str(linearized_dir), adapter=str(tmp_path / "adapter"), device="cpu")
+    student_ll = adapted.loglikelihood(reqs)[0][0]
+    adapted.use_teacher = True
+    assert adapted.loglikelihood(reqs)[0][0] == pytest.approx(plain_teacher.loglikelihood(reqs)[0][0], abs=1e-5)
+    assert student_ll != pytest.approx(plain_teacher.loglikelihood(reqs)[0][0], abs=1e-5)
