@@ -72,6 +72,33 @@ def gated_linear_attention(
     raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
+def recurrent_gated_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gated linear attention for a few tokens against a carried state (decoding).
+
+    Same shapes as `gated_linear_attention`. Steps token by token with no chunking: the fused
+    Triton kernel on CUDA (forward only), the plain recurrence elsewhere.
+    """
+    backend = backend or select_backend(q)
+    if backend == "triton" and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, g))):
+        from .gla.fused_recurrent import fused_recurrent_gla
+
+        return fused_recurrent_gla(q, k, v, g, scale=scale, initial_state=initial_state,
+                                   output_final_state=output_final_state)
+    from .gla.naive import naive_gla
+
+    return naive_gla(q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state)
+
+
 def sliding_window_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -109,4 +136,4 @@ def sliding_window_attention(
     raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
-__all__ = ["gated_linear_attention", "sliding_window_attention", "select_backend", "BACKENDS", "ENV_VAR"]
+__all__ = ["gated_linear_attention", "recurrent_gated_linear_attention", "sliding_window_attention", "select_backend", "BACKENDS", "ENV_VAR"]

@@ -15,12 +15,15 @@ import torch.nn.functional as F
 
 from ..config import LinearizeConfig
 from ..families import Family
-from ..kernels import gated_linear_attention, sliding_window_attention
+from ..kernels import gated_linear_attention, recurrent_gated_linear_attention, sliding_window_attention
 from .context import ForwardContext
 from .feature_maps import build_feature_map
 from .gates import build_gate
 
 NEW_PARAMETER_PREFIX = "linearize_"
+# Up to this many new tokens against a carried state take the step-by-step recurrence
+# (decoding); longer inputs take the chunked kernels.
+DECODE_STEP_TOKENS = 4
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -187,8 +190,13 @@ class LinearizedAttention(nn.Module):
             fk, vv = fk.repeat_interleave(rep, dim=2), vv.repeat_interleave(rep, dim=2)
             g = g.repeat_interleave(rep, dim=2)
         initial = state.recurrent if state is not None else None
-        o, final = gated_linear_attention(fq, fk.to(fq.dtype), vv.to(fq.dtype), g, scale=1.0, initial_state=initial,
-                                          output_final_state=state is not None, cu_seqlens=cu_seqlens)
+        if state is not None and initial is not None and T <= DECODE_STEP_TOKENS:
+            o, final = recurrent_gated_linear_attention(fq, fk.to(fq.dtype), vv.to(fq.dtype), g, scale=1.0,
+                                                        initial_state=initial, output_final_state=True)
+        else:
+            o, final = gated_linear_attention(fq, fk.to(fq.dtype), vv.to(fq.dtype), g, scale=1.0,
+                                              initial_state=initial, output_final_state=state is not None,
+                                              cu_seqlens=cu_seqlens)
         if state is not None:
             state.recurrent = final
         if not cfg.normalize:
