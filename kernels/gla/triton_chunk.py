@@ -37,6 +37,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 CHUNK_SIZE = 32 if INTERPRET else 64
 SUB_CHUNK_SIZE = 16
 MAX_BLOCK = 32 if INTERPRET else 64
+DQKG_BLOCK_K = 32  # dq/dk/dg tiles hold full-V state tiles: narrower K keeps them in registers
 MAX_HEAD_DIM = 256
 
 if INTERPRET:
@@ -141,7 +142,7 @@ def _gla_states_kernel(
         mr = rows < eos
         last = tl.minimum(bos + c * BT + BT, eos) - 1
         b_k = tl.load(k + (rows[:, None] * HKV + i_hk) * K + ok[None, :], mask=mr[:, None] & mk[None, :],
-                      other=0.).to(tl.float32)
+                      other=0.)
         b_v = tl.load(v + (rows[:, None] * HKV + i_hk) * V + ov[None, :], mask=mr[:, None] & mv[None, :],
                       other=0.)
         if SCALAR_G:
@@ -220,7 +221,7 @@ def gla_out_rows(
         b_qi = b_q * tl.exp(b_gt)
         b_o = _dot(b_qi, b_h, DOT)
         m_sk = ms[:, None] & mk[None, :]
-        b_k = tl.load(k + (s[:, None] * HKV + i_hk) * K + ok[None, :], mask=m_sk, other=0.).to(tl.float32)
+        b_k = tl.load(k + (s[:, None] * HKV + i_hk) * K + ok[None, :], mask=m_sk, other=0.)
         b_gs = tl.load(gc + (s[:, None] * HKV + i_hk) * K + ok[None, :], mask=m_sk, other=0.)
         b_v = tl.load(v + (s[:, None] * HKV + i_hk) * V + ov[None, :], mask=ms[:, None] & mv[None, :], other=0.)
         b_kg = b_k * tl.exp(tl.where(ms[:, None], b_gn[None, :] - b_gs, float("-inf")))
@@ -264,7 +265,7 @@ def _gla_fwd_kernel(
     ov = i_v * BV + tl.arange(0, BV)
     mk, mv = ok < K, ov < V
     b_h = tl.load(h + ((so + c) * HKV + i_hk) * K * V + ok[:, None] * V + ov[None, :],
-                  mask=mk[:, None] & mv[None, :], other=0.)
+                  mask=mk[:, None] & mv[None, :], other=0.).to(DOT)
     if SCALAR_G:
         b_o, _ = gla_out_rows(q, k, v, gc, b_h, b_h, cs, cs, eos, i_h, i_hk, i_v, scale,
                               H, HKV, K, V, BT, BT, BK, BV, SCALAR_G, False, DOT)
@@ -324,7 +325,7 @@ def _gla_dh_kernel(
             b_dh = b_dh * tl.exp(b_gl)[:, None]
         for i_g in range(0, G):
             i_h = i_hk * G + i_g
-            b_q = tl.load(q + (rows[:, None] * H + i_h) * K + ok[None, :], mask=m_rk, other=0.).to(tl.float32)
+            b_q = tl.load(q + (rows[:, None] * H + i_h) * K + ok[None, :], mask=m_rk, other=0.)
             b_do = tl.load(do + (rows[:, None] * H + i_h) * V + ov[None, :], mask=mr[:, None] & mv[None, :],
                            other=0.)
             b_dh += _dot(tl.trans(b_q * b_dec * scale), b_do, DOT)
@@ -353,7 +354,7 @@ def _gla_dv_kernel(
     ov = i_v * BV + tl.arange(0, BV)
     mk, mv = ok < K, ov < V
     b_dh = tl.load(dh + ((so + c + 1) * HKV + i_hk) * K * V + ok[:, None] * V + ov[None, :],
-                   mask=mk[:, None] & mv[None, :], other=0.)
+                   mask=mk[:, None] & mv[None, :], other=0.).to(DOT)
     tq = cs + tl.arange(0, BT)
     mq = tq < eos
     if SCALAR_G:
@@ -390,10 +391,10 @@ def _gla_dv_kernel(
             b_dga = tl.exp(tl.where(ma[:, None], b_ga - b_gm[None, :], float("-inf")))
             for i_g in range(0, G):
                 i_h = i_hk * G + i_g
-                b_qa = tl.load(q + (tq[:, None] * H + i_h) * K + ok[None, :], mask=m_ak, other=0.).to(tl.float32)
+                b_qa = tl.load(q + (tq[:, None] * H + i_h) * K + ok[None, :], mask=m_ak, other=0.)
                 b_doa = tl.load(do + (tq[:, None] * H + i_h) * V + ov[None, :], mask=ma[:, None] & mv[None, :],
                                 other=0.)
-                b_at = _dot(b_kg, tl.trans(b_qa * scale * b_dga), DOT)
+                b_at = _dot(b_kg, tl.trans(b_qa * (b_dga * scale)), DOT)
                 b_dv += _dot(b_at, b_doa, DOT)
                 for tt in range(0, BC):
                     t = r0 + tt
@@ -412,7 +413,7 @@ def _gla_dv_kernel(
 @tuned(key=["H", "HKV", "K", "V", "BT", "SCALAR_G", "DOT"])
 @triton.jit
 def _gla_dqkg_kernel(
-    q, k, v, do, gc, h, dh, dq, dk, dg, cu, chunks, soff, scale, NTOT,
+    q, k, v, do, gc, h, dh, dgk, dq, dk, dg, cu, chunks, soff, scale, NTOT,
     H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     SCALAR_G: tl.constexpr, DOT: tl.constexpr,
@@ -420,6 +421,7 @@ def _gla_dqkg_kernel(
     # dq_t = scale * [(do_t S_c^T) * exp(gc_t) + sum_{r <= t} (do_t . v_r) k_r exp(gc_t - gc_r)]
     # dk_r = (v_r dS_end^T) * exp(gL - gc_r) + scale * sum_{t >= r} (do_t . v_r) q_t exp(gc_t - gc_r)
     # dg   = reverse cumsum in the chunk of (sum_heads q*dq - k*dk) + sum_V(S_end * dS_end)
+    #        (the last term, dgk, is precomputed per state)
     # The r == t terms of dq and dk cancel exactly in q*dq - k*dk; they are added to the stored
     # dq, dk only, so that dg does not carry their rounding (it dominates under strong decay).
     i_k, i_c, i_hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -436,16 +438,15 @@ def _gla_dqkg_kernel(
     mk, mv = ok < K, ov < V
     m_kv = mk[:, None] & mv[None, :]
     p_kv = ok[:, None] * V + ov[None, :]
-    b_h = tl.load(h + ((so + c) * HKV + i_hk) * K * V + p_kv, mask=m_kv, other=0.)
-    b_hn = tl.load(h + ((so + c + 1) * HKV + i_hk) * K * V + p_kv, mask=m_kv, other=0.)
-    b_dhn = tl.load(dh + ((so + c + 1) * HKV + i_hk) * K * V + p_kv, mask=m_kv, other=0.)
-    b_carry = tl.sum(b_hn * b_dhn, axis=1)
+    b_h = tl.load(h + ((so + c) * HKV + i_hk) * K * V + p_kv, mask=m_kv, other=0.).to(DOT)
+    b_dhn = tl.load(dh + ((so + c + 1) * HKV + i_hk) * K * V + p_kv, mask=m_kv, other=0.).to(DOT)
+    b_carry = tl.load(dgk + ((so + c + 1) * HKV + i_hk) * K + ok, mask=mk, other=0.)
     tq = cs + tl.arange(0, BT)
     mq = tq < eos
     if SCALAR_G:
         m_qk = mq[:, None] & mk[None, :]
         m_qv = mq[:, None] & mv[None, :]
-        b_k = tl.load(k + (tq[:, None] * HKV + i_hk) * K + ok[None, :], mask=m_qk, other=0.).to(tl.float32)
+        b_k = tl.load(k + (tq[:, None] * HKV + i_hk) * K + ok[None, :], mask=m_qk, other=0.)
         b_v = tl.load(v + (tq[:, None] * HKV + i_hk) * V + ov[None, :], mask=m_qv, other=0.)
         b_gc = tl.load(gc + tq * HKV + i_hk, mask=mq, other=0.)
         b_gl = tl.load(gc + last * HKV + i_hk)
@@ -453,11 +454,11 @@ def _gla_dqkg_kernel(
         b_dkd = tl.zeros([BT, BK], dtype=tl.float32)
         strict = (tq[None, :] < tq[:, None]) & mq[:, None] & mq[None, :]
         b_dec = tl.exp(tl.where(strict, b_gc[:, None] - b_gc[None, :], float("-inf")))
-        b_dgq = tl.zeros([BT, BK], dtype=tl.float32)
+        b_dgq = tl.zeros([BT], dtype=tl.float32)
         b_vf = b_v.to(tl.float32)
         for i_g in range(0, G):
             i_h = i_hk * G + i_g
-            b_q = tl.load(q + (tq[:, None] * H + i_h) * K + ok[None, :], mask=m_qk, other=0.).to(tl.float32)
+            b_q = tl.load(q + (tq[:, None] * H + i_h) * K + ok[None, :], mask=m_qk, other=0.)
             b_do = tl.load(do + (tq[:, None] * H + i_h) * V + ov[None, :], mask=m_qv, other=0.)
             b_dd = tl.sum(b_do.to(tl.float32) * b_vf, axis=1) * scale
             b_da = _dot(b_do, tl.trans(b_v), DOT) * scale * b_dec
@@ -466,9 +467,9 @@ def _gla_dqkg_kernel(
             b_dkd += b_dd[:, None] * b_q
             tl.store(dq + (tq[:, None] * H + i_h) * K + ok[None, :], (b_dq + b_dd[:, None] * b_k).to(dq.dtype.element_ty),
                      mask=m_qk)
-            b_dgq += b_q * b_dq
+            b_dgq += tl.sum(b_q * b_dq, axis=1)
         tl.store(dk + (tq[:, None] * HKV + i_hk) * K + ok[None, :], (b_dk + b_dkd).to(dk.dtype.element_ty), mask=m_qk)
-        b_dg = tl.sum(b_dgq - b_k * b_dk, axis=1)
+        b_dg = b_dgq - tl.sum(b_k * b_dk, axis=1)
         b_dg = tl.cumsum(b_dg, axis=0, reverse=True) + tl.sum(b_carry, axis=0)
         tl.store(dg + (i_k * NTOT + tq) * HKV + i_hk, b_dg, mask=mq)
     else:
@@ -489,7 +490,7 @@ def _gla_dqkg_kernel(
             # keys of the chunk before this sub-chunk (for dq), decays measured from row r0
             mb = tq < r0
             m_bk = mb[:, None] & mk[None, :]
-            b_kb = tl.load(k + (tq[:, None] * HKV + i_hk) * K + ok[None, :], mask=m_bk, other=0.).to(tl.float32)
+            b_kb = tl.load(k + (tq[:, None] * HKV + i_hk) * K + ok[None, :], mask=m_bk, other=0.)
             b_gb = tl.load(gc + (tq[:, None] * HKV + i_hk) * K + ok[None, :], mask=m_bk, other=0.)
             b_vb = tl.load(v + (tq[:, None] * HKV + i_hk) * V + ov[None, :], mask=mb[:, None] & mv[None, :],
                            other=0.)
@@ -531,7 +532,7 @@ def _gla_dqkg_kernel(
                          (b_dq + b_dd[:, None] * b_kj).to(dq.dtype.element_ty), mask=m_jk)
                 b_dgq += b_qj * b_dq
                 b_dkd += b_dd[:, None] * b_qj
-                b_qa = tl.load(q + (tq[:, None] * H + i_h) * K + ok[None, :], mask=m_ak, other=0.).to(tl.float32)
+                b_qa = tl.load(q + (tq[:, None] * H + i_h) * K + ok[None, :], mask=m_ak, other=0.)
                 b_doa = tl.load(do + (tq[:, None] * H + i_h) * V + ov[None, :], mask=ma[:, None] & mv[None, :],
                                 other=0.)
                 b_daa = _dot(b_doa, tl.trans(b_vj), DOT)
@@ -614,10 +615,12 @@ def _gla_backward(q, k, v, g, scale, initial_state, do, dht, info):
         q, do, gc, dh, dht if dht is not None else dh, info.cu, info.state_offsets, scale,
         H=H, HKV=HKV, K=K, V=V, BT=info.chunk, BK=BK, BV=BV, SCALAR_G=scalar, USE_DHT=dht is not None, DOT=DOT,
     )
+    dgk = torch.einsum("nhkv,nhkv->nhk", h, dh).contiguous()
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    NK = triton.cdiv(K, BK)
+    BKg = block(K, DQKG_BLOCK_K)
+    NK = triton.cdiv(K, BKg)
     dg = torch.empty((NK,) + tuple(g.shape) if scalar else g.shape, dtype=torch.float32, device=q.device)
     if info.num_chunks:
         _gla_dv_kernel[(triton.cdiv(V, BV), info.num_chunks, HKV)](
@@ -625,8 +628,8 @@ def _gla_backward(q, k, v, g, scale, initial_state, do, dht, info):
             H=H, HKV=HKV, K=K, V=V, BT=info.chunk, BC=SUB_CHUNK_SIZE, BK=block(K), BV=BV, SCALAR_G=scalar, DOT=DOT,
         )
         _gla_dqkg_kernel[(NK, info.num_chunks, HKV)](
-            q, k, v, do, gc, h, dh, dq, dk, dg, info.cu, info.chunks, info.state_offsets, scale, TT,
-            H=H, HKV=HKV, K=K, V=V, BT=info.chunk, BC=SUB_CHUNK_SIZE, BK=BK, BV=block(V), SCALAR_G=scalar, DOT=DOT,
+            q, k, v, do, gc, h, dh, dgk, dq, dk, dg, info.cu, info.chunks, info.state_offsets, scale, TT,
+            H=H, HKV=HKV, K=K, V=V, BT=info.chunk, BC=SUB_CHUNK_SIZE, BK=BKg, BV=block(V), SCALAR_G=scalar, DOT=DOT,
         )
     else:
         dq.zero_(), dk.zero_(), dv.zero_(), dg.zero_()
