@@ -25,6 +25,7 @@ from ..gla.triton_chunk import INTERPRET, SeqInfo, _dot, block, dot_dtype, tuned
 from ..utils import check_window_inputs
 
 BLOCK_M = 16 if INTERPRET else 64
+BLOCK_N_BWD = 16 if INTERPRET else 32
 MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634
 
@@ -137,7 +138,7 @@ def _ds_block(b_q, b_do, b_lse2, b_delta, b_k, b_v, allowed, qk_scale, DOT: tl.c
 def _window_dq_kernel(
     q, k, v, km, sp, do, lse, delta, dq, cu, blocks, window, qk_scale, scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    BM: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, NS: tl.constexpr, BS: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, NS: tl.constexpr, BS: tl.constexpr,
     HAS_KM: tl.constexpr, DOT: tl.constexpr,
 ):
     i_b, i_h = tl.program_id(0), tl.program_id(1)
@@ -168,8 +169,8 @@ def _window_dq_kernel(
         b_dq += _dot(ds_far, b_ks, DOT)
     lo = tl.maximum(t0 - window + 1, bos)
     hi = tl.minimum(t0 + BM, eos)
-    for s0 in range(lo, hi, BM):
-        s = s0 + tl.arange(0, BM)
+    for s0 in range(lo, hi, BN):
+        s = s0 + tl.arange(0, BN)
         ms = s < hi
         if HAS_KM:
             ms = ms & (tl.load(km + s, mask=ms, other=0) != 0)
@@ -187,7 +188,8 @@ def _window_dq_kernel(
 def _window_dkv_kernel(
     q, k, v, km, do, lse, delta, dk, dv, cu, blocks, window, qk_scale, scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    BM: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, HAS_KM: tl.constexpr, DOT: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, HAS_KM: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     # dk, dv of one key block from the queries whose band (t - s < window) contains it
     i_b, i_hk = tl.program_id(0), tl.program_id(1)
@@ -209,8 +211,8 @@ def _window_dkv_kernel(
     hi = tl.minimum(s0 + BM - 1 + window, eos)
     for i_g in range(0, G):
         i_h = i_hk * G + i_g
-        for t0 in range(s0, hi, BM):
-            t = t0 + tl.arange(0, BM)
+        for t0 in range(s0, hi, BN):
+            t = t0 + tl.arange(0, BN)
             mt = t < hi
             b_q = tl.load(q + (t[:, None] * H + i_h) * D + od[None, :], mask=mt[:, None] & md[None, :], other=0.)
             b_do = tl.load(do + (t[:, None] * H + i_h) * DV + odv[None, :], mask=mt[:, None] & mdv[None, :],
@@ -228,12 +230,12 @@ def _window_dkv_kernel(
              mask=(s < eos)[:, None] & mdv[None, :])
 
 
-@tuned(key=["H", "HKV", "D", "DV", "BM", "NS", "DOT"])
+@tuned(key=["H", "HKV", "D", "DV", "BN", "NS", "DOT"])
 @triton.jit
 def _window_sink_dkv_kernel(
     q, k, v, sp, do, lse, delta, dks, dvs, cu, window, qk_scale, scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    BM: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, NS: tl.constexpr, BS: tl.constexpr,
+    BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, NS: tl.constexpr, BS: tl.constexpr,
     DOT: tl.constexpr,
 ):
     # dk, dv of the sink keys from the queries that see them outside the band (t - s >= window)
@@ -252,8 +254,8 @@ def _window_sink_dkv_kernel(
     b_dv = tl.zeros([BS, BDV], dtype=tl.float32)
     for i_g in range(0, G):
         i_h = i_hk * G + i_g
-        for t0 in range(bos + window, eos, BM):
-            t = t0 + tl.arange(0, BM)
+        for t0 in range(bos + window, eos, BN):
+            t = t0 + tl.arange(0, BN)
             mt = t < eos
             b_q = tl.load(q + (t[:, None] * H + i_h) * D + od[None, :], mask=mt[:, None] & md[None, :], other=0.)
             b_do = tl.load(do + (t[:, None] * H + i_h) * DV + odv[None, :], mask=mt[:, None] & mdv[None, :],
@@ -334,12 +336,13 @@ def _window_backward(q, k, v, o, lse, sl, do, dlse, scale, lay: WindowLayout):
         sp = lay.sink_pos if lay.sink_pos is not None else info.cu
         _window_dq_kernel[(info.num_chunks, H)](
             q, k, v, km, sp, do, lse, delta, dq, info.cu, info.chunks, lay.window, scale * LOG2E, scale,
-            H=H, HKV=HKV, D=D, DV=DV, BM=BM, BD=BD, BDV=BDV, NS=lay.num_sinks, BS=block(lay.num_sinks),
-            HAS_KM=lay.key_mask is not None, DOT=DOT,
+            H=H, HKV=HKV, D=D, DV=DV, BM=BM, BN=BLOCK_N_BWD, BD=BD, BDV=BDV, NS=lay.num_sinks,
+            BS=block(lay.num_sinks), HAS_KM=lay.key_mask is not None, DOT=DOT,
         )
         _window_dkv_kernel[(info.num_chunks, HKV)](
             q, k, v, km, do, lse, delta, dk, dv, info.cu, info.chunks, lay.window, scale * LOG2E, scale,
-            H=H, HKV=HKV, D=D, DV=DV, BM=BM, BD=BD, BDV=BDV, HAS_KM=lay.key_mask is not None, DOT=DOT,
+            H=H, HKV=HKV, D=D, DV=DV, BM=BM, BN=BLOCK_N_BWD, BD=BD, BDV=BDV, HAS_KM=lay.key_mask is not None,
+            DOT=DOT,
         )
     else:
         dq.zero_(), dk.zero_(), dv.zero_()
@@ -349,7 +352,7 @@ def _window_backward(q, k, v, o, lse, sl, do, dlse, scale, lay: WindowLayout):
         dvs = torch.empty(info.N, HKV, BS, BDV, dtype=torch.float32, device=q.device)
         _window_sink_dkv_kernel[(info.N, HKV)](
             q, k, v, lay.sink_pos, do, lse, delta, dks, dvs, info.cu, lay.window, scale * LOG2E, scale,
-            H=H, HKV=HKV, D=D, DV=DV, BM=BM, BD=BD, BDV=BDV, NS=lay.num_sinks, BS=BS, DOT=DOT,
+            H=H, HKV=HKV, D=D, DV=DV, BN=BLOCK_N_BWD, BD=BD, BDV=BDV, NS=lay.num_sinks, BS=BS, DOT=DOT,
         )
         pos = lay.sink_pos.long()
         valid = pos >= 0
