@@ -1,0 +1,141 @@
+"""Reference intra-layer hybrid: sliding-window softmax and gated linear attention of one layer.
+
+Two ways to combine the branches, per query head h:
+
+mode="mix" (Liger Attention, Lizard): o = w_win[h] * softmax_window(q_win, k_win, v)
+    + w_lin[h] * gla(q_lin, k_lin, v, g); Liger uses 0.5 / 0.5.
+
+mode="shared" (LoLCATs): one softmax denominator for both branches,
+    o = (sum_window e^s v + c[h] * phi(q) S) / (sum_window e^s + c[h] * phi(q) z),
+    with S, z the decayed sums of phi(k)^T v and phi(k) (z from a column of ones appended to
+    v) and c[h] >= 0. With lse the window's log-denominator, num = phi(q) S, den = phi(q) z
+    and M = max(lse, log(c * den)) it is evaluated as
+    o = (e^(lse - M) o_window + c num e^(-M)) / (e^(lse - M) + c den e^(-M)),
+    a convex combination of o_window and num / den with linear weight
+    sigmoid(log(c den) - lse): no exponential of a score is formed and nothing exceeds 1
+    for non-negative features (softmax, Hedgehog). c enters linearly, so the gradient at
+    c = 0 is the true one. A row that sees no window key and no linear mass gives 0.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..gla.naive import naive_gla
+from ..window.naive import naive_window_attention
+
+MODES = ("mix", "shared")
+
+
+def head_weights(w, H: int, default: float, like: torch.Tensor) -> torch.Tensor:
+    """A per-head weight as an [H] tensor (a float, or an [H] tensor kept in the graph)."""
+    if w is None:
+        w = default
+    if isinstance(w, torch.Tensor):
+        if w.shape not in ((H,), ()):
+            raise ValueError(f"per-head weights must be [H] = [{H}], got {tuple(w.shape)}")
+        return w.to(like.dtype).expand(H)
+    return torch.full((H,), float(w), dtype=like.dtype, device=like.device)
+
+
+def combine_hybrid(
+    o_win: torch.Tensor,
+    lse: torch.Tensor,
+    o_lin: torch.Tensor,
+    *,
+    mode: str,
+    w_win: torch.Tensor,
+    w_lin: torch.Tensor,
+    c: torch.Tensor,
+) -> torch.Tensor:
+    """Combine the branch outputs (in the dtype of o_win; differentiable, NaN-free).
+
+    o_win: [B, T, H, V]; lse: [B, T, H]; o_lin: [B, T, H, V] (mix) or [B, T, H, V + 1]
+    (shared: numerator columns, then the normalizer column); w_win, w_lin, c: [H].
+    """
+    if mode == "mix":
+        return w_win[:, None] * o_win + w_lin[:, None] * o_lin
+    V = o_win.shape[-1]
+    num, den = o_lin[..., :V], o_lin[..., V]
+    cden = c * den
+    has_lin = cden > 0
+    m = torch.where(has_lin, torch.maximum(lse, torch.log(torch.where(has_lin, cden, torch.ones_like(cden)))), lse)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
+    u = torch.exp(lse - m)
+    e = torch.exp(-m)
+    total = u + cden * e
+    total = torch.where(total != 0, total, torch.ones_like(total))
+    return (u[..., None] * o_win + (c * e)[..., None] * num) / total[..., None]
+
+
+def check_hybrid_inputs(q_win, k_win, v, q_lin, k_lin, g, mode) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if q_win.shape[:3] != q_lin.shape[:3]:
+        raise ValueError(f"q_win {tuple(q_win.shape)} and q_lin {tuple(q_lin.shape)} must agree on [B, T, H]")
+    if k_win.shape[:3] != k_lin.shape[:3]:
+        raise ValueError(f"k_win {tuple(k_win.shape)} and k_lin {tuple(k_lin.shape)} must agree on [B, T, HKV]")
+
+
+def mask_linear_inputs(k_lin, g, key_mask):
+    """Padding is invisible to the linear branch too: zero keys and zero log decay there."""
+    if key_mask is None:
+        return k_lin, g
+    m = key_mask.to(k_lin.dtype)[:, :, None, None]
+    return k_lin * m, g * (m if g.dim() == 4 else m[..., 0]).to(g.dtype)
+
+
+def naive_hybrid_attention(
+    q_win: torch.Tensor,
+    k_win: torch.Tensor,
+    v: torch.Tensor,
+    q_lin: torch.Tensor,
+    k_lin: torch.Tensor,
+    g: torch.Tensor,
+    *,
+    window: int | None,
+    mode: str = "mix",
+    num_sink_tokens: int = 0,
+    sink_logits: torch.Tensor | None = None,
+    scale_win: float | None = None,
+    scale_lin: float = 1.0,
+    w_win: torch.Tensor | float | None = None,
+    w_lin: torch.Tensor | float | None = None,
+    c: torch.Tensor | float | None = None,
+    key_mask: torch.Tensor | None = None,
+    cu_seqlens: torch.LongTensor | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Window softmax + gated linear attention of one layer, from the two naive references.
+
+    Args:
+        q_win: [B, T, H, D], k_win: [B, T, HKV, D] window queries/keys (e.g. after RoPE).
+        v: [B, T, HKV, V] values shared by both branches.
+        q_lin: [B, T, H, K], k_lin: [B, T, HKV, K] feature-mapped queries/keys.
+        g: [B, T, HKV, K] or [B, T, HKV] log decay (<= 0).
+        window, num_sink_tokens, sink_logits ([H] or [H, M]), scale_win: the window branch
+            (see `naive_window_attention`); scale_lin multiplies the linear branch.
+        mode: "mix" (weights w_win, w_lin: float or [H], default 0.5 each) or "shared"
+            (c: float or [H] >= 0, default 1).
+        key_mask: [B, T] bool, False = padding, invisible to both branches.
+        cu_seqlens: [N + 1] packed sequences (B == 1).
+        initial_state: [N, HKV, K, V] (mix) or [N, HKV, K, V + 1] (shared: S, then z).
+
+    Returns:
+        o: [B, T, H, V] in q_win's dtype; final_state like initial_state (fp32/fp64) or None.
+    """
+    check_hybrid_inputs(q_win, k_win, v, q_lin, k_lin, g, mode)
+    H = q_win.shape[2]
+    acc = torch.float64 if q_win.dtype == torch.float64 else torch.float32
+    o_win, lse = naive_window_attention(q_win, k_win, v, window=window, num_sink_tokens=num_sink_tokens,
+                                        sink_logits=sink_logits, scale=scale_win, key_mask=key_mask,
+                                        cu_seqlens=cu_seqlens)
+    k_lin, g = mask_linear_inputs(k_lin, g, key_mask)
+    v_lin = v if mode == "mix" else torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+    o_lin, final_state = naive_gla(q_lin, k_lin, v_lin, g, scale=scale_lin, initial_state=initial_state,
+                                   output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    ref = torch.empty(0, dtype=acc, device=q_win.device)
+    o = combine_hybrid(o_win.to(acc), lse.to(acc), o_lin.to(acc), mode=mode,
+                       w_win=head_weights(w_win, H, 0.5, ref), w_lin=head_weights(w_lin, H, 0.5, ref),
+                       c=head_weights(c, H, 1.0, ref))
+    return o.to(q_win.dtype), final_state
