@@ -64,9 +64,13 @@ def load_documents(data: DataSection):
     import datasets
 
     if data.source is None:
-        from ..assets import training_texts
+        from ..assets import MissingAssetError, training_texts
 
-        return datasets.Dataset.from_dict({"text": training_texts()})
+        try:
+            return datasets.Dataset.from_dict({"text": training_texts()})
+        except MissingAssetError as e:
+            raise DataError(f"data.source is null (the embedded Wikipedia summaries) but {e}; "
+                            "or set data.source") from e
     files = _local_files(data.source)
     try:
         if files is not None:

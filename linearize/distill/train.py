@@ -61,9 +61,12 @@ def resolve_model_path(recipe: Recipe) -> str:
         if p.exists() and not (p / "config.json").is_file():
             raise RecipeError(f"model.path {p} has no config.json: point it at a Hugging Face model folder")
         return str(p) if p.exists() else recipe.model.path
-    from ..assets import default_model_dir
+    from ..assets import MissingAssetError, default_model_dir
 
-    return str(default_model_dir())
+    try:
+        return str(default_model_dir())
+    except MissingAssetError as e:
+        raise DistillError(f"model.path is null (the embedded SmolLM2) but {e}; or set model.path") from e
 
 
 def load_tokenizer(path: str):
@@ -273,7 +276,8 @@ class Run:
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             write_atomic(self.out / "recipe.yaml", recipe.to_yaml())
-        self.model_path = resolve_model_path(recipe)
+        with acc.main_process_first():  # the embedded model is built once, by the main process
+            self.model_path = resolve_model_path(recipe)
         self.tokenizer = load_tokenizer(self.model_path)
         set_seed(recipe.seed)
         model = build_model(recipe, self.model_path)
@@ -288,8 +292,9 @@ class Run:
             raise RecipeError(f"nothing to train: {method} has no new parameters for stage 1 and stage 2 is disabled; "
                               "set stage2.enabled=true")
         plans = [p for p in (StagePlan(1, s1, 0), StagePlan(2, s2, s1 * self.global_batch)) if p.steps]
-        self.rows = build_rows(recipe.data, self.tokenizer, recipe.seq_len, recipe.batch_size,
-                               (s1 + s2) * self.global_batch, recipe.seed)
+        with acc.main_process_first():  # datasets' cache is written once, then read by the others
+            self.rows = build_rows(recipe.data, self.tokenizer, recipe.seq_len, recipe.batch_size,
+                                   (s1 + s2) * self.global_batch, recipe.seed)
         total_rows = (s1 + s2) * self.global_batch
         self.say(f"{self.model_path} -> {method}; {len(self.rows)} rows of {recipe.seq_len} tokens from "
                  f"{self.rows.num_documents} documents ({total_rows / len(self.rows):.2f} passes); global batch "
