@@ -410,6 +410,14 @@ def _gla_dv_kernel(
                      mask=mj[:, None] & mv[None, :])
 
 
+@triton.jit
+def _excl_cumsum(x, BR: tl.constexpr):
+    # exclusive prefix sum over rows, exact in fp32 (no inclusive-minus-own cancellation)
+    o = tl.arange(0, BR)
+    tri = tl.where(o[None, :] < o[:, None], 1., 0.)
+    return tl.dot(tri, x, input_precision="ieee")
+
+
 @tuned(key=["H", "HKV", "K", "V", "BT", "SCALAR_G", "DOT"])
 @triton.jit
 def _gla_dqkg_kernel(
@@ -420,10 +428,11 @@ def _gla_dqkg_kernel(
 ):
     # dq_t = scale * [(do_t S_c^T) * exp(gc_t) + sum_{r <= t} (do_t . v_r) k_r exp(gc_t - gc_r)]
     # dk_r = (v_r dS_end^T) * exp(gL - gc_r) + scale * sum_{t >= r} (do_t . v_r) q_t exp(gc_t - gc_r)
-    # dg   = reverse cumsum in the chunk of (sum_heads q*dq - k*dk) + sum_V(S_end * dS_end)
-    #        (the last term, dgk, is precomputed per state)
-    # The r == t terms of dq and dk cancel exactly in q*dq - k*dk; they are added to the stored
-    # dq, dk only, so that dg does not carry their rounding (it dominates under strong decay).
+    # g_t scales every (query a, key b) pair with a >= t > b, so dg_t is the sum of the pair terms
+    # X_ab = scale (do_a . v_b) q_a k_b exp(G_a - G_b) over exactly those pairs. It is summed by
+    # where a and b lie (this sub-chunk, earlier/later in the chunk, before/after the chunk), so
+    # no pair is added and later subtracted: the usual reverse cumsum of q*dq - k*dk cancels the
+    # pairs with a, b >= t, which dwarf the rest under strong decay.
     i_k, i_c, i_hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     G: tl.constexpr = H // HKV
     i_n = tl.load(chunks + 2 * i_c)
@@ -440,21 +449,24 @@ def _gla_dqkg_kernel(
     p_kv = ok[:, None] * V + ov[None, :]
     b_h = tl.load(h + ((so + c) * HKV + i_hk) * K * V + p_kv, mask=m_kv, other=0.).to(DOT)
     b_dhn = tl.load(dh + ((so + c + 1) * HKV + i_hk) * K * V + p_kv, mask=m_kv, other=0.).to(DOT)
-    b_carry = tl.load(dgk + ((so + c + 1) * HKV + i_hk) * K + ok, mask=mk, other=0.)
+    # pairs with the query after the chunk and the key before it
+    b_outer = tl.load(dgk + ((so + c) * HKV + i_hk) * K + ok, mask=mk, other=0.)
     tq = cs + tl.arange(0, BT)
     mq = tq < eos
+    m_qk = mq[:, None] & mk[None, :]
+    m_qv = mq[:, None] & mv[None, :]
     if SCALAR_G:
-        m_qk = mq[:, None] & mk[None, :]
-        m_qv = mq[:, None] & mv[None, :]
         b_k = tl.load(k + (tq[:, None] * HKV + i_hk) * K + ok[None, :], mask=m_qk, other=0.)
         b_v = tl.load(v + (tq[:, None] * HKV + i_hk) * V + ov[None, :], mask=m_qv, other=0.)
         b_gc = tl.load(gc + tq * HKV + i_hk, mask=mq, other=0.)
         b_gl = tl.load(gc + last * HKV + i_hk)
-        b_dk = _dot(b_v, tl.trans(b_dhn), DOT) * tl.exp(b_gl - b_gc)[:, None]
+        b_dki = _dot(b_v, tl.trans(b_dhn), DOT) * tl.exp(b_gl - b_gc)[:, None]
+        b_dk = b_dki
         b_dkd = tl.zeros([BT, BK], dtype=tl.float32)
         strict = (tq[None, :] < tq[:, None]) & mq[:, None] & mq[None, :]
         b_dec = tl.exp(tl.where(strict, b_gc[:, None] - b_gc[None, :], float("-inf")))
-        b_dgq = tl.zeros([BT], dtype=tl.float32)
+        b_pairs = tl.zeros([BT, BT], dtype=tl.float32)
+        b_qin = tl.zeros([BT], dtype=tl.float32)
         b_vf = b_v.to(tl.float32)
         for i_g in range(0, G):
             i_h = i_hk * G + i_g
@@ -462,18 +474,30 @@ def _gla_dqkg_kernel(
             b_do = tl.load(do + (tq[:, None] * H + i_h) * V + ov[None, :], mask=m_qv, other=0.)
             b_dd = tl.sum(b_do.to(tl.float32) * b_vf, axis=1) * scale
             b_da = _dot(b_do, tl.trans(b_v), DOT) * scale * b_dec
-            b_dq = _dot(b_do, tl.trans(b_h), DOT) * (scale * tl.exp(b_gc))[:, None] + _dot(b_da, b_k, DOT)
+            b_dqi = _dot(b_do, tl.trans(b_h), DOT) * (scale * tl.exp(b_gc))[:, None]
+            b_dq = b_dqi + _dot(b_da, b_k, DOT) + b_dd[:, None] * b_k
             b_dk += _dot(tl.trans(b_da), b_q, DOT)
             b_dkd += b_dd[:, None] * b_q
-            tl.store(dq + (tq[:, None] * H + i_h) * K + ok[None, :], (b_dq + b_dd[:, None] * b_k).to(dq.dtype.element_ty),
-                     mask=m_qk)
-            b_dgq += tl.sum(b_q * b_dq, axis=1)
+            tl.store(dq + (tq[:, None] * H + i_h) * K + ok[None, :], b_dq.to(dq.dtype.element_ty), mask=m_qk)
+            b_qin += tl.sum(b_q * b_dqi, axis=1)
+            b_pairs += b_da * _dot(b_q, tl.trans(b_k), DOT)
         tl.store(dk + (tq[:, None] * HKV + i_hk) * K + ok[None, :], (b_dk + b_dkd).to(dk.dtype.element_ty), mask=m_qk)
-        b_dg = b_dgq - tl.sum(b_k * b_dk, axis=1)
-        b_dg = tl.cumsum(b_dg, axis=0, reverse=True) + tl.sum(b_carry, axis=0)
+        # rows a >= t of column b < t, pairs inside the chunk
+        b_rect = tl.sum(tl.where(tq[None, :] < tq[:, None], tl.cumsum(b_pairs, axis=0, reverse=True), 0.), axis=1)
+        b_kin = tl.sum(b_k * b_dki, axis=1)
+        b_kin = tl.sum(tl.where(tq[None, :] < tq[:, None], b_kin[None, :], 0.), axis=1)
+        b_dg = b_rect + tl.cumsum(b_qin, axis=0, reverse=True) + b_kin + tl.exp(b_gl) * tl.sum(b_outer, axis=0)
         tl.store(dg + (i_k * NTOT + tq) * HKV + i_hk, b_dg, mask=mq)
     else:
         b_gl = tl.load(gc + (last * HKV + i_hk) * K + ok, mask=mk, other=0.)
+        b_outer = b_outer * tl.exp(b_gl)
+        # per key row of the chunk: k*dk from the queries after the chunk
+        b_kc = tl.load(k + (tq[:, None] * HKV + i_hk) * K + ok[None, :], mask=m_qk, other=0.)
+        b_vc = tl.load(v + (tq[:, None] * HKV + i_hk) * V + ov[None, :], mask=m_qv, other=0.)
+        b_gcc = tl.load(gc + (tq[:, None] * HKV + i_hk) * K + ok[None, :], mask=m_qk, other=0.)
+        b_kout = b_kc * _dot(b_vc, tl.trans(b_dhn), DOT) * tl.exp(b_gl[None, :] - b_gcc)
+        # q*dq from the keys before the chunk, summed over the sub-chunks after the current one
+        b_qlater = tl.zeros([BK], dtype=tl.float32)
         NC = tl.cdiv(last + 1 - cs, BC)
         for jj in range(0, NC):
             j = NC - 1 - jj
@@ -501,42 +525,50 @@ def _gla_dqkg_kernel(
             m_ak = ma[:, None] & mk[None, :]
             b_ga = tl.load(gc + (tq[:, None] * HKV + i_hk) * K + ok[None, :], mask=m_ak, other=0.)
             b_dga = tl.exp(tl.where(ma[:, None], b_ga - b_gm[None, :], float("-inf")))
-            b_dk = _dot(b_vj, tl.trans(b_dhn), DOT) * tl.exp(b_gl[None, :] - b_gj)
-            b_dki = tl.zeros([BC, BK], dtype=tl.float32)
+            b_dgn = tl.exp(tl.where(ma[:, None], b_ga - b_gn[None, :], float("-inf")))
+            b_dki = _dot(b_vj, tl.trans(b_dhn), DOT) * tl.exp(b_gl[None, :] - b_gj)
+            b_dko = tl.zeros([BC, BK], dtype=tl.float32)
             b_dkd = tl.zeros([BC, BK], dtype=tl.float32)
+            b_dkdd = tl.zeros([BC, BK], dtype=tl.float32)
+            b_qbefore = tl.zeros([BC, BK], dtype=tl.float32)
+            b_qinj = tl.zeros([BK], dtype=tl.float32)
+            b_diag = tl.zeros([BC, BK], dtype=tl.float32)
+            b_span = tl.zeros([BK], dtype=tl.float32)
             b_vjf = b_vj.to(tl.float32)
-            b_dgq = tl.zeros([BC, BK], dtype=tl.float32)
             for i_g in range(0, G):
                 i_h = i_hk * G + i_g
                 b_qj = tl.load(q + (rj[:, None] * H + i_h) * K + ok[None, :], mask=m_jk, other=0.).to(tl.float32)
                 b_doj = tl.load(do + (rj[:, None] * H + i_h) * V + ov[None, :], mask=mj[:, None] & mv[None, :],
                                 other=0.)
-                b_dq = _dot(b_doj, tl.trans(b_h), DOT) * tl.exp(b_gj)
-                b_dab = _dot(b_doj, tl.trans(b_vb), DOT)
-                b_dq += _dot(b_dab, b_kgb, DOT) * b_dqg
-                b_doj = b_doj.to(tl.float32)
-                b_dd = tl.sum(b_doj * b_vjf, axis=1)
+                b_dqi = _dot(b_doj, tl.trans(b_h), DOT) * tl.exp(b_gj)
+                b_dqo = _dot(_dot(b_doj, tl.trans(b_vb), DOT), b_kgb, DOT) * b_dqg
+                b_dojf = b_doj.to(tl.float32)
+                b_dd = tl.sum(b_dojf * b_vjf, axis=1)
+                b_dqd = tl.zeros([BC, BK], dtype=tl.float32)
                 for rr in range(0, BC):
                     r = r0 + rr
                     mr = r < eos
                     b_kr = tl.load(k + (r * HKV + i_hk) * K + ok, mask=ok < tl.where(mr, K, 0), other=0.).to(tl.float32)
                     b_gr = tl.load(gc + (r * HKV + i_hk) * K + ok, mask=ok < tl.where(mr, K, 0), other=0.)
                     b_vr = tl.load(v + (r * HKV + i_hk) * V + ov, mask=ov < tl.where(mr, V, 0), other=0.).to(tl.float32)
-                    b_dar = tl.sum(b_doj * b_vr[None, :], axis=1)
+                    b_dar = tl.sum(b_dojf * b_vr[None, :], axis=1)
                     m = (rj > r) & mj
-                    b_dq += b_dar[:, None] * b_kr[None, :] * tl.exp(
+                    b_col = b_dar[:, None] * b_kr[None, :] * tl.exp(
                         tl.where(m[:, None], b_gj - b_gr[None, :], float("-inf")))
-                b_dq *= scale
-                b_dd *= scale
-                tl.store(dq + (rj[:, None] * H + i_h) * K + ok[None, :],
-                         (b_dq + b_dd[:, None] * b_kj).to(dq.dtype.element_ty), mask=m_jk)
-                b_dgq += b_qj * b_dq
-                b_dkd += b_dd[:, None] * b_qj
+                    b_dqd += b_col
+                    # pairs (a >= t, b = r) of this sub-chunk for every row t > r
+                    b_diag += tl.where((rj > r)[:, None], tl.cumsum(b_qj * b_col, axis=0, reverse=True), 0.)
+                b_dq = (b_dqi + b_dqo + b_dqd + b_dd[:, None] * b_kj) * scale
+                tl.store(dq + (rj[:, None] * H + i_h) * K + ok[None, :], b_dq.to(dq.dtype.element_ty), mask=m_jk)
+                b_qbefore += b_qj * (b_dqi + b_dqo)
+                b_qinj += tl.sum(b_qj * b_dqi, axis=0)
+                b_dkdd += b_dd[:, None] * b_qj
                 b_qa = tl.load(q + (tq[:, None] * H + i_h) * K + ok[None, :], mask=m_ak, other=0.)
                 b_doa = tl.load(do + (tq[:, None] * H + i_h) * V + ov[None, :], mask=ma[:, None] & mv[None, :],
                                 other=0.)
-                b_daa = _dot(b_doa, tl.trans(b_vj), DOT)
-                b_dki += _dot(tl.trans(b_daa), b_qa * b_dga, DOT) * tl.exp(b_gm[None, :] - b_gj)
+                b_dko += _dot(tl.trans(_dot(b_doa, tl.trans(b_vj), DOT)), b_qa * b_dga, DOT) * tl.exp(b_gm[None, :] - b_gj)
+                # pairs with the query after this sub-chunk and the key before it, both in the chunk
+                b_span += tl.sum(b_qa * b_dgn * _dot(_dot(b_doa, tl.trans(b_vb), DOT), b_kgb, DOT), axis=0)
                 for tt in range(0, BC):
                     t = r0 + tt
                     mt = t < eos
@@ -545,15 +577,15 @@ def _gla_dqkg_kernel(
                     b_dot = tl.load(do + (t * H + i_h) * V + ov, mask=ov < tl.where(mt, V, 0), other=0.).to(tl.float32)
                     b_dat = tl.sum(b_vjf * b_dot[None, :], axis=1)
                     m = rj < tl.where(mt, t, -1)
-                    b_dki += b_dat[:, None] * b_qt[None, :] * tl.exp(
+                    b_dkd += b_dat[:, None] * b_qt[None, :] * tl.exp(
                         tl.where(m[:, None], b_gt[None, :] - b_gj, float("-inf")))
-            b_dk += b_dki * scale
-            tl.store(dk + (rj[:, None] * HKV + i_hk) * K + ok[None, :], (b_dk + b_dkd).to(dk.dtype.element_ty),
-                     mask=m_jk)
-            b_dgj = b_dgq - b_kj * b_dk
-            b_dgo = tl.cumsum(b_dgj, axis=0, reverse=True) + b_carry[None, :]
-            b_carry += tl.sum(b_dgj, axis=0)
-            tl.store(dg + (rj[:, None] * HKV + i_hk) * K + ok[None, :], b_dgo, mask=m_jk)
+            b_dk = b_dki + (b_dko + b_dkd) * scale + b_dkdd * scale
+            tl.store(dk + (rj[:, None] * HKV + i_hk) * K + ok[None, :], b_dk.to(dk.dtype.element_ty), mask=m_jk)
+            b_dgj = tl.cumsum(b_qbefore * scale, axis=0, reverse=True) + b_diag * scale
+            b_dgj += _excl_cumsum(b_kj * (b_dki + b_dko * scale), BC)
+            b_dgj += (b_span * scale + b_outer + b_qlater + tl.sum(tl.where(mb[:, None], b_kout, 0.), axis=0))[None, :]
+            b_qlater += b_qinj * scale
+            tl.store(dg + (rj[:, None] * HKV + i_hk) * K + ok[None, :], b_dgj, mask=m_jk)
 
 
 def gla_states(k, v, g, initial_state, info: SeqInfo, *, store_gc=True, output_final_state=False,
@@ -615,7 +647,7 @@ def _gla_backward(q, k, v, g, scale, initial_state, do, dht, info):
         q, do, gc, dh, dht if dht is not None else dh, info.cu, info.state_offsets, scale,
         H=H, HKV=HKV, K=K, V=V, BT=info.chunk, BK=BK, BV=BV, SCALAR_G=scalar, USE_DHT=dht is not None, DOT=DOT,
     )
-    dgk = torch.einsum("nhkv,nhkv->nhk", h, dh).contiguous()
+    dgk = torch.einsum("nhkv,nhkv->nhk", h[:-1], dh[1:]).contiguous()
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
