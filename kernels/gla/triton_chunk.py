@@ -619,11 +619,11 @@ def _flatten(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]).contiguous()
 
 
-def _gla_forward(q, k, v, g, scale, initial_state, output_final_state, info):
+def _gla_forward(q, k, v, g, scale, initial_state, output_final_state, info, out_dtype):
     TT, H, K = q.shape
     HKV, V = k.shape[1], v.shape[-1]
     gc, h, ht, _, _ = gla_states(k, v, g, initial_state, info, output_final_state=output_final_state)
-    o = torch.empty(TT, H, V, dtype=q.dtype, device=q.device)
+    o = torch.empty(TT, H, V, dtype=out_dtype, device=q.device)
     BK, BV = block(K), block(V, MAX_BLOCK)
     grid = (triton.cdiv(V, BV), info.num_chunks, H)
     if info.num_chunks:
@@ -673,8 +673,8 @@ def _gla_backward(q, k, v, g, scale, initial_state, do, dht, info):
 
 class TritonChunkGLA(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, initial_state, scale, output_final_state, info):
-        o, ht = _gla_forward(q, k, v, g, scale, initial_state, output_final_state, info)
+    def forward(ctx, q, k, v, g, initial_state, scale, output_final_state, info, out_dtype):
+        o, ht = _gla_forward(q, k, v, g, scale, initial_state, output_final_state, info, out_dtype)
         ctx.save_for_backward(q, k, v, g, initial_state)
         ctx.scale, ctx.info = scale, info
         return o, ht
@@ -686,7 +686,7 @@ class TritonChunkGLA(torch.autograd.Function):
                                             dht.contiguous() if dht is not None else None, ctx.info)
         if dh0 is not None:
             dh0 = dh0.to(initial_state.dtype)
-        return dq, dk, dv, dg, dh0, None, None, None
+        return dq, dk, dv, dg, dh0, None, None, None, None
 
 
 def _check_triton_gla(q, k, v, g):
@@ -723,10 +723,16 @@ def triton_chunk_gla(
     Returns:
         o: [B, T, H, V] in q's dtype; final_state: [N, HKV, K, V] fp32 or None.
     """
+    return chunk_gla_autograd(q, k, v, g, scale=scale, initial_state=initial_state,
+                              output_final_state=output_final_state, cu_seqlens=cu_seqlens, out_dtype=q.dtype)
+
+
+def chunk_gla_autograd(q, k, v, g, *, scale, initial_state, output_final_state, cu_seqlens, out_dtype):
+    """`triton_chunk_gla` with the output dtype chosen (fp32 keeps a 16-bit run's output unrounded)."""
     check_gla_inputs(q, k, v, g, initial_state, cu_seqlens)
     _check_triton_gla(q, k, v, g)
     B, T, H, K = q.shape
     info = SeqInfo(B, T, cu_seqlens, CHUNK_SIZE, q.device)
     o, ht = TritonChunkGLA.apply(_flatten(q), _flatten(k), _flatten(v), _flatten(g),
-                                 initial_state, float(scale), output_final_state, info)
+                                 initial_state, float(scale), output_final_state, info, out_dtype)
     return o.view(B, T, H, v.shape[-1]), ht

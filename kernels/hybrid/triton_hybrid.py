@@ -10,7 +10,7 @@ memory. The rows of a block are the chunk (per-head gate) or a 16-row sub-chunk
 (per-channel gate).
 
 Backward is not fused: it recomputes both branches with the separate differentiable
-kernels (`triton_window_attention`, `triton_chunk_gla`) and differentiates the combination
+kernels (`triton_window_attention`, `triton_chunk_gla`, with fp32 outputs) and differentiates the combination
 (`combine_hybrid`) with autograd. That costs one extra forward of each branch, and gives
 gradients for every input, the sink logits, the per-head weights (w_win, w_lin or c) and
 initial_state.
@@ -21,10 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..gla.triton_chunk import (CHUNK_SIZE, MAX_HEAD_DIM, SUB_CHUNK_SIZE, SeqInfo, _flatten, block, dot_dtype,
-                                gla_out_rows, gla_states, triton_chunk_gla, tuned)
+from ..gla.triton_chunk import (CHUNK_SIZE, MAX_HEAD_DIM, SUB_CHUNK_SIZE, SeqInfo, _flatten, block,
+                                chunk_gla_autograd, dot_dtype, gla_out_rows, gla_states, tuned)
 from ..utils import check_gla_inputs, check_window_inputs
-from ..window.triton_window import BLOCK_M, LOG2E, WindowLayout, triton_window_attention, window_rows
+from ..window.triton_window import BLOCK_M, LOG2E, WindowLayout, window_autograd, window_rows
 from .naive import check_hybrid_inputs, combine_hybrid, head_weights, mask_linear_inputs
 
 SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
@@ -118,12 +118,14 @@ def _fused_forward(q_win, k_win, v, q_lin, k_lin, g, sl, ww, wl, cc, *, mode, wi
 
 def _composed(q_win, k_win, v, q_lin, k_lin, g, sl, ww, wl, cc, initial_state, *, mode, window, num_sink_tokens,
               scale_win, scale_lin, key_mask, cu_seqlens, output_final_state):
-    o_win, lse = triton_window_attention(q_win, k_win, v, window=window, num_sink_tokens=num_sink_tokens,
-                                         sink_logits=sl, scale=scale_win, key_mask=key_mask, cu_seqlens=cu_seqlens)
+    # both branches keep fp32 outputs, like the fused forward's registers
+    o_win, lse = window_autograd(q_win, k_win, v, window=window, num_sink_tokens=num_sink_tokens, sink_logits=sl,
+                                 scale=scale_win, key_mask=key_mask, cu_seqlens=cu_seqlens, out_dtype=torch.float32)
     v_lin = v if mode == "mix" else torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
-    o_lin, ht = triton_chunk_gla(q_lin, k_lin, v_lin, g, scale=scale_lin, initial_state=initial_state,
-                                 output_final_state=output_final_state, cu_seqlens=cu_seqlens)
-    o = combine_hybrid(o_win.float(), lse, o_lin.float(), mode=mode, w_win=ww, w_lin=wl, c=cc)
+    o_lin, ht = chunk_gla_autograd(q_lin, k_lin, v_lin, g, scale=scale_lin, initial_state=initial_state,
+                                   output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                                   out_dtype=torch.float32)
+    o = combine_hybrid(o_win, lse, o_lin, mode=mode, w_win=ww, w_lin=wl, c=cc)
     return o.to(q_win.dtype), ht
 
 

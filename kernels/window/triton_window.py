@@ -301,11 +301,11 @@ class WindowLayout:
                 self.sink_pos = pos[:, :NS].to(torch.int32).contiguous()
 
 
-def _window_forward(q, k, v, sl, scale, lay: WindowLayout):
+def _window_forward(q, k, v, sl, scale, lay: WindowLayout, out_dtype):
     TT, H, D = q.shape
     HKV, DV = k.shape[1], v.shape[-1]
     info = lay.info
-    o = torch.empty(TT, H, DV, dtype=q.dtype, device=q.device)
+    o = torch.empty(TT, H, DV, dtype=out_dtype, device=q.device)
     lse = torch.empty(TT, H, dtype=torch.float32, device=q.device)
     M = sl.shape[-1] if sl is not None else 0
     if info.num_chunks:
@@ -368,8 +368,8 @@ def _window_backward(q, k, v, o, lse, sl, do, dlse, scale, lay: WindowLayout):
 
 class TritonWindowAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, sl, scale, lay):
-        o, lse = _window_forward(q, k, v, sl, scale, lay)
+    def forward(ctx, q, k, v, sl, scale, lay, out_dtype):
+        o, lse = _window_forward(q, k, v, sl, scale, lay, out_dtype)
         ctx.save_for_backward(q, k, v, o, lse, sl)
         ctx.scale, ctx.lay = scale, lay
         return o, lse
@@ -380,7 +380,7 @@ class TritonWindowAttention(torch.autograd.Function):
         dq, dk, dv, dsl = _window_backward(q, k, v, o, lse, sl, do.contiguous(), dlse, ctx.scale, ctx.lay)
         if dsl is not None:
             dsl = dsl.to(sl.dtype)
-        return dq, dk, dv, dsl, None, None
+        return dq, dk, dv, dsl, None, None, None
 
 
 def triton_window_attention(
@@ -411,6 +411,12 @@ def triton_window_attention(
         lse: [B, T, H] fp32 log of the full softmax denominator (-inf when empty). Gradients
         flow through both outputs.
     """
+    return window_autograd(q, k, v, window=window, num_sink_tokens=num_sink_tokens, sink_logits=sink_logits,
+                           scale=scale, key_mask=key_mask, cu_seqlens=cu_seqlens, out_dtype=q.dtype)
+
+
+def window_autograd(q, k, v, *, window, num_sink_tokens, sink_logits, scale, key_mask, cu_seqlens, out_dtype):
+    """`triton_window_attention` with the output dtype chosen (fp32 keeps a 16-bit run's o unrounded)."""
     check_window_inputs(q, k, v, window, num_sink_tokens, sink_logits, key_mask, cu_seqlens)
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or x.dtype != q.dtype:
@@ -422,5 +428,5 @@ def triton_window_attention(
     lay = WindowLayout(q, window, num_sink_tokens, key_mask, cu_seqlens, BLOCK_M)
     sl = sink_logits.reshape(H, -1).contiguous() if sink_logits is not None else None
     flat = lambda x: x.reshape(B * T, *x.shape[2:]).contiguous()
-    o, lse = TritonWindowAttention.apply(flat(q), flat(k), flat(v), sl, scale, lay)
+    o, lse = TritonWindowAttention.apply(flat(q), flat(k), flat(v), sl, scale, lay, out_dtype)
     return o.view(B, T, H, v.shape[-1]), lse.view(B, T, H)
