@@ -1,0 +1,224 @@
+"""CPU kernel benchmark: the chunked PyTorch kernels against the loop/dense references.
+
+For each length T: `chunk_gla` vs `naive_gla` (per-channel and per-head gates) and
+`chunk_window_attention` vs `naive_window_attention` (sliding window with sink tokens), at
+B = 1, H query heads over HKV key/value heads, head size D, fp32. Forward times are the
+median of `repeats` runs under `torch.no_grad()` after a warm-up; the chunked kernels are
+also timed forward + backward. A reference too slow (or, for the dense window reference,
+too large) to run at T is timed on the first `naive_max` tokens and scaled: linearly for the
+recurrent loop, quadratically for the dense T x T attention; such rows are marked estimated.
+
+    python -m linearize.eval.bench.kernels_cpu [--lengths 1024 4096 16384] [--out DIR]
+
+writes kernels_cpu.json, kernels_cpu.md and kernels_cpu.png into DIR.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from linearize.kernels.gla.chunk import chunk_gla
+from linearize.kernels.gla.naive import naive_gla
+from linearize.kernels.window.chunk import chunk_window_attention
+from linearize.kernels.window.naive import naive_window_attention
+
+from .common import (fmt, log2_axis, log_y, machine_info, markdown_table, median, new_figure, save_figure, target,
+                     target_lines, timed, write_report)
+
+DEFAULT_LENGTHS = (1024, 4096, 16384)
+DEFAULT_OUT = Path("outputs/bench/kernels_cpu")
+TARGET_LENGTH, TARGET_SPEEDUP = 4096, 20.0
+OPS = ("gla", "gla_scalar", "window")
+LABELS = {"gla": "GLA, per-channel gates", "gla_scalar": "GLA, per-head gates", "window": "sliding window + sinks"}
+
+
+def _inputs(op: str, T: int, heads: int, kv_heads: int, dim: int, seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, T, heads, dim, generator=gen)
+    k = torch.randn(1, T, kv_heads, dim, generator=gen) / dim**0.5
+    v = torch.randn(1, T, kv_heads, dim, generator=gen)
+    if op == "window":
+        return [q, k, v]
+    shape = (1, T, kv_heads) if op == "gla_scalar" else (1, T, kv_heads, dim)
+    g = torch.nn.functional.logsigmoid(torch.randn(shape, generator=gen) + 3) / 4
+    return [q, k, v, g]
+
+
+def _call(op: str, impl: str, xs: list[torch.Tensor], window: int, sink_tokens: int):
+    if op == "window":
+        fn = chunk_window_attention if impl == "chunk" else naive_window_attention
+        return fn(*xs, window=window, num_sink_tokens=sink_tokens)
+    fn = chunk_gla if impl == "chunk" else naive_gla
+    return fn(*xs, scale=xs[0].shape[-1] ** -0.5)
+
+
+def _time(fn, repeats: int) -> list[float]:
+    fn()
+    return [timed(fn)[0] for _ in range(repeats)]
+
+
+def _forward_backward(op, impl, xs, window, sink_tokens):
+    leaves = [x.detach().requires_grad_() for x in xs]
+    out = _call(op, impl, leaves, window, sink_tokens)
+    out[0].sum().backward()
+
+
+def bench_kernels(lengths=DEFAULT_LENGTHS, repeats: int = 5, *, heads: int = 9, kv_heads: int = 3, dim: int = 64,
+                  window: int = 256, sink_tokens: int = 4, naive_max: int = 4096, naive_backward_max: int = 1024,
+                  backward: bool = True, show_progress: bool = False) -> list[dict]:
+    """Time every op at every length; one row per (op, T).
+
+    Row keys: op, label, T, heads, kv_heads, dim, window (window op only), chunk_ms (forward
+    median), naive_ms (measured or estimated forward median), naive_estimated, naive_basis
+    (how naive_ms was obtained), speedup (naive_ms / chunk_ms), chunk_fwd_bwd_ms (None
+    without backward), naive_fwd_bwd_ms and fwd_bwd_speedup (measured only up to
+    T = naive_backward_max, else None), and the raw seconds of every repeat.
+    """
+    rows = []
+    naive_repeats = max(1, min(repeats, 3))
+    for T in sorted(int(t) for t in lengths):
+        for op in OPS:
+            xs = _inputs(op, T, heads, kv_heads, dim, seed=T)
+            with torch.no_grad():
+                chunk_s = _time(lambda: _call(op, "chunk", xs, window, sink_tokens), repeats)
+                prefix = min(T, naive_max)
+                px = [x[:, :prefix] for x in xs]
+                _call(op, "naive", [x[:, : min(prefix, 64)] for x in xs], window, sink_tokens)
+                naive_s = [timed(lambda: _call(op, "naive", px, window, sink_tokens))[0] for _ in range(naive_repeats)]
+            factor = (T / prefix) ** (2 if op == "window" else 1)
+            if prefix == T:
+                basis = "measured"
+            else:
+                basis = f"first {prefix} tokens x {T / prefix:g}" + ("^2 (dense T x T)" if op == "window" else " (linear)")
+            fb_s = naive_fb_s = None
+            if backward:
+                fb_s = _time(lambda: _forward_backward(op, "chunk", xs, window, sink_tokens), max(1, repeats // 2))
+                if T <= naive_backward_max:
+                    naive_fb_s = [timed(lambda: _forward_backward(op, "naive", xs, window, sink_tokens))[0]
+                                  for _ in range(naive_repeats)]
+            naive_ms = median(naive_s) * factor * 1e3
+            chunk_ms = median(chunk_s) * 1e3
+            row = {"op": op, "label": LABELS[op], "T": T, "heads": heads, "kv_heads": kv_heads, "dim": dim,
+                   "chunk_ms": chunk_ms, "naive_ms": naive_ms, "naive_estimated": prefix != T, "naive_basis": basis,
+                   "speedup": naive_ms / chunk_ms,
+                   "chunk_fwd_bwd_ms": None if fb_s is None else median(fb_s) * 1e3,
+                   "naive_fwd_bwd_ms": None if naive_fb_s is None else median(naive_fb_s) * 1e3,
+                   "fwd_bwd_speedup": None if naive_fb_s is None else median(naive_fb_s) / median(fb_s),
+                   "chunk_seconds": chunk_s, "naive_seconds": naive_s, "chunk_fwd_bwd_seconds": fb_s,
+                   "naive_fwd_bwd_seconds": naive_fb_s}
+            if op == "window":
+                row.update(window=window, sink_tokens=sink_tokens)
+            rows.append(row)
+            if show_progress:
+                print(f"  {op:10s} T={T:6d}  chunk {chunk_ms:9.1f} ms  naive {naive_ms:10.1f} ms"
+                      f"{' (est.)' if prefix != T else ''}  x{naive_ms / chunk_ms:.1f}", file=sys.stderr, flush=True)
+    return rows
+
+
+def kernels_table(rows: list[dict]) -> str:
+    header = ["op", "T", "naive fwd ms", "chunk fwd ms", "fwd speedup", "naive fwd+bwd ms", "chunk fwd+bwd ms",
+              "fwd+bwd speedup"]
+    body = []
+    for r in rows:
+        naive = fmt(r["naive_ms"]) + (" (est.)" if r["naive_estimated"] else "")
+        fb = "—" if r["fwd_bwd_speedup"] is None else f"{r['fwd_bwd_speedup']:.1f}x"
+        body.append([r["label"], str(r["T"]), naive, fmt(r["chunk_ms"]), f"{r['speedup']:.1f}x",
+                     fmt(r["naive_fwd_bwd_ms"]), fmt(r["chunk_fwd_bwd_ms"]), fb])
+    return markdown_table(header, body, align="lrrrrrrr")
+
+
+def kernels_targets(rows: list[dict]) -> list[dict]:
+    """The speedup target: per-channel chunk_gla forward vs the naive loop at T = TARGET_LENGTH."""
+    at = [r for r in rows if r["op"] == "gla" and r["T"] == TARGET_LENGTH]
+    return [target(f"chunk_gla forward >= {TARGET_SPEEDUP:g}x the naive loop", at[0]["speedup"] if at else None,
+                   TARGET_SPEEDUP, f"T={TARGET_LENGTH}")]
+
+
+def plot_kernels(rows: list[dict], path: Path) -> Path:
+    fig, (ax_t, ax_s) = new_figure(2)
+    lengths = sorted({r["T"] for r in rows})
+    colors = {"gla": "tab:blue", "gla_scalar": "tab:green", "window": "tab:orange"}
+    for op in OPS:
+        rs = sorted((r for r in rows if r["op"] == op), key=lambda r: r["T"])
+        if not rs:
+            continue
+        xs = [r["T"] for r in rs]
+        ax_t.plot(xs, [r["chunk_ms"] for r in rs], marker="s", color=colors[op], label=f"{LABELS[op]}: chunk")
+        ax_t.plot(xs, [r["naive_ms"] for r in rs], marker="o", linestyle="--", color=colors[op],
+                  label=f"{LABELS[op]}: naive")
+        est = [r for r in rs if r["naive_estimated"]]
+        if est:
+            ax_t.scatter([r["T"] for r in est], [r["naive_ms"] for r in est], facecolors="none", edgecolors="k", s=80,
+                         zorder=3)
+        ax_s.plot(xs, [r["speedup"] for r in rs], marker="s", color=colors[op], label=LABELS[op])
+    for ax in (ax_t, ax_s):
+        log2_axis(ax, lengths)
+        log_y(ax)
+        ax.set_xlabel("sequence length T")
+    ax_t.set_ylabel("forward ms (median; circled = estimated)")
+    ax_t.set_title("CPU kernels, fp32")
+    ax_t.legend(fontsize=7)
+    ax_s.axhline(TARGET_SPEEDUP, color="gray", linestyle=":", label=f"target {TARGET_SPEEDUP:g}x (GLA at {TARGET_LENGTH})")
+    ax_s.set_ylabel("naive / chunk (forward)")
+    ax_s.set_title("speedup of the chunked kernels")
+    ax_s.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def run(lengths=DEFAULT_LENGTHS, out_dir: str | Path = DEFAULT_OUT, repeats: int = 5, **kwargs) -> list[dict]:
+    """Benchmark, then write kernels_cpu.json / .md / .png into out_dir; returns the rows
+    (see `bench_kernels`, which takes the keyword arguments)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = bench_kernels(lengths, repeats, **kwargs)
+    plot_kernels(rows, out / "kernels_cpu.png")
+    targets = kernels_targets(rows)
+    settings = {"lengths": sorted({r["T"] for r in rows}), "repeats": repeats, "dtype": "float32", "batch": 1}
+    settings.update({k: v for k, v in rows[0].items() if k in ("heads", "kv_heads", "dim")} if rows else {})
+    settings.update({k: v for k, v in kwargs.items() if k != "show_progress"})
+    notes = ["Forward times are medians after a warm-up, under torch.no_grad(); fwd+bwd is the chunked kernel "
+             "with autograd (sum of the output as the loss); the references' fwd+bwd runs only up to "
+             "naive_backward_max tokens (the loop reference's autograd graph grows with T^2).",
+             "naive (est.): the reference was timed on a prefix and scaled, linearly for the recurrent GLA loop, "
+             "quadratically for the dense window reference (its T x T scores do not fit in memory at long T)."]
+    report = {"benchmark": "kernels_cpu", "machine": machine_info("cpu"), "settings": settings, "rows": rows,
+              "targets": targets, "notes": notes}
+    write_report(out, "kernels_cpu", report, kernels_table(rows), "CPU kernels: chunked vs reference")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m linearize.eval.bench.kernels_cpu", description=__doc__.split("\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS))
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--heads", type=int, default=9)
+    parser.add_argument("--kv-heads", type=int, default=3)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--sink-tokens", type=int, default=4)
+    parser.add_argument("--naive-max", type=int, default=4096,
+                        help="longest T at which the references run in full; longer ones are estimated")
+    parser.add_argument("--naive-backward-max", type=int, default=1024,
+                        help="longest T at which the references are also timed forward+backward")
+    parser.add_argument("--no-backward", action="store_true", help="skip the forward+backward timings")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or min(args.lengths) < 1:
+        parser.error("--repeats and --lengths must be positive")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = run(args.lengths, args.out, args.repeats, heads=args.heads, kv_heads=args.kv_heads, dim=args.dim,
+               window=args.window, sink_tokens=args.sink_tokens, naive_max=args.naive_max,
+               naive_backward_max=args.naive_backward_max, backward=not args.no_backward, show_progress=True)
+    print(kernels_table(rows))
+    print("\n".join(target_lines(kernels_targets(rows))))
+    print(f"wrote {args.out / 'kernels_cpu.json'}, {args.out / 'kernels_cpu.md'}, {args.out / 'kernels_cpu.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""Blocked sliding-window softmax attention in PyTorch (the CPU path).
+
+Queries are cut into blocks of `block_size`. A query block only meets the keys of its own
+block and of the `ceil((window - 1) / block_size)` blocks before it (a band), plus the
+sink tokens that fell out of the band, so the cost is O(T * (window + block)) instead of
+O(T^2). Blocks are processed in groups through one autograd Function that keeps only the
+output and the log-sum-exp for backward and recomputes the scores group by group (memory
+O(T * H * D)). Grouped-query heads share their key/value head in every matrix product;
+k and v are never repeated.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..utils import check_window_inputs, sequence_spans
+
+_GROUP_BUDGET = 1 << 22  # score elements per group of query blocks
+
+
+def chunk_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    window: int | None,
+    num_sink_tokens: int = 0,
+    sink_logits: torch.Tensor | None = None,
+    scale: float | None = None,
+    key_mask: torch.Tensor | None = None,
+    cu_seqlens: torch.LongTensor | None = None,
+    block_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sliding-window softmax attention with sink tokens and sink logits, blocked.
+
+    Query t attends key s when s is valid, s <= t, and either t - s < window or s is one of
+    the first `num_sink_tokens` valid keys of its sequence.
+
+    Args:
+        q: [B, T, H, D]; k: [B, T, HKV, D]; v: [B, T, HKV, Dv]; H % HKV == 0.
+        window: keys within the last `window` positions (query included); None = full causal.
+        num_sink_tokens: the first valid keys of each sequence stay visible to every query.
+        sink_logits: [H] or [H, M] logits added to each row's softmax denominator only.
+        scale: score scale, default D ** -0.5.
+        key_mask: [B, T] bool, False marks padding (never attended, not a sink).
+        cu_seqlens: [N + 1] packed sequence bounds (B == 1); attention never crosses them.
+        block_size: query rows per block.
+
+    Returns:
+        o: [B, T, H, Dv] in q's dtype (zeros for a query that sees nothing);
+        lse: [B, T, H] fp32 (fp64 for fp64 inputs) log of the full softmax denominator,
+        -inf when empty. Both are differentiable w.r.t. q, k, v and sink_logits.
+    """
+    check_window_inputs(q, k, v, window, num_sink_tokens, sink_logits, key_mask, cu_seqlens)
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    B, T, H, D = q.shape
+    HKV, Dv = k.shape[2], v.shape[-1]
+    G = H // HKV
+    scale = D ** -0.5 if scale is None else scale
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dev = q.device
+
+    spans = sequence_spans(B, T, cu_seqlens)
+    horizon = T if cu_seqlens is None else max([e - s for _, s, e in spans] + [1])
+    full = window is None or window >= horizon
+    W = max(horizon, 1) if full else window  # exact: same-sequence keys are never further back
+    M = 0 if full else min(num_sink_tokens, T)
+    Bq = block_size
+    NB = max(1, math.ceil(T / Bq))
+    Tq = NB * Bq
+    nb = min(math.ceil((W - 1) / Bq), NB - 1)
+    P = nb * Bq
+
+    # Key validity and sequence ids on the padded key axis [P + Tq]; query sequence ids on [Tq].
+    valid = torch.zeros(B, P + Tq, dtype=torch.bool, device=dev)
+    valid[:, P : P + T] = True if key_mask is None else key_mask.bool()
+    seq_k = seq_q = None
+    if cu_seqlens is not None:
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        ids = torch.repeat_interleave(torch.arange(len(spans), device=dev), lengths.to(dev))
+        seq_k = torch.full((P + Tq,), -1, dtype=torch.long, device=dev)
+        seq_k[P : P + T] = ids
+        seq_q = torch.full((Tq,), -2, dtype=torch.long, device=dev)
+        seq_q[:T] = ids
+
+    qa = F.pad(q.to(acc) * scale, (0, 0, 0, 0, 0, Tq - T)).reshape(B, NB, Bq, HKV, G, D)
+    qa = qa.permute(0, 3, 1, 2, 4, 5).contiguous()  # [B, HKV, NB, Bq, G, D]
+    kt = k.to(acc).transpose(1, 2)  # [B, HKV, T, D]
+    vt = v.to(acc).transpose(1, 2)
+    kp = F.pad(kt, (0, 0, P, Tq - T)).contiguous()
+    vp = F.pad(vt, (0, 0, P, Tq - T)).contiguous()
+
+    # Sink keys outside the band: shared per row [B, HKV, M, D], or per query for packed sequences.
+    kx = vx = sidx = svalid = None
+    if M > 0:
+        if cu_seqlens is None:
+            if key_mask is None:
+                sidx = torch.arange(M, device=dev).expand(B, M)
+                svalid = torch.ones(B, M, dtype=torch.bool, device=dev)
+            else:
+                km = key_mask.bool()
+                rank = km.long().cumsum(-1) - 1
+                sel = km & (rank < M)
+                bi, ti = sel.nonzero(as_tuple=True)
+                sidx = torch.zeros(B, M, dtype=torch.long, device=dev)
+                svalid = torch.zeros(B, M, dtype=torch.bool, device=dev)
+                sidx[bi, rank[bi, ti]] = ti
+                svalid[bi, rank[bi, ti]] = True
+            rows = torch.arange(B, device=dev)[:, None]
+            kx = kt.permute(0, 2, 1, 3)[rows, sidx].permute(0, 2, 1, 3)  # [B, HKV, M, D]
+            vx = vt.permute(0, 2, 1, 3)[rows, sidx].permute(0, 2, 1, 3)
+        else:
+            starts = torch.repeat_interleave(cu_seqlens[:-1].to(dev), lengths.to(dev))  # [T]
+            lens = torch.repeat_interleave(lengths.to(dev), lengths.to(dev))
+            m = torch.arange(M, device=dev)
+            svalid = F.pad(m < lens[:, None], (0, 0, 0, Tq - T))  # [Tq, M]
+            sidx = F.pad((starts[:, None] + m).clamp(max=T - 1), (0, 0, 0, Tq - T))
+            kx = kt[:, :, sidx].reshape(B, HKV, NB, Bq, M, D)
+            vx = vt[:, :, sidx].reshape(B, HKV, NB, Bq, M, Dv)
+
+    sinks = None if sink_logits is None else sink_logits.to(acc).reshape(HKV, G, -1)
+    plan = _Plan(B, H, NB, Bq, W, nb, P, valid, seq_k, seq_q, sidx, svalid, cu_seqlens is not None)
+    o, lse = _BandAttention.apply(qa, kp, vp, kx, vx, sinks, plan)
+    o = o.permute(0, 2, 3, 1, 4, 5).reshape(B, Tq, H, Dv)[:, :T]
+    lse = lse.permute(0, 2, 3, 1, 4).reshape(B, Tq, H)[:, :T]
+    return o.to(q.dtype), lse
+
+
+class _Plan:
+    """Static description of the band: query-block groups and their masks."""
+
+    def __init__(self, B, H, NB, Bq, W, nb, P, valid, seq_k, seq_q, sidx, svalid, per_row):
+        self.Bq, self.W, self.nb, self.P = Bq, W, nb, P
+        self.valid, self.seq_k, self.seq_q = valid, seq_k, seq_q
+        self.sidx, self.svalid, self.per_row = sidx, svalid, per_row
+        self.groups = []
+        i0 = 0
+        while i0 < NB:
+            n = max(1, _GROUP_BUDGET // (B * H * Bq * (nb + 1) * Bq))
+            i1 = min(NB, i0 + n)
+            self.groups.append((i0, i1, min(nb, i1 - 1)))
+            i0 = i1
+
+    def band(self, i0, i1, nbg):
+        """Padded key indices [n, L] and the mask [B or 1, n, Bq, L] of query blocks i0..i1."""
+        Bq, dev = self.Bq, self.valid.device
+        L = (nbg + 1) * Bq
+        blocks = torch.arange(i0, i1, device=dev)
+        idx = ((blocks - nbg) * Bq + self.P)[:, None] + torch.arange(L, device=dev)  # [n, L]
+        s = (idx - self.P)[:, None, :]
+        t = (blocks * Bq)[:, None] + torch.arange(Bq, device=dev)  # [n, Bq]
+        d = t[:, :, None] - s
+        mask = ((d >= 0) & (d < self.W)).unsqueeze(0) & self.valid[:, idx].unsqueeze(2)
+        if self.seq_k is not None:
+            mask = mask & (self.seq_k[idx][:, None, :] == self.seq_q[t][:, :, None])
+        return idx, mask
+
+    def extra(self, i0, i1):
+        """Mask [B, n, Bq, M] of the sink keys that lie outside the window."""
+        Bq, dev = self.Bq, self.valid.device
+        t = torch.arange(i0 * Bq, i1 * Bq, device=dev)
+        if self.per_row:
+            d = t[:, None] - self.sidx[t]
+            ok = self.svalid[t] & (d >= self.W)
+            return ok.view(1, i1 - i0, Bq, -1)
+        d = t[None, :, None] - self.sidx[:, None, :]  # [B, n * Bq, M]
+        ok = self.svalid[:, None, :] & (d >= self.W)
+        return ok.view(ok.shape[0], i1 - i0, Bq, -1)
+
+
+def _group_scores(plan, i0, i1, nbg, qa, kp, kx):
+    """Masked scores of a group: band [B, HKV, n, Bq, G, L], sinks outside it
+    [B, HKV, n, Bq, G, M] (or None), and the band's padded key indices [n, L]."""
+    B, HKV, _, Bq, G, D = qa.shape
+    n = i1 - i0
+    idx, mask = plan.band(i0, i1, nbg)
+    L = idx.shape[1]
+    qg = qa[:, :, i0:i1].reshape(B, HKV, n, Bq * G, D)
+    kb = kp.index_select(2, idx.flatten()).view(B, HKV, n, L, D)
+    s = torch.matmul(qg, kb.transpose(-1, -2)).view(B, HKV, n, Bq, G, L)
+    s.masked_fill_(~mask[:, None, :, :, None, :], float("-inf"))
+    sx = None
+    if kx is not None:
+        if plan.per_row:
+            sx = torch.matmul(qa[:, :, i0:i1], kx[:, :, i0:i1].transpose(-1, -2))  # [B, HKV, n, Bq, G, M]
+        else:
+            sx = torch.matmul(qg, kx.unsqueeze(2).transpose(-1, -2)).view(B, HKV, n, Bq, G, -1)
+        sx.masked_fill_(~plan.extra(i0, i1)[:, None, :, :, None, :], float("-inf"))
+    return s, sx, idx, kb
+
+
+class _BandAttention(torch.autograd.Function):
+    """Softmax attention over a key band, out-of-band sink keys and sink logits.
+
+    qa: [B, HKV, NB, Bq, G, D] (pre-scaled); kp, vp: [B, HKV, P + NB * Bq, D or Dv];
+    kx, vx: [B, HKV, M, D] or [B, HKV, NB, Bq, M, D] or None; sinks: [HKV, G, M'] or None.
+    Returns o [B, HKV, NB, Bq, G, Dv] and lse [B, HKV, NB, Bq, G].
+    """
+
+    @staticmethod
+    def forward(ctx, qa, kp, vp, kx, vx, sinks, plan):
+        B, HKV, NB, Bq, G, D = qa.shape
+        Dv = vp.shape[-1]
+        o = qa.new_empty(B, HKV, NB, Bq, G, Dv)
+        lse = qa.new_empty(B, HKV, NB, Bq, G)
+        for i0, i1, nbg in plan.groups:
+            n = i1 - i0
+            s, sx, idx, _ = _group_scores(plan, i0, i1, nbg, qa, kp, kx)
+            m = s.amax(-1)
+            if sx is not None:
+                m = torch.maximum(m, sx.amax(-1))
+            if sinks is not None:
+                m = torch.maximum(m, sinks.amax(-1)[:, None, None, :])
+            m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+            p = s.sub_(m.unsqueeze(-1)).exp_()
+            denom = p.sum(-1)
+            vb = vp.index_select(2, idx.flatten()).view(B, HKV, n, -1, Dv)
+            og = torch.matmul(p.view(B, HKV, n, Bq * G, -1), vb).view(B, HKV, n, Bq, G, Dv)
+            if sx is not None:
+                px = sx.sub_(m.unsqueeze(-1)).exp_()
+                denom = denom + px.sum(-1)
+                og = og + _extra_values(plan, px, vx, i0, i1)
+            if sinks is not None:
+                denom = denom + (sinks[:, None, None] - m.unsqueeze(-1)).exp().sum(-1)
+            lse[:, :, i0:i1] = m + denom.log()
+            o[:, :, i0:i1] = og / torch.where(denom > 0, denom, torch.ones_like(denom)).unsqueeze(-1)
+        ctx.plan = plan
+        ctx.save_for_backward(qa, kp, vp, kx, vx, sinks, o, lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        qa, kp, vp, kx, vx, sinks, o, lse = ctx.saved_tensors
+        plan = ctx.plan
+        B, HKV, NB, Bq, G, D = qa.shape
+        Dv = vp.shape[-1]
+        dqa = torch.zeros_like(qa)
+        dkp = torch.zeros_like(kp)
+        dvp = torch.zeros_like(vp)
+        dkx = None if kx is None else torch.zeros_like(kx)
+        dvx = None if vx is None else torch.zeros_like(vx)
+        dsinks = None if sinks is None else torch.zeros_like(sinks)
+        lse_safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+        for i0, i1, nbg in plan.groups:
+            n = i1 - i0
+            s, sx, idx, kb = _group_scores(plan, i0, i1, nbg, qa, kp, kx)
+            L = idx.shape[1]
+            ls = lse_safe[:, :, i0:i1].unsqueeze(-1)
+            p = s.sub_(ls).exp_().view(B, HKV, n, Bq * G, L)
+            dog = do[:, :, i0:i1]
+            # d lse / d score = p, so ds = p * (dp - delta + dlse) with delta = do . o
+            shift = ((dog * o[:, :, i0:i1]).sum(-1) - dlse[:, :, i0:i1]).unsqueeze(-1)  # [B, HKV, n, Bq, G, 1]
+            dog = dog.reshape(B, HKV, n, Bq * G, Dv)
+            vb = vp.index_select(2, idx.flatten()).view(B, HKV, n, L, Dv)
+            ds = torch.matmul(dog, vb.transpose(-1, -2)).view(B, HKV, n, Bq, G, L).sub_(shift).mul_(p.view(B, HKV, n, Bq, G, L))
+            ds = ds.view(B, HKV, n, Bq * G, L)
+            qg = qa[:, :, i0:i1].reshape(B, HKV, n, Bq * G, D)
+            dq = torch.matmul(ds, kb)
+            dkp.index_add_(2, idx.flatten(), torch.matmul(ds.transpose(-1, -2), qg).view(B, HKV, n * L, D))
+            dvp.index_add_(2, idx.flatten(), torch.matmul(p.transpose(-1, -2), dog).view(B, HKV, n * L, Dv))
+            if sx is not None:
+                px = sx.sub_(ls).exp_()  # [B, HKV, n, Bq, G, M]
+                if plan.per_row:
+                    dsx = torch.matmul(do[:, :, i0:i1], vx[:, :, i0:i1].transpose(-1, -2)).sub_(shift).mul_(px)
+                    dq = dq + torch.matmul(dsx, kx[:, :, i0:i1]).view(B, HKV, n, Bq * G, D)
+                    dkx[:, :, i0:i1] = torch.matmul(dsx.transpose(-1, -2), qa[:, :, i0:i1])
+                    dvx[:, :, i0:i1] = torch.matmul(px.transpose(-1, -2), do[:, :, i0:i1])
+                else:
+                    Mx = kx.shape[2]
+                    dsx = torch.matmul(dog, vx.unsqueeze(2).transpose(-1, -2)).view(B, HKV, n, Bq, G, Mx)
+                    dsx = dsx.sub_(shift).mul_(px).view(B, HKV, n * Bq * G, Mx)
+                    dq = dq + torch.matmul(dsx, kx).view(B, HKV, n, Bq * G, D)
+                    dkx += torch.matmul(dsx.transpose(-1, -2), qg.reshape(B, HKV, n * Bq * G, D))
+                    dvx += torch.matmul(px.view(B, HKV, n * Bq * G, Mx).transpose(-1, -2),
+                                        dog.reshape(B, HKV, n * Bq * G, Dv))
+            if sinks is not None:
+                psink = (sinks[:, None, None] - ls).exp()  # [B, HKV, n, Bq, G, M']
+                dsinks += (psink * shift.neg()).sum(dim=(0, 2, 3))
+            dqa[:, :, i0:i1] = dq.view(B, HKV, n, Bq, G, D)
+        return dqa, dkp, dvp, dkx, dvx, dsinks, None
+
+
+def _extra_values(plan, px, vx, i0, i1):
+    """Contribution of the out-of-band sink keys, [B, HKV, n, Bq, G, Dv]."""
+    if plan.per_row:
+        return torch.matmul(px, vx[:, :, i0:i1])
+    B, HKV, n, Bq, G, Mx = px.shape
+    return torch.matmul(px.reshape(B, HKV, n * Bq * G, Mx), vx).view(B, HKV, n, Bq, G, -1)

@@ -1,0 +1,50 @@
+"""The CPU kernel benchmark at toy sizes: files written, numbers finite and positive (no timing claims)."""
+import json
+import math
+
+import pytest
+import torch
+
+from linearize.eval.bench import kernels_cpu
+
+TOY = dict(heads=2, kv_heads=1, dim=8, window=8, sink_tokens=2, naive_max=48, naive_backward_max=32)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Toy shapes are all per-op overhead: one thread keeps them quick on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_run_writes_table_json_and_plot(tmp_path):
+    rows = kernels_cpu.run([32, 96], tmp_path, 1, **TOY)
+    assert {(r["op"], r["T"]) for r in rows} == {(op, T) for op in kernels_cpu.OPS for T in (32, 96)}
+    for r in rows:
+        for key in ("chunk_ms", "naive_ms", "speedup", "chunk_fwd_bwd_ms"):
+            assert math.isfinite(r[key]) and r[key] > 0, (key, r)
+        assert r["naive_estimated"] == (r["T"] > TOY["naive_max"])
+        if r["T"] <= TOY["naive_backward_max"]:
+            assert math.isfinite(r["fwd_bwd_speedup"]) and r["naive_fwd_bwd_ms"] > 0
+        else:
+            assert r["fwd_bwd_speedup"] is None
+    for name in ("kernels_cpu.json", "kernels_cpu.md", "kernels_cpu.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    saved = json.loads((tmp_path / "kernels_cpu.json").read_text())
+    assert len(saved["rows"]) == len(rows) and saved["settings"]["window"] == 8
+    assert saved["targets"][0]["value"] is None  # T=4096 was not run
+    md = (tmp_path / "kernels_cpu.md").read_text()
+    assert "| GLA, per-channel gates | 96 |" in md and "(est.)" in md
+
+
+def test_main_without_backward(tmp_path, capsys):
+    argv = ["--lengths", "16", "--repeats", "1", "--out", str(tmp_path), "--no-backward", "--heads", "2",
+            "--kv-heads", "2", "--dim", "4", "--window", "4"]
+    assert kernels_cpu.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| sliding window + sinks | 16 |" in out and "kernels_cpu.png" in out
+    rows = json.loads((tmp_path / "kernels_cpu.json").read_text())["rows"]
+    assert all(r["chunk_fwd_bwd_ms"] is None and r["fwd_bwd_speedup"] is None and r["naive_basis"] == "measured"
+               for r in rows)

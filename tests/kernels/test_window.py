@@ -1,0 +1,234 @@
+"""chunk_window_attention (blocked CPU path) against the dense fp64 reference, and the dispatcher."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from linearize.kernels import ENV_VAR, select_backend, sliding_window_attention
+from linearize.kernels.window.chunk import chunk_window_attention
+from linearize.kernels.window.naive import naive_window_attention
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small shapes run fastest, and steadiest on a busy machine, on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| over finite entries; -inf must match exactly and NaN never passes."""
+    a, b = a.detach().to(F64), b.detach().to(F64)
+    assert not torch.isnan(a).any(), "NaN"
+    fin = torch.isfinite(b)
+    assert torch.equal(fin, torch.isfinite(a)), "non-finite entries differ"
+    assert torch.equal(a[~fin], b[~fin])
+    a, b = a[fin], b[fin]
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def make_inputs(B, T, H, HKV, D, Dv, *, sinks_shape=None, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, D, generator=gen, dtype=F64)
+    k = torch.randn(B, T, HKV, D, generator=gen, dtype=F64)
+    v = torch.randn(B, T, HKV, Dv, generator=gen, dtype=F64)
+    sl = None if sinks_shape is None else torch.randn(sinks_shape, generator=gen, dtype=F64)
+    return [x if x is None else x.to(dtype) for x in (q, k, v, sl)]
+
+
+def compare(inputs, *, block_size=16, **kw):
+    """Relative errors {'o', 'lse', 'dq', 'dk', 'dv', 'dsink'} of chunk vs naive (fp64 on the same
+    rounded inputs), with a loss that reads both o and lse."""
+    q, k, v, sl = inputs
+    ref = [x.detach().to(F64).requires_grad_() for x in (q, k, v)]
+    ref_sl = None if sl is None else sl.detach().to(F64).requires_grad_()
+    o_ref, lse_ref = naive_window_attention(*ref, sink_logits=ref_sl, **kw)
+    gen = torch.Generator().manual_seed(1)
+    do = torch.randn(o_ref.shape, generator=gen, dtype=F64)
+    dl = torch.randn(lse_ref.shape, generator=gen, dtype=F64)
+
+    def loss(o, lse):
+        return (o * do.to(o.dtype)).sum() + (torch.where(torch.isfinite(lse), lse, 0) * dl.to(lse.dtype)).sum()
+
+    leaves_ref = ref + ([ref_sl] if ref_sl is not None else [])
+    g_ref = torch.autograd.grad(loss(o_ref, lse_ref), leaves_ref)
+    xs = [x.detach().requires_grad_() for x in (q, k, v)]
+    xsl = None if sl is None else sl.detach().requires_grad_()
+    o, lse = chunk_window_attention(*xs, sink_logits=xsl, block_size=block_size, **kw)
+    assert o.dtype == q.dtype and o.shape == o_ref.shape
+    assert lse.dtype == (F64 if q.dtype == F64 else torch.float32) and lse.shape == lse_ref.shape
+    grads = torch.autograd.grad(loss(o, lse), xs + ([xsl] if xsl is not None else []))
+    out = {"o": rel(o, o_ref), "lse": rel(lse, lse_ref)}
+    out.update({n: rel(a, b) for n, a, b in zip(["dq", "dk", "dv", "dsink"], grads, g_ref)})
+    return out
+
+
+def assert_below(errors: dict, tol: float):
+    bad = {k: v for k, v in errors.items() if not v < tol}
+    assert not bad, f"relative errors above {tol}: {bad} (all: {errors})"
+
+
+def padding_mask(B, T, seed=0):
+    """Left padding on row 0, random holes elsewhere, never a fully padded batch."""
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.rand(B, T, generator=gen) > 0.25
+    mask[0, : T // 3] = False
+    return mask
+
+
+@pytest.mark.parametrize(
+    "window, sinks, sinks_shape",
+    [(16, 0, None), (20, 3, None), (20, 2, (4,)), (7, 1, (4, 3)), (None, 0, (4,)), (1, 0, None), (500, 2, None)],
+)
+def test_fp32_matches_reference(window, sinks, sinks_shape):
+    # T not a multiple of the block, D and Dv not powers of two, H != HKV
+    inputs = make_inputs(2, 100, 4, 2, 48, 80, sinks_shape=sinks_shape)
+    assert_below(compare(inputs, window=window, num_sink_tokens=sinks), 1e-5)
+
+
+@pytest.mark.parametrize("window, sinks, sinks_shape", [(20, 3, (6, 2)), (None, 0, None), (5, 0, None)])
+def test_padding_mask(window, sinks, sinks_shape):
+    inputs = make_inputs(2, 90, 6, 3, 16, 24, sinks_shape=sinks_shape)
+    assert_below(compare(inputs, window=window, num_sink_tokens=sinks, key_mask=padding_mask(2, 90)), 1e-5)
+
+
+@pytest.mark.parametrize("window, sinks, sinks_shape", [(10, 2, (4,)), (None, 0, None), (3, 4, None)])
+def test_varlen(window, sinks, sinks_shape):
+    cu = torch.tensor([0, 1, 1, 40, 47, 150])  # a length-1 and an empty sequence
+    inputs = make_inputs(1, 150, 4, 1, 16, 8, sinks_shape=sinks_shape)
+    assert_below(compare(inputs, window=window, num_sink_tokens=sinks, cu_seqlens=cu), 1e-5)
+
+
+def test_fp64_is_exact():
+    inputs = make_inputs(1, 70, 2, 1, 12, 12, sinks_shape=(2, 2), dtype=F64)
+    assert_below(compare(inputs, window=9, num_sink_tokens=2, scale=0.3), 1e-12)
+
+
+@pytest.mark.parametrize("window", [12, None])
+def test_bf16_inputs(window):
+    inputs = make_inputs(1, 80, 4, 2, 32, 32, sinks_shape=(4,), dtype=torch.bfloat16)
+    assert_below(compare(inputs, window=window, num_sink_tokens=2), 1e-2)
+
+
+@pytest.mark.parametrize("block_size", [1, 5, 64, 256])
+def test_block_sizes(block_size):
+    inputs = make_inputs(1, 60, 2, 2, 8, 8, sinks_shape=(2,))
+    assert_below(compare(inputs, window=13, num_sink_tokens=2, block_size=block_size), 1e-5)
+
+
+def test_empty_rows_are_zero_with_nan_free_gradients():
+    q, k, v, _ = make_inputs(2, 40, 2, 1, 8, 8)
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    mask[0, :10] = False  # queries 0..9 of row 0 see nothing
+    mask[1] = False  # row 1 is all padding
+    for sl in (None, torch.randn(2)):
+        x = [t.detach().requires_grad_() for t in (q, k, v)] + ([sl.requires_grad_()] if sl is not None else [])
+        o, lse = chunk_window_attention(*x[:3], window=4, sink_logits=x[3] if sl is not None else None, key_mask=mask)
+        assert (o[0, :10] == 0).all() and (o[1] == 0).all()
+        if sl is None:
+            assert torch.isneginf(lse[0, :10]).all() and torch.isneginf(lse[1]).all()
+        else:
+            assert torch.allclose(lse[1], sl.expand(40, 2).to(lse.dtype))
+        (o.sum() + torch.where(torch.isfinite(lse), lse, 0).sum()).backward()
+        assert all(torch.isfinite(t.grad).all() for t in x)
+        assert (x[0].grad[1] == 0).all()
+
+
+def test_small_window_cost_is_banded():
+    # the band holds window + block keys per query block, never the whole sequence
+    import linearize.kernels.window.chunk as wc
+
+    seen = []
+    orig = wc._group_scores
+
+    def spy(plan, i0, i1, nbg, *args):
+        out = orig(plan, i0, i1, nbg, *args)
+        seen.append(out[0].shape[-1])
+        return out
+
+    q, k, v, _ = make_inputs(1, 1000, 1, 1, 8, 8)
+    wc._group_scores = spy
+    try:
+        chunk_window_attention(q, k, v, window=30, num_sink_tokens=2, block_size=32)
+    finally:
+        wc._group_scores = orig
+    assert max(seen) == 64
+
+
+def test_non_contiguous_inputs():
+    q, k, v, sl = make_inputs(2, 64, 4, 2, 8, 8, sinks_shape=(4,))
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    assert not q.is_contiguous()
+    assert_below(compare([q, k, v, sl], window=10, num_sink_tokens=2, block_size=32), 1e-5)
+
+
+def test_rejects_bad_arguments():
+    q, k, v, _ = make_inputs(2, 10, 2, 1, 8, 8)
+    with pytest.raises(ValueError, match="window"):
+        chunk_window_attention(q, k, v, window=0)
+    with pytest.raises(ValueError, match="sink_logits"):
+        chunk_window_attention(q, k, v, window=4, sink_logits=torch.zeros(3))
+    with pytest.raises(ValueError, match="either cu_seqlens"):
+        chunk_window_attention(q[:1], k[:1], v[:1], window=4, key_mask=torch.ones(1, 10, dtype=torch.bool),
+                               cu_seqlens=torch.tensor([0, 10]))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    B=st.integers(1, 2),
+    T=st.integers(1, 70),
+    group=st.sampled_from([(1, 1), (2, 1), (4, 2)]),
+    D=st.sampled_from([4, 12]),
+    window=st.one_of(st.none(), st.integers(1, 80)),
+    sinks=st.integers(0, 3),
+    sink_logits=st.sampled_from([None, 1, 2]),
+    masked=st.booleans(),
+    block_size=st.sampled_from([4, 16, 64]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_matches_reference(B, T, group, D, window, sinks, sink_logits, masked, block_size, seed):
+    H, HKV = group
+    inputs = make_inputs(B, T, H, HKV, D, D, sinks_shape=None if sink_logits is None else (H, sink_logits), seed=seed)
+    mask = padding_mask(B, T, seed) if masked else None
+    if mask is not None and not mask.any():
+        mask[0, -1] = True
+    errors = compare(inputs, window=window, num_sink_tokens=sinks, key_mask=mask, block_size=block_size)
+    # a single sink logit's gradient is one fp32 sum of signed terms: allow for its conditioning
+    assert_below(errors, 5e-5)
+
+
+# -- dispatcher ------------------------------------------------------------------------------
+def test_dispatcher_picks_torch_on_cpu(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    q, k, v, sl = make_inputs(1, 33, 2, 1, 8, 8, sinks_shape=(2,))
+    assert select_backend(q) == "torch"
+    got = sliding_window_attention(q, k, v, window=5, num_sink_tokens=1, sink_logits=sl)
+    want = chunk_window_attention(q, k, v, window=5, num_sink_tokens=1, sink_logits=sl)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("backend", ["naive", "torch"])
+def test_dispatcher_env_and_argument(monkeypatch, backend):
+    q, k, v, _ = make_inputs(1, 33, 2, 1, 8, 8)
+    fn = naive_window_attention if backend == "naive" else chunk_window_attention
+    want = fn(q, k, v, window=6, num_sink_tokens=2)
+    monkeypatch.setenv(ENV_VAR, backend)
+    assert select_backend(q) == backend
+    assert all(torch.equal(a, b) for a, b in zip(sliding_window_attention(q, k, v, window=6, num_sink_tokens=2), want))
+    monkeypatch.setenv(ENV_VAR, "auto")
+    got = sliding_window_attention(q, k, v, window=6, num_sink_tokens=2, backend=backend)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_dispatcher_bad_backend(monkeypatch):
+    q, k, v, _ = make_inputs(1, 4, 1, 1, 4, 4)
+    monkeypatch.setenv(ENV_VAR, "gpu")
+    with pytest.raises(ValueError, match=f"{ENV_VAR}='gpu' is not a backend"):
+        sliding_window_attention(q, k, v, window=2)
+    monkeypatch.delenv(ENV_VAR)
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        sliding_window_attention(q, k, v, window=2, backend="fast")
