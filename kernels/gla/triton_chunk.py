@@ -19,9 +19,11 @@ Algorithm, per sequence cut into chunks of BT rows (the last chunk may be shorte
    key at a time.
 3. Backward recomputes the states (nothing but the inputs is saved), runs the reverse
    recurrence for dS (`_gla_dh_kernel`), then dv (`_gla_dv_kernel`) and dq, dk, dg
-   (`_gla_dqkg_kernel`) chunk-parallel. dg uses the identity
-   dg_t = sum_{t' >= t} (q.dq - k.dk)_{t'} (+ the final-state term), evaluated chunk-locally:
-   the part from later chunks equals sum_V(S_end * dS_end) of the chunk.
+   (`_gla_dqkg_kernel`) chunk-parallel. g_t scales exactly the (query a, key b) pairs with
+   a >= t > b, so dg_t is summed over those pairs directly, grouped by where a and b lie
+   (same sub-chunk, elsewhere in the chunk, before/after the chunk); the common shortcut,
+   a reverse cumsum of q*dq - k*dk, subtracts pairs it added before and loses fp32
+   precision under strong decay.
 """
 from __future__ import annotations
 
@@ -57,7 +59,7 @@ else:
             return tl.dot(a.to(DOT), b.to(DOT))
 
 
-def tuned(key: list[str], warps=(2, 4, 8), stages=(1, 2, 3)):
+def tuned(key: list[str], warps=(4, 8), stages=(1, 2, 3)):
     """`triton.autotune` over num_warps/num_stages on a GPU; a fixed launch when interpreting."""
     if INTERPRET:
         return lambda fn: fn
