@@ -2,7 +2,6 @@
 saved as a Hugging Face folder, and small text / alpaca data files (nothing from the hub)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -12,9 +11,6 @@ import pytest
 import torch
 import yaml
 
-# Until the chunked window kernel lands, mixers run the reference kernel (also in subprocesses).
-if importlib.util.find_spec("linearize.kernels.window.chunk") is None:
-    os.environ.setdefault("LINEARIZE_KERNEL_BACKEND", "naive")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
