@@ -99,6 +99,41 @@ def recurrent_gated_linear_attention(
     return naive_gla(q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state)
 
 
+def hybrid_attention(
+    q_win: torch.Tensor,
+    k_win: torch.Tensor,
+    v: torch.Tensor,
+    q_lin: torch.Tensor,
+    k_lin: torch.Tensor,
+    g: torch.Tensor,
+    *,
+    window: int | None,
+    mode: str = "mix",
+    backend: str | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Window softmax + gated linear attention of one layer in one call (fused on CUDA).
+
+    q_win [B, T, H, D], k_win [B, T, HKV, D] (window branch, after RoPE); v [B, T, HKV, V];
+    q_lin [B, T, H, K], k_lin [B, T, HKV, K] (feature-mapped); g log decay. mode "mix":
+    o = w_win * window + w_lin * gla (Liger Attention); mode "shared": LoLCATs' shared
+    denominator with per-head weight c. Keyword arguments as in `naive_hybrid_attention`
+    (num_sink_tokens, sink_logits, scale_win, scale_lin, w_win, w_lin, c, key_mask,
+    cu_seqlens, initial_state, output_final_state). Returns o [B, T, H, V] and the final
+    state ([N, HKV, K, V], or V + 1 columns in shared mode) or None.
+    """
+    backend = backend or select_backend(q_win)
+    if backend == "naive":
+        from .hybrid.naive import naive_hybrid_attention as fn
+    elif backend == "torch":
+        from .hybrid.chunk import chunk_hybrid_attention as fn
+    elif backend == "triton":
+        from .hybrid.triton_hybrid import triton_hybrid_attention as fn
+    else:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return fn(q_win, k_win, v, q_lin, k_lin, g, window=window, mode=mode, **kwargs)
+
+
 def sliding_window_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -136,4 +171,4 @@ def sliding_window_attention(
     raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
-__all__ = ["gated_linear_attention", "recurrent_gated_linear_attention", "sliding_window_attention", "select_backend", "BACKENDS", "ENV_VAR"]
+__all__ = ["gated_linear_attention", "hybrid_attention", "recurrent_gated_linear_attention", "sliding_window_attention", "select_backend", "BACKENDS", "ENV_VAR"]

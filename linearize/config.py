@@ -123,6 +123,8 @@ class LinearizeConfig:
         if out.window == 0:
             out.num_sink_tokens = 0
             out.num_sink_logits = 0
+        if out.mixing == "shared-denominator" and not out.normalize:
+            raise ConfigError("mixing='shared-denominator' needs the recurrence's normalizer: set normalize=True")
         out.validate()
         return out
 

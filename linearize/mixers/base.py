@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..config import LinearizeConfig
 from ..families import Family
-from ..kernels import gated_linear_attention, recurrent_gated_linear_attention, sliding_window_attention
+from ..kernels import gated_linear_attention, hybrid_attention, recurrent_gated_linear_attention, sliding_window_attention
 from .context import ForwardContext
 from .feature_maps import build_feature_map
 from .gates import build_gate
@@ -139,11 +139,17 @@ class LinearizedAttention(nn.Module):
         key_mask = self._context.key_mask(T)
         cu_seqlens = self._context.cu_seqlens(B, T) if key_mask is None else None
         state = cache.linear_layer(self.layer_idx) if cache is not None and hasattr(cache, "linear_layer") else None
+        lin_q, lin_k = (q_rot, k_rot) if self.lconfig.linear_rope else (q, k)
+        mode = self.fused_mode()
+        if mode is not None and T > DECODE_STEP_TOKENS and (state is None or not state.has_window_past()):
+            o = self.fused_branches(mode, hidden_states, lin_q, lin_k, k, q_rot, k_rot, v, key_mask, cu_seqlens, state)
+            if state is not None:
+                state.advance(T, key_mask)
+            return self.o_proj(o.reshape(B, T, -1).to(hidden_states.dtype))
         o_win = lse = o_lin = den = None
         if self.has_window:
             o_win, lse = self.window_branch(q_rot, k_rot, v, key_mask, cu_seqlens, state)
         if self.has_linear:
-            lin_q, lin_k = (q_rot, k_rot) if self.lconfig.linear_rope else (q, k)
             o_lin, den = self.linear_branch(hidden_states, lin_q, lin_k, k, v, key_mask, cu_seqlens, state)
         if state is not None:
             state.advance(T, key_mask)
@@ -169,15 +175,50 @@ class LinearizedAttention(nn.Module):
         """phi(q) [B, T, H, F], phi(k) [B, T, HKV, F]; overridden by methods with tied maps."""
         return self.linearize_feature_map_q(q), self.linearize_feature_map_k(k)
 
-    def linear_branch(self, hidden, q, k, k_raw, v, key_mask, cu_seqlens, state):
-        """Gated linear recurrence. Returns o [B, T, H, V] and, when normalized, den [B, T, H]."""
-        cfg = self.lconfig
+    def linear_inputs(self, hidden, q, k, k_raw):
+        """phi(q) [B, T, H, F], phi(k) [B, T, HKV, F] (q's dtype) and the log gate g (fp32,
+        [B, T, HKV, F] or [B, T, HKV])."""
         fq, fk = self.feature_maps(q, k, k_raw)
-        B, T = fq.shape[:2]
         if self.linearize_gate is not None:
             g = self.linearize_gate(hidden, k_raw)
         else:
-            g = fk.new_zeros(B, T, self.num_kv_heads, dtype=torch.float32)
+            g = fk.new_zeros(*fk.shape[:3], dtype=torch.float32)
+        return fq, fk.to(fq.dtype), g
+
+    def fused_mode(self) -> str | None:
+        """The hybrid kernel's mode when both branches can run in one call, else None."""
+        cfg = self.lconfig
+        if not (self.has_window and self.has_linear) or self.state_heads != self.num_kv_heads:
+            return None
+        if cfg.mixing == "fixed" and not cfg.normalize:
+            return "mix"
+        if cfg.mixing == "shared-denominator":
+            return "shared"
+        return None
+
+    def fused_branches(self, mode, hidden, q, k, k_raw, q_rot, k_rot, v, key_mask, cu_seqlens, state):
+        """Window and recurrence through `hybrid_attention` (one fused kernel on CUDA)."""
+        cfg = self.lconfig
+        fq, fk, g = self.linear_inputs(hidden, q, k, k_raw)
+        if mode == "mix":
+            weights = dict(w_win=float(cfg.window_weight), w_lin=float(cfg.linear_weight))
+        else:
+            weights = dict(c=torch.sigmoid(self.linearize_linear_logit.float()))
+        o, final = hybrid_attention(q_rot, k_rot, v, fq, fk, g, window=cfg.window, mode=mode,
+                                    num_sink_tokens=cfg.num_sink_tokens,
+                                    sink_logits=getattr(self, "linearize_sink_logits", None), scale_win=self.scaling,
+                                    scale_lin=1.0, key_mask=key_mask, cu_seqlens=cu_seqlens,
+                                    output_final_state=state is not None, **weights)
+        if state is not None:
+            state.recurrent = final
+            state.store_window(k_rot, v, key_mask, window=cfg.window, num_sink_tokens=cfg.num_sink_tokens)
+        return o
+
+    def linear_branch(self, hidden, q, k, k_raw, v, key_mask, cu_seqlens, state):
+        """Gated linear recurrence. Returns o [B, T, H, V] and, when normalized, den [B, T, H]."""
+        cfg = self.lconfig
+        fq, fk, g = self.linear_inputs(hidden, q, k, k_raw)
+        B, T = fq.shape[:2]
         vv = v
         if cfg.normalize:
             vv = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
