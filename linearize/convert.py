@@ -106,6 +106,7 @@ def unconvert(model: nn.Module) -> nn.Module:
     layers = decoder_layers(model, st.family)
     for i in st.layers:
         mixer = getattr(layers[i], st.family.attention_name)
+        mixer.sync_teacher_projections()
         setattr(layers[i], st.family.attention_name, mixer._teacher_attention)
     st.hook.remove()
     for attr in ("linearize", "linearize_base_model_type"):

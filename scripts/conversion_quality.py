@@ -23,6 +23,7 @@ from linearize.eval.perplexity import perplexity
 VARIANTS = {
     "liger-gla (Liger Attention, window 64)": dict(method="liger-gla"),
     "liger-gla, window 0 (pure GLA)": dict(method="liger-gla", window=0),
+    "liger-gla + normalize=True (our option)": dict(method="liger-gla", normalize=True),
     "liger-hgrn2 (window 64)": dict(method="liger-hgrn2"),
     "lizard (window 128, 4 sink logits)": dict(method="lizard"),
     "lolcats (window 64, shared denominator)": dict(method="lolcats"),
@@ -51,6 +52,7 @@ def main() -> None:
     ap.add_argument("--texts", type=int, default=64)
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--out", default="outputs/conversion_quality.json")
+    ap.add_argument("--only", nargs="*", help="substrings: run only the variants whose name contains one")
     args = ap.parse_args()
     path = args.model or default_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -64,6 +66,8 @@ def main() -> None:
                      "tokens": teacher["tokens"], "seconds": time.perf_counter() - t0})
         print(rows[-1], flush=True)
         for name, fields in VARIANTS.items():
+            if args.only and not any(o in name for o in args.only):
+                continue
             linearize.convert(model, **fields)
             t0 = time.perf_counter()
             res = perplexity(model, tokenizer, docs, max_length=args.max_length, stride=args.max_length // 2)

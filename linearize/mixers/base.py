@@ -44,8 +44,13 @@ class AttentionTransfer:
     def __init__(self) -> None:
         self.losses: list[torch.Tensor] = []
 
-    def record(self, student: torch.Tensor, teacher: torch.Tensor) -> None:
-        self.losses.append(F.mse_loss(student.float(), teacher.float()))
+    def record(self, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """student, teacher: [B, T, C]; mask: [B, T] (False = padding, left out of the MSE)."""
+        if mask is None:
+            self.losses.append(F.mse_loss(student.float(), teacher.float()))
+            return
+        err = (student.float() - teacher.float()).pow(2).mean(-1)
+        self.losses.append((err * mask).sum() / mask.sum().clamp_min(1))
 
 
 class LinearizedAttention(nn.Module):
@@ -105,6 +110,7 @@ class LinearizedAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
                 cache=None, past_key_values=None, **kwargs):
         cache = cache if cache is not None else past_key_values
+        self.sync_teacher_projections()
         if self.teacher_active:
             from ..cache import LinearizeCache
 
@@ -117,9 +123,18 @@ class LinearizedAttention(nn.Module):
             with torch.no_grad():
                 teacher, _ = self._teacher_attention(hidden_states, position_embeddings=position_embeddings,
                                                      attention_mask=attention_mask, cache=None, **kwargs)
-            self.transfer.record(out, teacher)
+            self.transfer.record(out, teacher, self._context.key_mask(hidden_states.shape[1]))
             return teacher, None
         return out, None
+
+    def sync_teacher_projections(self) -> None:
+        """Point the original attention at the mixer's current projections, so adapters that
+        peft wrapped around them (or merged into them) act on the teacher too."""
+        teacher = self._teacher_attention
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            mine = getattr(self, name)
+            if getattr(teacher, name) is not mine:
+                setattr(teacher, name, mine)
 
     def project(self, hidden_states: torch.Tensor):
         """hidden [B, T, C] -> q [B, T, H, D], k [B, T, HKV, D], v [B, T, HKV, D] (before RoPE)."""

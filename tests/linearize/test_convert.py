@@ -146,3 +146,44 @@ def test_fresh_initialisation_is_close_to_the_teacher(make_tiny_model):
     ref = logits(model, ids)
     linearize.convert(model, method="lolcats", window=16)
     assert rel(logits(model, ids), ref) < 0.05
+
+
+def test_teacher_mode_sees_lora_like_the_softmax_layers(make_tiny_model):
+    from peft import LoraConfig, get_peft_model
+
+    model = make_tiny_model("llama", num_hidden_layers=3)
+    ids = torch.randint(0, 128, (1, 10))
+    linearize.convert(model, method="liger-gla", softmax_layers=[1])
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"],
+                                                  init_lora_weights=False))
+    with torch.no_grad(), linearize.teacher(model):
+        with peft_model.disable_adapter():
+            plain = peft_model(ids, use_cache=False).logits
+        adapted = peft_model(ids, use_cache=False).logits
+    merged = peft_model.merge_and_unload()
+    linearize.unconvert(merged)
+    with torch.no_grad():
+        after = merged(ids, use_cache=False).logits
+    assert not torch.allclose(plain, adapted)
+    assert torch.allclose(after, adapted, atol=1e-5)
+
+
+def test_attention_transfer_leaves_padding_out(make_tiny_model):
+    from linearize.mixers import AttentionTransfer
+
+    model = linearize.convert(make_tiny_model("llama"), method="lizard", window=4)
+    ids = torch.randint(0, 128, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :5] = 0
+
+    def layer_losses(batch_ids, batch_mask):
+        for m in linearize.mixers(model):
+            m.transfer = AttentionTransfer()
+        with torch.no_grad():
+            model(batch_ids, attention_mask=batch_mask, use_cache=False)
+        return torch.stack([m.transfer.losses[0] for m in linearize.mixers(model)])
+
+    both = layer_losses(ids, mask)
+    row0 = layer_losses(ids[:1], mask[:1])
+    row1 = layer_losses(ids[1:], mask[1:])
+    assert torch.allclose(both, (12 * row0 + 7 * row1) / 19, rtol=1e-4)
