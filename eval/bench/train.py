@@ -3,16 +3,17 @@
 A step is forward + next-token cross-entropy + backward + AdamW update of the LoRA
 parameters, on ids [batch_size, T]. The student is the linearized model with LoRA; the
 teacher is plain LoRA on the original softmax attention: the same model and the same
-adapters inside `linearize.teacher(model)`, with the teacher's attention reading the
-LoRA-wrapped projections. The adapters are removed again afterwards (`unload`).
+adapters inside `linearize.teacher(model)` (the teacher's attention follows the mixers'
+LoRA-wrapped projections). The adapters are removed again afterwards (`unload`).
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
 from pathlib import Path
 
 import torch
+
+from linearize import mixers
 
 from .common import (ROLE_STYLE, ROLES, PeakMemory, fmt, log2_axis, machine_info, markdown_table, median, mib,
                      model_device, model_info, new_figure, ordered_roles, progress, random_ids, require_linearized,
@@ -21,34 +22,6 @@ from .common import (ROLE_STYLE, ROLES, PeakMemory, fmt, log2_axis, machine_info
 DEFAULT_LENGTHS = (512, 2048)
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj")
 TARGET_LENGTH, TARGET_RATIO = 512, 0.8
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
-@contextlib.contextmanager
-def adapted_role(model: torch.nn.Module, role: str):
-    """Run `model` (with peft adapters inside its mixers) as teacher or student.
-
-    peft wraps the projections it finds in the module tree, i.e. the mixers' references;
-    the teacher's attention modules sit outside the tree and keep the bare projections. For
-    the teacher this points them at the mixers' (wrapped) projections until the block ends.
-    """
-    from linearize import mixers
-
-    swapped = []
-    if role == "teacher":
-        for mixer in mixers(model):
-            attn = mixer._teacher_attention
-            for name in PROJECTIONS:
-                mine, theirs = getattr(mixer, name), getattr(attn, name)
-                if mine is not theirs:
-                    swapped.append((attn, name, theirs))
-                    setattr(attn, name, mine)
-    try:
-        with role_context(model, role):
-            yield model
-    finally:
-        for attn, name, original in reversed(swapped):
-            setattr(attn, name, original)
 
 
 def bench_train(model: torch.nn.Module, lengths=DEFAULT_LENGTHS, repeats: int = 3, batch_size: int = 1,
@@ -79,7 +52,7 @@ def bench_train(model: torch.nn.Module, lengths=DEFAULT_LENGTHS, repeats: int = 
         peft_model.train()
 
         def step(ids: torch.Tensor, role: str) -> float:
-            with adapted_role(model, role):
+            with role_context(model, role):
                 loss = peft_model(input_ids=ids, labels=ids, use_cache=False).loss
                 loss.backward()
             optimizer.step()
@@ -116,6 +89,8 @@ def bench_train(model: torch.nn.Module, lengths=DEFAULT_LENGTHS, repeats: int = 
         bar.close()
     finally:
         peft_model.unload()
+        for mixer in mixers(model):
+            mixer.sync_teacher_projections()
         for n, p in model.named_parameters():
             p.requires_grad_(grad_flags.get(n, p.requires_grad))
         model.train(was_training)
