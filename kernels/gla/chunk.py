@@ -7,14 +7,40 @@ Python loop. With b_t the cumulative log gate inside a chunk (b_t <= b_s <= 0 fo
     o_t = scale * ( (q_t * exp(b_t)) S_0  +  sum_{s <= t} (q_t * exp(b_t - b_s)) . k_s  v_s )
     S_C = exp(b_C) * S_0 + sum_s (k_s * exp(b_C - b_s))^T v_s
 
-Every exponent is kept <= 0, so strong decay underflows to zero instead of overflowing.
-Scalar (per-head) gates mask the [C, C] decay matrix before the exponential. Per-channel
-gates use secondary sub-chunks: between two different sub-chunks the decay is split at a
-reference row (the last row before the query sub-chunk), q * exp(b_t - b_ref) times
-k * exp(b_ref - b_s), both factors <= 1; inside a diagonal sub-chunk block the [c, c, K]
-decay tensor is formed explicitly, and recomputed in the backward pass instead of stored.
 The cumulative gates are summed in fp64 and every exponent is a difference taken in fp64
-before rounding, so long chunks of strong decay keep fp32 gate gradients accurate.
+before rounding, so long chunks of strong decay keep fp32 gate gradients accurate. The
+state recurrence only uses exponents <= 0 (exp(b_C), exp(b_C - b_s)).
+
+Intra-chunk scores, fast path (bounded exponents). The decay is factorised at a reference
+ref = (b_first + b_last) / 2 per chunk and channel (per head for scalar gates):
+
+    exp(b_t - b_s) = exp(b_t - ref) * exp(ref - b_s),   A = (q * exp(b - ref)) (k * exp(ref - b))^T
+
+so a chunk's scores are one matmul and a causal mask, for per-channel and per-head gates
+alike, with no [C, C, K] decay tensor. The factors are not <= 1, but they are bounded: with
+the chunk's decay range R = max over channels of (b_first - b_last), |b_t - ref| <= R / 2.
+A chunk takes this path only when R < 40 and ref >= -60, so every factor lies in
+[e^-20, e^20] (overflow is impossible: fp32 reaches e^88, fp64 e^709; no factor is
+subnormal), exp(ref) >= e^-60 (the factor q exp(b) = (q exp(b - ref)) exp(ref) and the
+states are rescaled by) is a normal fp32 number, and a masked (future, s > t) score is at most
+e^40 |q_t| |k_s|, finite unless |q| |k| > 1e21. Each factor is computed in fp64 and rounded
+once, so the products carry fp32 rounding only: the path is exact to fp32, whatever R is below
+the bound. Chunks over the bound (strong decay, e.g. -5..-20 per token, or a very strong gate
+on a chunk's first token) take the exact fallback below, chosen per chunk (and per batch
+row and KV head) within one call, so a few strongly decaying chunks do not slow the rest.
+
+Exact fallback (exponents <= 0). Scalar gates mask the [C, C] decay matrix before the
+exponential. Per-channel gates use secondary sub-chunks: between two different sub-chunks the
+decay is split at a reference row (the last row before the query sub-chunk), q * exp(b_t - b_ref)
+times k * exp(b_ref - b_s), both factors <= 1; inside a diagonal sub-chunk block the [c, c, K]
+decay tensor is formed explicitly, and recomputed in the backward pass instead of stored.
+
+Gradients flow through autograd; two small autograd Functions shape them: the fast path's
+gate gradient leaves out the diagonal s = t (decay exactly 1, whose two equal and opposite
+terms would cancel only up to rounding) and hands b_C and b_s the same fp64 number for each
+k_s exp(b_C - b_s) term (see `_Factorised`); the output relayout returns its gradient
+contiguous once. Chunks of 32 tokens are the fastest on CPU (64 and 128 trade a few fewer
+state steps for twice and four times the masked score work).
 """
 from __future__ import annotations
 
@@ -26,6 +52,8 @@ from ..utils import check_gla_inputs, sequence_spans
 
 _SUB_CHUNK = 8
 _DIAG_BUDGET = 1 << 23  # elements of the [.., c, c, K] temporary per slice
+_MAX_RANGE = 40.0  # fast path: chunk decay range below this, so exp(+-(b - ref)) < e^20
+_MIN_REF = -60.0  # ... and exp(ref) >= e^-60 stays a normal fp32 number
 
 
 def chunk_gla(
@@ -38,7 +66,7 @@ def chunk_gla(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.LongTensor | None = None,
-    chunk_size: int = 64,
+    chunk_size: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated linear attention S_t = Diag(exp g_t) S_{t-1} + k_t^T v_t, o_t = scale q_t S_t, chunked.
 
@@ -53,7 +81,7 @@ def chunk_gla(
         output_final_state: also return the state after the last token of each sequence.
         cu_seqlens: [N + 1] cumulative lengths of packed sequences (requires B == 1);
             the state restarts at every sequence start.
-        chunk_size: tokens per chunk.
+        chunk_size: tokens per chunk (any size is exact; 32 is the fastest on CPU).
 
     Returns:
         o: [B, T, H, V] in the dtype of q; final_state: [N, HKV, K, V] in fp32 (fp64 for
@@ -96,17 +124,20 @@ def chunk_gla(
             return x
         return x.new_zeros((1, Tp) + tuple(x.shape[2:])).index_copy(1, dst, x)
 
-    # Rows of a chunk are (token, query head of the group): q [B', HKV, NC, C, G, K];
-    # k, g: [B', HKV, NC, C, K]; v: [B', HKV, NC, C, V]; scalar g: [B', HKV, NC, C].
-    qc = pack(q).reshape(Bp, NC, C, HKV, G, K).permute(0, 3, 1, 2, 4, 5).contiguous()
-    kc = pack(k).reshape(Bp, NC, C, HKV, K).permute(0, 3, 1, 2, 4).contiguous()
-    vc = pack(v).reshape(Bp, NC, C, HKV, V).permute(0, 3, 1, 2, 4).contiguous()
-    # Cumulative gates in fp64: exponents are differences of large sums, formed before rounding.
-    gp = pack(g).to(torch.float64).reshape((Bp, NC, C, HKV) + tuple(g.shape[3:])).cumsum(2)
-    b = gp.permute((0, 3, 1, 2, 4) if not scalar else (0, 3, 1, 2)).contiguous()
+    # q [B', NC, C, HKV, G, K], k [B', NC, C, HKV, K], v [B', NC, C, HKV, V]: views where possible.
+    qv = pack(q).reshape(Bp, NC, C, HKV, G, K)
+    kv = pack(k).reshape(Bp, NC, C, HKV, K)
+    vc = pack(v).reshape(Bp, NC, C, HKV, V).permute(0, 3, 1, 2, 4).contiguous()  # [B', HKV, NC, C, V]
+    # Cumulative gates in fp64, [B', HKV, NC, C, K or 1]: exponents are differences of large
+    # sums, formed before rounding.
+    gv = pack(g).reshape(Bp, NC, C, HKV, K if not scalar else 1).permute(0, 3, 1, 2, 4)
+    b = gv.to(torch.float64, memory_format=torch.contiguous_format)
+    b = b.cumsum_(3) if b.data_ptr() != gv.data_ptr() else b.cumsum(3)  # in place on a copy only
 
-    terms = _scalar_gate_terms if scalar else _channel_gate_terms
-    o_intra, qb, U, decay = terms(qc, kc, vc, b, scale)
+    # o_intra [B' HKV NC, C * G, V] (rows ordered (token, query head)), qx [B' HKV NC, C * G, K] with
+    # qx S_in sfac = scale q_t exp(b_t) S_in, U [.., NC, K, V], decay exp(b_C) [.., NC, K or 1].
+    o_intra, qx, sfac, U, decay = _intra_terms(qv, kv, vc, b, scale, scalar)
+    del qv, kv, vc, gv, b  # temporaries freed early keep the peak (and fresh pages) low
 
     # Inter-chunk recurrence over the (short) chunk axis.
     if initial_state is not None:
@@ -142,12 +173,173 @@ def chunk_gla(
                 finals_list[ends[c]] = S[0]
         finals = torch.stack(finals_list)
     S_in = torch.stack(states, dim=2)  # [B', HKV, NC, K, V]
+    del states, Us, U
+    if not isinstance(sfac, float):
+        S_in = S_in.mul_(sfac.unsqueeze(-1))
 
-    # o = scale * (q exp(b)) S_in + the (already scaled) intra-chunk part, as one fused GEMM.
-    o = torch.baddbmm(o_intra.view(-1, C * G, V), qb.view(-1, C * G, K), S_in.view(-1, K, V))
-    o = o.view(Bp, HKV, NC, C, G, V).permute(0, 2, 3, 1, 4, 5).reshape(Bp, Tp, H, V)
-    o = o[:, :T] if dst is None else o.index_select(1, dst)
+    # o = scale * q exp(b) S_in + the (already scaled) intra-chunk part, as one fused GEMM.
+    o = o_intra.baddbmm_(qx, S_in.view(-1, K, V))  # in place on a base tensor: no copies in backward
+    del o_intra, qx, S_in
+    o = _Permute.apply(o.view(Bp, HKV, NC, C, G, V), (0, 2, 3, 1, 4, 5)).view(Bp, Tp, H, V)
+    if dst is not None:
+        o = o.index_select(1, dst)
+    elif Tp != T:
+        o = o[:, :T]
     return o.to(q.dtype), (finals if output_final_state else None)
+
+
+def _intra_terms(qv, kv, vc, b, scale, scalar):
+    """Intra-chunk terms: the factorised fast path on every chunk whose decay allows it, the
+    exact fallback (`_scalar_gate_terms` / `_channel_gate_terms`) on the others.
+
+    qv [B', NC, C, HKV, G, K] and kv [B', NC, C, HKV, K] (views of the packed inputs),
+    vc [B', HKV, NC, C, V], b [B', HKV, NC, C, K or 1] cumulative log gates in fp64.
+    Returns o_intra [M, C * G, V] (M = B' HKV NC; scaled; rows ordered (t, g)), qx [M, C * G, K],
+    sfac [.., NC, K or 1] such that scale q_t exp(b_t) S = qx_t (sfac * S), the state
+    increment U [.., NC, K, V] and the chunk decay exp(b_C) [.., NC, K or 1].
+    """
+    Bp, NC, C, HKV, G, K = qv.shape
+    V = vc.shape[-1]
+    acc = qv.dtype
+    qc = qv.permute(0, 3, 1, 2, 4, 5)  # [B', HKV, NC, C, G, K]
+    kc = kv.permute(0, 3, 1, 2, 4)  # [B', HKV, NC, C, K]
+    first, last = b[:, :, :, 0], b[:, :, :, -1]  # [.., NC, K or 1]
+    decay = last.exp().to(acc)
+    with torch.no_grad():
+        # The reference is a constant shift (the result does not depend on it): no gradient.
+        ref = 0.5 * (first + last)
+        slow = ((first - last).amax(-1) >= _MAX_RANGE) | (ref.amin(-1) < _MIN_REF)  # [B', HKV, NC]
+    n_slow = int(slow.sum())
+    b_exact = b[..., 0] if scalar else b  # the fallback's layout, [.., NC, C(, K)]
+    if n_slow == slow.numel():
+        o_intra, qb, sfac, U = _exact_terms(qc, kc, vc, b_exact, scale)
+        return o_intra.clone(), qb, sfac, U, decay  # a base tensor: updated in place later
+    if n_slow:
+        sel = slow.nonzero(as_tuple=True)
+        b_slow = b_exact[sel]  # a copy, taken before b is overwritten below
+        ref = ref.masked_fill(slow.unsqueeze(-1), 0.0)
+    x_last = last - ref  # b_C - ref
+    x = b.sub_(ref.unsqueeze(-2))  # b_t - ref (in place, fp64): |x| <= range / 2 < 20 on the fast chunks
+    if n_slow:
+        x.masked_fill_(slow[..., None, None], 0.0)  # finite stand-ins, replaced below
+    # q_t exp(b_t - ref), k_s exp(b_C - b_s) and the scaled causal scores
+    qt, kC, A = _Factorised.apply(qc, kc, x, x_last, scale)
+    del x, b
+    M = Bp * HKV * NC
+    o_intra = torch.bmm(A.view(M, C * G, C), vc.view(M, C, V))
+    del A
+    qt = qt.view(M, C * G, K)
+    U = torch.matmul(kC.transpose(-1, -2), vc)
+    del kC
+    sfac = (ref.exp() * scale).to(acc)  # qt (sfac S) = scale q_t exp(b_t) S
+    if n_slow:
+        idx = slow.flatten().nonzero().squeeze(1)
+        o_s, qb_s, sf_s, U_s = _exact_terms(qc[sel][None, None], kc[sel][None, None], vc[sel][None, None],
+                                            b_slow[None, None], scale)
+        o_intra = o_intra.index_copy(0, idx, o_s.view(-1, C * G, V))
+        qt = qt.index_copy(0, idx, qb_s.view(-1, C * G, K))
+        U = U.view(M, K, V).index_copy(0, idx, U_s[0, 0]).view(U.shape)
+        sfac = sfac.masked_fill(slow.unsqueeze(-1), sf_s)
+    return o_intra, qt, sfac, U, decay
+
+
+def _causal(C: int, scale: float, dtype, device, diagonal: int = 0) -> torch.Tensor:
+    """[C, 1, C]: scale where s <= t + diagonal, else 0 (rows t, query heads, columns s)."""
+    return torch.full((C, C), scale, dtype=dtype, device=device).tril(diagonal).unsqueeze(1)
+
+
+class _Factorised(torch.autograd.Function):
+    """The factorised intra-chunk products of one (sub-)chunk decomposition.
+
+    qc [.., C, G, K] and kc [.., C, K] (strided views), x = b - ref [.., C, K or 1] and
+    x_last = b_C - ref [.., K or 1] in fp64, |x| < 20. Returns (all contiguous)
+    qt = q exp(x) [.., C * G, K], kC = k exp(x_last - x) [.., C, K] and the causal scores
+    A[t, g, s] = scale * qt[t, g] . (k exp(-x))[s] for s <= t, [.., C * G, C].
+
+    The backward forms the gate gradient so that nothing large cancels in rounding:
+    - the diagonal s = t (decay exactly 1) adds to dq and dk only: its gate terms are equal
+      and opposite, but can be far larger than the true gate gradient (when exp(b) is tiny);
+    - each k_s exp(b_C - b_s) term passes the same fp64 number to b_C and (negated) to b_s,
+      so the two cancel in the fp64 cumulative sum of the gate gradient, as the exact fp64
+      difference of exponents would.
+    """
+
+    @staticmethod
+    def forward(ctx, qc, kc, x, x_last, scale):
+        C, G, K = qc.shape[-3:]
+        lead = qc.shape[:-3]
+        acc = qc.dtype
+        e_q = torch.exp(x, out=torch.empty(x.shape, dtype=acc, device=x.device))  # in fp64, rounded once
+        f = x_last.exp().to(acc).unsqueeze(-2)  # exp(b_C - ref)
+        qt = torch.mul(qc, e_q.unsqueeze(-2), out=torch.empty(qc.shape, dtype=acc, device=qc.device))
+        kt = torch.div(kc, e_q, out=torch.empty(kc.shape, dtype=acc, device=kc.device))  # k_s exp(ref - b_s)
+        qt = qt.view(lead + (C * G, K))
+        A = torch.matmul(qt, kt.transpose(-1, -2))
+        A.view(lead + (C, G, C)).mul_(_causal(C, scale, acc, qt.device))
+        kC = kt * f
+        ctx.save_for_backward(qt, kt, kC, e_q, f)
+        ctx.scale = scale
+        return qt, kC, A
+
+    @staticmethod
+    def backward(ctx, dqt, dkC, dA):
+        qt, kt, kC, e_q, f = ctx.saved_tensors
+        C, K = kt.shape[-2:]
+        G = qt.shape[-2] // C
+        lead = kt.shape[:-2]
+        scalar = e_q.shape[-1] == 1
+        dA = dA.view(lead + (C, G, C))
+        dAs = (dA * _causal(C, ctx.scale, dA.dtype, dA.device, -1)).view(lead + (C * G, C))  # s < t
+        dd = dA.diagonal(dim1=-3, dim2=-1).transpose(-1, -2) * ctx.scale  # [.., C(t), G]: s = t
+        Gq = torch.matmul(dAs, kt)  # [.., C * G, K]
+        Gk = torch.matmul(dAs.transpose(-1, -2), qt)  # [.., C, K]
+        if dqt is not None:
+            Gq += dqt
+        Gq = Gq.view(lead + (C, G, K))
+        q3 = qt.view(lead + (C, G, K))
+        dx = ((Gq * q3).sum(-2) - Gk * kt).double()  # [.., C, K]
+        if dkC is not None:
+            Y = (dkC * kC).double()  # the k_s exp(b_C - b_s) terms: - to b_s, + to b_C
+            dx -= Y
+            dx_last = Y.sum(-2)
+            Gk.addcmul_(dkC, f)
+        else:
+            dx_last = torch.zeros_like(f, dtype=torch.float64).squeeze(-2)
+        if scalar:
+            dx = dx.sum(-1, keepdim=True)
+            dx_last = dx_last.sum(-1, keepdim=True)
+        # The diagonal (decay 1) enters dq and dk only.
+        Gq.addcmul_(dd.unsqueeze(-1), kt.unsqueeze(-2))
+        for g in range(G):
+            Gk.addcmul_(dd[..., g : g + 1], q3[..., g, :])
+        return Gq.mul_(e_q.unsqueeze(-2)), Gk.div_(e_q), dx, dx_last, None
+
+
+class _Permute(torch.autograd.Function):
+    """x.permute(dims) as a contiguous copy whose gradient also comes back contiguous (once,
+    instead of once per consumer of a strided gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, dims):
+        ctx.dims = dims
+        return x.permute(dims).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        inverse = [0] * len(ctx.dims)
+        for i, d in enumerate(ctx.dims):
+            inverse[d] = i
+        return grad.permute(inverse).contiguous(), None
+
+
+def _exact_terms(qc, kc, vc, b, scale):
+    """The exact fallback on chunks [B', HKV, NC]; qc [.., NC, C, G, K] and kc [.., NC, C, K] may
+    be strided views. Returns o_intra [M, C * G, V], qb = scale q exp(b) [M, C * G, K] (M =
+    B' HKV NC), 1.0 (its state factor, see `_intra_terms`) and U [.., NC, K, V]."""
+    Bp, HKV, NC, C, G, K = qc.shape
+    terms = _scalar_gate_terms if b.dim() == 4 else _channel_gate_terms
+    o_intra, qb, U, _ = terms(qc.contiguous(), kc.contiguous(), vc, b, scale)
+    return o_intra.reshape(-1, C * G, o_intra.shape[-1]), qb.reshape(-1, C * G, K), 1.0, U
 
 
 def _scalar_gate_terms(qc, kc, vc, b, scale):

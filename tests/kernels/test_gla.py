@@ -206,3 +206,54 @@ def test_dispatcher_bad_backend(monkeypatch):
     monkeypatch.delenv(ENV_VAR)
     with pytest.raises(ValueError, match="unknown backend 'fast'"):
         gated_linear_attention(q, k, v, g, backend="fast")
+
+
+@pytest.fixture
+def fallback_chunks(monkeypatch):
+    """Counts the chunks (over all batch rows and KV heads) that chunk_gla hands to its exact
+    fallback, one entry per call of the fallback."""
+    import linearize.kernels.gla.chunk as chunk_mod
+
+    calls = []
+    exact = chunk_mod._exact_terms
+
+    def spy(qc, kc, vc, b, scale):
+        calls.append(qc.shape[:3].numel())
+        return exact(qc, kc, vc, b, scale)
+
+    monkeypatch.setattr(chunk_mod, "_exact_terms", spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("scalar", [False, True], ids=["per-channel", "scalar"])
+def test_mixed_fast_and_fallback_chunks(fallback_chunks, scalar, dtype):
+    """One sequence whose chunks take both paths, forward and gradients against the fp64
+    reference: the factorised fast path (mild and zero decay) and the exact fallback (decay
+    range >= 40, or a reference below -60), chosen per chunk, batch row and KV head."""
+    C, T = 16, 16 * 7 + 5  # 8 chunks, the last one partial
+    q, k, v, g, h0 = make_inputs(2, T, 4, 2, 12, 10, scalar=scalar, dtype=F64)
+    g = g / 8  # mild decay everywhere (range ~1 per chunk): fast
+    strong = torch.rand(g[:, 16:32, 0].shape, generator=torch.Generator().manual_seed(2), dtype=F64)
+    g[:, 16:32, 0] = -(5 + 15 * strong)  # chunk 1, KV head 0: range >= 75
+    g[0, 48] = -90.0  # chunk 3, row 0: a very strong first token, small range but ref ~ -90
+    g[1, 64:80, 1] = -3.0  # chunk 4, row 1, KV head 1: range 45
+    g[:, 80:96] = 0.0  # chunk 5: zero decay, fast
+    inputs = [x.to(dtype) for x in (q, k, v, g)] + [h0 if dtype == F64 else h0.float()]
+    errors = compare(inputs, chunk_size=C)
+    assert fallback_chunks == [2 + 2 + 1], fallback_chunks  # of 2 rows x 2 KV heads x 8 chunks = 32
+    assert_below(errors, 2e-5 if dtype == torch.float32 else 1e-10)
+
+
+@pytest.mark.parametrize("scalar", [False, True], ids=["per-channel", "scalar"])
+@pytest.mark.parametrize("gate", ["strong", "zero", "mixed"])
+def test_path_selection(fallback_chunks, scalar, gate):
+    """Strong decay (-5..-20 per token) takes the exact fallback in every full chunk, zero decay
+    the factorised fast path in every chunk; the result matches the reference either way. (The
+    last chunk holds 4 tokens: 3 strong gates may sum to less than the bound, so it may be fast.)"""
+    errors = compare(make_inputs(2, 100, 4, 2, 48, 80, scalar=scalar, gate=gate), chunk_size=32)
+    if gate == "strong":
+        assert len(fallback_chunks) == 1 and fallback_chunks[0] >= 4 * 3, fallback_chunks  # 4 rows x 3 full chunks
+    elif gate == "zero":
+        assert fallback_chunks == []
+    assert_below(errors, 2e-5)
