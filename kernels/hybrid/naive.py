@@ -124,16 +124,26 @@ def naive_hybrid_attention(
     Returns:
         o: [B, T, H, V] in q_win's dtype; final_state like initial_state (fp32/fp64) or None.
     """
+    return compose_hybrid(naive_window_attention, naive_gla, q_win, k_win, v, q_lin, k_lin, g, window=window,
+                          mode=mode, num_sink_tokens=num_sink_tokens, sink_logits=sink_logits, scale_win=scale_win,
+                          scale_lin=scale_lin, w_win=w_win, w_lin=w_lin, c=c, key_mask=key_mask,
+                          cu_seqlens=cu_seqlens, initial_state=initial_state, output_final_state=output_final_state)
+
+
+def compose_hybrid(window_op, gla_op, q_win, k_win, v, q_lin, k_lin, g, *, window, mode, num_sink_tokens,
+                   sink_logits, scale_win, scale_lin, w_win, w_lin, c, key_mask, cu_seqlens, initial_state,
+                   output_final_state):
+    """The hybrid from one window op and one GLA op of the same signature (naive or chunked);
+    arguments and results as in `naive_hybrid_attention`."""
     check_hybrid_inputs(q_win, k_win, v, q_lin, k_lin, g, mode)
     H = q_win.shape[2]
     acc = torch.float64 if q_win.dtype == torch.float64 else torch.float32
-    o_win, lse = naive_window_attention(q_win, k_win, v, window=window, num_sink_tokens=num_sink_tokens,
-                                        sink_logits=sink_logits, scale=scale_win, key_mask=key_mask,
-                                        cu_seqlens=cu_seqlens)
+    o_win, lse = window_op(q_win, k_win, v, window=window, num_sink_tokens=num_sink_tokens, sink_logits=sink_logits,
+                           scale=scale_win, key_mask=key_mask, cu_seqlens=cu_seqlens)
     k_lin, g = mask_linear_inputs(k_lin, g, key_mask)
     v_lin = v if mode == "mix" else torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
-    o_lin, final_state = naive_gla(q_lin, k_lin, v_lin, g, scale=scale_lin, initial_state=initial_state,
-                                   output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    o_lin, final_state = gla_op(q_lin, k_lin, v_lin, g, scale=scale_lin, initial_state=initial_state,
+                                output_final_state=output_final_state, cu_seqlens=cu_seqlens)
     ref = torch.empty(0, dtype=acc, device=q_win.device)
     o = combine_hybrid(o_win.to(acc), lse.to(acc), o_lin.to(acc), mode=mode,
                        w_win=head_weights(w_win, H, 0.5, ref), w_lin=head_weights(w_lin, H, 0.5, ref),
