@@ -130,9 +130,9 @@ def naive_hybrid_attention(
                           cu_seqlens=cu_seqlens, initial_state=initial_state, output_final_state=output_final_state)
 
 
-def compose_hybrid(window_op, gla_op, q_win, k_win, v, q_lin, k_lin, g, *, window, mode, num_sink_tokens,
-                   sink_logits, scale_win, scale_lin, w_win, w_lin, c, key_mask, cu_seqlens, initial_state,
-                   output_final_state):
+def compose_hybrid(window_op, gla_op, q_win, k_win, v, q_lin, k_lin, g, *, window, mode="mix", num_sink_tokens=0,
+                   sink_logits=None, scale_win=None, scale_lin=1.0, w_win=None, w_lin=None, c=None, key_mask=None,
+                   cu_seqlens=None, initial_state=None, output_final_state=False):
     """The hybrid from one window op and one GLA op of the same signature (naive or chunked);
     arguments and results as in `naive_hybrid_attention`."""
     check_hybrid_inputs(q_win, k_win, v, q_lin, k_lin, g, mode)
