@@ -7,6 +7,7 @@ New parameters live in submodules whose names start with `linearize_`.
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -73,6 +74,9 @@ class LinearizedAttention(nn.Module):
         if family.qk_norm:
             self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
         object.__setattr__(self, "_teacher_attention", attn)
+        # transformers 5.2x renamed the attention's cache argument (past_key_values -> cache)
+        params = inspect.signature(attn.forward).parameters
+        self._teacher_cache_arg = "cache" if "cache" in params else "past_key_values"
         object.__setattr__(self, "_context", context)
         self.teacher_active = False
         self.transfer: AttentionTransfer | None = None
@@ -117,12 +121,12 @@ class LinearizedAttention(nn.Module):
             if isinstance(cache, LinearizeCache):
                 cache = cache.softmax_view()
             return self._teacher_attention(hidden_states, position_embeddings=position_embeddings,
-                                           attention_mask=attention_mask, cache=cache, **kwargs)
+                                           attention_mask=attention_mask, **{self._teacher_cache_arg: cache}, **kwargs)
         out = self.student_forward(hidden_states, position_embeddings, cache)
         if self.transfer is not None:
             with torch.no_grad():
                 teacher, _ = self._teacher_attention(hidden_states, position_embeddings=position_embeddings,
-                                                     attention_mask=attention_mask, cache=None, **kwargs)
+                                                     attention_mask=attention_mask, **kwargs)
             self.transfer.record(out, teacher, self._context.key_mask(hidden_states.shape[1]))
             return teacher, None
         return out, None

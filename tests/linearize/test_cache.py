@@ -137,3 +137,19 @@ def test_teacher_mode_generates_with_an_ordinary_kv_cache(make_tiny_model):
     assert torch.equal(out.sequences, ref)
     cache = out.cache if hasattr(out, "cache") else out.past_key_values
     assert isinstance(cache, DynamicCache) and not isinstance(cache, LinearizeCache)
+
+
+def test_mixer_accepts_both_cache_argument_names(make_tiny_model):
+    """transformers 5.2x renamed the attention's cache argument; both names must work."""
+    model = convert(make_tiny_model, "lizard")
+    mixer = model.model.layers[0].self_attn
+    hidden = torch.randn(1, 7, 64)
+    pos = torch.arange(7)[None]
+    emb = model.model.rotary_emb(hidden, pos)
+    outs = []
+    for name in ("cache", "past_key_values"):
+        cache = LinearizeCache(model)
+        with torch.no_grad():
+            outs.append(mixer(hidden, position_embeddings=emb, attention_mask=None, **{name: cache})[0])
+        assert cache.layers[0].get_seq_length() == 7 and cache.layers[0].recurrent is not None
+    assert torch.equal(outs[0], outs[1])
