@@ -258,26 +258,21 @@ def run_evaluation(settings: EvalSettings, out_dir: str | Path, log=print) -> di
         else:
             notes.append("Agreement skipped: the student is its own teacher (not linearized, no "
                          "adapter), so agreement is 100% and KL 0.")
-    if "passkey" in s.metrics:
+    recall_probes = {
+        "passkey": (lambda: passkey_retrieval(model, tok, s.passkey_lengths, s.passkey_depths, s.passkey_trials,
+                                              s.seed), plot_passkey),
+        "mqar": (lambda: mqar_accuracy(model, tok, s.mqar_pairs, s.mqar_samples, s.seed, s.batch_size), plot_mqar),
+    }
+    for name, (probe, plot) in recall_probes.items():
+        if name not in s.metrics:
+            continue
         t = time.time()
-        pk = for_roles(lambda role: passkey_retrieval(
-            model, tok, s.passkey_lengths, s.passkey_depths, s.passkey_trials, s.seed))
+        res = for_roles(lambda role: probe())
         if s.teacher:
-            pk["recovery"] = recovery(pk["student"]["mean_accuracy"], pk["teacher"]["mean_accuracy"])
-        results["metrics"]["passkey"] = pk
-        results["plots"]["passkey"] = str(plot_passkey(
-            {r: pk[r] for r in roles}, out / "plots" / "passkey.png").relative_to(out))
-        log(f"passkey in {time.time() - t:.1f}s")
-    if "mqar" in s.metrics:
-        t = time.time()
-        mq = for_roles(lambda role: mqar_accuracy(
-            model, tok, s.mqar_pairs, s.mqar_samples, s.seed, s.batch_size))
-        if s.teacher:
-            mq["recovery"] = recovery(mq["student"]["mean_accuracy"], mq["teacher"]["mean_accuracy"])
-        results["metrics"]["mqar"] = mq
-        results["plots"]["mqar"] = str(plot_mqar(
-            {r: mq[r] for r in roles}, out / "plots" / "mqar.png").relative_to(out))
-        log(f"mqar in {time.time() - t:.1f}s")
+            res["recovery"] = recovery(res["student"]["mean_accuracy"], res["teacher"]["mean_accuracy"])
+        results["metrics"][name] = res
+        results["plots"][name] = str(plot({r: res[r] for r in roles}, out / "plots" / f"{name}.png").relative_to(out))
+        log(f"{name} in {time.time() - t:.1f}s")
 
     results["seconds"] = time.time() - t0
     (out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))
