@@ -6,7 +6,7 @@ pre-hook on the decoder stack records them here once per forward.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -15,22 +15,36 @@ import torch
 class ForwardContext:
     attention_mask: torch.Tensor | None = None  # [B, past + T], 1 = real token
     position_ids: torch.Tensor | None = None  # [B, T]
+    _memo: dict = field(default_factory=dict)  # per-forward results, shared by every layer
 
     def record(self, module, args, kwargs) -> None:
         mask = kwargs.get("attention_mask")
         self.attention_mask = mask if (mask is not None and mask.dim() == 2) else None
         self.position_ids = kwargs.get("position_ids")
+        self._memo.clear()
 
     def key_mask(self, T: int) -> torch.Tensor | None:
         """[B, T] bool validity of the current T tokens, or None when nothing is padded."""
+        key = ("key_mask", T)
+        if key not in self._memo:
+            self._memo[key] = self._key_mask(T)
+        return self._memo[key]
+
+    def cu_seqlens(self, B: int, T: int) -> torch.LongTensor | None:
+        """Packed-sequence bounds [N + 1] when a single row's position_ids restart at 0."""
+        key = ("cu_seqlens", B, T)
+        if key not in self._memo:
+            self._memo[key] = self._cu_seqlens(B, T)
+        return self._memo[key]
+
+    def _key_mask(self, T: int) -> torch.Tensor | None:
         mask = self.attention_mask
         if mask is None:
             return None
         mask = mask[:, -T:].bool()
         return None if bool(mask.all()) else mask
 
-    def cu_seqlens(self, B: int, T: int) -> torch.LongTensor | None:
-        """Packed-sequence bounds [N + 1] when a single row's position_ids restart at 0."""
+    def _cu_seqlens(self, B: int, T: int) -> torch.LongTensor | None:
         pos = self.position_ids
         if pos is None or B != 1 or pos.shape[-1] != T or T < 2:
             return None
