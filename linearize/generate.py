@@ -40,7 +40,7 @@ def generate_text(model_dir: str | Path, prompt: str, *, max_new_tokens: int = 6
                   do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.9, chat: bool = False,
                   stream=sys.stdout) -> GenerationReport:
     """Generate from `prompt`, streaming tokens to `stream`; returns text, speed and cache bytes."""
-    from transformers import AutoTokenizer, TextStreamer
+    from transformers import AutoTokenizer
 
     from .cache import LinearizeCache
     from .checkpoint import load
