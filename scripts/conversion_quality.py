@@ -17,7 +17,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import linearize
-from linearize.assets import default_model_dir, heldout_texts
+from linearize.assets import default_model_dir
+from linearize.eval.heldout import joined_heldout_documents
 from linearize.eval.perplexity import perplexity
 
 VARIANTS = {
@@ -32,20 +33,6 @@ VARIANTS = {
 }
 
 
-def joined_documents(tokenizer, texts: list[str], max_length: int) -> list[str]:
-    docs, current, length = [], [], 0
-    for text in texts:
-        n = len(tokenizer(text)["input_ids"])
-        if current and length + n > max_length:
-            docs.append("\n\n".join(current))
-            current, length = [], 0
-        current.append(text)
-        length += n
-    if current:
-        docs.append("\n\n".join(current))
-    return docs
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="HF folder (default: embedded SmolLM2-135M-Instruct)")
@@ -56,7 +43,7 @@ def main() -> None:
     args = ap.parse_args()
     path = args.model or default_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    docs = joined_documents(tokenizer, heldout_texts(args.texts), args.max_length)
+    docs = joined_heldout_documents(tokenizer, args.texts, args.max_length)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     rows = []
     with torch.no_grad():

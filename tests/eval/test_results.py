@@ -1,0 +1,75 @@
+"""The results pipeline at toy size: every step runs on a tiny model, the document has every
+section, numbers are finite, and a second run reuses the files instead of recomputing."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from linearize.eval.results import METHOD_ENTRIES, ResultsRun, ResultsSettings, main
+
+
+def toy_settings(model_dir, tmp_path, methods) -> ResultsSettings:
+    return ResultsSettings(
+        model=str(model_dir), work_dir=str(tmp_path / "work"), doc=str(tmp_path / "docs" / "results.md"),
+        methods=methods, stage1_tokens=64, stage2_tokens=64, seq_len=32, gradient_accumulation_steps=1,
+        ppl_texts=3, long_texts=4, long_length=96, mmlu_limit=None, passkey_lengths=[256],
+        speed_length=64, decode_steps=2, prefill_lengths=[32, 64], decode_contexts=[32],
+        train_lengths=[32], kernel_lengths=[64], bench_repeats=1, progress=False,
+    )
+
+
+def test_results_pipeline_toy(eval_model_dir, tmp_path):
+    s = toy_settings(eval_model_dir, tmp_path, ["liger-attention", "lizard-hybrid", "window-sinks"])
+    s.skip = ["speed", "bench"]
+    doc = ResultsRun(s, log=lambda m: None).run()
+    work = tmp_path / "work"
+    assert not list(work.rglob("speed.json")) and not (work / "bench").exists()
+    assert "| — | — | — |" in doc.read_text()  # speed columns not measured yet
+    trained = {p: p.stat().st_mtime_ns for p in work.rglob("*.json") if p.name != "settings.json"}
+    s.skip = []
+    doc = ResultsRun(s, log=lambda m: None).run()
+    assert all(p.stat().st_mtime_ns == t for p, t in trained.items())  # only the skipped steps ran
+    text = doc.read_text()
+    for needle in ("# Results", "## Every method, same budget", "## Targets", "## Prefill", "## Decode",
+                   "## Training throughput", "## CPU kernels", "teacher (softmax attention)",
+                   "window + sinks", "inter-layer hybrid", "python scripts/make_results.py",
+                   "Training runs", "within 10 %"):
+        assert needle in text, needle
+    for png in ("training_curves.png", "prefill.png", "decode.png", "train.png", "kernels.png"):
+        assert (doc.parent / "img" / "results" / png).is_file(), png
+    # the hybrid keeps softmax attention in the first and middle layers of the 2-layer model
+    assert json.loads((work / "lizard-hybrid" / "run" / "final" / "config.json").read_text())[
+        "linearize"]["softmax_layers"] == [0, 1]
+    for name in s.methods:
+        ev = json.loads((work / name / "eval" / "results.json").read_text())
+        ppl = ev["metrics"]["perplexity"]["student"]["perplexity"]
+        assert math.isfinite(ppl) and ppl > 1
+        speed = json.loads((work / name / "speed.json").read_text())
+        assert speed["prefill_ratio"]["speedup"] > 0 and speed["decode_ratio"]["cache_ratio"] > 0
+    assert not (work / "window-sinks" / "run").exists()  # the baseline is never trained
+
+    before = {p: p.stat().st_mtime_ns for p in work.rglob("*.json") if p.name != "settings.json"}
+    ResultsRun(s, log=lambda m: None).run()
+    after = {p: p.stat().st_mtime_ns for p in before}
+    assert before == after  # every step reused its files
+
+
+def test_results_bad_input(tmp_path, capsys):
+    with pytest.raises(ValueError, match="unknown method entry nope; choose from"):
+        ResultsSettings(methods=["nope"]).check()
+    with pytest.raises(ValueError, match="train cannot be skipped"):
+        ResultsSettings(skip=["train"]).check()
+    with pytest.raises(ValueError, match="stage2_tokens must be >= 1"):
+        ResultsSettings(stage2_tokens=0).check()
+    assert main(["--speed-length", "0", "--work-dir", str(tmp_path)]) == 2
+    assert "speed_length must be >= 1" in capsys.readouterr().err
+
+
+def test_every_entry_is_a_valid_conversion():
+    from linearize import LinearizeConfig
+
+    for entry in METHOD_ENTRIES:
+        LinearizeConfig.from_dict(entry.resolved_config(30)).resolved()
