@@ -146,12 +146,14 @@ def sliding_window_attention(
     key_mask: torch.Tensor | None = None,
     cu_seqlens: torch.LongTensor | None = None,
     backend: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    need_lse: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sliding-window softmax attention with sink tokens and sink logits.
 
     q: [B, T, H, D]; k: [B, T, HKV, D]; v: [B, T, HKV, Dv]; sink_logits: [H] or [H, M];
     key_mask: [B, T] (False = padding). Returns o [B, T, H, Dv] and lse [B, T, H] (fp32),
-    the log of each row's full softmax denominator (sink logits included).
+    the log of each row's full softmax denominator (sink logits included). need_lse=False
+    tells the op that lse is not used: the CPU path may then return None for it and run faster.
     """
     backend = backend or select_backend(q)
     kwargs = dict(window=window, num_sink_tokens=num_sink_tokens, sink_logits=sink_logits, scale=scale,
@@ -163,7 +165,7 @@ def sliding_window_attention(
     if backend == "torch":
         from .window.chunk import chunk_window_attention
 
-        return chunk_window_attention(q, k, v, **kwargs)
+        return chunk_window_attention(q, k, v, need_lse=need_lse, **kwargs)
     if backend == "triton":
         from .window.triton_window import triton_window_attention
 

@@ -7,6 +7,10 @@ from ..gla.chunk import chunk_gla
 from ..window.chunk import chunk_window_attention
 from .naive import compose_hybrid
 
-chunk_hybrid_attention = functools.partial(compose_hybrid, chunk_window_attention, chunk_gla)
-chunk_hybrid_attention.__doc__ = """Same arguments and results as `naive_hybrid_attention` (shapes documented
-there), computed with `chunk_window_attention` and `chunk_gla`."""
+
+def chunk_hybrid_attention(*args, mode: str = "mix", **kwargs):
+    """Same arguments and results as `naive_hybrid_attention` (shapes documented there), computed
+    with `chunk_window_attention` (without its lse in the "mix" mode, which does not use it) and
+    `chunk_gla`."""
+    window_op = functools.partial(chunk_window_attention, need_lse=mode != "mix")
+    return compose_hybrid(window_op, chunk_gla, *args, mode=mode, **kwargs)

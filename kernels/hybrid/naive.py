@@ -49,7 +49,7 @@ def combine_hybrid(
 ) -> torch.Tensor:
     """Combine the branch outputs (in the dtype of o_win; differentiable, NaN-free).
 
-    o_win: [B, T, H, V]; lse: [B, T, H]; o_lin: [B, T, H, V] (mix) or [B, T, H, V + 1]
+    o_win: [B, T, H, V]; lse: [B, T, H] (unused by "mix": may be None); o_lin: [B, T, H, V] (mix) or [B, T, H, V + 1]
     (shared: numerator columns, then the normalizer column); w_win, w_lin, c: [H].
     """
     if mode == "mix":
@@ -145,7 +145,7 @@ def compose_hybrid(window_op, gla_op, q_win, k_win, v, q_lin, k_lin, g, *, windo
     o_lin, final_state = gla_op(q_lin, k_lin, v_lin, g, scale=scale_lin, initial_state=initial_state,
                                 output_final_state=output_final_state, cu_seqlens=cu_seqlens)
     ref = torch.empty(0, dtype=acc, device=q_win.device)
-    o = combine_hybrid(o_win.to(acc), lse.to(acc), o_lin.to(acc), mode=mode,
+    o = combine_hybrid(o_win.to(acc), None if lse is None else lse.to(acc), o_lin.to(acc), mode=mode,
                        w_win=head_weights(w_win, H, 0.5, ref), w_lin=head_weights(w_lin, H, 0.5, ref),
                        c=head_weights(c, H, 1.0, ref))
     return o.to(q_win.dtype), final_state

@@ -32,7 +32,8 @@ def chunk_window_attention(
     key_mask: torch.Tensor | None = None,
     cu_seqlens: torch.LongTensor | None = None,
     block_size: int = 64,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    need_lse: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sliding-window softmax attention with sink tokens and sink logits, blocked.
 
     Query t attends key s when s is valid, s <= t, and either t - s < window or s is one of
@@ -47,6 +48,9 @@ def chunk_window_attention(
         key_mask: [B, T] bool, False marks padding (never attended, not a sink).
         cu_seqlens: [N + 1] packed sequence bounds (B == 1); attention never crosses them.
         block_size: query rows per block.
+        need_lse: False when the caller ignores lse: it may then come back as None, and
+            inputs without padding or packing take `sdpa_band_attention` (PyTorch's fused
+            CPU attention over the same band), which is several times faster.
 
     Returns:
         o: [B, T, H, Dv] in q's dtype (zeros for a query that sees nothing);
@@ -56,6 +60,9 @@ def chunk_window_attention(
     check_window_inputs(q, k, v, window, num_sink_tokens, sink_logits, key_mask, cu_seqlens)
     if block_size < 1:
         raise ValueError(f"block_size must be positive, got {block_size}")
+    if _fused_band_applies(q, k, v, window, sink_logits, key_mask, cu_seqlens, need_lse):
+        return sdpa_band_attention(q, k, v, window=window, num_sink_tokens=num_sink_tokens,
+                                   sink_logits=sink_logits, scale=scale, need_lse=need_lse)
     B, T, H, D = q.shape
     HKV, Dv = k.shape[2], v.shape[-1]
     G = H // HKV
@@ -126,6 +133,130 @@ def chunk_window_attention(
     o, lse = _BandAttention.apply(qa, kp, vp, kx, vx, sinks, plan)
     o = o.permute(0, 2, 3, 1, 4, 5).reshape(B, Tq, H, Dv)[:, :T]
     lse = lse.permute(0, 2, 3, 1, 4).reshape(B, Tq, H)[:, :T]
+    return o.to(q.dtype), lse
+
+
+_FUSED_BLOCK = 32  # query rows per band block of the fused path (the fastest on CPU)
+
+
+def _fused_band_applies(q, k, v, window, sink_logits, key_mask, cu_seqlens, need_lse) -> bool:
+    """The fused path covers inputs without padding or packing; it returns lse only without
+    autograd, and takes sink logits as constants (no gradient)."""
+    if key_mask is not None or cu_seqlens is not None or window is None or q.device.type != "cpu":
+        return False
+    grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, sink_logits))
+    if grad and (need_lse or (sink_logits is not None and sink_logits.requires_grad)):
+        return False
+    return q.shape[1] > window  # shorter inputs are one dense block either way
+
+
+def _band_bias(rows: int, keys: int, first_key: int, window: int, dtype, device) -> torch.Tensor:
+    """[rows, keys] additive mask: 0 where key position first_key + j is in the window of query
+    position i (0 <= i - (first_key + j) < window), -inf elsewhere."""
+    d = torch.arange(rows, device=device)[:, None] - (first_key + torch.arange(keys, device=device))[None, :]
+    return torch.zeros(rows, keys, dtype=dtype, device=device).masked_fill_((d < 0) | (d >= window), float("-inf"))
+
+
+def _sdpa(q, k, v, bias, scale, need_lse):
+    """o (and lse when asked) of softmax(q k^T scale + bias) v through PyTorch's fused CPU kernel.
+
+    q [N, HKV, R, D], k [N, HKV, L, D], v [N, HKV, L, Dv], bias [R, L] or [HKV, R, L]."""
+    bias = bias if bias.dim() == 2 else bias.unsqueeze(0)
+    if q.shape[-1] == v.shape[-1] and q.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        # The fused kernel itself (it also returns lse); its autograd covers o only, which is
+        # all the callers differentiate (lse under autograd takes the general path).
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias,
+                                                                            scale=scale)
+        return o, (lse if need_lse else None)
+    if not need_lse:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale), None
+    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).add_(bias)  # the fused kernel's case not covered
+    lse = s.logsumexp(-1)
+    return torch.matmul(s.sub_(lse.unsqueeze(-1)).exp_(), v), lse
+
+
+def sdpa_band_attention(q, k, v, *, window: int, num_sink_tokens: int = 0, sink_logits=None, scale=None,
+                        need_lse: bool = False, block_size: int = _FUSED_BLOCK):
+    """Sliding-window attention with sink tokens and (constant) sink logits through
+    `scaled_dot_product_attention`, for inputs without padding or packing.
+
+    With P = ceil((window - 1) / block_size) * block_size, the first E queries attend densely
+    (a [E, E] mask), E >= window + P + sinks chosen so that T - E is a multiple of block_size
+    (no padding); every later block of `block_size` queries from t0 on attends the band of keys
+    [t0 - P, t0 + block_size), in which no sink token can lie, plus the sinks in front and
+    the sink logits as zero keys whose additive bias is the logit. The band's keys are an
+    unfolded view copied once; query heads of a group share it (rows ordered (t, g)).
+
+    q: [B, T, H, D]; k: [B, T, HKV, D]; v: [B, T, HKV, Dv]; sink_logits: [H] or [H, M'].
+    Returns o [B, T, H, Dv] in q's dtype and lse [B, T, H] fp32 (need_lse, no autograd) or None.
+    """
+    B, T, H, D = q.shape
+    HKV, Dv = k.shape[2], v.shape[-1]
+    G = H // HKV
+    Bq = block_size
+    scale = D ** -0.5 if scale is None else scale
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dev = q.device
+    M = min(num_sink_tokens, T)
+    nb = math.ceil((window - 1) / Bq)
+    P = nb * Bq
+    E = T - max(0, (T - (window + P + M)) // Bq) * Bq
+    sl = None
+    if sink_logits is not None:
+        sl = sink_logits.detach().to(acc).reshape(HKV, G, -1)  # [HKV, G, M']
+    Ms = 0 if sl is None else sl.shape[-1]
+
+    def sink_columns(rows_t: int, bias: torch.Tensor) -> torch.Tensor:
+        """Prepend the sink-logit columns ([HKV, rows_t * G, M'] biases) to a [R, L] band bias."""
+        if sl is None:
+            return bias
+        logit = sl[:, None].expand(HKV, rows_t, G, Ms).reshape(HKV, rows_t * G, Ms)
+        return torch.cat([logit, bias.expand(HKV, *bias.shape)], dim=-1)
+
+    def with_zero_keys(x: torch.Tensor) -> torch.Tensor:
+        """[..., L, D] -> [..., M' + L, D] with M' zero keys/values in front (the sink logits)."""
+        return x if Ms == 0 else torch.cat([x.new_zeros(*x.shape[:-2], Ms, x.shape[-1]), x], dim=-2)
+
+    qa = q.to(acc)
+    kt = k.to(acc).transpose(1, 2)  # [B, HKV, T, D]
+    vt = v.to(acc).transpose(1, 2)
+    o = torch.empty(B, T, H, Dv, dtype=acc, device=dev)
+    lse = torch.empty(B, T, H, dtype=acc, device=dev) if need_lse else None
+
+    # Head: the first E queries against the first E keys, densely.
+    qh = qa[:, :E].reshape(B, E, HKV, G, D).permute(0, 2, 1, 3, 4).reshape(B, HKV, E * G, D)
+    bias = _band_bias(E, E, 0, window, acc, dev)
+    if M:
+        t = torch.arange(E, device=dev)[:, None]
+        bias[:, :M].masked_fill_(t >= torch.arange(M, device=dev)[None, :], 0.0)
+    bias = sink_columns(E, bias.repeat_interleave(G, dim=0))
+    oh, lh = _sdpa(qh, with_zero_keys(kt[:, :, :E]), with_zero_keys(vt[:, :, :E]), bias, scale, need_lse)
+    o[:, :E] = oh.view(B, HKV, E, G, Dv).permute(0, 2, 1, 3, 4).reshape(B, E, H, Dv)
+    if need_lse:
+        lse[:, :E] = lh.view(B, HKV, E, G).permute(0, 2, 1, 3).reshape(B, E, H)
+    if E == T:
+        return o.to(q.dtype), lse
+
+    # Tail: blocks of Bq queries from E on, each against its band (and the sinks in front).
+    NB = (T - E) // Bq
+    L = P + Bq
+    qt = qa[:, E:].reshape(B, NB, Bq, HKV, G, D).permute(0, 1, 3, 2, 4, 5).reshape(B * NB, HKV, Bq * G, D)
+
+    def band(x: torch.Tensor) -> torch.Tensor:  # [B, HKV, T, D] -> [B * NB, HKV, L, D], one copy
+        return x[:, :, E - P:].unfold(2, L, Bq).permute(0, 2, 1, 4, 3).reshape(B * NB, HKV, L, x.shape[-1])
+
+    kb, vb = band(kt), band(vt)
+    if M:
+        kb = torch.cat([kt[:, None, :, :M].expand(B, NB, HKV, M, D).reshape(B * NB, HKV, M, D), kb], dim=2)
+        vb = torch.cat([vt[:, None, :, :M].expand(B, NB, HKV, M, Dv).reshape(B * NB, HKV, M, Dv), vb], dim=2)
+    bias = _band_bias(Bq, L, -P, window, acc, dev)
+    if M:
+        bias = torch.cat([bias.new_zeros(Bq, M), bias], dim=1)  # the sinks lie outside every tail band
+    bias = sink_columns(Bq, bias.repeat_interleave(G, dim=0))
+    ot, lt = _sdpa(qt, with_zero_keys(kb), with_zero_keys(vb), bias, scale, need_lse)
+    o[:, E:] = ot.view(B, NB, HKV, Bq, G, Dv).permute(0, 1, 3, 2, 4, 5).reshape(B, T - E, H, Dv)
+    if need_lse:
+        lse[:, E:] = lt.view(B, NB, HKV, Bq, G).permute(0, 1, 3, 2, 4).reshape(B, T - E, H)
     return o.to(q.dtype), lse
 
 

@@ -185,7 +185,7 @@ class LinearizedAttention(nn.Module):
                                           sink_logits=sink_logits, scale=self.scaling)
         o, lse = sliding_window_attention(q, k, v, window=cfg.window, num_sink_tokens=cfg.num_sink_tokens,
                                           sink_logits=sink_logits, scale=self.scaling, key_mask=key_mask,
-                                          cu_seqlens=cu_seqlens)
+                                          cu_seqlens=cu_seqlens, need_lse=cfg.mixing == "shared-denominator")
         if state is not None:
             state.store_window(k, v, key_mask, window=cfg.window, num_sink_tokens=cfg.num_sink_tokens)
         return o, lse

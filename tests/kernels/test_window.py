@@ -151,12 +151,29 @@ def test_small_window_cost_is_banded():
         return out
 
     q, k, v, _ = make_inputs(1, 1000, 1, 1, 8, 8)
+    q.requires_grad_()  # lse under autograd: the general blocked path
     wc._group_scores = spy
     try:
         chunk_window_attention(q, k, v, window=30, num_sink_tokens=2, block_size=32)
     finally:
         wc._group_scores = orig
     assert max(seen) == 64
+
+    # the fused path's key blocks are banded too: sinks + P + block keys
+    calls = []
+    orig_sdpa = wc._sdpa
+
+    def spy_sdpa(q_, k_, *args):
+        calls.append(k_.shape[-2])
+        return orig_sdpa(q_, k_, *args)
+
+    wc._sdpa = spy_sdpa
+    try:
+        with torch.no_grad():
+            chunk_window_attention(q, k, v, window=30, num_sink_tokens=2, need_lse=False)
+    finally:
+        wc._sdpa = orig_sdpa
+    assert calls == [72, 2 + 32 + 32]  # the dense head (E = 1000 - 29 * 32 = 72 >= 30 + 32 + 2), then each block
 
 
 def test_non_contiguous_inputs():
@@ -232,3 +249,67 @@ def test_dispatcher_bad_backend(monkeypatch):
     monkeypatch.delenv(ENV_VAR)
     with pytest.raises(ValueError, match="unknown backend 'fast'"):
         sliding_window_attention(q, k, v, window=2, backend="fast")
+
+
+# -- the fused band path (PyTorch SDPA over the band; no padding, no packing) -------------------
+
+@pytest.mark.parametrize("T, window, sinks, sinks_shape, B, H, HKV", [
+    (200, 64, 0, None, 1, 6, 2),      # Liger's window, GQA
+    (131, 20, 4, None, 2, 4, 4),      # window + sink tokens, T not a multiple of the block
+    (300, 33, 3, (6, 4), 1, 6, 3),    # sink tokens and sink logits [H, M]
+    (97, 96, 0, (4,), 1, 4, 2),       # window one below T: the dense head covers everything
+    (500, 5, 2, None, 1, 2, 1),       # tiny window, many band blocks
+])
+def test_fused_band_matches_reference(T, window, sinks, sinks_shape, B, H, HKV):
+    from linearize.kernels.window.chunk import sdpa_band_attention
+
+    q, k, v, sl = make_inputs(B, T, H, HKV, 16, 12, sinks_shape=sinks_shape)
+    o_ref, lse_ref = naive_window_attention(q.to(F64), k.to(F64), v.to(F64), window=window, num_sink_tokens=sinks,
+                                            sink_logits=None if sl is None else sl.to(F64))
+    for need_lse in (False, True):
+        o, lse = sdpa_band_attention(q, k, v, window=window, num_sink_tokens=sinks, sink_logits=sl, need_lse=need_lse)
+        assert o.dtype == q.dtype and o.shape == o_ref.shape
+        assert rel(o, o_ref) < 2e-6
+        if need_lse:
+            assert rel(lse, lse_ref) < 2e-6
+        else:
+            assert lse is None
+    # the public op takes this path whenever it applies, and agrees with the general blocked path
+    with torch.no_grad():
+        o_fast, _ = chunk_window_attention(q, k, v, window=window, num_sink_tokens=sinks, sink_logits=sl,
+                                           need_lse=False)
+    assert rel(o_fast, o_ref) < 2e-6
+
+
+@pytest.mark.parametrize("sinks, sinks_shape", [(0, None), (4, None), (2, (4, 3))])
+def test_fused_band_gradients(sinks, sinks_shape):
+    """Training through the fused path (lse unused): dq, dk, dv match the fp64 reference; sink
+    logits that require grad take the general path, so their gradient stays exact too."""
+    q, k, v, sl = make_inputs(2, 150, 4, 2, 16, 16, sinks_shape=sinks_shape)
+    gen = torch.Generator().manual_seed(3)
+    do = torch.randn(2, 150, 4, 16, generator=gen, dtype=F64)
+    ref = [x.to(F64).requires_grad_() for x in (q, k, v)]
+    ref_sl = None if sl is None else sl.to(F64).requires_grad_()
+    o_ref, _ = naive_window_attention(*ref, window=40, num_sink_tokens=sinks, sink_logits=ref_sl)
+    g_ref = torch.autograd.grad((o_ref * do).sum(), ref + ([ref_sl] if sl is not None else []))
+    xs = [x.detach().requires_grad_() for x in (q, k, v)]
+    xsl = None if sl is None else sl.detach().requires_grad_()
+    o, lse = sliding_window_attention(*xs, window=40, num_sink_tokens=sinks, sink_logits=xsl, need_lse=False,
+                                      backend="torch")
+    grads = torch.autograd.grad((o * do.float()).sum(), xs + ([xsl] if sl is not None else []))
+    for a, b in zip(grads, g_ref):
+        assert rel(a, b) < 5e-6
+
+
+def test_fused_band_only_where_it_applies():
+    """Padding, packing, and lse under autograd keep the general path (lse comes back)."""
+    q, k, v, _ = make_inputs(1, 120, 2, 1, 8, 8)
+    assert chunk_window_attention(q, k, v, window=16, need_lse=False)[1] is None
+    mask = torch.ones(1, 120, dtype=torch.bool)
+    mask[0, :7] = False
+    assert chunk_window_attention(q, k, v, window=16, need_lse=False, key_mask=mask)[1] is not None
+    cu = torch.tensor([0, 50, 120])
+    assert chunk_window_attention(q, k, v, window=16, need_lse=False, cu_seqlens=cu)[1] is not None
+    qg = q.clone().requires_grad_()
+    o, lse = chunk_window_attention(qg, k, v, window=16)
+    assert lse is not None and lse.requires_grad
