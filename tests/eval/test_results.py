@@ -56,6 +56,14 @@ def test_results_pipeline_toy(eval_model_dir, tmp_path):
     after = {p: p.stat().st_mtime_ns for p in before}
     assert before == after  # every step reused its files
 
+    # a finished distill run listed as a longer run: evaluated, tabled, its recipe copied next to the doc
+    s.extra_runs = [str(work / "lizard-hybrid" / "run")]
+    text = ResultsRun(s, log=lambda m: None).run().read_text()
+    assert "## Longer training runs" in text and "[run](recipes/run.yaml)" in text
+    assert (doc.parent / "recipes" / "run.yaml").is_file()
+    assert (work / "extra-run" / "eval" / "results.json").is_file()
+    assert "--extra-runs" in text
+
 
 def test_results_bad_input(tmp_path, capsys):
     with pytest.raises(ValueError, match="unknown method entry nope; choose from"):
@@ -66,6 +74,8 @@ def test_results_bad_input(tmp_path, capsys):
         ResultsSettings(stage2_tokens=0).check()
     assert main(["--speed-length", "0", "--work-dir", str(tmp_path)]) == 2
     assert "speed_length must be >= 1" in capsys.readouterr().err
+    assert main(["--extra-runs", str(tmp_path), "--work-dir", str(tmp_path)]) == 2
+    assert "has no final/config.json" in capsys.readouterr().err
 
 
 def test_every_entry_is_a_valid_conversion():
