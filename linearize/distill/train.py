@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,7 +121,9 @@ def apply_lora(model, recipe: Recipe):
     cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                      target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
     try:
-        peft_model = get_peft_model(model, cfg)
+        with warnings.catch_warnings():  # peft reads a property transformers 5 deprecated; nothing to act on
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            peft_model = get_peft_model(model, cfg)
     except ValueError as e:
         raise RecipeError(f"stage2.lora.target_modules {lora.target_modules}: {e}. Use module names of the model "
                           "such as q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj") from e
