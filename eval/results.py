@@ -315,6 +315,9 @@ class ResultsRun:
         from .bench.train import run_train
 
         model = None
+        cuda_report = root / "kernels" / "cuda" / "kernels_cuda.json"
+        if cuda_report.is_file():
+            reports["kernels_cuda"] = _read(cuda_report)
         for name in ("prefill", "decode", "train", "kernels"):
             path = root / name / f"{'kernels_cpu' if name == 'kernels' else name}.json"
             if self._skipped("bench", path):
@@ -326,6 +329,8 @@ class ResultsRun:
             if name == "kernels":
                 run_kernels(self.s.kernel_lengths, root / name, self.s.bench_repeats)
                 reports[name] = _read(path)
+                if cuda_report.is_file():
+                    reports["kernels_cuda"] = _read(cuda_report)
                 continue
             if model is None:
                 model = load_bench_model(self.s.model, "liger-gla")
@@ -718,6 +723,23 @@ def _bench_sections(bench: dict, img: Path, doc_dir: Path) -> list[str]:
         rel = _copy_figure(report["files"].get("plot"), img, f"{name}.png", doc_dir)
         if rel:
             out += [f"![{name}]({rel})", ""]
+    cuda = bench.get("kernels_cuda")
+    out += ["## GPU kernels", ""]
+    if cuda:
+        md_path = Path(cuda["files"]["markdown"])
+        out += ["`python -m linearize.eval.bench.kernels_cuda` (Triton kernels checked against the references at "
+                "the benchmark shapes, then timed against SDPA and fla's chunk_gla):", "",
+                md_path.read_text().split("\n", 1)[-1].strip() if md_path.is_file() else "", ""]
+    else:
+        out += ["Not measured here: this machine has no GPU. On a CUDA machine, `python -m "
+                "linearize.eval.bench.kernels_cuda --out DIR` checks every Triton kernel against its reference at "
+                "the benchmark shapes and times it against SDPA and flash-linear-attention's `chunk_gla`; "
+                "`linearize bench kernels` (and this script) run it automatically when CUDA is present.", ""]
+    out += ["## Correctness", "",
+            "Not benchmarks but tests (`python3 -m pytest -q`): every kernel against its fp64 reference on random "
+            "inputs, forward and every gradient, with relative-error bounds (fp32 1e-5, bf16 2e-2), including "
+            "Triton under `TRITON_INTERPRET=1`; window >= sequence length reproduces the teacher; prefill plus "
+            "step-by-step decoding reproduces the full forward for every method with a left-padded batch.", ""]
     return out
 
 

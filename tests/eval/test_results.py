@@ -36,7 +36,7 @@ def test_results_pipeline_toy(eval_model_dir, tmp_path):
     for needle in ("# Results", "## Every method, same budget", "## Targets", "## Prefill", "## Decode",
                    "## Training throughput", "## CPU kernels", "teacher (softmax attention)",
                    "window + sinks", "inter-layer hybrid", "python scripts/make_results.py",
-                   "Training runs", "within 10 %"):
+                   "Training runs", "within 10 %", "## GPU kernels", "no GPU", "## Correctness"):
         assert needle in text, needle
     for png in ("training_curves.png", "prefill.png", "decode.png", "train.png", "kernels.png"):
         assert (doc.parent / "img" / "results" / png).is_file(), png
