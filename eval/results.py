@@ -448,7 +448,8 @@ def _machine() -> str:
     from .bench.common import machine_info
 
     m = machine_info("cpu")
-    parts = [f"{m.get('cpu', platform.processor())} ({m.get('cpu_affinity', os.cpu_count())} CPUs)",
+    parts = [f"{m.get('cpu', platform.processor())} ({os.cpu_count()} CPUs; {torch.get_num_threads()} torch "
+             f"thread{'s' if torch.get_num_threads() > 1 else ''} per process)",
              f"Python {platform.python_version()}", f"torch {torch.__version__}",
              f"transformers {transformers.__version__}"]
     try:
