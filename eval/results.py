@@ -585,6 +585,20 @@ MISSED_NOTES = {
 }
 
 
+def prefill_bound(rows: list[dict]) -> str:
+    """An upper bound on the prefill speedup at the longest length, from the teacher's own rows:
+    at the shortest length the teacher is nearly all MLP and projections (shared by both models)."""
+    teacher = sorted((r for r in rows if r["role"] == "teacher"), key=lambda r: r["length"])
+    if len(teacher) < 2:
+        return ""
+    short, long = teacher[0], teacher[-1]
+    shared_s = long["length"] / short["tokens_per_s"]
+    return (f" Measured here: at {short['length']:,} tokens the teacher runs at {short['tokens_per_s']:,.0f} tokens/s; "
+            f"at that rate the shared part of the {long['length']:,}-token prefill alone takes ~{shared_s:.0f} s of "
+            f"the teacher's {long['ms'] / 1e3:.0f} s, so no student can be more than ~{long['ms'] / 1e3 / shared_s:.1f}x "
+            "faster at that length on this model and machine.")
+
+
 def missed_target_notes(rows: list[dict], bench: dict) -> list[str]:
     """Why each missed target is missed (fixed explanations, shown only for targets this run missed)."""
     notes = []
@@ -597,7 +611,7 @@ def missed_target_notes(rows: list[dict], bench: dict) -> list[str]:
     for name in ("prefill", "kernels"):
         report = bench.get(name) or {}
         if any(t.get("met") is False for t in report.get("targets", [])):
-            notes.append(MISSED_NOTES[name])
+            notes.append(MISSED_NOTES[name] + (prefill_bound(report["rows"]) if name == "prefill" else ""))
     if not notes:
         return []
     return ["Why the missed targets are missed:", ""] + [f"- {n}" for n in notes] + [""]

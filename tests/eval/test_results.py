@@ -83,3 +83,14 @@ def test_every_entry_is_a_valid_conversion():
 
     for entry in METHOD_ENTRIES:
         LinearizeConfig.from_dict(entry.resolved_config(30)).resolved()
+
+
+def test_prefill_bound_from_teacher_rows():
+    from linearize.eval.results import prefill_bound
+
+    rows = [{"role": "teacher", "length": 1024, "tokens_per_s": 512.0, "ms": 2000.0},
+            {"role": "student", "length": 1024, "tokens_per_s": 500.0, "ms": 2048.0},
+            {"role": "teacher", "length": 16384, "tokens_per_s": 160.0, "ms": 96000.0}]
+    text = prefill_bound(rows)
+    assert "~32 s of the teacher's 96 s" in text and "~3.0x" in text
+    assert prefill_bound(rows[:2]) == ""  # one length: no bound
