@@ -15,6 +15,10 @@ def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
     return b if a is None else torch.cat([a, b], dim=1)
 
 
+# New queries per block when a chunk meets a cached window (bounds the score matrix).
+QUERY_BLOCK = 256
+
+
 class LinearizedLayerCache(CacheLayerMixin):
     """Constant-size state of one linearized layer (batch-first, `[B, L, HKV, D]` layout)."""
 
@@ -122,23 +126,43 @@ class LinearizedLayerCache(CacheLayerMixin):
     def window_attention(self, q, k, v, key_mask, *, window: int, num_sink_tokens: int, sink_logits, scale: float):
         """Softmax of new queries [B, T, H, D] over sinks, the cached window and the new keys.
 
-        Returns o [B, T, H, D] and lse [B, T, H] (fp32), then stores the new keys/values.
+        Queries go in blocks of `QUERY_BLOCK`: a block sees the sinks, the cached window and
+        only the new keys within `window` of it (plus new sink tokens), so a long chunk costs
+        O(T * (window + block)), not O(T^2). Returns o [B, T, H, D] and lse [B, T, H] (fp32),
+        then stores the new keys/values.
         """
-        B, T, H, D = q.shape
-        HKV = k.shape[2]
+        B, T = q.shape[:2]
         valid, rank = self._new_ranks(B, T, key_mask, k.device)
         new_sink = valid & (rank < num_sink_tokens)
-        i = torch.arange(T, device=q.device)
-        new_allowed = valid[:, None, :] & (i[None, None, :] <= i[None, :, None]) & (
-            ((i[:, None] - i[None, :]) < window)[None] | new_sink[:, None, :])
+        sink_end = int(new_sink.any(0).nonzero().max()) + 1 if bool(new_sink.any()) else 0
+        outs, lses = [], []
+        for t0 in range(0, T, QUERY_BLOCK):
+            t1 = min(T, t0 + QUERY_BLOCK)
+            lo = max(0, t0 - window + 1)
+            cols = torch.cat([torch.arange(min(sink_end, lo), device=q.device), torch.arange(lo, t1, device=q.device)])
+            o, lse = self._attend(q[:, t0:t1], torch.arange(t0, t1, device=q.device), cols, k, v, valid, new_sink,
+                                  window, sink_logits, scale)
+            outs.append(o)
+            lses.append(lse)
+        self.store_window(k, v, key_mask, window=window, num_sink_tokens=num_sink_tokens)
+        return torch.cat(outs, dim=1), torch.cat(lses, dim=1)
+
+    def _attend(self, q, rows, cols, k, v, valid, new_sink, window, sink_logits, scale):
+        """Queries q [B, R, H, D] at new positions `rows` against the sinks, the cached window and
+        the new keys at positions `cols`; returns o [B, R, H, Dv] (q's dtype) and lse [B, R, H] fp32."""
+        B, R, H, D = q.shape
+        HKV = k.shape[2]
+        k, v, valid, new_sink = k[:, cols], v[:, cols], valid[:, cols], new_sink[:, cols]
+        new_allowed = valid[:, None, :] & (cols[None, None, :] <= rows[None, :, None]) & (
+            ((rows[:, None] - cols[None, :]) < window)[None] | new_sink[:, None, :])
         keys, values, masks = [], [], []
         if self.sink_k is not None:
             keys.append(self.sink_k)
             values.append(self.sink_v)
-            masks.append(self.sink_valid[:, None, :].expand(B, T, -1))
+            masks.append(self.sink_valid[:, None, :].expand(B, R, -1))
         if self.win_k is not None and self.win_k.shape[1]:
             L = self.win_k.shape[1]
-            dist = (L - torch.arange(L, device=q.device))[None, :] + i[:, None]  # [T, L]
+            dist = (L - torch.arange(L, device=q.device))[None, :] + rows[:, None]  # [R, L]
             near = (dist < window)[None]
             masks.append(self.win_valid[:, None, :] & ~self.win_sink[:, None, :] & near)
             keys.append(self.win_k)
@@ -148,17 +172,16 @@ class LinearizedLayerCache(CacheLayerMixin):
         masks.append(new_allowed)
         K = torch.cat([x.to(q.dtype) for x in keys], dim=1).float()
         V = torch.cat([x.to(v.dtype) for x in values], dim=1).float()
-        allowed = torch.cat(masks, dim=-1)  # [B, T, S]
+        allowed = torch.cat(masks, dim=-1)  # [B, R, S]
         G = H // HKV
-        scores = torch.einsum("bthgd,bshd->bhgts", q.float().view(B, T, HKV, G, D), K) * scale
-        scores = scores.reshape(B, H, T, -1).masked_fill(~allowed[:, None], float("-inf"))
+        scores = torch.einsum("bthgd,bshd->bhgts", q.float().view(B, R, HKV, G, D), K) * scale
+        scores = scores.reshape(B, H, R, -1).masked_fill(~allowed[:, None], float("-inf"))
         if sink_logits is not None:
-            extra = sink_logits.float().reshape(H, -1)[None, :, None, :].expand(B, H, T, -1)
+            extra = sink_logits.float().reshape(H, -1)[None, :, None, :].expand(B, H, R, -1)
             scores = torch.cat([scores, extra], dim=-1)
-        lse = torch.logsumexp(scores, dim=-1)  # [B, H, T]
+        lse = torch.logsumexp(scores, dim=-1)  # [B, H, R]
         probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)[..., : K.shape[1]]
-        o = torch.einsum("bhgts,bshd->bthgd", probs.view(B, HKV, G, T, -1), V).reshape(B, T, H, -1)
-        self.store_window(k, v, key_mask, window=window, num_sink_tokens=num_sink_tokens)
+        o = torch.einsum("bhgts,bshd->bthgd", probs.view(B, HKV, G, R, -1), V).reshape(B, R, H, -1)
         return o.to(q.dtype), lse.transpose(1, 2)
 
 

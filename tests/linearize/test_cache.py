@@ -57,7 +57,13 @@ def test_prefill_then_decode_equals_full_forward(make_tiny_model, case):
 
 
 @pytest.mark.parametrize("case", ["lizard", "window-sinks", "hybrid-lizard"])
-def test_prefill_in_pieces_equals_prefill_at_once(make_tiny_model, case):
+@pytest.mark.parametrize("query_block", [256, 3])
+def test_prefill_in_pieces_equals_prefill_at_once(make_tiny_model, case, query_block, monkeypatch):
+    """query_block 3: a piece meeting a cached window goes in blocks of 3 queries, each seeing only
+    its own window of the new keys (plus sinks), and still equals the one-piece prefill."""
+    import linearize.cache
+
+    monkeypatch.setattr(linearize.cache, "QUERY_BLOCK", query_block)
     model = convert(make_tiny_model, case)
     ids, mask = padded_batch(T=30)
     pos = positions(mask)
