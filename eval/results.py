@@ -699,8 +699,9 @@ def write_document(settings: ResultsSettings, collected: dict, work: Path) -> Pa
     extra = extra_rows(collected, rows[0])
     if extra:
         out += ["## Longer training runs", "",
-                "Distill runs with larger budgets than the table above (their recipe is in each run folder), "
-                "evaluated the same way.", "",
+                "Distill runs with larger budgets than the table above, evaluated the same way. Each was made "
+                "before this script with `linearize distill <the linked recipe>` (the recipe names its output "
+                "folder, which `--extra-runs` then points at); the minutes are wall-clock on a shared machine.", "",
                 markdown_table(["run (recipe)", "method", "tokens (stage 1 + 2)", "minutes", "ppl", "× teacher",
                                 "long-doc ppl", "top-1 agree %", "KL", "passkey %", "MMLU %"],
                                [[_recipe_link(r, collected, doc.parent), str(r["method"]), f"{r['tokens']:,}", f"{r['minutes']:.0f}", _num(r["ppl"]),
