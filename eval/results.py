@@ -98,7 +98,7 @@ class ResultsSettings:
     speed_repeats: int = 1
     decode_steps: int = 16
     prefill_lengths: list[int] = field(default_factory=lambda: [1024, 4096, 16384])
-    decode_contexts: list[int] = field(default_factory=lambda: [1024, 4096, 16384])
+    decode_contexts: list[int] = field(default_factory=lambda: [1024, 4096, 16384, 32768])
     train_lengths: list[int] = field(default_factory=lambda: [512, 2048])
     kernel_lengths: list[int] = field(default_factory=lambda: [1024, 4096, 16384])
     bench_repeats: int = 3
