@@ -32,6 +32,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from linearize.distill.checkpointing import write_atomic
+
+from .runner import _pct
+
 STEPS = ("train", "untrained", "eval", "long_ppl", "speed", "bench")
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -135,9 +139,7 @@ def _read(path: Path) -> dict | None:
 
 def _write(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=1, default=str) + "\n")
 
 
 class ResultsRun:
@@ -419,13 +421,6 @@ def _num(x, digits: int = 2) -> str:
     return f"{x:,.{digits}f}"
 
 
-def _pct(x, stderr=None) -> str:
-    """A number already in percent (lm-eval's and our metrics' convention)."""
-    if x is None:
-        return "—"
-    return f"{x:.1f}" + (f" ± {stderr:.1f}" if stderr else "")
-
-
 def _ratio(x, digits: int = 2) -> str:
     return "—" if x is None else f"{x:.{digits}f}x"
 
@@ -470,6 +465,16 @@ def _copy_figure(src: str | Path | None, img_dir: Path, name: str, doc_dir: Path
     return os.path.relpath(dst, doc_dir)
 
 
+def eval_fields(ev: dict, teacher_row: dict) -> dict:
+    """The numbers of one evaluated student (`evaluate`'s dict) shared by every table row."""
+    ppl = ev["metrics"]["perplexity"]["student"]["perplexity"]
+    long = ev["long_perplexity"]["perplexity"]
+    agr = ev["metrics"].get("agreement", {})
+    return {"ppl": ppl, "ppl_ratio": ppl / teacher_row["ppl"], "long": long, "long_ratio": long / teacher_row["long"],
+            "top1": agr.get("top1_agreement"), "kl": agr.get("kl_mean"),
+            "passkey": ev["metrics"]["passkey"]["student"]["mean_accuracy"], "mmlu": _mmlu(ev)}
+
+
 def method_rows(collected: dict) -> list[dict]:
     """One dict per row of the main table (teacher first), numbers only."""
     teacher = collected["teacher"]
@@ -480,17 +485,12 @@ def method_rows(collected: dict) -> list[dict]:
              "passkey": teacher["metrics"]["passkey"]["student"]["mean_accuracy"],
              "mmlu": _mmlu(teacher)}]
     for name, m in collected["methods"].items():
-        ev = m["eval"]
-        ppl = ev["metrics"]["perplexity"]["student"]["perplexity"]
-        long = ev["long_perplexity"]["perplexity"]
-        agr = ev["metrics"].get("agreement", {})
         speed = m["speed"] or {"prefill_ratio": {"speedup": None},
                                "decode_ratio": {"speedup": None, "cache_ratio": None}}
         rows.append({
-            "name": name, "ppl_untrained": m["untrained"]["perplexity"]["perplexity"], "ppl": ppl,
-            "ppl_ratio": ppl / t_ppl, "long_untrained": m["untrained"]["long_perplexity"]["perplexity"],
-            "long": long, "long_ratio": long / t_long, "top1": agr.get("top1_agreement"), "kl": agr.get("kl_mean"),
-            "passkey": ev["metrics"]["passkey"]["student"]["mean_accuracy"], "mmlu": _mmlu(ev),
+            "name": name, **eval_fields(m["eval"], rows[0]),
+            "ppl_untrained": m["untrained"]["perplexity"]["perplexity"],
+            "long_untrained": m["untrained"]["long_perplexity"]["perplexity"],
             "prefill_speedup": speed["prefill_ratio"]["speedup"], "decode_speedup": speed["decode_ratio"]["speedup"],
             "cache_ratio": speed["decode_ratio"]["cache_ratio"], "trained": m["training"] is not None,
             "training": m["training"],
@@ -502,14 +502,9 @@ def extra_rows(collected: dict, teacher_row: dict) -> list[dict]:
     """Rows of the longer runs (same keys as `method_rows`, plus method, tokens and minutes)."""
     rows = []
     for name, m in collected.get("extra", {}).items():
-        ev = m["eval"]
-        ppl = ev["metrics"]["perplexity"]["student"]["perplexity"]
-        agr = ev["metrics"].get("agreement", {})
         stages = (m["training"] or {}).get("stages", {})
         rows.append({
-            "name": name, "method": m["method"], "ppl": ppl, "ppl_ratio": ppl / teacher_row["ppl"],
-            "long": ev["long_perplexity"]["perplexity"], "top1": agr.get("top1_agreement"), "kl": agr.get("kl_mean"),
-            "passkey": ev["metrics"]["passkey"]["student"]["mean_accuracy"], "mmlu": _mmlu(ev), "trained": True,
+            "name": name, "method": m["method"], **eval_fields(m["eval"], teacher_row), "trained": True,
             "tokens": sum(st["tokens"] for st in stages.values()),
             "minutes": sum(st["seconds"] for st in stages.values()) / 60, "extra": True,
         })
@@ -621,11 +616,8 @@ def bench_target_lines(bench: dict) -> list[str]:
     from .bench.common import target_lines
 
     lines = []
-    for name in ("prefill", "decode", "train"):
+    for name in ("prefill", "decode", "train", "kernels"):
         report = bench.get(name)
-        if report:
-            lines += [f"- {line.removeprefix('target: ')}" for line in target_lines(report.get("targets", []))]
-    for report in (bench.get("kernels"),):
         if report:
             lines += [f"- {line.removeprefix('target: ')}" for line in target_lines(report.get("targets", []))]
     return lines

@@ -50,7 +50,7 @@ def chunk_window_attention(
         block_size: query rows per block.
         need_lse: False when the caller ignores lse: it may then come back as None, and
             inputs without padding or packing take `sdpa_band_attention` (PyTorch's fused
-            CPU attention over the same band), which is several times faster.
+            CPU attention kernel over the same band).
 
     Returns:
         o: [B, T, H, Dv] in q's dtype (zeros for a query that sees nothing);
@@ -136,7 +136,7 @@ def chunk_window_attention(
     return o.to(q.dtype), lse
 
 
-_FUSED_BLOCK = 32  # query rows per band block of the fused path (the fastest on CPU)
+_FUSED_BLOCK = 32  # query rows per band block of the fused path
 
 
 def _fused_band_applies(q, k, v, window, sink_logits, key_mask, cu_seqlens, need_lse) -> bool:
