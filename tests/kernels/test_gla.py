@@ -257,3 +257,30 @@ def test_path_selection(fallback_chunks, scalar, gate):
     elif gate == "zero":
         assert fallback_chunks == []
     assert_below(errors, 2e-5)
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no-grad"])
+def test_long_sequences_in_segments(monkeypatch, grad):
+    """A sequence longer than the segment budget goes in segments that carry the state (with
+    autograd, and without it, writing into one output): the same result and gradients as
+    the reference, T not a multiple of the chunk or the segment, bf16 output dtype kept."""
+    import linearize.kernels.gla.chunk as chunk_module
+
+    B, T, H, HKV, K, V = 2, 150, 4, 2, 12, 10
+    monkeypatch.setattr(chunk_module, "_SEGMENT_ELEMENTS", B * 40 * H * K)  # 4 segments of 48 tokens
+    calls = []
+    one_piece = chunk_module._chunk_gla
+    monkeypatch.setattr(chunk_module, "_chunk_gla", lambda q, *a, **kw: calls.append(q.shape[1]) or one_piece(q, *a, **kw))
+    inputs = make_inputs(B, T, H, HKV, K, V)
+    if grad:
+        assert_below(compare(inputs, chunk_size=16), 2e-5)
+    else:
+        q, k, v, g, h0 = inputs
+        o_ref, s_ref = naive_gla(*(x.to(F64) for x in (q, k, v, g)), scale=0.5, initial_state=h0.to(F64),
+                                 output_final_state=True)
+        with torch.no_grad():
+            o, s = chunk_gla(q, k, v, g, scale=0.5, initial_state=h0, output_final_state=True, chunk_size=16)
+            o16, _ = chunk_gla(q.bfloat16(), k.bfloat16(), v.bfloat16(), g, scale=0.5, chunk_size=16)
+        assert_below({"o": rel(o, o_ref), "state": rel(s, s_ref)}, 2e-5)
+        assert o16.dtype == torch.bfloat16 and o16.shape == o.shape
+    assert calls[:4] == [48, 48, 48, 6], calls
