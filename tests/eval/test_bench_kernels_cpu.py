@@ -20,8 +20,10 @@ def one_thread():
 
 
 def test_run_writes_table_json_and_plot(tmp_path):
-    rows = kernels_cpu.run([32, 96], tmp_path, 1, **TOY)
-    assert {(r["op"], r["T"]) for r in rows} == {(op, T) for op in kernels_cpu.OPS for T in (32, 96)}
+    rows = kernels_cpu.run([32, 96], tmp_path, 1, threads=[1, 2], **TOY)
+    assert {(r["threads"], r["op"], r["T"]) for r in rows} == {
+        (n, op, T) for n in (1, 2) for op in kernels_cpu.OPS for T in (32, 96)}
+    assert torch.get_num_threads() == 1  # restored
     for r in rows:
         for key in ("chunk_ms", "naive_ms", "speedup", "chunk_fwd_bwd_ms"):
             assert math.isfinite(r[key]) and r[key] > 0, (key, r)
@@ -34,14 +36,21 @@ def test_run_writes_table_json_and_plot(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
     saved = json.loads((tmp_path / "kernels_cpu.json").read_text())
     assert len(saved["rows"]) == len(rows) and saved["settings"]["window"] == 8
-    assert saved["targets"][0]["value"] is None  # T=4096 was not run
+    assert [t["at"] for t in saved["targets"]] == ["T=4096, 1 thread", "T=4096, 2 threads"]
+    assert all(t["value"] is None for t in saved["targets"])  # T=4096 was not run
     md = (tmp_path / "kernels_cpu.md").read_text()
-    assert "| GLA, per-channel gates | 96 |" in md and "(est.)" in md
+    assert "| 2 | GLA, per-channel gates | 96 |" in md and "(est.)" in md
+
+
+def test_target_per_thread_count():
+    rows = [{"threads": n, "op": "gla", "T": kernels_cpu.TARGET_LENGTH, "speedup": x} for n, x in ((1, 9.5), (2, 21.0))]
+    targets = kernels_cpu.kernels_targets(rows)
+    assert [(t["at"], t["met"]) for t in targets] == [("T=4096, 1 thread", False), ("T=4096, 2 threads", True)]
 
 
 def test_main_without_backward(tmp_path, capsys):
     argv = ["--lengths", "16", "--repeats", "1", "--out", str(tmp_path), "--no-backward", "--heads", "2",
-            "--kv-heads", "2", "--dim", "4", "--window", "4"]
+            "--kv-heads", "2", "--dim", "4", "--window", "4", "--threads", "1"]
     assert kernels_cpu.main(argv) == 0
     out = capsys.readouterr().out
     assert "| sliding window + sinks | 16 |" in out and "kernels_cpu.png" in out
