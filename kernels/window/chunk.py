@@ -49,8 +49,9 @@ def chunk_window_attention(
         cu_seqlens: [N + 1] packed sequence bounds (B == 1); attention never crosses them.
         block_size: query rows per block.
         need_lse: False when the caller ignores lse: it may then come back as None, and
-            inputs without padding or packing take `sdpa_band_attention` (PyTorch's fused
-            CPU attention kernel over the same band).
+            inputs without padding take `sdpa_band_attention` (PyTorch's fused CPU attention
+            kernel over the same band; packed sequences one at a time when they average at
+            least a window in length).
 
     Returns:
         o: [B, T, H, Dv] in q's dtype (zeros for a query that sees nothing);
@@ -61,8 +62,14 @@ def chunk_window_attention(
     if block_size < 1:
         raise ValueError(f"block_size must be positive, got {block_size}")
     if _fused_band_applies(q, k, v, window, sink_logits, key_mask, cu_seqlens, need_lse):
-        return sdpa_band_attention(q, k, v, window=window, num_sink_tokens=num_sink_tokens,
-                                   sink_logits=sink_logits, scale=scale, need_lse=need_lse)
+        band = dict(window=window, num_sink_tokens=num_sink_tokens, sink_logits=sink_logits, scale=scale,
+                    need_lse=need_lse)
+        if cu_seqlens is None:
+            return sdpa_band_attention(q, k, v, **band)
+        parts = [sdpa_band_attention(q[:, s:e], k[:, s:e], v[:, s:e], **band)
+                 for _, s, e in sequence_spans(1, q.shape[1], cu_seqlens) if e > s]
+        o = torch.cat([o for o, _ in parts], dim=1)
+        return o, (torch.cat([lse for _, lse in parts], dim=1) if need_lse else None)
     B, T, H, D = q.shape
     HKV, Dv = k.shape[2], v.shape[-1]
     G = H // HKV
@@ -140,9 +147,12 @@ _FUSED_BLOCK = 32  # query rows per band block of the fused path
 
 
 def _fused_band_applies(q, k, v, window, sink_logits, key_mask, cu_seqlens, need_lse) -> bool:
-    """The fused path covers inputs without padding or packing; it returns lse only without
-    autograd, and takes sink logits as constants (no gradient)."""
-    if key_mask is not None or cu_seqlens is not None or window is None or q.device.type != "cpu":
+    """The fused path covers inputs without padding, and packed sequences that average at least
+    a window in length (each is one call; many short ones are cheaper in one general pass); it
+    returns lse only without autograd, and takes sink logits as constants (no gradient)."""
+    if key_mask is not None or window is None or q.device.type != "cpu":
+        return False
+    if cu_seqlens is not None and q.shape[1] < window * (cu_seqlens.numel() - 1):
         return False
     grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, sink_logits))
     if grad and (need_lse or (sink_logits is not None and sink_logits.requires_grad)):

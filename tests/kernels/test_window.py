@@ -302,14 +302,44 @@ def test_fused_band_gradients(sinks, sinks_shape):
 
 
 def test_fused_band_only_where_it_applies():
-    """Padding, packing, and lse under autograd keep the general path (lse comes back)."""
+    """Padding, many short packed sequences, and lse under autograd keep the general path (lse
+    comes back); packed sequences a window long on average take the fused one."""
     q, k, v, _ = make_inputs(1, 120, 2, 1, 8, 8)
     assert chunk_window_attention(q, k, v, window=16, need_lse=False)[1] is None
     mask = torch.ones(1, 120, dtype=torch.bool)
     mask[0, :7] = False
     assert chunk_window_attention(q, k, v, window=16, need_lse=False, key_mask=mask)[1] is not None
     cu = torch.tensor([0, 50, 120])
-    assert chunk_window_attention(q, k, v, window=16, need_lse=False, cu_seqlens=cu)[1] is not None
+    assert chunk_window_attention(q, k, v, window=16, need_lse=False, cu_seqlens=cu)[1] is None
+    many = torch.arange(0, 121, 10)  # 12 sequences of 10 tokens: 120 < 12 * 16
+    assert chunk_window_attention(q, k, v, window=16, need_lse=False, cu_seqlens=many)[1] is not None
     qg = q.clone().requires_grad_()
     o, lse = chunk_window_attention(qg, k, v, window=16)
     assert lse is not None and lse.requires_grad
+
+
+@pytest.mark.parametrize("sinks, sinks_shape", [(0, None), (3, None), (2, (4, 2))])
+def test_fused_band_packed_sequences(sinks, sinks_shape):
+    """Packed sequences through the fused path, one at a time (a length-1 sequence, one shorter
+    than the window, two longer): outputs, lse without autograd, and dq, dk, dv against the
+    fp64 reference; attention never crosses a sequence start."""
+    T, window = 160, 24
+    cu = torch.tensor([0, 1, 17, 90, T])
+    q, k, v, sl = make_inputs(1, T, 4, 2, 16, 16, sinks_shape=sinks_shape)
+    gen = torch.Generator().manual_seed(4)
+    do = torch.randn(1, T, 4, 16, generator=gen, dtype=F64)
+    ref = [x.to(F64).requires_grad_() for x in (q, k, v)]
+    o_ref, lse_ref = naive_window_attention(*ref, window=window, num_sink_tokens=sinks, cu_seqlens=cu,
+                                            sink_logits=None if sl is None else sl.to(F64))
+    g_ref = torch.autograd.grad((o_ref * do).sum(), ref)
+    with torch.no_grad():
+        o, lse = chunk_window_attention(q, k, v, window=window, num_sink_tokens=sinks, sink_logits=sl,
+                                        cu_seqlens=cu, need_lse=True)
+    assert rel(o, o_ref) < 2e-6 and rel(lse, lse_ref) < 2e-6
+    xs = [x.detach().requires_grad_() for x in (q, k, v)]
+    o, lse = chunk_window_attention(*xs, window=window, num_sink_tokens=sinks, sink_logits=sl, cu_seqlens=cu,
+                                    need_lse=False)
+    assert lse is None  # the fused path ran
+    assert rel(o, o_ref) < 2e-6
+    for a, b in zip(torch.autograd.grad((o * do.float()).sum(), xs), g_ref):
+        assert rel(a, b) < 5e-6
