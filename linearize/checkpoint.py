@@ -140,7 +140,10 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: st
             raise CheckpointError(f"{adapter} is not a peft adapter folder (no adapter_config.json)")
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter)
+        from .peft_quiet import peft_quietly
+
+        with peft_quietly():
+            model = PeftModel.from_pretrained(model, adapter)
     if device is not None:
         model = model.to(device)
     model.eval()

@@ -8,12 +8,12 @@ LoRA-wrapped projections). The adapters are removed again afterwards (`unload`).
 """
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
 
 from linearize import mixers
+from linearize.peft_quiet import peft_quietly
 
 from .common import (ROLE_STYLE, ROLES, PeakMemory, fmt, log2_axis, machine_info, markdown_table, median, mib,
                      model_device, model_info, new_figure, ordered_roles, progress, random_ids, require_linearized,
@@ -43,8 +43,7 @@ def bench_train(model: torch.nn.Module, lengths=DEFAULT_LENGTHS, repeats: int = 
     grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
     config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=list(target_modules),
                         bias="none", task_type="CAUSAL_LM")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with peft_quietly():
         peft_model = get_peft_model(model, config)
     try:
         trainable = [p for p in peft_model.parameters() if p.requires_grad]

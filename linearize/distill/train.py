@@ -17,7 +17,6 @@ import math
 import os
 import shutil
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from ..config import LinearizeConfig
 from ..mixers import AttentionTransfer
 from .checkpointing import (CheckpointMissingError, TrainerState, clean_partial, fsync_tree, latest_checkpoint,
                             read_checkpoint, save_checkpoint, write_atomic)
-from .data import IGNORE_INDEX, TokenRows, build_rows
+from .data import IGNORE_INDEX, build_rows
 from .metrics import MetricsLog, plot_losses
 from .recipe import Recipe, RecipeError
 
@@ -117,12 +116,13 @@ def apply_lora(model, recipe: Recipe):
     """Wrap `model` in peft LoRA adapters as `stage2.lora` says; returns the PeftModel."""
     from peft import LoraConfig, get_peft_model
 
+    from ..peft_quiet import peft_quietly
+
     lora = recipe.stage2.lora
     cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                      target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
     try:
-        with warnings.catch_warnings():  # peft reads a property transformers 5 deprecated; nothing to act on
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        with peft_quietly():
             peft_model = get_peft_model(model, cfg)
     except ValueError as e:
         raise RecipeError(f"stage2.lora.target_modules {lora.target_modules}: {e}. Use module names of the model "
@@ -385,7 +385,7 @@ class Run:
         acc, recipe = self.accelerator, self.recipe
         from tqdm.auto import tqdm
 
-        B, accum, T = recipe.batch_size, recipe.gradient_accumulation_steps, recipe.seq_len
+        B, accum = recipe.batch_size, recipe.gradient_accumulation_steps
         s2 = recipe.stage2
         opt_cfg = (recipe.stage1 if plan.stage == 1 else s2).optimizer
         bar = tqdm(total=plan.steps, initial=step, desc=f"stage {plan.stage}", unit="step", dynamic_ncols=True,
