@@ -94,3 +94,14 @@ def test_prefill_bound_from_teacher_rows():
     text = prefill_bound(rows)
     assert "~32 s of the teacher's 96 s" in text and "~3.0x" in text
     assert prefill_bound(rows[:2]) == ""  # one length: no bound
+
+
+def test_kernels_contrast_per_thread_count():
+    from linearize.eval.results import kernels_contrast
+
+    rows = [{"threads": n, "op": op, "T": T, "speedup": x}
+            for n, op, T, x in ((1, "gla", 4096, 8.6), (1, "gla_scalar", 4096, 12.2), (2, "gla", 4096, 17.3),
+                                (2, "gla_scalar", 4096, 22.3), (2, "gla", 1024, 99.0))]
+    text = kernels_contrast(rows)
+    assert "8.6x per-channel vs 12.2x per-head on 1 thread; 17.3x per-channel vs 22.3x per-head on 2 threads" in text
+    assert kernels_contrast([r for r in rows if r["T"] == 1024]) == ""
