@@ -27,7 +27,9 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import inspect
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -40,6 +42,7 @@ DEFAULT_LENGTHS = tuple(sorted({s[1] for s in SHAPES}))
 DEFAULT_OUT = Path("outputs/bench/kernels_cuda")
 DEFAULT_REPEATS = 20
 WINDOW, SINKS = 64, 4
+DRY_RUN_SHAPE = (1, 80, 2, 16)  # longer than the window, one partial chunk: every code path, in seconds
 TOLERANCE = 2e-2
 METHODS = ("sdpa", "fla_chunk_gla", "gla", "gla_scalar", "window", "hybrid", "sdpa+gla", "window+gla")
 LABELS = {"sdpa": "SDPA causal", "fla_chunk_gla": "fla chunk_gla", "gla": "ours GLA (per-channel)",
@@ -188,10 +191,18 @@ def check_shape(x: dict, check_tokens: int) -> dict:
 
 
 # -- timing --------------------------------------------------------------------------------
-def time_cuda(fn, warmup: int, repeats: int) -> list[float]:
-    """Milliseconds of `repeats` calls (CUDA events), after `warmup` untimed calls."""
+def time_calls(fn, warmup: int, repeats: int) -> list[float]:
+    """Milliseconds of `repeats` calls (CUDA events; a wall clock for the CPU dry run), after
+    `warmup` untimed calls."""
     for _ in range(warmup):
         fn()
+    if not torch.cuda.is_available():
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return times
     torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
@@ -211,7 +222,7 @@ def time_shape(x: dict, warmup: int, repeats: int) -> dict:
         row = {"fwd_ms": None, "fwd_bwd_ms": None, "error": None}
         try:
             with torch.no_grad():
-                t = time_cuda(lambda: fn(x), warmup, repeats)
+                t = time_calls(lambda: fn(x), warmup, repeats)
             row.update(fwd_ms=median(t), fwd_times=t)
             leaves = {k: x[k].detach().requires_grad_() for k in names}
             args = {**x, **leaves}
@@ -222,7 +233,7 @@ def time_shape(x: dict, warmup: int, repeats: int) -> dict:
             def fwd_bwd():
                 torch.autograd.grad(fn(args), list(leaves.values()), grads)
 
-            t = time_cuda(fwd_bwd, warmup, repeats)
+            t = time_calls(fwd_bwd, warmup, repeats)
             row.update(fwd_bwd_ms=median(t), fwd_bwd_times=t)
         except torch.cuda.OutOfMemoryError:
             row["error"] = "out of memory"
@@ -327,17 +338,32 @@ def _versions() -> dict:
 
 
 def run(lengths=DEFAULT_LENGTHS, out_dir: str | Path = DEFAULT_OUT, repeats: int = DEFAULT_REPEATS, *,
-        warmup: int = 3, check_tokens: int = 512, seed: int = 0, show_progress: bool = True) -> list[dict]:
-    """Check, then time every method at the shapes selected by `lengths` (see `shapes_for`); write
-    kernels_cuda.json / .md / .png into out_dir and return one result per shape."""
-    if not torch.cuda.is_available():
+        warmup: int = 3, check_tokens: int = 512, seed: int = 0, show_progress: bool = True,
+        shapes=None, device: str = "cuda") -> list[dict]:
+    """Check, then time every method at the shapes selected by `lengths` (see `shapes_for`) or
+    given as `shapes` [(B, T, H, D), ...]; write kernels_cuda.json / .md / .png into out_dir
+    after every shape (a run cut short keeps what it finished) and return one result per shape.
+
+    device="cpu" is a dry run of the whole script in the Triton interpreter (TRITON_INTERPRET=1,
+    tiny `shapes`): it checks the benchmark itself, its timings mean nothing."""
+    if device == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("a CPU dry run of kernels_cuda needs TRITON_INTERPRET=1 set before Triton is imported")
+    elif not torch.cuda.is_available():
         raise RuntimeError(_no_cuda_message())
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    shapes = [tuple(s) for s in shapes] if shapes else shapes_for(lengths)
+    machine = machine_info(device)
+    if device != "cpu":
+        props = torch.cuda.get_device_properties(0)
+        machine.update(gpu_capability=f"{props.major}.{props.minor}",
+                       gpu_memory_gib=round(props.total_memory / 2**30, 1), gpu_sms=props.multi_processor_count)
+    machine.update(versions=_versions(), fla_chunk_gla_available=_fla_chunk_gla() is not None)
     results = []
-    for shape in shapes_for(lengths):
+    for shape in shapes:
         B, T, H, D = shape
-        x = make_inputs(B, T, H, D, seed=seed)
+        x = make_inputs(B, T, H, D, seed=seed, device=device)
         if show_progress:
             print(f"[{_shape_label(shape)}] checking against the fp64 references ...", file=sys.stderr, flush=True)
         checks = check_shape(x, check_tokens)
@@ -350,27 +376,27 @@ def run(lengths=DEFAULT_LENGTHS, out_dir: str | Path = DEFAULT_OUT, repeats: int
         results.append({"shape": list(shape), "checks": checks, "checks_failed": sorted(failed), "timings": timings})
         del x
         torch.cuda.empty_cache()
-    props = torch.cuda.get_device_properties(0)
-    machine = machine_info("cuda")
-    machine.update(gpu_capability=f"{props.major}.{props.minor}", gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                   gpu_sms=props.multi_processor_count, versions=_versions(),
-                   fla_chunk_gla_available=_fla_chunk_gla() is not None)
-    targets = build_targets(results)
+        _write(out, results, machine, shapes, repeats, warmup, check_tokens)
+    return results
+
+
+def _write(out: Path, results: list[dict], machine: dict, shapes, repeats: int, warmup: int, check_tokens: int):
     plot(results, out / "kernels_cuda.png")
     notes = ["Times: median of CUDA-event timings after warm-up; forward under torch.no_grad(); fwd+bwd = one "
              "forward plus torch.autograd.grad of every input. The hybrid's backward recomputes both branches "
              "through the separate window and GLA kernels (its forward is one fused launch after the chunk-state "
              "kernel).",
              "Correctness (before timing, same shapes):", "", checks_table(results)]
+    if len(results) < len(shapes):
+        notes.insert(0, f"Partial: {len(results)} of {len(shapes)} shapes done when this was written.")
     report = {"benchmark": "kernels_cuda",
               "machine": machine,
-              "settings": {"shapes": [r["shape"] for r in results], "dtype": "bfloat16", "repeats": repeats,
+              "settings": {"shapes": [list(s) for s in shapes], "dtype": "bfloat16", "repeats": repeats,
                            "warmup": warmup, "window": WINDOW, "sink_tokens": SINKS, "check_tokens": check_tokens,
-                           "tolerance": TOLERANCE},
-              "rows": results, "targets": targets, "notes": notes}
+                           "tolerance": TOLERANCE, "complete": len(results) == len(shapes)},
+              "rows": results, "targets": build_targets(results), "notes": notes}
     write_report(out, "kernels_cuda", report, results_table(results),
-                 f"CUDA kernels: {machine.get('gpu', 'GPU')}, bf16")
-    return results
+                 f"CUDA kernels: {machine.get('gpu', machine.get('device', 'GPU'))}, bf16")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -382,13 +408,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, help="timed runs per point (median)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs before timing")
     parser.add_argument("--check-tokens", type=int, default=512, help="prefix length of the gradient checks")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="run the whole script on the CPU at a tiny shape in the Triton interpreter (needs "
+                             "TRITON_INTERPRET=1 in the environment): checks the benchmark, not the GPU")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
+    if args.dry_run:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            print("--dry-run needs TRITON_INTERPRET=1 in the environment (set before Triton is imported)",
+                  file=sys.stderr)
+            return 2
+    elif not torch.cuda.is_available():
         print(_no_cuda_message(), file=sys.stderr)
         return 2
     from .common import target_lines
 
-    results = run(args.lengths, args.out, args.repeats, warmup=args.warmup, check_tokens=args.check_tokens)
+    dry = dict(shapes=[DRY_RUN_SHAPE], device="cpu") if args.dry_run else {}
+    results = run(args.lengths, args.out, args.repeats, warmup=args.warmup, check_tokens=args.check_tokens, **dry)
     print(results_table(results))
     print()
     print(checks_table(results))

@@ -59,11 +59,19 @@ else:
             return tl.dot(a.to(DOT), b.to(DOT))
 
 
+AUTOTUNE_ENV = "LINEARIZE_AUTOTUNE"
+
+
 def tuned(key: list[str], warps=(4, 8), stages=(1, 2, 3)):
-    """`triton.autotune` over num_warps/num_stages on a GPU; a fixed launch when interpreting."""
+    """`triton.autotune` over num_warps/num_stages on a GPU; a fixed launch when interpreting.
+    LINEARIZE_AUTOTUNE=0 (read at import) keeps one config (4 warps, 2 stages): each kernel
+    compiles once instead of timing six, for quick checks where minutes of tuning do not pay."""
     if INTERPRET:
         return lambda fn: fn
-    configs = [triton.Config({}, num_warps=w, num_stages=s) for w in warps for s in stages]
+    if os.environ.get(AUTOTUNE_ENV, "1") == "0":
+        configs = [triton.Config({}, num_warps=4, num_stages=2)]
+    else:
+        configs = [triton.Config({}, num_warps=w, num_stages=s) for w in warps for s in stages]
     return triton.autotune(configs=configs, key=key)
 
 
