@@ -13,7 +13,14 @@ TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 
 
 def _register() -> None:
-    import lm_eval.models  # noqa: F401  (registers lm-eval's own models first)
+    """Register with lm-eval when it is installed; without it (a bare GPU image running the
+    kernel benchmarks, say) the rest of linearize.eval still imports."""
+    try:
+        import lm_eval.models  # noqa: F401  (registers lm-eval's own models first)
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] == "lm_eval":
+            return
+        raise
     from lm_eval.api.registry import model_registry
 
     model_registry.register("linearize", target="linearize.eval.lm_model:LinearizeLM")

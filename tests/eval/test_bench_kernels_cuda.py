@@ -56,3 +56,25 @@ def test_without_cuda_or_interpreter_says_what_to_run(monkeypatch, capsys):
     monkeypatch.setattr(kernels_cuda.torch.cuda, "is_available", lambda: False)
     assert kernels_cuda.main([]) == 2
     assert "kernels_cpu" in capsys.readouterr().err
+
+
+def test_imports_without_lm_eval_or_datasets():
+    """A bare CUDA image (torch, triton, transformers, peft; no lm-eval, datasets or gguf) can
+    import the kernel benchmarks: scripts/gpu_check.sh runs there."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent('''
+        import importlib.abc, sys
+        class Missing(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name.split(".")[0] in ("lm_eval", "datasets", "gguf"):
+                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        sys.meta_path.insert(0, Missing())
+        import linearize
+        from linearize.eval.bench import kernels_cpu, kernels_cuda
+        print("imported")
+    ''')
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "imported" in done.stdout, done.stderr
