@@ -102,10 +102,11 @@ def chunk_gla(
         x is not None and x.requires_grad for x in (q, k, v, g, initial_state))
     out = None if tracked else q.new_empty(B, T, H, v.shape[-1])
     outs, state = [], initial_state
-    for start in range(0, T, span):
-        seg = slice(start, start + span)
-        o, state = _chunk_gla(q[:, seg], k[:, seg], v[:, seg], g[:, seg], scale, state, True, None, chunk_size,
-                              out=None if out is None else out[:, seg])
+    # split, not slicing: its backward is one concatenation (a slice's fills a zero tensor per piece)
+    pieces = zip(*(x.split(span, dim=1) for x in (q, k, v, g)), range(0, T, span))
+    for qs, ks, vs, gs, start in pieces:
+        o, state = _chunk_gla(qs, ks, vs, gs, scale, state, True, None, chunk_size,
+                              out=None if out is None else out[:, start : start + span])
         outs.append(o)
     return (torch.cat(outs, dim=1) if out is None else out), (state if output_final_state else None)
 
