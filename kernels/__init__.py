@@ -86,17 +86,22 @@ def recurrent_gated_linear_attention(
     """Gated linear attention for a few tokens against a carried state (decoding).
 
     Same shapes as `gated_linear_attention`. Steps token by token with no chunking: the fused
-    Triton kernel on CUDA (forward only), the plain recurrence elsewhere.
+    Triton kernel on CUDA (forward only), the PyTorch recurrence elsewhere (`naive` forces the
+    fp64-exact reference loop).
     """
     backend = backend or select_backend(q)
+    kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
     if backend == "triton" and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, g))):
         from .gla.fused_recurrent import fused_recurrent_gla
 
-        return fused_recurrent_gla(q, k, v, g, scale=scale, initial_state=initial_state,
-                                   output_final_state=output_final_state)
-    from .gla.naive import naive_gla
+        return fused_recurrent_gla(q, k, v, g, **kwargs)
+    if backend == "naive":
+        from .gla.naive import naive_gla
 
-    return naive_gla(q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state)
+        return naive_gla(q, k, v, g, **kwargs)
+    from .gla.recurrent import recurrent_gla
+
+    return recurrent_gla(q, k, v, g, **kwargs)
 
 
 def hybrid_attention(

@@ -132,6 +132,11 @@ class LinearizedLayerCache(CacheLayerMixin):
         then stores the new keys/values.
         """
         B, T = q.shape[:2]
+        if T == 1 and key_mask is None and (num_sink_tokens == 0 or self.valid_seen is not None and bool(
+                (self.valid_seen >= num_sink_tokens).all())):
+            o, lse = self._attend_one(q, k, v, sink_logits, scale)
+            self.store_window(k, v, None, window=window, num_sink_tokens=num_sink_tokens)
+            return o, lse
         valid, rank = self._new_ranks(B, T, key_mask, k.device)
         new_sink = valid & (rank < num_sink_tokens)
         sink_end = int(new_sink.any(0).nonzero().max()) + 1 if bool(new_sink.any()) else 0
@@ -146,6 +151,38 @@ class LinearizedLayerCache(CacheLayerMixin):
             lses.append(lse)
         self.store_window(k, v, key_mask, window=window, num_sink_tokens=num_sink_tokens)
         return torch.cat(outs, dim=1), torch.cat(lses, dim=1)
+
+    def _attend_one(self, q, k, v, sink_logits, scale):
+        """One new, valid, non-sink token (the decode step): q [B, 1, H, D] against the sinks, the
+        cached window (all within reach of it) and its own key, in a handful of ops. Returns o
+        [B, 1, H, Dv] (q's dtype) and lse [B, 1, H] fp32."""
+        B, _, H, D = q.shape
+        HKV = k.shape[2]
+        G = H // HKV
+        keys, values, masks = [], [], []
+        if self.sink_k is not None:
+            keys.append(self.sink_k)
+            values.append(self.sink_v)
+            masks.append(self.sink_valid)
+        if self.win_k is not None and self.win_k.shape[1]:
+            keys.append(self.win_k)
+            values.append(self.win_v)
+            masks.append(self.win_valid & ~self.win_sink)
+        keys.append(k)
+        values.append(v)
+        masks.append(torch.ones(B, 1, dtype=torch.bool, device=q.device))
+        K = torch.cat(keys, dim=1).float().permute(0, 2, 3, 1)  # [B, HKV, D, N]
+        V = torch.cat(values, dim=1).float().transpose(1, 2)  # [B, HKV, N, Dv]
+        N = V.shape[2]
+        scores = torch.matmul(q.float().view(B, HKV, G, D), K).mul_(scale)  # [B, HKV, G, N]
+        scores.masked_fill_(~torch.cat(masks, dim=1)[:, None, None, :], float("-inf"))
+        if sink_logits is not None:
+            extra = sink_logits.float().reshape(HKV, G, -1)[None].expand(B, HKV, G, -1)
+            scores = torch.cat([scores, extra], dim=-1)
+        lse = torch.logsumexp(scores, dim=-1)  # finite: the token's own key is always allowed
+        probs = scores.sub_(lse.unsqueeze(-1)).exp_()[..., :N]
+        o = torch.matmul(probs, V)  # [B, HKV, G, Dv]
+        return o.reshape(B, 1, H, -1).to(q.dtype), lse.reshape(B, 1, H)
 
     def _attend(self, q, rows, cols, k, v, valid, new_sink, window, sink_logits, scale):
         """Queries q [B, R, H, D] at new positions `rows` against the sinks, the cached window and
