@@ -35,12 +35,16 @@ decay is split at a reference row (the last row before the query sub-chunk), q *
 times k * exp(b_ref - b_s), both factors <= 1; inside a diagonal sub-chunk block the [c, c, K]
 decay tensor is formed explicitly, and recomputed in the backward pass instead of stored.
 
-Gradients flow through autograd; two small autograd Functions shape them: the fast path's
-gate gradient leaves out the diagonal s = t (decay exactly 1, whose two equal and opposite
-terms would cancel only up to rounding) and hands b_C and b_s the same fp64 number for each
-k_s exp(b_C - b_s) term (see `_Factorised`); the output relayout returns its gradient
-contiguous once. Chunks of 32 tokens are the fastest on CPU (64 and 128 trade a few fewer
-state steps for twice and four times the masked score work).
+Gradients flow through autograd; small autograd Functions shape them: the fast path's gate
+gradient leaves out the diagonal s = t (decay exactly 1, whose two equal and opposite terms
+would cancel only up to rounding; see `_Factorised`); the state-increment terms
+k_s exp(b_C - b_s), as large as k whatever the decay, reach g through their own exclusive
+cumulative sum (`_Suffix`), so a gate gradient of 1e-13 under strong decay is not rounded
+away against them; the output relayout returns its gradient contiguous once.
+
+Chunks of 32 tokens are the fastest on CPU (64 and 128 trade a few fewer state steps for
+twice and four times the masked score work). Long sequences run in segments of about 2^20
+elements of q that carry the state, so every temporary stays cache-sized.
 """
 from __future__ import annotations
 
@@ -157,11 +161,13 @@ def _chunk_gla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens,
     gv = pack(g).reshape(Bp, NC, C, HKV, K if not scalar else 1).permute(0, 3, 1, 2, 4)
     b = gv.to(torch.float64, memory_format=torch.contiguous_format)
     b = b.cumsum_(3) if b.data_ptr() != gv.data_ptr() else b.cumsum(3)  # in place on a copy only
+    # b_C - b_s, whose gradient reaches g without cancelling (see `_Suffix`); only under autograd.
+    suffix = _Suffix.apply(gv, b.detach()) if torch.is_grad_enabled() and gv.requires_grad else None
 
     # o_intra [B' HKV NC, C * G, V] (rows ordered (token, query head)), qx [B' HKV NC, C * G, K] with
     # qx S_in sfac = scale q_t exp(b_t) S_in, U [.., NC, K, V], decay exp(b_C) [.., NC, K or 1].
-    o_intra, qx, sfac, U, decay = _intra_terms(qv, kv, vc, b, scale, scalar)
-    del qv, kv, vc, gv, b  # temporaries freed early keep the peak (and fresh pages) low
+    o_intra, qx, sfac, U, decay = _intra_terms(qv, kv, vc, b, suffix, scale, scalar)
+    del qv, kv, vc, gv, b, suffix  # temporaries freed early keep the peak (and fresh pages) low
 
     # Inter-chunk recurrence over the (short) chunk axis.
     if initial_state is not None:
@@ -215,12 +221,13 @@ def _chunk_gla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens,
     return o.to(q.dtype), (finals if output_final_state else None)
 
 
-def _intra_terms(qv, kv, vc, b, scale, scalar):
+def _intra_terms(qv, kv, vc, b, suffix, scale, scalar):
     """Intra-chunk terms: the factorised fast path on every chunk whose decay allows it, the
     exact fallback (`_scalar_gate_terms` / `_channel_gate_terms`) on the others.
 
     qv [B', NC, C, HKV, G, K] and kv [B', NC, C, HKV, K] (views of the packed inputs),
-    vc [B', HKV, NC, C, V], b [B', HKV, NC, C, K or 1] cumulative log gates in fp64.
+    vc [B', HKV, NC, C, V], b [B', HKV, NC, C, K or 1] cumulative log gates in fp64, suffix
+    b_C - b (same shape, from `_Suffix`; None without autograd).
     Returns o_intra [M, C * G, V] (M = B' HKV NC; scaled; rows ordered (t, g)), qx [M, C * G, K],
     sfac [.., NC, K or 1] such that scale q_t exp(b_t) S = qx_t (sfac * S), the state
     increment U [.., NC, K, V] and the chunk decay exp(b_C) [.., NC, K or 1].
@@ -239,18 +246,21 @@ def _intra_terms(qv, kv, vc, b, scale, scalar):
     n_slow = int(slow.sum())
     b_exact = b[..., 0] if scalar else b  # the fallback's layout, [.., NC, C(, K)]
     if n_slow == slow.numel():
-        o_intra, qb, sfac, U = _exact_terms(qc, kc, vc, b_exact, scale)
+        if suffix is None:  # no autograd: the values alone
+            suffix = last.unsqueeze(-2) - b
+        o_intra, qb, sfac, U = _exact_terms(qc, kc, vc, b_exact, suffix, scale)
         return o_intra.clone(), qb, sfac, U, decay  # a base tensor: updated in place later
     if n_slow:
         sel = slow.nonzero(as_tuple=True)
         b_slow = b_exact[sel]  # a copy, taken before b is overwritten below
+        suffix_slow = suffix[sel] if suffix is not None else last[sel].unsqueeze(-2) - b[sel]
         ref = ref.masked_fill(slow.unsqueeze(-1), 0.0)
-    x_last = last - ref  # b_C - ref
+    x_last = (last - ref).detach()  # b_C - ref: a constant here, b_C's gradient comes through suffix
     x = b.sub_(ref.unsqueeze(-2))  # b_t - ref (in place, fp64): |x| <= range / 2 < 20 on the fast chunks
     if n_slow:
         x.masked_fill_(slow[..., None, None], 0.0)  # finite stand-ins, replaced below
     # q_t exp(b_t - ref), k_s exp(b_C - b_s) and the scaled causal scores
-    qt, kC, A = _Factorised.apply(qc, kc, x, x_last, scale)
+    qt, kC, A = _Factorised.apply(qc, kc, x, x_last, suffix, scale)
     del x, b
     M = Bp * HKV * NC
     o_intra = torch.bmm(A.view(M, C * G, C), vc.view(M, C, V))
@@ -262,7 +272,7 @@ def _intra_terms(qv, kv, vc, b, scale, scalar):
     if n_slow:
         idx = slow.flatten().nonzero().squeeze(1)
         o_s, qb_s, sf_s, U_s = _exact_terms(qc[sel][None, None], kc[sel][None, None], vc[sel][None, None],
-                                            b_slow[None, None], scale)
+                                            b_slow[None, None], suffix_slow[None, None], scale)
         o_intra = o_intra.index_copy(0, idx, o_s.view(-1, C * G, V))
         qt = qt.index_copy(0, idx, qb_s.view(-1, C * G, K))
         U = U.view(M, K, V).index_copy(0, idx, U_s[0, 0]).view(U.shape)
@@ -279,20 +289,22 @@ class _Factorised(torch.autograd.Function):
     """The factorised intra-chunk products of one (sub-)chunk decomposition.
 
     qc [.., C, G, K] and kc [.., C, K] (strided views), x = b - ref [.., C, K or 1] and
-    x_last = b_C - ref [.., K or 1] in fp64, |x| < 20. Returns (all contiguous)
+    x_last = b_C - ref [.., K or 1] (a constant) in fp64, |x| < 20, and suffix = b_C - b
+    [.., C, K or 1] from `_Suffix` (its values are not read). Returns (all contiguous)
     qt = q exp(x) [.., C * G, K], kC = k exp(x_last - x) [.., C, K] and the causal scores
     A[t, g, s] = scale * qt[t, g] . (k exp(-x))[s] for s <= t, [.., C * G, C].
 
     The backward forms the gate gradient so that nothing large cancels in rounding:
     - the diagonal s = t (decay exactly 1) adds to dq and dk only: its gate terms are equal
       and opposite, but can be far larger than the true gate gradient (when exp(b) is tiny);
-    - each k_s exp(b_C - b_s) term passes the same fp64 number to b_C and (negated) to b_s,
-      so the two cancel in the fp64 cumulative sum of the gate gradient, as the exact fp64
-      difference of exponents would.
+    - the k_s exp(b_C - b_s) terms of the state increment, of the size of k whatever the
+      decay, go to `suffix`, whose gradient reaches each g_j as the sum over s < j alone;
+      handed to b_C and (negated) to b_s they would cancel only in the cumulative sum of the
+      gate gradient, after rounding away a gradient far smaller than themselves.
     """
 
     @staticmethod
-    def forward(ctx, qc, kc, x, x_last, scale):
+    def forward(ctx, qc, kc, x, x_last, suffix, scale):
         C, G, K = qc.shape[-3:]
         lead = qc.shape[:-3]
         acc = qc.dtype
@@ -325,21 +337,38 @@ class _Factorised(torch.autograd.Function):
         Gq = Gq.view(lead + (C, G, K))
         q3 = qt.view(lead + (C, G, K))
         dx = ((Gq * q3).sum(-2) - Gk * kt).double()  # [.., C, K]
+        dsuffix = None
         if dkC is not None:
-            Y = (dkC * kC).double()  # the k_s exp(b_C - b_s) terms: - to b_s, + to b_C
-            dx -= Y
-            dx_last = Y.sum(-2)
+            if ctx.needs_input_grad[4]:
+                dsuffix = (dkC * kC).double()  # the k_s exp(b_C - b_s) terms
             Gk.addcmul_(dkC, f)
-        else:
-            dx_last = torch.zeros_like(f, dtype=torch.float64).squeeze(-2)
         if scalar:
             dx = dx.sum(-1, keepdim=True)
-            dx_last = dx_last.sum(-1, keepdim=True)
+            dsuffix = None if dsuffix is None else dsuffix.sum(-1, keepdim=True)
         # The diagonal (decay 1) enters dq and dk only.
         Gq.addcmul_(dd.unsqueeze(-1), kt.unsqueeze(-2))
         for g in range(G):
             Gk.addcmul_(dd[..., g : g + 1], q3[..., g, :])
-        return Gq.mul_(e_q.unsqueeze(-2)), Gk.div_(e_q), dx, dx_last, None
+        return Gq.mul_(e_q.unsqueeze(-2)), Gk.div_(e_q), dx, None, dsuffix, None
+
+
+class _Suffix(torch.autograd.Function):
+    """suffix_s = b_C - b_s = sum of g over (s, C] inside each chunk, fp64, [.., C, K or 1].
+
+    Forward from the cumulative sums b (no extra pass over g); backward straight to g: g_j
+    lies in suffix_s for s < j, so dg_j = sum_{s < j} dsuffix_s, an exclusive cumulative sum
+    of same-signed-size terms, never a difference of large ones."""
+
+    @staticmethod
+    def forward(ctx, gv, b):
+        ctx.dtype = gv.dtype
+        return b[..., -1:, :] - b
+
+    @staticmethod
+    def backward(ctx, dsuffix):
+        dg = torch.zeros_like(dsuffix)
+        torch.cumsum(dsuffix[..., :-1, :], dim=-2, out=dg[..., 1:, :])
+        return dg.to(ctx.dtype), None
 
 
 class _Permute(torch.autograd.Function):
@@ -359,18 +388,20 @@ class _Permute(torch.autograd.Function):
         return grad.permute(inverse).contiguous(), None
 
 
-def _exact_terms(qc, kc, vc, b, scale):
+def _exact_terms(qc, kc, vc, b, suffix, scale):
     """The exact fallback on chunks [B', HKV, NC]; qc [.., NC, C, G, K] and kc [.., NC, C, K] may
-    be strided views. Returns o_intra [M, C * G, V], qb = scale q exp(b) [M, C * G, K] (M =
-    B' HKV NC), 1.0 (its state factor, see `_intra_terms`) and U [.., NC, K, V]."""
+    be strided views, suffix = b_C - b [.., NC, C, K or 1]. Returns o_intra [M, C * G, V],
+    qb = scale q exp(b) [M, C * G, K] (M = B' HKV NC), 1.0 (its state factor, see
+    `_intra_terms`) and U [.., NC, K, V]."""
     Bp, HKV, NC, C, G, K = qc.shape
     terms = _scalar_gate_terms if b.dim() == 4 else _channel_gate_terms
-    o_intra, qb, U, _ = terms(qc.contiguous(), kc.contiguous(), vc, b, scale)
+    o_intra, qb, U, _ = terms(qc.contiguous(), kc.contiguous(), vc, b, suffix, scale)
     return o_intra.reshape(-1, C * G, o_intra.shape[-1]), qb.reshape(-1, C * G, K), 1.0, U
 
 
-def _scalar_gate_terms(qc, kc, vc, b, scale):
-    """Per-head gates, b: [B', HKV, NC, C] cumulative inside each chunk (fp64).
+def _scalar_gate_terms(qc, kc, vc, b, suffix, scale):
+    """Per-head gates, b: [B', HKV, NC, C] cumulative inside each chunk (fp64), suffix
+    b_C - b [.., NC, C, 1].
 
     Returns the scaled intra-chunk output [.., NC, C * G, V], scale * q exp(b)
     [.., NC, C, G, K], the chunk's state increment U [.., NC, K, V] and its decay
@@ -386,14 +417,14 @@ def _scalar_gate_terms(qc, kc, vc, b, scale):
     A = A.view(Bp, HKV, NC, C, G, C) * E.unsqueeze(-2)
     o_intra = torch.matmul(A.view(Bp, HKV, NC, C * G, C), vc)
     qb = qc * (b.exp().to(acc) * scale)[..., None, None]
-    b_last = b[..., -1:]
-    kC = kc * (b_last - b).exp().to(acc).unsqueeze(-1)  # k_s exp(b_C - b_s)
+    kC = kc * suffix.exp().to(acc)  # k_s exp(b_C - b_s)
     U = torch.matmul(kC.transpose(-1, -2), vc)
-    return o_intra, qb, U, b_last.exp().to(acc)
+    return o_intra, qb, U, b[..., -1:].exp().to(acc)
 
 
-def _channel_gate_terms(qc, kc, vc, b, scale):
-    """Per-channel gates, b: [B', HKV, NC, C, K] (fp64); returns as `_scalar_gate_terms`, decay [.., NC, K]."""
+def _channel_gate_terms(qc, kc, vc, b, suffix, scale):
+    """Per-channel gates, b and suffix = b_C - b: [B', HKV, NC, C, K] (fp64); returns as
+    `_scalar_gate_terms`, decay [.., NC, K]."""
     Bp, HKV, NC, C, G, K = qc.shape
     V = vc.shape[-1]
     acc = qc.dtype
@@ -424,8 +455,8 @@ def _channel_gate_terms(qc, kc, vc, b, scale):
 
     b_last = last[:, :, :, -1]  # [.., NC, K]
     qb = qg * (ref.to(acc).exp() * scale)[:, :, :, :, None, None, :]  # scale q_t exp(b_t)
-    kC = kd * (b_last.unsqueeze(-2) - last).to(acc).exp().unsqueeze(-2)  # k_s exp(b_C - b_s)
-    U = torch.matmul(kC.view(Bp, HKV, NC, C, K).transpose(-1, -2), vc)
+    kC = kc * suffix.exp().to(acc)  # k_s exp(b_C - b_s)
+    U = torch.matmul(kC.transpose(-1, -2), vc)
     return o_intra, qb, U, b_last.to(acc).exp()
 
 
