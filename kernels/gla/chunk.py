@@ -356,8 +356,8 @@ class _Suffix(torch.autograd.Function):
     """suffix_s = b_C - b_s = sum of g over (s, C] inside each chunk, fp64, [.., C, K or 1].
 
     Forward from the cumulative sums b (no extra pass over g); backward straight to g: g_j
-    lies in suffix_s for s < j, so dg_j = sum_{s < j} dsuffix_s, an exclusive cumulative sum
-    of same-signed-size terms, never a difference of large ones."""
+    lies in suffix_s for s < j, so dg_j = sum_{s < j} dsuffix_s: an exclusive cumulative sum,
+    with no pair of large terms left to cancel."""
 
     @staticmethod
     def forward(ctx, gv, b):
