@@ -11,6 +11,8 @@ import os
 
 import torch
 
+from .utils import tracks_grad
+
 BACKENDS = ("naive", "torch", "triton")
 ENV_VAR = "LINEARIZE_KERNEL_BACKEND"
 
@@ -91,7 +93,7 @@ def recurrent_gated_linear_attention(
     """
     backend = backend or select_backend(q)
     kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
-    if backend == "triton" and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, g))):
+    if backend == "triton" and not tracks_grad(q, k, v, g):
         from .gla.fused_recurrent import fused_recurrent_gla
 
         return fused_recurrent_gla(q, k, v, g, **kwargs)

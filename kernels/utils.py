@@ -4,6 +4,11 @@ from __future__ import annotations
 import torch
 
 
+def tracks_grad(*tensors: torch.Tensor | None) -> bool:
+    """True when autograd records an op on these tensors: grad mode is on and one requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def sequence_spans(B: int, T: int, cu_seqlens: torch.LongTensor | None) -> list[tuple[int, int, int]]:
     """(batch row, start, end) for every sequence: B rows of length T, or packed sequences."""
     if cu_seqlens is None:

@@ -152,6 +152,23 @@ class LinearizedLayerCache(CacheLayerMixin):
         self.store_window(k, v, key_mask, window=window, num_sink_tokens=num_sink_tokens)
         return torch.cat(outs, dim=1), torch.cat(lses, dim=1)
 
+    def _has_window_keys(self) -> bool:
+        return self.win_k is not None and self.win_k.shape[1] > 0
+
+    def _cached_keys(self) -> tuple[list, list, list]:
+        """Keys and values [B, S, HKV, D] of the sinks, then the cached window, and which of them
+        a query may see ([B, S] bool: valid, and window entries that are not also sinks)."""
+        keys, values, masks = [], [], []
+        if self.sink_k is not None:
+            keys.append(self.sink_k)
+            values.append(self.sink_v)
+            masks.append(self.sink_valid)
+        if self._has_window_keys():
+            keys.append(self.win_k)
+            values.append(self.win_v)
+            masks.append(self.win_valid & ~self.win_sink)
+        return keys, values, masks
+
     def _attend_one(self, q, k, v, sink_logits, scale):
         """One new, valid, non-sink token (the decode step): q [B, 1, H, D] against the sinks, the
         cached window (all within reach of it) and its own key, in a handful of ops. Returns o
@@ -159,15 +176,7 @@ class LinearizedLayerCache(CacheLayerMixin):
         B, _, H, D = q.shape
         HKV = k.shape[2]
         G = H // HKV
-        keys, values, masks = [], [], []
-        if self.sink_k is not None:
-            keys.append(self.sink_k)
-            values.append(self.sink_v)
-            masks.append(self.sink_valid)
-        if self.win_k is not None and self.win_k.shape[1]:
-            keys.append(self.win_k)
-            values.append(self.win_v)
-            masks.append(self.win_valid & ~self.win_sink)
+        keys, values, masks = self._cached_keys()
         keys.append(k)
         values.append(v)
         masks.append(torch.ones(B, 1, dtype=torch.bool, device=q.device))
@@ -192,18 +201,12 @@ class LinearizedLayerCache(CacheLayerMixin):
         k, v, valid, new_sink = k[:, cols], v[:, cols], valid[:, cols], new_sink[:, cols]
         new_allowed = valid[:, None, :] & (cols[None, None, :] <= rows[None, :, None]) & (
             ((rows[:, None] - cols[None, :]) < window)[None] | new_sink[:, None, :])
-        keys, values, masks = [], [], []
-        if self.sink_k is not None:
-            keys.append(self.sink_k)
-            values.append(self.sink_v)
-            masks.append(self.sink_valid[:, None, :].expand(B, R, -1))
-        if self.win_k is not None and self.win_k.shape[1]:
+        keys, values, cached = self._cached_keys()
+        masks = [m[:, None, :].expand(B, R, -1) for m in cached]
+        if self._has_window_keys():
             L = self.win_k.shape[1]
             dist = (L - torch.arange(L, device=q.device))[None, :] + rows[:, None]  # [R, L]
-            near = (dist < window)[None]
-            masks.append(self.win_valid[:, None, :] & ~self.win_sink[:, None, :] & near)
-            keys.append(self.win_k)
-            values.append(self.win_v)
+            masks[-1] = masks[-1] & (dist < window)[None]
         keys.append(k)
         values.append(v)
         masks.append(new_allowed)

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils import check_gla_inputs
+from ..utils import check_gla_inputs, tracks_grad
 from .triton_chunk import MAX_BLOCK, MAX_HEAD_DIM, block
 
 
@@ -84,8 +84,7 @@ def fused_recurrent_gla(
     Raises RuntimeError when grad mode is on and an input requires grad: there is no backward.
     """
     check_gla_inputs(q, k, v, g, initial_state, cu_seqlens)
-    tensors = (q, k, v, g) + ((initial_state,) if initial_state is not None else ())
-    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
+    if tracks_grad(q, k, v, g, initial_state):
         raise RuntimeError("fused_recurrent_gla is forward only (decoding); call it under torch.no_grad() "
                            "or use triton_chunk_gla for training")
     if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:

@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..utils import check_window_inputs, sequence_spans
+from ..utils import check_window_inputs, sequence_spans, tracks_grad
 
 _GROUP_BUDGET = 1 << 22  # score elements per group of query blocks
 
@@ -154,8 +154,7 @@ def _fused_band_applies(q, k, v, window, sink_logits, key_mask, cu_seqlens, need
         return False
     if cu_seqlens is not None and q.shape[1] < window * (cu_seqlens.numel() - 1):
         return False
-    grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, sink_logits))
-    if grad and (need_lse or (sink_logits is not None and sink_logits.requires_grad)):
+    if tracks_grad(q, k, v, sink_logits) and (need_lse or (sink_logits is not None and sink_logits.requires_grad)):
         return False
     return q.shape[1] > window  # shorter inputs are one dense block either way
 
