@@ -10,6 +10,11 @@ position of every answer is known exactly. Scoring is teacher-forced next-token 
 at the answer positions: the model must predict each value from its key, which only works
 if the key-value binding survived in its state (the gap between linear and softmax
 attention grows with ``num_pairs``).
+
+With ``length`` set, filler sentences (the passkey probe's) stand between the pairs and
+"Now recall." so the sequence is exactly ``length`` tokens and every key sits at least
+``gap`` tokens before its query: past a sliding window shorter than the gap, only the
+recurrent state can carry the binding.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .passkey import special_prefix
+from .passkey import FILLER, special_prefix
 
 KEY_WORDS = (
     "apple chair river stone cloud table horse paper glass music garden window bottle "
@@ -50,6 +55,8 @@ class MQARSample:
     answers: ``[Q]`` value token ids (``input_ids[answer_positions]``).
     query_keys: ``[Q]`` key token ids, in query order.
     pairs: the ``num_pairs`` (key id, value id) pairs in context order.
+    gap: tokens between the last pair and the first query's key (filler included), the
+        shortest key-to-query distance in the sample.
     """
 
     input_ids: torch.Tensor
@@ -57,6 +64,7 @@ class MQARSample:
     answers: torch.Tensor
     query_keys: torch.Tensor
     pairs: list[tuple[int, int]]
+    gap: int = 0
 
 
 def single_token_ids(tokenizer, words) -> list[int]:
@@ -76,8 +84,10 @@ def make_mqar_sample(
     seed: int = 0,
     key_ids: list[int] | None = None,
     value_ids: list[int] | None = None,
+    length: int | None = None,
 ) -> MQARSample:
-    """Build one MQAR sequence (see the module docstring).
+    """Build one MQAR sequence (see the module docstring), of exactly ``length`` tokens when
+    given (filler between the pairs and the queries), else as short as it gets.
 
     ``key_ids``/``value_ids`` default to the single-token words of ``KEY_WORDS`` and
     ``VALUE_WORDS``; keys are all distinct, values may repeat when ``num_pairs`` exceeds
@@ -107,19 +117,30 @@ def make_mqar_sample(
     ids = special_prefix(tokenizer) + enc("Remember these pairs.")
     for i, (k, v) in enumerate(pairs):
         ids += [k] + colon + [v] + (comma if i < num_pairs - 1 else [])
-    ids += enc(". Now recall.")
+    pairs_end = len(ids)
+    recall = enc(". Now recall.")
     asked = rng.sample(pairs, num_queries)
-    positions = []
+    queries, positions = [], []
     for i, (k, v) in enumerate(asked):
-        ids += [k] + colon
-        positions.append(len(ids))
-        ids += [v] + (comma if i < num_queries - 1 else [])
+        queries += [k] + colon
+        positions.append(len(queries))
+        queries += [v] + (comma if i < num_queries - 1 else [])
+    room = 0 if length is None else length - pairs_end - len(recall) - len(queries)
+    if room < 0:
+        raise ValueError(f"length {length} is too short for {num_pairs} MQAR pairs "
+                         f"(they need {length - room} tokens)")
+    filler = enc(FILLER)
+    ids += recall + (filler * (room // len(filler) + 1))[:room]
+    offset = len(ids)
+    ids += queries
+    positions = [offset + p for p in positions]
     return MQARSample(
         input_ids=torch.tensor(ids),
         answer_positions=torch.tensor(positions),
         answers=torch.tensor([v for _, v in asked]),
         query_keys=torch.tensor([k for k, _ in asked]),
         pairs=pairs,
+        gap=offset - pairs_end,
     )
 
 
@@ -133,21 +154,26 @@ def mqar_accuracy(
     batch_size: int = 8,
     key_ids: list[int] | None = None,
     value_ids: list[int] | None = None,
+    length: int | None = None,
 ) -> dict:
     """Teacher-forced recall accuracy for each number of pairs.
 
+    ``length``: pad every sample to that many tokens with filler between pairs and queries
+    (see :func:`make_mqar_sample`); None keeps them short.
     Returns ``{"num_pairs": [...], "accuracy": [% per num_pairs], "mean_accuracy": %,
-    "num_samples": int}``. Samples of one setting have equal length, so they batch without
-    padding: each forward is ``[batch, T] -> logits [batch, T, V]``.
+    "num_samples": int, "length": length, "gaps": [shortest key-to-query tokens per
+    num_pairs]}``. Samples of one setting have equal length, so they batch without padding:
+    each forward is ``[batch, T] -> logits [batch, T, V]``.
     """
     device = next(model.parameters()).device
-    accs = []
+    accs, gaps = [], []
     for n in num_pairs:
         samples = [
             make_mqar_sample(tokenizer, n, seed=seed * 100_003 + n * 1_009 + i,
-                             key_ids=key_ids, value_ids=value_ids)
+                             key_ids=key_ids, value_ids=value_ids, length=length)
             for i in range(num_samples)
         ]
+        gaps.append(min(s.gap for s in samples))
         correct = total = 0
         for b in range(0, num_samples, batch_size):
             chunk = samples[b : b + batch_size]
@@ -163,4 +189,6 @@ def mqar_accuracy(
         "accuracy": accs,
         "mean_accuracy": sum(accs) / len(accs),
         "num_samples": num_samples,
+        "length": length,
+        "gaps": gaps,
     }

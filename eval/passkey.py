@@ -44,6 +44,12 @@ class PasskeySample:
     filler_before: int
     filler_total: int
 
+    @property
+    def distance(self) -> int:
+        """Tokens from the needle's end to the prompt's end, where the answer is generated: a
+        sliding-window model sees the needle only when its window is longer than this."""
+        return len(self.input_ids) - self.needle_end
+
 
 def special_prefix(tokenizer) -> list[int]:
     """The ids the tokenizer puts before any text by itself (e.g. ``[bos]``, or ``[]``)."""
@@ -118,25 +124,41 @@ def passkey_retrieval(
     depths=DEFAULT_DEPTHS,
     trials: int = 1,
     seed: int = 0,
+    min_distance: int = 0,
 ) -> dict:
     """Greedy passkey accuracy for every (length, depth).
 
     A trial passes when the first number in the decoded continuation equals the passkey.
+    ``min_distance`` > 0 demands that every needle ends at least that many tokens before the
+    prompt's end (:attr:`PasskeySample.distance`), e.g. beyond a linearized model's window;
+    a (length, depth) that places it closer raises ``ValueError`` before anything runs.
     Returns ``{"lengths", "depths", "accuracy": [len(lengths)][len(depths)] in %,
-    "mean_accuracy": %, "trials": int, "outputs": [{length, depth, passkey, output}]}``.
+    "distances": [len(lengths)][len(depths)] tokens, "mean_accuracy": %, "trials": int,
+    "outputs": [{length, depth, passkey, distance, output}]}``.
     """
+    samples = {
+        (L, d, t): make_passkey_sample(tokenizer, L, d, seed=seed * 7919 + L * 31 + int(d * 1000) + t)
+        for L in lengths for d in depths for t in range(trials)
+    }
+    close = sorted({(L, d, s.distance) for (L, d, _), s in samples.items() if s.distance < min_distance})
+    if close:
+        raise ValueError(
+            f"passkey needle closer than min_distance={min_distance} tokens to the question at "
+            + ", ".join(f"length {L} depth {d} ({n} tokens)" for L, d, n in close)
+            + ": use smaller depths or longer lengths")
     grid, outputs = [], []
     for L in lengths:
         row = []
         for d in depths:
             hits = 0
             for t in range(trials):
-                s = make_passkey_sample(tokenizer, L, d, seed=seed * 7919 + L * 31 + int(d * 1000) + t)
+                s = samples[(L, d, t)]
                 new = greedy_continue(model, s.input_ids, max_new_tokens=len(s.passkey) + 4)
                 text = tokenizer.decode(new, skip_special_tokens=True)
                 m = re.search(r"\d+", text)
                 hits += bool(m and m.group(0) == s.passkey)
-                outputs.append({"length": L, "depth": d, "passkey": s.passkey, "output": text})
+                outputs.append({"length": L, "depth": d, "passkey": s.passkey, "distance": s.distance,
+                                "output": text})
             row.append(100.0 * hits / trials)
         grid.append(row)
     flat = [a for r in grid for a in r]
@@ -144,6 +166,7 @@ def passkey_retrieval(
         "lengths": list(lengths),
         "depths": list(depths),
         "accuracy": grid,
+        "distances": [[samples[(L, d, 0)].distance for d in depths] for L in lengths] if trials else [],
         "mean_accuracy": sum(flat) / len(flat),
         "trials": trials,
         "outputs": outputs,

@@ -164,3 +164,31 @@ def test_heldout_slice_is_fixed_and_disjoint_from_training():
     assert len(set(training_titles())) + HELDOUT_SIZE > 9000
     with pytest.raises(ValueError):
         heldout_texts(HELDOUT_SIZE + 1)
+
+
+def test_passkey_distance_and_min_distance(eval_model, eval_tokenizer, monkeypatch):
+    s = make_passkey_sample(eval_tokenizer, 600, 0.25)
+    assert s.distance == len(s.input_ids) - s.needle_end > 300
+    monkeypatch.setattr(passkey_mod, "greedy_continue",
+                        lambda m, i, max_new_tokens: torch.tensor(eval_tokenizer.encode(" 1", add_special_tokens=False)))
+    r = passkey_retrieval(eval_model, eval_tokenizer, lengths=(300, 600), depths=(0.0, 0.5), min_distance=100)
+    assert all(d >= 100 for row in r["distances"] for d in row) and r["distances"][1][0] > r["distances"][1][1]
+    assert {o["distance"] for o in r["outputs"]} == {d for row in r["distances"] for d in row}
+    with pytest.raises(ValueError, match=r"closer than min_distance=100 .*length 300 depth 1.0"):
+        passkey_retrieval(eval_model, eval_tokenizer, lengths=(300,), depths=(0.0, 1.0), min_distance=100)
+
+
+def test_mqar_length_puts_filler_between_pairs_and_queries(eval_model, eval_tokenizer):
+    short = make_mqar_sample(eval_tokenizer, num_pairs=6, seed=1)
+    long = make_mqar_sample(eval_tokenizer, num_pairs=6, seed=1, length=300)
+    assert len(long.input_ids) == 300 and long.pairs == short.pairs
+    assert long.gap == short.gap + 300 - len(short.input_ids)
+    assert torch.equal(long.input_ids[long.answer_positions[0] - 2:], short.input_ids[short.answer_positions[0] - 2:])
+    assert torch.equal(long.input_ids[:long.answer_positions[0] - 2 - long.gap],
+                       short.input_ids[:short.answer_positions[0] - 2 - short.gap])
+    assert torch.equal(long.input_ids[long.answer_positions], long.answers)
+    assert "The grass is green." in eval_tokenizer.decode(long.input_ids)
+    r = mqar_accuracy(eval_model, eval_tokenizer, num_pairs=(2, 4), num_samples=2, batch_size=2, length=256)
+    assert r["length"] == 256 and len(r["gaps"]) == 2 and min(r["gaps"]) > 200
+    with pytest.raises(ValueError, match="too short for 6 MQAR pairs"):
+        make_mqar_sample(eval_tokenizer, num_pairs=6, length=20)
