@@ -45,7 +45,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help="override every task's shots (default: the task's own; mmlu_local is 5-shot)")
     parser.add_argument("--metrics", type=_csv(str), default=d.metrics,
                         help=f"comma-separated own metrics from {','.join(METRICS)} (default: ppl,agreement; "
-                             "'none' to skip)")
+                             "'none' to skip). long-doc: perplexity by token position over the first "
+                             "--long-doc-tokens of each held-out long document (package pyperformance); "
+                             "long-recall: passkey and MQAR at --long-lengths with every key past the window")
     parser.add_argument("--out", default=None,
                         help="run folder (default: runs/eval/<checkpoint name>-<time>)")
     parser.add_argument("--include-path", action="append", default=[],
@@ -64,6 +66,20 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--passkey-trials", type=int, default=d.passkey_trials)
     parser.add_argument("--mqar-pairs", type=_csv(int), default=d.mqar_pairs)
     parser.add_argument("--mqar-samples", type=int, default=d.mqar_samples)
+    parser.add_argument("--long-doc-tokens", type=int, default=d.long_doc_tokens,
+                        help="long-doc: tokens scored per held-out document, in one forward")
+    parser.add_argument("--long-doc-buckets", type=_csv(int), default=d.long_doc_buckets,
+                        help="long-doc: target-position bucket edges (default: 0,64,512,2048,4096)")
+    parser.add_argument("--long-doc-documents", type=int, default=d.long_doc_documents,
+                        help="long-doc: score only the first N held-out documents (default: all 8)")
+    parser.add_argument("--long-lengths", type=_csv(int), default=d.long_lengths,
+                        help="long-recall: passkey and MQAR prompt lengths in tokens")
+    parser.add_argument("--long-passkey-depths", type=_csv(float), default=d.long_passkey_depths)
+    parser.add_argument("--long-min-distance", type=int, default=d.long_min_distance,
+                        help="long-recall: least tokens between every key and its question (beyond "
+                             "the model's window); prompts that break it are an error")
+    parser.add_argument("--long-mqar-pairs", type=_csv(int), default=d.long_mqar_pairs)
+    parser.add_argument("--long-mqar-samples", type=int, default=d.long_mqar_samples)
     parser.add_argument("--seed", type=int, default=d.seed)
     return parser
 
@@ -77,7 +93,11 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         dtype=args.dtype, ppl_texts=args.ppl_texts, max_length=args.max_length, stride=args.stride,
         agreement_length=args.agreement_length, passkey_lengths=args.passkey_lengths,
         passkey_depths=args.passkey_depths, passkey_trials=args.passkey_trials,
-        mqar_pairs=args.mqar_pairs, mqar_samples=args.mqar_samples, seed=args.seed,
+        mqar_pairs=args.mqar_pairs, mqar_samples=args.mqar_samples,
+        long_doc_tokens=args.long_doc_tokens, long_doc_buckets=args.long_doc_buckets,
+        long_doc_documents=args.long_doc_documents, long_lengths=args.long_lengths,
+        long_passkey_depths=args.long_passkey_depths, long_min_distance=args.long_min_distance,
+        long_mqar_pairs=args.long_mqar_pairs, long_mqar_samples=args.long_mqar_samples, seed=args.seed,
     )
 
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 FORMAT = "linearize-eval/1"
-METRICS = ("ppl", "agreement", "passkey", "mqar")
+METRICS = ("ppl", "agreement", "passkey", "mqar", "long-doc", "long-recall")
 # The metric each paper table reports per task; everything else uses acc.
 TASK_METRIC = {"arc_challenge": "acc_norm", "hellaswag": "acc_norm"}
 
@@ -45,6 +45,14 @@ class EvalSettings:
     passkey_trials: int = 1
     mqar_pairs: list[int] = field(default_factory=lambda: [4, 8, 16, 32, 64])
     mqar_samples: int = 16
+    long_doc_tokens: int = 4096
+    long_doc_buckets: list[int] = field(default_factory=lambda: [0, 64, 512, 2048, 4096])
+    long_doc_documents: int | None = None
+    long_lengths: list[int] = field(default_factory=lambda: [2048, 4096])
+    long_passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.5])
+    long_min_distance: int = 256
+    long_mqar_pairs: list[int] = field(default_factory=lambda: [16])
+    long_mqar_samples: int = 4
     seed: int = 0
 
 
@@ -136,6 +144,7 @@ def run_evaluation(settings: EvalSettings, out_dir: str | Path, log=print) -> di
     from .agreement import teacher_agreement, teacher_context
     from .heldout import heldout_texts
     from .lm_model import LinearizeLM, check_checkpoint
+    from .long_documents import long_document_perplexity, long_documents
     from .mqar import mqar_accuracy
     from .passkey import passkey_retrieval
     from .perplexity import perplexity
@@ -144,6 +153,8 @@ def run_evaluation(settings: EvalSettings, out_dir: str | Path, log=print) -> di
     s = settings
     check_metrics(s.metrics)
     check_checkpoint(s.checkpoint, s.adapter)
+    # A missing document package fails here, before the model loads.
+    long_docs = long_documents("heldout")[: s.long_doc_documents] if "long-doc" in s.metrics else []
     tm = None
     if s.tasks:
         # Indexing lm-eval's own ~15k task configs takes seconds: only when a task needs it.
@@ -171,6 +182,8 @@ def run_evaluation(settings: EvalSettings, out_dir: str | Path, log=print) -> di
 
         for length in s.passkey_lengths:
             make_passkey_sample(tok, length, 0.0)
+    if "long-recall" in s.metrics:
+        check_long_recall(tok, s)
     log(f"loaded {s.checkpoint} ({'linearized' if linearized else 'plain HF'}) on {device} "
         f"in {time.time() - t0:.1f}s")
 
@@ -273,11 +286,65 @@ def run_evaluation(settings: EvalSettings, out_dir: str | Path, log=print) -> di
         results["metrics"][name] = res
         results["plots"][name] = str(plot({r: res[r] for r in roles}, out / "plots" / f"{name}.png").relative_to(out))
         log(f"{name} in {time.time() - t:.1f}s")
+    if "long-doc" in s.metrics:
+        t = time.time()
+        res = for_roles(lambda role: long_document_perplexity(
+            model, tok, long_docs, s.long_doc_tokens, s.long_doc_buckets, desc=f"long-doc {role}"))
+        if s.teacher:
+            res["recovery"] = recovery(res["teacher"]["overall"]["perplexity"], res["student"]["overall"]["perplexity"])
+        results["metrics"]["long_doc"] = res
+        log(f"long-doc perplexity in {time.time() - t:.1f}s: "
+            + ", ".join(f"{r} {res[r]['overall']['perplexity']:.3f}" for r in roles))
+    if "long-recall" in s.metrics:
+        t = time.time()
+        res = for_roles(lambda role: long_recall(model, tok, s))
+        if s.teacher:
+            for probe in ("passkey", "mqar"):
+                res[f"{probe}_recovery"] = recovery(res["student"][probe]["mean_accuracy"],
+                                                    res["teacher"][probe]["mean_accuracy"])
+        results["metrics"]["long_recall"] = res
+        log(f"long-recall in {time.time() - t:.1f}s")
 
     results["seconds"] = time.time() - t0
     (out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))
     (out / "results.md").write_text(run_markdown(results, title=Path(s.checkpoint).name))
     return results
+
+
+def check_long_recall(tokenizer, s: EvalSettings) -> None:
+    """Raise ``ValueError`` when a long-recall prompt would not fit its length or would put a
+    key closer than ``s.long_min_distance`` tokens to its question (cheap: builds, never runs)."""
+    from .mqar import make_mqar_sample
+    from .passkey import make_passkey_sample
+
+    close = [f"passkey length {L} depth {d} ({make_passkey_sample(tokenizer, L, d).distance} tokens)"
+             for L in s.long_lengths for d in s.long_passkey_depths
+             if make_passkey_sample(tokenizer, L, d).distance < s.long_min_distance]
+    close += [f"MQAR length {L} with {n} pairs ({make_mqar_sample(tokenizer, n, length=L).gap} tokens)"
+              for L in s.long_lengths for n in s.long_mqar_pairs
+              if make_mqar_sample(tokenizer, n, length=L).gap < s.long_min_distance]
+    if close:
+        raise ValueError(f"long-recall keys closer than min_distance={s.long_min_distance} tokens to their "
+                         f"question: {'; '.join(close)}. Use smaller depths, fewer pairs or longer lengths")
+
+
+def long_recall(model, tokenizer, s: EvalSettings) -> dict:
+    """Passkey and MQAR at ``s.long_lengths`` with every key at least ``s.long_min_distance``
+    tokens before its question (beyond a sliding window shorter than that).
+
+    Returns ``{"passkey": passkey_retrieval(...), "mqar": {"lengths", "by_length":
+    [mqar_accuracy(...) per length], "mean_accuracy"}}``.
+    """
+    from .mqar import mqar_accuracy
+    from .passkey import passkey_retrieval
+
+    passkey = passkey_retrieval(model, tokenizer, s.long_lengths, s.long_passkey_depths, s.passkey_trials,
+                                s.seed, min_distance=s.long_min_distance)
+    by_length = [mqar_accuracy(model, tokenizer, s.long_mqar_pairs, s.long_mqar_samples, s.seed, s.batch_size,
+                               length=L) for L in s.long_lengths]
+    mean = sum(r["mean_accuracy"] for r in by_length) / len(by_length) if by_length else None
+    return {"passkey": passkey,
+            "mqar": {"lengths": list(s.long_lengths), "by_length": by_length, "mean_accuracy": mean}}
 
 
 def _pct(x: float | None, stderr: float | None = None) -> str:
@@ -321,7 +388,29 @@ def metric_rows(results: dict) -> list[tuple[str, str | None, str, str | None]]:
             r = m[key]
             rows.append((name, _pct(r["teacher"]["mean_accuracy"]) if "teacher" in r else None,
                          _pct(r["student"]["mean_accuracy"]), _pct(r.get("recovery")) if "recovery" in r else None))
+    if "long_doc" in m:
+        r = m["long_doc"]
+        for i, b in enumerate(r["student"]["buckets"]):
+            rows.append((f"long-doc perplexity, tokens {_span(b)}",
+                         _ppl(r["teacher"]["buckets"][i]) if "teacher" in r else None, _ppl(b), None))
+        rows.append(("long-doc perplexity, all", _ppl(r["teacher"]["overall"]) if "teacher" in r else None,
+                     _ppl(r["student"]["overall"]), _pct(r.get("recovery")) if "recovery" in r else None))
+    if "long_recall" in m:
+        r = m["long_recall"]
+        for probe, name in (("passkey", "long passkey %"), ("mqar", "long MQAR recall %")):
+            rows.append((f"{name} ({'/'.join(str(L) for L in r['student'][probe]['lengths'])} tokens)",
+                         _pct(r["teacher"][probe]["mean_accuracy"]) if "teacher" in r else None,
+                         _pct(r["student"][probe]["mean_accuracy"]),
+                         _pct(r.get(f"{probe}_recovery")) if f"{probe}_recovery" in r else None))
     return rows
+
+
+def _span(bucket: dict) -> str:
+    return "-".join(f"{x // 1024}k" if x >= 1024 and x % 1024 == 0 else str(x) for x in (bucket["start"], bucket["end"]))
+
+
+def _ppl(row: dict) -> str:
+    return "—" if row["perplexity"] is None else f"{row['perplexity']:.3f}"
 
 
 def metrics_table(results: dict) -> str:
@@ -356,6 +445,12 @@ def run_markdown(results: dict, title: str, plot_prefix: str = "") -> str:
             parts += [f"Perplexity: {p['texts']} held-out Wikipedia summaries, {p['tokens']} scored "
                       f"tokens, windows of {p['max_length']} with stride {p['stride']}"
                       + ("; recovery = teacher ppl / student ppl." if "recovery" in m["perplexity"] else "."), ""]
+        if "long_doc" in m:
+            d = m["long_doc"]["student"]
+            parts += [f"Long-document perplexity: the first {d['n_tokens']} tokens of {len(d['documents'])} "
+                      "held-out documents (linearize.eval.long_documents), one forward each, bucketed by "
+                      "target position" + ("; recovery = teacher ppl / student ppl." if "recovery" in m["long_doc"]
+                                           else "."), ""]
     for key, caption in (("tasks", "Task scores"), ("agreement", "Agreement by position"),
                          ("passkey", "Passkey retrieval"), ("mqar", "MQAR recall")):
         if key in results["plots"]:
