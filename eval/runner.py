@@ -317,12 +317,11 @@ def check_long_recall(tokenizer, s: EvalSettings) -> None:
     from .mqar import make_mqar_sample
     from .passkey import make_passkey_sample
 
-    close = [f"passkey length {L} depth {d} ({make_passkey_sample(tokenizer, L, d).distance} tokens)"
-             for L in s.long_lengths for d in s.long_passkey_depths
-             if make_passkey_sample(tokenizer, L, d).distance < s.long_min_distance]
-    close += [f"MQAR length {L} with {n} pairs ({make_mqar_sample(tokenizer, n, length=L).gap} tokens)"
-              for L in s.long_lengths for n in s.long_mqar_pairs
-              if make_mqar_sample(tokenizer, n, length=L).gap < s.long_min_distance]
+    distances = [(f"passkey length {L} depth {d}", make_passkey_sample(tokenizer, L, d).distance)
+                 for L in s.long_lengths for d in s.long_passkey_depths]
+    distances += [(f"MQAR length {L} with {n} pairs", make_mqar_sample(tokenizer, n, length=L).gap)
+                  for L in s.long_lengths for n in s.long_mqar_pairs]
+    close = [f"{what} ({n} tokens)" for what, n in distances if n < s.long_min_distance]
     if close:
         raise ValueError(f"long-recall keys closer than min_distance={s.long_min_distance} tokens to their "
                          f"question: {'; '.join(close)}. Use smaller depths, fewer pairs or longer lengths")
