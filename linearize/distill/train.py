@@ -1,11 +1,13 @@
 """Two-stage recovery of a linearized model under `accelerate` (single process, DDP, FSDP).
 
 Stage 1, attention transfer: every mixer runs its student and the original softmax
-attention on the same input, the summed per-layer MSE trains only the mixers' new
-parameters, and each layer passes the teacher's output on (layers train independently).
+attention on the same input, the per-layer MSE (summed or averaged over layers) trains only
+the mixers' new parameters, and each layer passes the teacher's output on (layers train
+independently); each layer's MSE is logged too.
 Stage 2, LoRA: peft adapters on the linearized model; loss = next-token cross-entropy,
 optionally mixed with KL to the teacher's logits, the teacher being the same weights with
 the adapters disabled and softmax attention switched back on.
+Optionally, held-out perplexity is measured at step 0 and every N tokens of either stage.
 
 Each stage builds its model from the recipe and the latest checkpoint, so a fresh stage and a
 resumed one take the same path, and the final export is rebuilt from the last checkpoint.
@@ -30,14 +32,15 @@ from ..mixers import AttentionTransfer
 from .checkpointing import (CheckpointMissingError, TrainerState, clean_partial, fsync_tree, latest_checkpoint,
                             read_checkpoint, save_checkpoint, write_atomic)
 from .data import IGNORE_INDEX, build_rows
-from .metrics import MetricsLog, plot_losses
+from .metrics import HeldoutPerplexity, MetricsLog, layer_mse_summary, plot_losses
 from .recipe import Recipe, RecipeError
 
 LORA_MARK = "lora_"
 NEW_MARK = "linearize_"
 PEFT_PREFIX = "base_model.model."
 # recipe keys a resumed run may change; any other change would alter the data or the model
-RESUME_MUTABLE = ("resume", "progress", "log_every", "checkpoint_every", "keep_checkpoints", "save_adapter", "output_dir")
+RESUME_MUTABLE = ("resume", "progress", "log_every", "checkpoint_every", "keep_checkpoints", "save_adapter", "output_dir",
+                  "eval")
 
 
 class DistillError(RuntimeError):
@@ -177,15 +180,20 @@ def forward_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
-def transfer_loss(model, batch, transfer: AttentionTransfer) -> torch.Tensor:
-    """Stage 1: sum over linearized layers of MSE(student, teacher) for one micro-batch (scalar)."""
+def transfer_loss(model, batch, transfer: AttentionTransfer, reduction: str = "sum") -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 1 for one micro-batch: (loss, per-layer MSE).
+
+    loss: a scalar, the sum (reduction="sum") or mean ("mean") over linearized layers of
+    MSE(student, teacher); per-layer MSE: [L] detached, in layer order.
+    """
     transfer.losses.clear()
     model(**forward_inputs(batch), use_cache=False, logits_to_keep=1)
     if not transfer.losses:
         raise DistillError("no attention-transfer loss was recorded: the model has no linearized layer")
-    loss = torch.stack(transfer.losses).sum()
+    per_layer = torch.stack(transfer.losses)
     transfer.losses.clear()
-    return loss
+    loss = per_layer.mean() if reduction == "mean" else per_layer.sum()
+    return loss, per_layer.detach().float()
 
 
 def recovery_loss(model, peft_model, batch, kd_ratio: float, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -256,7 +264,8 @@ class Run:
         if existing is not None:
             saved = self.out / "recipe.yaml"
             if saved.is_file():
-                before = _flatten(yaml.safe_load(saved.read_text()) or {})
+                # keys added to the schema after the run started read as their defaults
+                before = {**_flatten(Recipe().to_dict()), **_flatten(yaml.safe_load(saved.read_text()) or {})}
                 now = _flatten(self.recipe.to_dict())
                 changed = [k for k in sorted(set(before) | set(now))
                            if k.split(".")[0] not in RESUME_MUTABLE and before.get(k) != now.get(k)]
@@ -282,8 +291,12 @@ class Run:
         with acc.main_process_first():  # the embedded model is built once, by the main process
             self.model_path = resolve_model_path(recipe)
         self.tokenizer = load_tokenizer(self.model_path)
+        self.heldout = HeldoutPerplexity(recipe.eval, self.tokenizer, recipe.seq_len)
+        if recipe.eval.every_tokens is not None:
+            self.heldout.texts()  # a bad eval.source fails now, not after a stage of training
         set_seed(recipe.seed)
         model = build_model(recipe, self.model_path)
+        self.check_eval_length(model)
         method = model.config.linearize["method"]
         has_new = bool(new_parameters(model))
         s1 = self.stage_steps(1) if recipe.stage1.enabled and has_new else 0
@@ -328,6 +341,16 @@ class Run:
                      f"curve: {self.out / 'loss.png'}")
         acc.wait_for_everyone()
         return final if final is not None else self.out / "final"
+
+    def check_eval_length(self, model) -> None:
+        """Softmax layers cannot score a perplexity window past the model's positions."""
+        if self.recipe.eval.every_tokens is None:
+            return
+        softmax_layers = model.config.linearize.get("softmax_layers") or []
+        max_pos = getattr(model.config, "max_position_embeddings", None)
+        if softmax_layers and max_pos is not None and self.heldout.window > max_pos:
+            raise RecipeError(f"eval.seq_len {self.heldout.window} is above the model's max_position_embeddings "
+                              f"{max_pos} while layers {softmax_layers} keep softmax attention: lower eval.seq_len")
 
     def train_stage(self, plan: StagePlan, model, resume_from: Path | None) -> None:
         acc, recipe = self.accelerator, self.recipe
@@ -385,48 +408,26 @@ class Run:
         acc, recipe = self.accelerator, self.recipe
         from tqdm.auto import tqdm
 
-        B, accum = recipe.batch_size, recipe.gradient_accumulation_steps
-        s2 = recipe.stage2
-        opt_cfg = (recipe.stage1 if plan.stage == 1 else s2).optimizer
+        opt_cfg = (recipe.stage1 if plan.stage == 1 else recipe.stage2).optimizer
         bar = tqdm(total=plan.steps, initial=step, desc=f"stage {plan.stage}", unit="step", dynamic_ncols=True,
                    disable=not (recipe.progress and acc.is_main_process))
         t0 = time.perf_counter()
-        start_step, start_tokens = step, tokens
+        start_step, start_tokens, eval_s = step, tokens, 0.0
+        layers = [m.layer_idx for m in mixers(acc.unwrap_model(model))] if plan.stage == 1 else []
+        interval, interval_steps = torch.zeros(len(layers)), 0  # per-layer MSE since the last record
+        self.last_ppl = None
         model.train()
+        if step == 0 and self.heldout.enabled(plan.stage):
+            eval_s += self.evaluate(plan, model, step, tokens, bar)
         while step < plan.steps:
-            rows = self.rows.order(plan.row_offset + step * self.global_batch, self.global_batch, recipe.seed)
-            n_pred = self.rows.label_count(rows) if plan.stage == 2 else 0
-            if plan.stage == 2 and n_pred == 0:
-                raise DistillError(f"stage 2 step {step + 1}: the batch has no token to predict (all labels masked); "
-                                   "check data.format or raise seq_len")
-            total = torch.zeros(3, device=acc.device)
-            for i in range(accum):
-                lo = (i * self.world + self.rank) * B
-                batch = {k: v.to(acc.device) for k, v in self.rows.batch(rows[lo:lo + B]).items()}
-                sync = contextlib.nullcontext() if i == accum - 1 else acc.no_sync(model)
-                with sync:
-                    if plan.stage == 1:
-                        loss = transfer_loss(model, batch, transfer)
-                        acc.backward(loss / accum)
-                        total[0] += loss.detach() / (accum * self.world)
-                    else:
-                        loss, ce, kl = recovery_loss(model, peft_model, batch, s2.kd_ratio, s2.temperature)
-                        acc.backward(loss * (self.world / n_pred))
-                        total += torch.stack([loss.detach(), ce, kl]) / n_pred
-            total = acc.reduce(total, reduction="sum")
+            total = self.accumulate(plan, model, peft_model, transfer, step, len(layers))
             loss_value = float(total[0])
             grad_norm = None
             if opt_cfg.max_grad_norm is not None:
                 grad_norm = float(acc.clip_grad_norm_(model.parameters(), opt_cfg.max_grad_norm))
             if not math.isfinite(loss_value) or (grad_norm is not None and not math.isfinite(grad_norm)):
                 bar.close()
-                what = f"loss is {loss_value}" if not math.isfinite(loss_value) else f"gradient norm is {grad_norm}"
-                good = latest_checkpoint(self.ckdir)
-                keep = (f"the last good checkpoint is {good} (resume=true continues from it)" if good is not None
-                        else "no checkpoint was written yet")
-                raise DistillError(f"stage {plan.stage} step {step + 1}: the {what}. Stopped before updating the "
-                                   f"weights; {keep}. Lower stage{plan.stage}.optimizer.lr, set max_grad_norm, or use "
-                                   "model.dtype=float32")
+                self.stop_on_nonfinite(plan, step, loss_value, grad_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
@@ -434,23 +435,105 @@ class Run:
             step += 1
             tokens += self.tokens_per_step
             elapsed = time.perf_counter() - t0
-            tok_s = (tokens - start_tokens) / max(elapsed, 1e-9)
+            tok_s = (tokens - start_tokens) / max(elapsed - eval_s, 1e-9)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4g}", tok_s=f"{tok_s:,.0f}", refresh=False)
+            postfix = {"loss": f"{loss_value:.4g}", "tok_s": f"{tok_s:,.0f}"}
+            bar.set_postfix(postfix | ({"ppl": f"{self.last_ppl:.4g}"} if self.last_ppl is not None else {}),
+                            refresh=False)
             record = {"stage": plan.stage, "step": step, "loss": loss_value, "lr": lr,
                       "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tok_s,
                       "elapsed_s": elapsed0 + elapsed}
             if plan.stage == 2:
                 record.update(ce=float(total[1]), kl=float(total[2]))
+            interval += total[3:].cpu()
+            interval_steps += 1
             if step % recipe.log_every == 0 or step == plan.steps:
+                if layers:
+                    record["layer_mse"] = {str(i): float(v) for i, v in zip(layers, interval / interval_steps)}
+                    interval, interval_steps = torch.zeros(len(layers)), 0
                 self.metrics.log(record)
+            if self.heldout.due(plan.stage, tokens - self.tokens_per_step, tokens, step == plan.steps):
+                eval_s += self.evaluate(plan, model, step, tokens, bar)
             if step == plan.steps or (recipe.checkpoint_every and step % recipe.checkpoint_every == 0):
-                state = TrainerState(plan.stage, step, plan.steps, self.global_batch, tokens, elapsed0 + elapsed)
+                state = TrainerState(plan.stage, step, plan.steps, self.global_batch, tokens,
+                                     elapsed0 + time.perf_counter() - t0)
                 params = collect_params(acc, model)
                 save_checkpoint(acc, self.ckdir, state, params, scheduler.state_dict(), recipe.keep_checkpoints)
+                if acc.is_main_process:
+                    plot_losses(self.metrics.records(), self.out / "loss.png")
         bar.close()
         if step > start_step:
             self.say(f"stage {plan.stage} done: {step} steps, {tokens:,} tokens, last loss {loss_value:.4g}")
+            summary = layer_mse_summary(self.metrics.records()) if plan.stage == 1 and acc.is_main_process else None
+            if summary:
+                self.say(summary)
+
+    def accumulate(self, plan, model, peft_model, transfer, step: int, n_layers: int) -> torch.Tensor:
+        """Forward and backward over one global step's micro-batches, gradients left in place.
+
+        Returns [loss, ce, kl, MSE of each of the n_layers linearized layers] summed over
+        processes: per row for stage 1, per predicted token for stage 2 (ce, kl: stage 2 only).
+        """
+        acc, recipe = self.accelerator, self.recipe
+        B, accum, s2 = recipe.batch_size, recipe.gradient_accumulation_steps, recipe.stage2
+        rows = self.rows.order(plan.row_offset + step * self.global_batch, self.global_batch, recipe.seed)
+        n_pred = self.rows.label_count(rows) if plan.stage == 2 else 0
+        if plan.stage == 2 and n_pred == 0:
+            raise DistillError(f"stage 2 step {step + 1}: the batch has no token to predict (all labels masked); "
+                               "check data.format or raise seq_len")
+        total = torch.zeros(3 + n_layers, device=acc.device)
+        for i in range(accum):
+            lo = (i * self.world + self.rank) * B
+            batch = {k: v.to(acc.device) for k, v in self.rows.batch(rows[lo:lo + B]).items()}
+            sync = contextlib.nullcontext() if i == accum - 1 else acc.no_sync(model)
+            with sync:
+                if plan.stage == 1:
+                    loss, per_layer = transfer_loss(model, batch, transfer, recipe.stage1.loss_reduction)
+                    if per_layer.numel() != n_layers:
+                        raise DistillError(f"stage 1 recorded {per_layer.numel()} layer losses for {n_layers} "
+                                           "linearized layers: every mixer must record exactly one per forward")
+                    acc.backward(loss / accum)
+                    total[0] += loss.detach() / (accum * self.world)
+                    total[3:] += per_layer.to(total.device) / (accum * self.world)
+                else:
+                    loss, ce, kl = recovery_loss(model, peft_model, batch, s2.kd_ratio, s2.temperature)
+                    acc.backward(loss * (self.world / n_pred))
+                    total[:3] += torch.stack([loss.detach(), ce, kl]) / n_pred
+        return acc.reduce(total, reduction="sum")
+
+    def stop_on_nonfinite(self, plan: StagePlan, step: int, loss_value: float, grad_norm: float | None) -> None:
+        """Raise before the update that a NaN/inf loss or gradient would poison, naming the last good checkpoint."""
+        what = f"loss is {loss_value}" if not math.isfinite(loss_value) else f"gradient norm is {grad_norm}"
+        good = latest_checkpoint(self.ckdir)
+        keep = (f"the last good checkpoint is {good} (resume=true continues from it)" if good is not None
+                else "no checkpoint was written yet")
+        raise DistillError(f"stage {plan.stage} step {step + 1}: the {what}. Stopped before updating the "
+                           f"weights; {keep}. Lower stage{plan.stage}.optimizer.lr, set max_grad_norm, or use "
+                           "model.dtype=float32")
+
+    def evaluate(self, plan: StagePlan, model, step: int, tokens: int, bar) -> float:
+        """Log the student's held-out perplexity now; returns the seconds it took.
+
+        Every process runs the same texts and the main process logs: under FSDP the forward is
+        collective (each process gathers its shards), so the main process cannot run it alone,
+        and the same rows everywhere need no reduction.
+        """
+        t = time.perf_counter()
+        with detached_transfer(self.accelerator.unwrap_model(model)):
+            result = self.heldout(model)
+        seconds = time.perf_counter() - t
+        self.last_ppl = result["perplexity"]
+        self.metrics.log({"stage": plan.stage, "step": step, "tokens": tokens,
+                          "run_tokens": plan.row_offset * self.recipe.seq_len + tokens,
+                          "eval_ppl": result["perplexity"], "eval_nll": result["mean_nll"],
+                          "eval_tokens": result["tokens"], "eval_s": seconds})
+        msg = (f"[distill] stage {plan.stage} step {step} ({tokens:,} tokens): held-out perplexity "
+               f"{result['perplexity']:.4g} over {result['tokens']:,} tokens ({seconds:.1f} s)")
+        if bar.disable:
+            self.accelerator.print(msg, flush=True)
+        else:
+            bar.write(msg)
+        return seconds
 
     def export_final(self) -> Path:
         """Rebuild the model from the last checkpoint and save `output_dir/final` (main process).
@@ -482,6 +565,21 @@ class Run:
             shutil.rmtree(final)
         os.rename(tmp, final)
         return final
+
+
+@contextlib.contextmanager
+def detached_transfer(model):
+    """The mixers without their stage-1 hook, so a forward computes the student's own output
+    instead of passing the teacher's on."""
+    ms = list(mixers(model))
+    saved = [m.transfer for m in ms]
+    for m in ms:
+        m.transfer = None
+    try:
+        yield
+    finally:
+        for m, t in zip(ms, saved):
+            m.transfer = t
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

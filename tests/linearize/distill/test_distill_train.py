@@ -96,8 +96,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(write_recipe, tmp_pat
 
     def poisoned(*args):
         calls.append(1)
-        loss = real(*args)
-        return loss * float("nan") if len(calls) == 4 else loss
+        loss, per_layer = real(*args)
+        return (loss * float("nan") if len(calls) == 4 else loss), per_layer
 
     monkeypatch.setattr(train, "transfer_loss", poisoned)
     path = write_recipe(stage1={"max_steps": 6}, stage2={"enabled": False}, checkpoint_every=2)
