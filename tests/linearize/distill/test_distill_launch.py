@@ -24,7 +24,18 @@ def read_log(run_dir: Path) -> list[dict]:
 
 
 def losses(run_dir: Path) -> dict[tuple[int, int], float]:
-    return {(r["stage"], r["step"]): r["loss"] for r in read_log(run_dir)}
+    return {(r["stage"], r["step"]): r["loss"] for r in read_log(run_dir) if "loss" in r}
+
+
+def eval_and_layer_records(run_dir: Path) -> dict[tuple, float]:
+    """Held-out perplexity and stage-1 per-layer MSE, keyed by (stage, step[, layer])."""
+    out = {}
+    for r in read_log(run_dir):
+        if "eval_ppl" in r:
+            out[(r["stage"], r["step"], "ppl")] = r["eval_ppl"]
+        for layer, mse in (r.get("layer_mse") or {}).items():
+            out[(r["stage"], r["step"], layer)] = mse
+    return out
 
 
 def assert_same_losses(a: dict, b: dict, rel: float) -> None:
@@ -76,8 +87,10 @@ def test_kill_during_stage2_then_resume_matches_an_uninterrupted_run(write_recip
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k} (killed at {killed_at}): {m}")
 
 
-def test_two_process_ddp_matches_one_process_at_the_same_global_batch(write_recipe, tmp_path):
-    path = write_recipe(stage1={"max_steps": 3}, stage2={"max_steps": 3, "kd_ratio": 0.5})
+def test_two_process_ddp_matches_one_process_at_the_same_global_batch(write_recipe, assets, tmp_path):
+    # every process evaluates the same held-out rows; the main one logs them
+    path = write_recipe(stage1={"max_steps": 3}, stage2={"max_steps": 3, "kd_ratio": 0.5},
+                        eval={"every_tokens": 128, "texts": 4, "source": str(assets / "docs.jsonl")})
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -88,6 +101,10 @@ def test_two_process_ddp_matches_one_process_at_the_same_global_batch(write_reci
     assert "on 2 process(es)" in done.stdout
     single = distill(load_recipe(path, ["gradient_accumulation_steps=2", f"output_dir={tmp_path / 'single'}"]))
     assert_same_losses(losses(tmp_path / "ddp"), losses(tmp_path / "single"), rel=1e-4)
+    evals = eval_and_layer_records(tmp_path / "ddp")
+    assert [k for k in evals if k[2] == "ppl"] == [(1, 0, "ppl"), (1, 2, "ppl"), (1, 3, "ppl"), (2, 0, "ppl"),
+                                                   (2, 2, "ppl"), (2, 3, "ppl")]
+    assert_same_losses(evals, eval_and_layer_records(tmp_path / "single"), rel=1e-4)
     a = load_file(str(tmp_path / "ddp" / "final" / "model.safetensors"))
     b = load_file(str(single / "model.safetensors"))
     for k in a:
