@@ -65,7 +65,9 @@ def test_left_padding_is_invisible_prefill_and_decode(make_tiny_model, case):
     """A left-padded row's logits at its real positions equal the sequence's own unpadded run,
     for a full padded forward and for padded prefill followed by one-token decode steps
     (LinearizeCache). Guards: padding masked out of the linear state (k, v and the gate),
-    out of the window and the sink tokens, and the decode-time mask slicing."""
+    out of the window and the sink tokens, and the decode-time mask slicing. Not observable here,
+    so not guarded: the gate at padded positions (log a = 0 there). Left padding precedes every
+    real token, so a pad's decay only ever acts on an empty state (forward and gradient)."""
     model = converted(make_tiny_model, case)
     ids, mask, pos = left_padded_batch(torch.Generator().manual_seed(5))
     with torch.no_grad():
