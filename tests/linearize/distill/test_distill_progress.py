@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import linearize
-from linearize.distill import RecipeError, distill, load_recipe
+from linearize.distill import DistillError, RecipeError, distill, load_recipe
 from linearize.distill.metrics import layer_mse_summary, plot_losses, plot_panels
 from linearize.distill.train import transfer_loss
 from linearize.eval.perplexity import perplexity
@@ -188,3 +188,33 @@ def test_eval_errors_name_the_key(write_recipe, tmp_path):
         distill(load_recipe(write_recipe(eval={"every_tokens": 32, "source": str(tmp_path / "nope.jsonl")})))
     with pytest.raises(RecipeError, match="eval.stride 40 must be below the perplexity window 32"):
         distill(load_recipe(write_recipe("b.yaml", output_dir=str(tmp_path / "b"), eval={"every_tokens": 32, "stride": 40})))
+
+
+def test_resume_reads_a_recipe_saved_before_the_new_keys_and_lets_eval_change(write_recipe, heldout, tmp_path,
+                                                                            monkeypatch):
+    import yaml
+
+    import linearize.distill.checkpointing as checkpointing
+
+    real, calls = checkpointing.fsync_tree, []
+
+    def crash(p):
+        calls.append(p)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated kill during the step-2 checkpoint")
+        real(p)
+
+    monkeypatch.setattr(checkpointing, "fsync_tree", crash)
+    path = write_recipe(stage1={"max_steps": 2}, stage2={"enabled": False}, checkpoint_every=1)
+    with pytest.raises(KeyboardInterrupt):
+        distill(load_recipe(path))
+    monkeypatch.setattr(checkpointing, "fsync_tree", real)
+    saved = tmp_path / "run" / "recipe.yaml"  # as a run started before these keys existed wrote it
+    old = yaml.safe_load(saved.read_text())
+    del old["eval"], old["stage1"]["loss_reduction"]
+    saved.write_text(yaml.safe_dump(old))
+    with pytest.raises(DistillError, match=r"stage1.loss_reduction: 'sum' -> 'mean'"):
+        distill(load_recipe(path, ["resume=true", "stage1.loss_reduction=mean"]))
+    distill(load_recipe(path, ["resume=true", f"eval.source={heldout}", "eval.every_tokens=32"]))
+    log = read_log(tmp_path / "run")
+    assert [(r["step"], "eval_ppl" in r) for r in log] == [(1, False), (2, False), (2, True)]
