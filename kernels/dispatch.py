@@ -1,4 +1,4 @@
-"""Kernels behind every mixer, with one signature per op and a dispatcher.
+"""The dispatcher: one signature per op, the backend chosen per call.
 
 Layout `[B, T, H, D]`, log-space gates (<= 0), fp32 accumulation and fp32 state.
 Backends: `naive` (loop over time, the fp64 reference), `torch` (chunked PyTorch, the CPU
@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from .hybrid.past_window import combine_past_window, delay_into_state, linear_key_mask
 from .utils import tracks_grad
 
 BACKENDS = ("naive", "torch", "triton")
@@ -180,4 +181,99 @@ def sliding_window_attention(
     raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
-__all__ = ["gated_linear_attention", "hybrid_attention", "recurrent_gated_linear_attention", "sliding_window_attention", "select_backend", "BACKENDS", "ENV_VAR"]
+
+
+def window_max_score(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    window: int | None,
+    num_sink_tokens: int = 0,
+    scale: float | None = None,
+    key_mask: torch.Tensor | None = None,
+    cu_seqlens: torch.LongTensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Each query's largest score over the keys the window op lets it attend.
+
+    q: [B, T, H, D]; k: [B, T, HKV, D]. Returns m [B, T, H] fp32 (-inf for a query that sees
+    nothing), differentiable. `naive` is the dense fp64-capable reference; every other backend
+    runs the blocked PyTorch op, on any device.
+    """
+    backend = backend or select_backend(q)
+    kwargs = dict(window=window, num_sink_tokens=num_sink_tokens, scale=scale, key_mask=key_mask,
+                  cu_seqlens=cu_seqlens)
+    if backend == "naive":
+        from .window.naive import naive_window_max_score
+
+        return naive_window_max_score(q, k, **kwargs)
+    from .window.max_score import band_max_score
+
+    return band_max_score(q, k, **kwargs)
+
+
+def past_window_attention(
+    q_win: torch.Tensor,
+    k_win: torch.Tensor,
+    v: torch.Tensor,
+    q_lin: torch.Tensor,
+    k_lin: torch.Tensor,
+    g: torch.Tensor | None,
+    *,
+    window: int,
+    num_sink_tokens: int = 0,
+    scale: float | None = None,
+    window_factor: torch.Tensor,
+    linear_factor: torch.Tensor | float = 1.0,
+    key_mask: torch.Tensor | None = None,
+    cu_seqlens: torch.LongTensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """LoLCATs' hybrid as published, for whole sequences (see `kernels.hybrid.past_window`).
+
+    q_win [B, T, H, D], k_win [B, T, HKV, D] (after RoPE); v [B, T, HKV, V]; q_lin [B, T, H, F];
+    k_lin [B, T, H or HKV, F] feature-mapped keys; g log decay [B, T, H or HKV(, F)] or None;
+    window_factor (gamma) and linear_factor (lam): [H] or scalars. Returns o [B, T, H, V]
+    (fp32). The window op, its row max and the GLA over keys delayed by `window` are the
+    dispatcher's ops; `naive` forces the dense reference.
+    """
+    backend = backend or select_backend(q_win)
+    if backend == "naive":
+        from .hybrid.naive import naive_past_window_attention
+
+        return naive_past_window_attention(q_win, k_win, v, q_lin, k_lin, g, window=window,
+                                           num_sink_tokens=num_sink_tokens, scale=scale,
+                                           window_factor=window_factor, linear_factor=linear_factor,
+                                           key_mask=key_mask, cu_seqlens=cu_seqlens)
+    B, T = q_win.shape[:2]
+    win = dict(window=window, num_sink_tokens=num_sink_tokens, scale=scale, key_mask=key_mask, cu_seqlens=cu_seqlens)
+    o_win, lse = sliding_window_attention(q_win, k_win, v, backend=backend, need_lse=True, **win)
+    m = window_max_score(q_win, k_win, backend=backend, **win)
+    keep = linear_key_mask(B, T, num_sink_tokens, key_mask, cu_seqlens, device=q_win.device)
+    (k_in, v_in), kept, _ = delay_into_state([k_lin, v], keep, window, cu_seqlens=cu_seqlens)
+    num, den, _ = linear_num_den(q_lin, k_in, v_in, kept, g, key_mask, cu_seqlens, backend)
+    return combine_past_window(o_win, lse, m, num, den, window_factor, linear_factor)
+
+
+def linear_num_den(q_lin, k_in, v_in, kept, g, key_mask, cu_seqlens, backend=None, initial_state=None,
+                   output_final_state=False, step=False):
+    """phi(q) S and phi(q) z over delayed keys: num [B, T, H, V], den [B, T, H] (fp32), and
+    the final state [N, Hs, F, V + 1] when asked. k_in [B, T, Hs, F]; v_in [B, T, HKV, V]
+    is repeated to Hs heads; g [B, T, HKV or Hs(, F)] is masked at padded steps and repeated
+    likewise. step=True takes the step-by-step recurrence (a few decode tokens)."""
+    Hs = k_in.shape[2]
+    vv = torch.cat([v_in, kept.to(v_in.dtype)[:, :, None, None].expand(*v_in.shape[:3], 1)], dim=-1)
+    vv = vv.repeat_interleave(Hs // vv.shape[2], dim=2)
+    if g is None:
+        g = k_in.new_zeros(*k_in.shape[:3], dtype=torch.float32)
+    if key_mask is not None:
+        g = g * key_mask.to(g.dtype).reshape(*key_mask.shape, *([1] * (g.dim() - 2)))
+    g = g.repeat_interleave(Hs // g.shape[2], dim=2)
+    fn = recurrent_gated_linear_attention if step else gated_linear_attention
+    extra = {} if step else dict(cu_seqlens=cu_seqlens)
+    o, final = fn(q_lin, k_in.to(q_lin.dtype), vv.to(q_lin.dtype), g, scale=1.0, initial_state=initial_state,
+                  output_final_state=output_final_state, backend=backend, **extra)
+    return o[..., :-1], o[..., -1], final
+
+
+__all__ = ["combine_past_window", "delay_into_state", "linear_key_mask", "window_max_score", "past_window_attention", "linear_num_den", "gated_linear_attention", "hybrid_attention", "recurrent_gated_linear_attention", "sliding_window_attention", "select_backend", "BACKENDS", "ENV_VAR"]
