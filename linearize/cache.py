@@ -35,6 +35,9 @@ class LinearizedLayerCache(CacheLayerMixin):
         self.valid_seen: torch.Tensor | None = None  # [B] real tokens seen so far
         self.sink_k = self.sink_v = self.sink_valid = None  # [B, S, HKV, D], [B, S]
         self.win_k = self.win_v = self.win_valid = self.win_sink = None  # [B, L, HKV, D], [B, L]
+        # LoLCATs: the last `window` feature-mapped keys [B, W, Hs, F] and values that enter the
+        # recurrent state once they leave the window, and whether each may ([B, W] bool).
+        self.tail_k = self.tail_v = self.tail_keep = None
         self.is_initialized = True
 
     # -- transformers Cache protocol --------------------------------------------------------
@@ -55,7 +58,8 @@ class LinearizedLayerCache(CacheLayerMixin):
         return -1
 
     def _tensors(self) -> list[str]:
-        return ["recurrent", "valid_seen", "sink_k", "sink_v", "sink_valid", "win_k", "win_v", "win_valid", "win_sink"]
+        return ["recurrent", "valid_seen", "sink_k", "sink_v", "sink_valid", "win_k", "win_v", "win_valid", "win_sink",
+                "tail_k", "tail_v", "tail_keep"]
 
     def _map(self, fn) -> None:
         for name in self._tensors():
@@ -91,6 +95,15 @@ class LinearizedLayerCache(CacheLayerMixin):
 
     def advance(self, T: int, key_mask: torch.Tensor | None) -> None:
         self.seen += T
+
+    @property
+    def linear_tail(self):
+        """([keys, values], keep) of the last `window` steps not yet in the state, or None."""
+        return None if self.tail_k is None else ([self.tail_k, self.tail_v], self.tail_keep)
+
+    @linear_tail.setter
+    def linear_tail(self, tail) -> None:
+        (self.tail_k, self.tail_v), self.tail_keep = tail
 
     def _new_ranks(self, B: int, T: int, key_mask: torch.Tensor | None, device) -> tuple[torch.Tensor, torch.Tensor]:
         valid = torch.ones(B, T, dtype=torch.bool, device=device) if key_mask is None else key_mask.bool()
@@ -128,29 +141,28 @@ class LinearizedLayerCache(CacheLayerMixin):
 
         Queries go in blocks of `QUERY_BLOCK`: a block sees the sinks, the cached window and
         only the new keys within `window` of it (plus new sink tokens), so a long chunk costs
-        O(T * (window + block)), not O(T^2). Returns o [B, T, H, D] and lse [B, T, H] (fp32),
-        then stores the new keys/values.
+        O(T * (window + block)), not O(T^2). Returns o [B, T, H, D], lse [B, T, H] (fp32) and
+        each row's largest score m [B, T, H] (fp32, sink logits excluded), then stores the new
+        keys/values.
         """
         B, T = q.shape[:2]
         if T == 1 and key_mask is None and (num_sink_tokens == 0 or self.valid_seen is not None and bool(
                 (self.valid_seen >= num_sink_tokens).all())):
-            o, lse = self._attend_one(q, k, v, sink_logits, scale)
+            out = self._attend_one(q, k, v, sink_logits, scale)
             self.store_window(k, v, None, window=window, num_sink_tokens=num_sink_tokens)
-            return o, lse
+            return out
         valid, rank = self._new_ranks(B, T, key_mask, k.device)
         new_sink = valid & (rank < num_sink_tokens)
         sink_end = int(new_sink.any(0).nonzero().max()) + 1 if bool(new_sink.any()) else 0
-        outs, lses = [], []
+        blocks = []
         for t0 in range(0, T, QUERY_BLOCK):
             t1 = min(T, t0 + QUERY_BLOCK)
             lo = max(0, t0 - window + 1)
             cols = torch.cat([torch.arange(min(sink_end, lo), device=q.device), torch.arange(lo, t1, device=q.device)])
-            o, lse = self._attend(q[:, t0:t1], torch.arange(t0, t1, device=q.device), cols, k, v, valid, new_sink,
-                                  window, sink_logits, scale)
-            outs.append(o)
-            lses.append(lse)
+            blocks.append(self._attend(q[:, t0:t1], torch.arange(t0, t1, device=q.device), cols, k, v, valid, new_sink,
+                                       window, sink_logits, scale))
         self.store_window(k, v, key_mask, window=window, num_sink_tokens=num_sink_tokens)
-        return torch.cat(outs, dim=1), torch.cat(lses, dim=1)
+        return tuple(torch.cat(parts, dim=1) for parts in zip(*blocks))
 
     def _has_window_keys(self) -> bool:
         return self.win_k is not None and self.win_k.shape[1] > 0
@@ -172,7 +184,7 @@ class LinearizedLayerCache(CacheLayerMixin):
     def _attend_one(self, q, k, v, sink_logits, scale):
         """One new, valid, non-sink token (the decode step): q [B, 1, H, D] against the sinks, the
         cached window (all within reach of it) and its own key, in a handful of ops. Returns o
-        [B, 1, H, Dv] (q's dtype) and lse [B, 1, H] fp32."""
+        [B, 1, H, Dv] (q's dtype), lse and the row max [B, 1, H] fp32."""
         B, _, H, D = q.shape
         HKV = k.shape[2]
         G = H // HKV
@@ -185,17 +197,19 @@ class LinearizedLayerCache(CacheLayerMixin):
         N = V.shape[2]
         scores = torch.matmul(q.float().view(B, HKV, G, D), K).mul_(scale)  # [B, HKV, G, N]
         scores.masked_fill_(~torch.cat(masks, dim=1)[:, None, None, :], float("-inf"))
+        row_max = scores.amax(-1)
         if sink_logits is not None:
             extra = sink_logits.float().reshape(HKV, G, -1)[None].expand(B, HKV, G, -1)
             scores = torch.cat([scores, extra], dim=-1)
         lse = torch.logsumexp(scores, dim=-1)  # finite: the token's own key is always allowed
         probs = scores.sub_(lse.unsqueeze(-1)).exp_()[..., :N]
         o = torch.matmul(probs, V)  # [B, HKV, G, Dv]
-        return o.reshape(B, 1, H, -1).to(q.dtype), lse.reshape(B, 1, H)
+        return o.reshape(B, 1, H, -1).to(q.dtype), lse.reshape(B, 1, H), row_max.reshape(B, 1, H)
 
     def _attend(self, q, rows, cols, k, v, valid, new_sink, window, sink_logits, scale):
         """Queries q [B, R, H, D] at new positions `rows` against the sinks, the cached window and
-        the new keys at positions `cols`; returns o [B, R, H, Dv] (q's dtype) and lse [B, R, H] fp32."""
+        the new keys at positions `cols`; returns o [B, R, H, Dv] (q's dtype), lse and the row max
+        [B, R, H] fp32."""
         B, R, H, D = q.shape
         HKV = k.shape[2]
         k, v, valid, new_sink = k[:, cols], v[:, cols], valid[:, cols], new_sink[:, cols]
@@ -216,13 +230,14 @@ class LinearizedLayerCache(CacheLayerMixin):
         G = H // HKV
         scores = torch.einsum("bthgd,bshd->bhgts", q.float().view(B, R, HKV, G, D), K) * scale
         scores = scores.reshape(B, H, R, -1).masked_fill(~allowed[:, None], float("-inf"))
+        row_max = scores.amax(-1)  # [B, H, R]
         if sink_logits is not None:
             extra = sink_logits.float().reshape(H, -1)[None, :, None, :].expand(B, H, R, -1)
             scores = torch.cat([scores, extra], dim=-1)
         lse = torch.logsumexp(scores, dim=-1)  # [B, H, R]
         probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)[..., : K.shape[1]]
         o = torch.einsum("bhgts,bshd->bthgd", probs.view(B, HKV, G, R, -1), V).reshape(B, R, H, -1)
-        return o.to(q.dtype), lse.transpose(1, 2)
+        return o.to(q.dtype), lse.transpose(1, 2), row_max.transpose(1, 2)
 
 
 class LinearizeCache(Cache):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,8 @@ from typing import Any
 METHODS = ("liger-gla", "liger-hgrn2", "lizard", "lolcats", "window-sinks")
 GATES = ("liger", "scalar", "mamba2", "none")
 FEATURE_MAPS = ("softmax", "hedgehog", "none")
-MIXINGS = ("fixed", "learned", "shared-denominator", "window-only", "linear-only")
+MIXINGS = ("fixed", "learned", "shared-denominator", "lolcats", "window-only", "linear-only")
+INITS = ("paper", "baseline")
 
 CONFIG_NAME = "linearize_config.json"
 
@@ -26,6 +28,8 @@ class MethodDefaults:
     num_sink_tokens: int = 0
     num_sink_logits: int = 0
     allowed_gates: tuple[str, ...] = ("none",)
+    share_state: bool = True
+    init: str = "paper"
 
 
 METHOD_DEFAULTS: dict[str, MethodDefaults] = {
@@ -38,9 +42,10 @@ METHOD_DEFAULTS: dict[str, MethodDefaults] = {
     # window with 4 meta-memory sink logits; learned per-head branch weights.
     "lizard": MethodDefaults(128, "scalar", "hedgehog", "learned", True, False, num_sink_logits=4,
                              allowed_gates=("scalar", "mamba2", "liger")),
-    # LoLCATs: Hedgehog linear attention and a 64-token window under one softmax denominator.
-    "lolcats": MethodDefaults(64, "none", "hedgehog", "shared-denominator", True, True,
-                              allowed_gates=("none", "scalar", "mamba2")),
+    # LoLCATs as published: a 64-token softmax window and Hedgehog linear attention over the
+    # keys that left it, under one denominator; one key map (and state) per query head.
+    "lolcats": MethodDefaults(64, "none", "hedgehog", "lolcats", True, True,
+                              allowed_gates=("none", "scalar", "mamba2"), share_state=False),
     # Zero-training baseline: softmax over 4 sink tokens and the last 64 tokens.
     "window-sinks": MethodDefaults(64, "none", "none", "window-only", False, True, num_sink_tokens=4),
 }
@@ -70,16 +75,26 @@ class LinearizeConfig:
     feature_dim: width of the Hedgehog projection (None: the head dimension); the feature
         map outputs twice this many features.
     mixing: `fixed` (window_weight, linear_weight), `learned` (per-head weights initialised
-        to window_weight, linear_weight), `shared-denominator` (LoLCATs), `window-only`,
+        to window_weight, linear_weight), `lolcats` (LoLCATs as published: gamma-weighted
+        max-shifted window terms and linear terms over the keys past the window, one
+        denominator), `shared-denominator` (our option for any method: window and linear
+        terms over every key under one denominator, linear weight sigmoid(a)), `window-only`,
         `linear-only` (implied by window=0).
+    init: `paper` (the method's published initialisation) or `baseline`: the untrained model
+        computes exactly the window + sinks baseline (linear branch weighed 0 through a
+        learned per-head weight, 4 sink tokens unless set, no sink logits unless set), so
+        training starts at the baseline's quality and the recurrence can only add to it.
     normalize: divide the recurrence by its normalizer phi(q) z_t.
     linear_rope: feed RoPE-rotated q and k to the feature maps.
     gate_normalizer: Liger divides the log gate by this (16).
     layers: layer indices to linearize (None: every layer not in softmax_layers).
     softmax_layers: layer indices that keep softmax attention (inter-layer hybrid).
-    share_state_across_group: keep the recurrent state per KV head, shared by the query
-        heads of a GQA group (False repeats k and v per query head; same result, more memory).
-    lolcats_init_linear_weight: sigmoid of LoLCATs' per-head linear weight at initialisation.
+    share_state_across_group: keep the recurrent state (and learned key feature maps) per KV
+        head, shared by the query heads of a GQA group: H/H_kv times less state. False keeps
+        one per query head, keys repeated first (LoLCATs' published form, its default; for
+        parameter-free maps the result is the same).
+    lolcats_init_window_factor: LoLCATs' per-head window factor gamma = sigmoid(w) at
+        initialisation (0.1 in the published configs).
     """
 
     method: str = "liger-gla"
@@ -97,8 +112,9 @@ class LinearizeConfig:
     gate_normalizer: float = 16.0
     layers: list[int] | None = None
     softmax_layers: list[int] = field(default_factory=list)
-    share_state_across_group: bool = True
-    lolcats_init_linear_weight: float = 0.1
+    share_state_across_group: bool | None = None
+    lolcats_init_window_factor: float = 0.1
+    init: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -114,6 +130,9 @@ class LinearizeConfig:
         out.linear_rope = d.linear_rope if self.linear_rope is None else self.linear_rope
         out.num_sink_tokens = d.num_sink_tokens if self.num_sink_tokens is None else self.num_sink_tokens
         out.num_sink_logits = d.num_sink_logits if self.num_sink_logits is None else self.num_sink_logits
+        out.share_state_across_group = (d.share_state if self.share_state_across_group is None
+                                         else self.share_state_across_group)
+        out.init = d.init if self.init is None else self.init
         if self.mixing is not None:
             out.mixing = self.mixing
         elif out.window == 0:
@@ -123,10 +142,26 @@ class LinearizeConfig:
         if out.window == 0:
             out.num_sink_tokens = 0
             out.num_sink_logits = 0
-        if out.mixing == "shared-denominator" and not out.normalize:
-            raise ConfigError("mixing='shared-denominator' needs the recurrence's normalizer: set normalize=True")
+        if out.mixing in ("shared-denominator", "lolcats") and not out.normalize:
+            raise ConfigError(f"mixing={out.mixing!r} needs the recurrence's normalizer: set normalize=True")
+        if out.init == "baseline":
+            out._start_at_baseline(self)
         out.validate()
         return out
+
+    def _start_at_baseline(self, given: "LinearizeConfig") -> None:
+        """Fields for init='baseline': the linear branch weighs 0 under a learned weight."""
+        if self.mixing in ("window-only",):
+            return
+        if self.window == 0 or self.mixing == "linear-only":
+            raise ConfigError("init='baseline' needs a window branch (window >= 1): the baseline is window + sinks")
+        if self.mixing == "shared-denominator":
+            raise ConfigError("init='baseline' supports mixing fixed, learned and lolcats; shared-denominator's "
+                              "sigmoid weight cannot start at 0: use init='paper' or another mixing")
+        self.num_sink_tokens = 4 if given.num_sink_tokens is None else given.num_sink_tokens
+        self.num_sink_logits = 0 if given.num_sink_logits is None else given.num_sink_logits
+        if self.mixing in ("fixed", "learned"):
+            self.mixing, self.window_weight, self.linear_weight = "learned", 1.0, 0.0
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -161,12 +196,20 @@ class LinearizeConfig:
                 raise ConfigError(f"window=0 has no window branch: mixing must be linear-only, got {self.mixing!r}")
         for name in ("window_weight", "linear_weight", "gate_normalizer"):
             val = getattr(self, name)
-            if not isinstance(val, (int, float)) or isinstance(val, bool) or val != val:
-                raise ConfigError(f"{name} must be a number, got {val!r}")
+            if not isinstance(val, (int, float)) or isinstance(val, bool) or not math.isfinite(val):
+                raise ConfigError(f"{name} must be a finite number, got {val!r}")
         if self.gate_normalizer <= 0:
             raise ConfigError(f"gate_normalizer must be > 0, got {self.gate_normalizer}")
-        if not 0.0 < self.lolcats_init_linear_weight < 1.0:
-            raise ConfigError(f"lolcats_init_linear_weight must be in (0, 1), got {self.lolcats_init_linear_weight}")
+        if not 0.0 < self.lolcats_init_window_factor < 1.0:
+            raise ConfigError(f"lolcats_init_window_factor must be in (0, 1), got {self.lolcats_init_window_factor}")
+        for name in ("normalize", "linear_rope", "share_state_across_group"):
+            val = getattr(self, name)
+            if val is not None and not isinstance(val, bool):
+                raise ConfigError(f"{name} must be true or false, got {val!r}")
+        if self.init is not None and self.init not in INITS:
+            raise ConfigError(f"unknown init {self.init!r}; choose one of: {', '.join(INITS)}")
+        if self.mixing == "lolcats" and self.method != "lolcats":
+            raise ConfigError(f"mixing='lolcats' is LoLCATs' own rule; method {self.method} cannot use it")
         for name in ("layers", "softmax_layers"):
             val = getattr(self, name)
             if val is None:
@@ -195,6 +238,9 @@ class LinearizeConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"a linearize config must be a JSON object, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
+        if "lolcats_init_linear_weight" in data:
+            raise ConfigError("this config was saved by a linearize whose LoLCATs put a weight on the linear terms "
+                              "over every key, unlike the published method; reconvert the model with this version")
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown linearize config field(s) {unknown}; known fields: {', '.join(sorted(known))}")

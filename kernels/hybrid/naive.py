@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..gla.naive import naive_gla
+from ..utils import sequence_spans
 from ..window.naive import naive_window_attention
 
 MODES = ("mix", "shared")
@@ -149,3 +150,76 @@ def compose_hybrid(window_op, gla_op, q_win, k_win, v, q_lin, k_lin, g, *, windo
                        w_win=head_weights(w_win, H, 0.5, ref), w_lin=head_weights(w_lin, H, 0.5, ref),
                        c=head_weights(c, H, 1.0, ref))
     return o.to(q_win.dtype), final_state
+
+
+def naive_past_window_attention(
+    q_win: torch.Tensor,
+    k_win: torch.Tensor,
+    v: torch.Tensor,
+    q_lin: torch.Tensor,
+    k_lin: torch.Tensor,
+    g: torch.Tensor | None,
+    *,
+    window: int,
+    num_sink_tokens: int = 0,
+    scale: float | None = None,
+    window_factor: torch.Tensor,
+    linear_factor: torch.Tensor | float = 1.0,
+    key_mask: torch.Tensor | None = None,
+    cu_seqlens: torch.LongTensor | None = None,
+) -> torch.Tensor:
+    """LoLCATs as published, one query at a time from its equation (the fp64 reference).
+
+    o_i = (gamma sum_{W(i)} e^(s_ij - m_i) v_j + lam sum_{L(i)} d_ij phi(q_i).phi(k_j) v_j)
+          / (gamma sum_{W(i)} e^(s_ij - m_i) + lam sum_{L(i)} d_ij phi(q_i).phi(k_j)),
+    W(i): real keys j <= i with i - j < window or among the first num_sink_tokens of the
+    sequence; L(i): the other real keys j <= i; s_ij = scale q_i.k_j; m_i = max over W(i);
+    d_ij = exp(sum of g over steps j + window + 1 .. i) (1 without a gate).
+
+    q_win [B, T, H, D], k_win [B, T, HKV, D], v [B, T, HKV, V], q_lin [B, T, H, F],
+    k_lin [B, T, H or HKV, F], g [B, T, H or HKV(, F)] or None; window_factor,
+    linear_factor: [H] or scalars. Returns o [B, T, H, V] in q_win's dtype.
+    """
+    B, T, H, D = q_win.shape
+    acc = torch.float64 if q_win.dtype == torch.float64 else torch.float32
+    scale = D ** -0.5 if scale is None else scale
+    gam = torch.as_tensor(window_factor, dtype=acc).expand(H)
+    lam = torch.as_tensor(linear_factor, dtype=acc).expand(H)
+    o = torch.zeros(B, T, H, v.shape[-1], dtype=acc, device=q_win.device)
+    for b, start, end in sequence_spans(B, T, cu_seqlens):
+        valid = [key_mask is None or bool(key_mask[b, t]) for t in range(start, end)]
+        rank = [sum(valid[: j + 1]) - 1 for j in range(end - start)]
+        for i in range(end - start):
+            for h in range(H):
+                o[b, start + i, h] = _one_query(q_win, k_win, v, q_lin, k_lin, g, b, start, i, h, valid, rank,
+                                                window, num_sink_tokens, scale, gam[h], lam[h], acc)
+    return o.to(q_win.dtype)
+
+
+def _one_query(q_win, k_win, v, q_lin, k_lin, g, b, start, i, h, valid, rank, window, num_sink_tokens, scale,
+               gam, lam, acc):
+    H = q_win.shape[2]
+    kv_head = h // (H // k_win.shape[2])
+    lin_head = h // (H // k_lin.shape[2])
+    win, lin = [], []
+    for j in range(i + 1):
+        if not valid[j]:
+            continue
+        (win if (i - j < window or rank[j] < num_sink_tokens) else lin).append(j)
+    num = torch.zeros(v.shape[-1], dtype=acc)
+    den = torch.zeros((), dtype=acc)
+    if win:
+        s = torch.stack([(q_win[b, start + i, h].to(acc) @ k_win[b, start + j, kv_head].to(acc)) * scale for j in win])
+        w = gam * torch.exp(s - s.max())
+        num = num + sum(wj * v[b, start + j, kv_head].to(acc) for wj, j in zip(w, win))
+        den = den + w.sum()
+    for j in lin:
+        fk = k_lin[b, start + j, lin_head].to(acc)
+        if g is not None:
+            g_head = h // (H // g.shape[2])
+            gh = g[b, start + j + window + 1: start + i + 1, g_head].to(acc)
+            fk = fk * torch.exp(gh.sum(0))
+        a = lam * (q_lin[b, start + i, h].to(acc) @ fk)
+        num = num + a * v[b, start + j, kv_head].to(acc)
+        den = den + a
+    return num / den if den > 0 else num

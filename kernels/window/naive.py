@@ -93,3 +93,36 @@ def naive_window_attention(
         o[b, start:end] = torch.einsum("hts,shd->thd", probs[..., :L], vs)
         lse[b, start:end] = row_lse.transpose(0, 1)
     return o.to(q.dtype), lse
+
+
+def naive_window_max_score(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    window: int | None,
+    num_sink_tokens: int = 0,
+    scale: float | None = None,
+    key_mask: torch.Tensor | None = None,
+    cu_seqlens: torch.LongTensor | None = None,
+) -> torch.Tensor:
+    """Each query's largest score over the keys it attends (window and sink tokens), densely.
+
+    q: [B, T, H, D]; k: [B, T, HKV, D]. Returns m [B, T, H] (fp32, fp64 for fp64 inputs),
+    -inf for a query that sees no key. LoLCATs weighs its window by e^(s - m).
+    """
+    check_window_inputs(q, k, k, window, num_sink_tokens, None, key_mask, cu_seqlens)
+    B, T, H, D = q.shape
+    G = H // k.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    m = torch.full((B, T, H), float("-inf"), dtype=acc, device=q.device)
+    for b, start, end in sequence_spans(B, T, cu_seqlens):
+        L = end - start
+        if L == 0:
+            continue
+        ks = k[b, start:end].to(acc).repeat_interleave(G, dim=1)
+        km = None if key_mask is None else key_mask[b : b + 1, start:end]
+        allowed = window_mask(L, window, num_sink_tokens, km, q.device)[0]
+        scores = torch.einsum("thd,shd->hts", q[b, start:end].to(acc), ks) * scale
+        m[b, start:end] = scores.masked_fill(~allowed, float("-inf")).amax(-1).transpose(0, 1)
+    return m

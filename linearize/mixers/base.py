@@ -45,19 +45,25 @@ class AttentionTransfer:
     def __init__(self) -> None:
         self.losses: list[torch.Tensor] = []
 
-    def record(self, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        """student, teacher: [B, T, C]; mask: [B, T] (False = padding, left out of the MSE)."""
-        if mask is None:
-            self.losses.append(F.mse_loss(student.float(), teacher.float()))
-            return
+    def record(self, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None,
+               scale: float = 1.0) -> None:
+        """student, teacher: [B, T, C]; mask: [B, T] (False = padding, left out of the MSE);
+        scale multiplies the MSE (LoLCATs: 1000)."""
         err = (student.float() - teacher.float()).pow(2).mean(-1)
-        self.losses.append((err * mask).sum() / mask.sum().clamp_min(1))
+        if mask is None:
+            self.losses.append(err.mean() * scale)
+            return
+        self.losses.append((err * mask).sum() / mask.sum().clamp_min(1) * scale)
 
 
 class LinearizedAttention(nn.Module):
     """Base mixer. Subclasses choose feature maps and gates through `LinearizeConfig`."""
 
     method: str = ""
+    # Stage 1 compares the outputs after o_proj, MSE as is; a method may compare the per-head
+    # outputs before o_proj and scale the MSE, as its paper does.
+    transfer_on_heads: bool = False
+    transfer_scale: float = 1.0
 
     def __init__(self, attn: nn.Module, config: LinearizeConfig, family: Family, layer_idx: int,
                  context: ForwardContext):
@@ -89,16 +95,16 @@ class LinearizedAttention(nn.Module):
         self.has_linear = cfg.mixing != "window-only"
         self.has_window = cfg.window > 0 and cfg.mixing != "linear-only"
         state_heads = self.num_kv_heads if cfg.share_state_across_group else self.num_heads
+        self.state_heads = state_heads
         if self.has_linear:
             self.linearize_feature_map_q = build_feature_map(cfg.feature_map, self.num_heads, self.head_dim, cfg.feature_dim)
-            self.linearize_feature_map_k = build_feature_map(cfg.feature_map, self.num_kv_heads, self.head_dim, cfg.feature_dim)
+            self.linearize_feature_map_k = build_feature_map(cfg.feature_map, state_heads, self.head_dim, cfg.feature_dim)
             feat = self.linearize_feature_map_k.out_dim
             if cfg.gate == "liger" and feat % self.head_dim:
                 raise ValueError(f"the liger gate works per channel of the key: feature width {feat} must be a "
                                  f"multiple of head_dim {self.head_dim} (set feature_dim to head_dim)")
             self.linearize_gate = build_gate(cfg.gate, hidden_size=hidden, num_kv_heads=self.num_kv_heads,
                                              normalizer=cfg.gate_normalizer, repeat=max(feat // self.head_dim, 1))
-        self.state_heads = state_heads
         if self.has_window and cfg.num_sink_logits:
             # Meta-memory logits start low (exp(-5) each): the window is then almost exactly the
             # teacher's softmax, and training raises them where attention needs a sink.
@@ -107,8 +113,11 @@ class LinearizedAttention(nn.Module):
             self.linearize_window_weight = nn.Parameter(torch.full((self.num_heads,), float(cfg.window_weight)))
             self.linearize_linear_weight = nn.Parameter(torch.full((self.num_heads,), float(cfg.linear_weight)))
         if cfg.mixing == "shared-denominator":
-            p = cfg.lolcats_init_linear_weight
-            self.linearize_linear_logit = nn.Parameter(torch.full((self.num_heads,), math.log(p / (1 - p))))
+            self.linearize_linear_logit = nn.Parameter(torch.full((self.num_heads,), math.log(0.1 / 0.9)))
+        self._build_method_parameters()
+
+    def _build_method_parameters(self) -> None:
+        """New parameters a method adds beyond the shared ones (none here)."""
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
@@ -116,20 +125,31 @@ class LinearizedAttention(nn.Module):
         cache = cache if cache is not None else past_key_values
         self.sync_teacher_projections()
         if self.teacher_active:
-            from ..cache import LinearizeCache
-
-            if isinstance(cache, LinearizeCache):
-                cache = cache.softmax_view()
             return self._teacher_attention(hidden_states, position_embeddings=position_embeddings,
                                            attention_mask=attention_mask, **{self._teacher_cache_arg: cache}, **kwargs)
-        out = self.student_forward(hidden_states, position_embeddings, cache)
+        heads, out = self.student_forward(hidden_states, position_embeddings, cache)
         if self.transfer is not None:
+            teacher, teacher_heads = self.teacher_outputs(hidden_states, position_embeddings, attention_mask, **kwargs)
+            mask = self._context.key_mask(hidden_states.shape[1])
+            if self.transfer_on_heads:
+                self.transfer.record(heads.reshape(teacher_heads.shape), teacher_heads, mask, self.transfer_scale)
+            else:
+                self.transfer.record(out, teacher, mask, self.transfer_scale)
+            return teacher, None
+        return out, None
+
+    def teacher_outputs(self, hidden_states, position_embeddings, attention_mask, **kwargs):
+        """The original attention's output [B, T, C] and its per-head output before o_proj
+        [B, T, H * D], without gradients (stage 1's target)."""
+        captured = []
+        hook = self.o_proj.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+        try:
             with torch.no_grad():
                 teacher, _ = self._teacher_attention(hidden_states, position_embeddings=position_embeddings,
                                                      attention_mask=attention_mask, **kwargs)
-            self.transfer.record(out, teacher, self._context.key_mask(hidden_states.shape[1]))
-            return teacher, None
-        return out, None
+        finally:
+            hook.remove()
+        return teacher, captured[-1]
 
     def sync_teacher_projections(self) -> None:
         """Point the original attention at the mixer's current projections, so adapters that
@@ -150,7 +170,8 @@ class LinearizedAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
 
-    def student_forward(self, hidden_states: torch.Tensor, position_embeddings, cache) -> torch.Tensor:
+    def student_forward(self, hidden_states: torch.Tensor, position_embeddings, cache):
+        """hidden [B, T, C] -> (per-head output [B, T, H, V] before o_proj, output [B, T, C])."""
         B, T, _ = hidden_states.shape
         q, k, v = self.project(hidden_states)
         cos, sin = position_embeddings
@@ -158,22 +179,25 @@ class LinearizedAttention(nn.Module):
         key_mask = self._context.key_mask(T)
         cu_seqlens = self._context.cu_seqlens(B, T) if key_mask is None else None
         state = cache.linear_layer(self.layer_idx) if cache is not None and hasattr(cache, "linear_layer") else None
+        o = self.attention(hidden_states, q, k, v, q_rot, k_rot, key_mask, cu_seqlens, state)
+        if state is not None:
+            state.advance(T, key_mask)
+        return o, self.o_proj(o.reshape(B, T, -1).to(hidden_states.dtype))
+
+    def attention(self, hidden, q, k, v, q_rot, k_rot, key_mask, cu_seqlens, state) -> torch.Tensor:
+        """The mixing rule: q, k, v before RoPE ([B, T, H | HKV, D]), q_rot, k_rot after it,
+        key_mask [B, T] or None, cu_seqlens or None, the layer's decode state or None.
+        Returns o [B, T, H, V] before o_proj."""
         lin_q, lin_k = (q_rot, k_rot) if self.lconfig.linear_rope else (q, k)
         mode = self.fused_mode()
-        if mode is not None and T > DECODE_STEP_TOKENS and (state is None or not state.has_window_past()):
-            o = self.fused_branches(mode, hidden_states, lin_q, lin_k, k, q_rot, k_rot, v, key_mask, cu_seqlens, state)
-            if state is not None:
-                state.advance(T, key_mask)
-            return self.o_proj(o.reshape(B, T, -1).to(hidden_states.dtype))
+        if mode is not None and q.shape[1] > DECODE_STEP_TOKENS and (state is None or not state.has_window_past()):
+            return self.fused_branches(mode, hidden, lin_q, lin_k, k, q_rot, k_rot, v, key_mask, cu_seqlens, state)
         o_win = lse = o_lin = den = None
         if self.has_window:
             o_win, lse = self.window_branch(q_rot, k_rot, v, key_mask, cu_seqlens, state)
         if self.has_linear:
-            o_lin, den = self.linear_branch(hidden_states, lin_q, lin_k, k, v, key_mask, cu_seqlens, state)
-        if state is not None:
-            state.advance(T, key_mask)
-        o = self.mix(o_win, lse, o_lin, den)
-        return self.o_proj(o.reshape(B, T, -1).to(hidden_states.dtype))
+            o_lin, den = self.linear_branch(hidden, lin_q, lin_k, k, v, key_mask, cu_seqlens, state)
+        return self.mix(o_win, lse, o_lin, den)
 
     # -- branches --------------------------------------------------------------------------
     def window_branch(self, q, k, v, key_mask, cu_seqlens, state):
@@ -181,8 +205,9 @@ class LinearizedAttention(nn.Module):
         cfg = self.lconfig
         sink_logits = getattr(self, "linearize_sink_logits", None)
         if state is not None and state.has_window_past():
-            return state.window_attention(q, k, v, key_mask, window=cfg.window, num_sink_tokens=cfg.num_sink_tokens,
-                                          sink_logits=sink_logits, scale=self.scaling)
+            o, lse, _ = state.window_attention(q, k, v, key_mask, window=cfg.window, num_sink_tokens=cfg.num_sink_tokens,
+                                               sink_logits=sink_logits, scale=self.scaling)
+            return o, lse
         o, lse = sliding_window_attention(q, k, v, window=cfg.window, num_sink_tokens=cfg.num_sink_tokens,
                                           sink_logits=sink_logits, scale=self.scaling, key_mask=key_mask,
                                           cu_seqlens=cu_seqlens, need_lse=cfg.mixing == "shared-denominator")
@@ -191,7 +216,10 @@ class LinearizedAttention(nn.Module):
         return o, lse
 
     def feature_maps(self, q: torch.Tensor, k: torch.Tensor, k_raw: torch.Tensor):
-        """phi(q) [B, T, H, F], phi(k) [B, T, HKV, F]; overridden by methods with tied maps."""
+        """phi(q) [B, T, H, F], phi(k) [B, T, Hs, F] with Hs the state's heads (keys repeated to
+        the query heads first when the state is per query head); overridden by tied maps."""
+        if self.state_heads != k.shape[2]:
+            k = k.repeat_interleave(self.state_heads // k.shape[2], dim=2)
         return self.linearize_feature_map_q(q), self.linearize_feature_map_k(k)
 
     def linear_inputs(self, hidden, q, k, k_raw):
@@ -247,8 +275,9 @@ class LinearizedAttention(nn.Module):
             g = g * (keep if g.dim() == 4 else keep[..., 0])
         if self.state_heads != self.num_kv_heads:
             rep = self.num_heads // self.num_kv_heads
-            fk, vv = fk.repeat_interleave(rep, dim=2), vv.repeat_interleave(rep, dim=2)
-            g = g.repeat_interleave(rep, dim=2)
+            vv, g = vv.repeat_interleave(rep, dim=2), g.repeat_interleave(rep, dim=2)
+            if fk.shape[2] != self.state_heads:
+                fk = fk.repeat_interleave(rep, dim=2)
         initial = state.recurrent if state is not None else None
         if state is not None and initial is not None and T <= DECODE_STEP_TOKENS:
             o, final = recurrent_gated_linear_attention(fq, fk.to(fq.dtype), vv.to(fq.dtype), g, scale=1.0,

@@ -13,7 +13,7 @@ class SoftmaxFeatureMap(nn.Module):
         self.out_dim = head_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(x.float(), dim=-1).to(x.dtype)
+        return torch.softmax(x.to(_acc(x)), dim=-1).to(x.dtype)
 
 
 class HedgehogFeatureMap(nn.Module):
@@ -32,8 +32,13 @@ class HedgehogFeatureMap(nn.Module):
         self.weight = nn.Parameter(eye.unsqueeze(0).repeat(num_heads, 1, 1))  # [H, D, F]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = torch.einsum("bthd,hdf->bthf", x.float(), self.weight.float())
+        z = torch.einsum("bthd,hdf->bthf", x.to(_acc(x)), self.weight.to(_acc(x)))
         return torch.cat([torch.softmax(z, dim=-1), torch.softmax(-z, dim=-1)], dim=-1).to(x.dtype)
+
+
+def _acc(x: torch.Tensor) -> torch.dtype:
+    """At least fp32 (bf16/fp16 inputs), fp64 kept."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 def build_feature_map(kind: str, num_heads: int, head_dim: int, feature_dim: int | None) -> nn.Module:

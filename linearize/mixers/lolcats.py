@@ -1,15 +1,95 @@
-"""LoLCATs: Hedgehog linear attention and a 64-token softmax window share one denominator,
+"""LoLCATs as published (HazyResearch/lolcats, `linear_window_attention_sw.py`): a 64-token
+softmax window and Hedgehog linear attention over the keys that have *left* the window,
+under one denominator,
 
-    o = (sum_window e^{qk/sqrt(D)} v + c * phi(q) S) / (sum_window e^{qk/sqrt(D)} + c * phi(q) z),
+    o_i = (gamma sum_{W(i)} e^(s_ij - m_i) v_j + lam sum_{L(i)} phi(q_i).phi(k_j) v_j)
+          / (gamma sum_{W(i)} e^(s_ij - m_i) + lam sum_{L(i)} phi(q_i).phi(k_j)),
 
-with c = sigmoid(a) per head (a starts at logit(0.1), so a fresh model leans on the exact
-window) and Hedgehog maps at the identity. The feature maps read RoPE-rotated q and k, as in
-the public code.
+s_ij = q_i.k_j / sqrt(D) on RoPE'd q, k; m_i the row's largest window score; gamma =
+sigmoid(w) per head, w starting at logit(0.1); lam = 1. phi = [softmax(xW) ++ softmax(-xW)]
+on RoPE'd q and k, one map per query head (keys repeated to the query heads first), W
+kaiming-initialised (`init='paper'`). Stage 1 matches the per-head outputs before o_proj,
+MSE x 1000, as the published attention transfer does.
+
+Options beyond the paper: `share_state_across_group=True` keeps one key map and state per KV
+head (H/H_kv less state); sink tokens stay in the softmax branch and never enter the linear
+one; a gate (scalar, mamba2) decays a key from the step it leaves the window. With
+`init='baseline'`, lam becomes a learned per-head factor starting at 0 (kept >= 0, its
+gradient passed straight through at the bound) and the window gets 4 sink tokens, so the
+untrained model is exactly the window + sinks baseline.
 """
 from __future__ import annotations
 
-from .base import LinearizedAttention
+import math
+
+import torch
+import torch.nn as nn
+
+from ..kernels import combine_past_window, delay_into_state, linear_key_mask, linear_num_den, window_max_score
+from ..kernels import sliding_window_attention
+from .base import DECODE_STEP_TOKENS, LinearizedAttention
 
 
 class LolcatsAttention(LinearizedAttention):
     method = "lolcats"
+    transfer_on_heads = True
+    transfer_scale = 1000.0
+
+    def _build_method_parameters(self) -> None:
+        cfg = self.lconfig
+        if cfg.mixing != "lolcats":
+            return
+        for fmap in (self.linearize_feature_map_q, self.linearize_feature_map_k):
+            if hasattr(fmap, "weight") and cfg.init == "paper":
+                nn.init.kaiming_uniform_(fmap.weight)  # on [H, D, F], as the published FeatureMapMLP
+        p = cfg.lolcats_init_window_factor
+        self.linearize_window_logit = nn.Parameter(torch.full((self.num_heads,), math.log(p / (1 - p))))
+        if cfg.init == "baseline":
+            self.linearize_linear_factor = nn.Parameter(torch.zeros(self.num_heads))
+
+    def window_factor(self) -> torch.Tensor:
+        """gamma [H] (fp32, or fp64 for an fp64 model)."""
+        w = self.linearize_window_logit
+        return torch.sigmoid(w.to(torch.promote_types(w.dtype, torch.float32)))
+
+    def linear_factor(self) -> torch.Tensor | float:
+        """lam: 1 as published, or the learned per-head factor [H], clamped at 0 with the
+        gradient passed straight through so that it can leave 0."""
+        lam = getattr(self, "linearize_linear_factor", None)
+        if lam is None:
+            return 1.0
+        lam = lam.to(torch.promote_types(lam.dtype, torch.float32))
+        return lam + (lam.clamp_min(0) - lam).detach()
+
+    def attention(self, hidden, q, k, v, q_rot, k_rot, key_mask, cu_seqlens, state) -> torch.Tensor:
+        cfg = self.lconfig
+        if cfg.mixing != "lolcats":
+            return super().attention(hidden, q, k, v, q_rot, k_rot, key_mask, cu_seqlens, state)
+        B, T = q.shape[:2]
+        lin_q, lin_k = (q_rot, k_rot) if cfg.linear_rope else (q, k)
+        seen = None if state is None else state.valid_seen
+        keep = linear_key_mask(B, T, cfg.num_sink_tokens, key_mask, cu_seqlens, seen, device=q.device)
+        o_win, lse, m = self.window_with_max(q_rot, k_rot, v, key_mask, cu_seqlens, state)
+        fq, fk, g = self.linear_inputs(hidden, lin_q, lin_k, k)
+        tail = None if state is None else state.linear_tail
+        (k_in, v_in), kept, new_tail = delay_into_state([fk, v], keep, cfg.window, tail=tail, cu_seqlens=cu_seqlens)
+        initial = None if state is None else state.recurrent
+        step = initial is not None and T <= DECODE_STEP_TOKENS
+        num, den, final = linear_num_den(fq, k_in, v_in, kept, g, key_mask, cu_seqlens, initial_state=initial,
+                                         output_final_state=state is not None, step=step)
+        if state is not None:
+            state.recurrent, state.linear_tail = final, new_tail
+        return combine_past_window(o_win, lse, m, num, den, self.window_factor(), self.linear_factor())
+
+    def window_with_max(self, q, k, v, key_mask, cu_seqlens, state):
+        """The window's softmax output [B, T, H, V], log-denominator and row max [B, T, H]."""
+        cfg = self.lconfig
+        win = dict(window=cfg.window, num_sink_tokens=cfg.num_sink_tokens)
+        if state is not None and state.has_window_past():
+            return state.window_attention(q, k, v, key_mask, sink_logits=None, scale=self.scaling, **win)
+        o, lse = sliding_window_attention(q, k, v, scale=self.scaling, key_mask=key_mask, cu_seqlens=cu_seqlens,
+                                          need_lse=True, **win)
+        m = window_max_score(q, k, scale=self.scaling, key_mask=key_mask, cu_seqlens=cu_seqlens, **win)
+        if state is not None:
+            state.store_window(k, v, key_mask, **win)
+        return o, lse, m

@@ -11,6 +11,9 @@ CASES = {
     "liger-hgrn2": dict(method="liger-hgrn2", window=6),
     "lizard": dict(method="lizard", window=6),
     "lolcats": dict(method="lolcats", window=6),
+    "lolcats-sinks-gate-baseline": dict(method="lolcats", window=6, num_sink_tokens=2, gate="scalar", init="baseline"),
+    "lolcats-shared-state": dict(method="lolcats", window=5, share_state_across_group=True, num_sink_tokens=1),
+    "liger-gla-baseline": dict(method="liger-gla", window=6, init="baseline"),
     "window-sinks": dict(method="window-sinks", window=6, num_sink_tokens=2),
     "liger-gla-recurrent": dict(method="liger-gla", window=0, gate="mamba2"),
     "hybrid-lizard": dict(method="lizard", window=5, softmax_layers=[1]),
@@ -34,8 +37,14 @@ def rel(a, b):
 
 
 def convert(make_tiny_model, case):
+    """The case's model with every new parameter moved off its initial value, per head, so
+    that a parameter applied to the wrong head or token cannot pass."""
     model = make_tiny_model("llama", num_hidden_layers=3)
-    return linearize.convert(model, **CASES[case])
+    linearize.convert(model, **CASES[case])
+    with torch.no_grad():
+        for _, p in linearize.new_parameters(model):
+            p.add_(0.3 * torch.randn_like(p))
+    return model
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -104,13 +104,19 @@ def test_projections_are_shared_not_copied(make_tiny_model):
 
 @pytest.mark.parametrize("method", ["liger-gla", "liger-hgrn2", "lizard", "lolcats"])
 def test_gqa_shared_state_equals_repeated_kv(make_tiny_model, method):
+    """A state per KV head shared by its query heads equals a state per query head whose key
+    feature maps are the shared ones repeated to the group (learned maps are per query head
+    when the state is)."""
     model = make_tiny_model("llama")
     ids = torch.randint(0, 128, (2, 19))
-    linearize.convert(model, method=method, window=4)
+    linearize.convert(model, method=method, window=4, share_state_across_group=True)
     shared = logits(model, ids)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     linearize.unconvert(model)
     linearize.convert(model, method=method, window=4, share_state_across_group=False)
+    for name, p in model.state_dict().items():
+        if name in state and state[name].shape != p.shape and "feature_map_k" in name:
+            state[name] = state[name].repeat_interleave(p.shape[0] // state[name].shape[0], dim=0)
     model.load_state_dict(state)
     assert rel(logits(model, ids), shared) < 1e-5
     assert model.model.layers[0].self_attn.state_heads == 4
