@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
+from .state import linearize_state
+
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
     return b if a is None else torch.cat([a, b], dim=1)
@@ -247,8 +249,6 @@ class LinearizeCache(Cache):
 
     def __init__(self, model=None, *, num_layers: int | None = None, layer_specs: dict | None = None):
         if model is not None:
-            from .convert import linearize_state
-
             st = linearize_state(model)
             num_layers = st.num_layers
             layer_specs = {i: (st.config.window if st.config.mixing != "linear-only" else 0, st.config.num_sink_tokens)

@@ -8,45 +8,14 @@ without a second copy of the weights.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
 
 import torch.nn as nn
 
 from .config import LinearizeConfig
-from .families import Family, decoder_layers, family_of, get_submodule
+from .families import decoder_layers, family_of, get_submodule
 from .mixers import MIXERS, LinearizedAttention
 from .mixers.context import ForwardContext
-
-STATE_ATTR = "_linearize_state"
-
-
-@dataclass
-class LinearizeState:
-    """What `convert` did to a model, kept on the model for `unconvert` and the cache."""
-
-    config: LinearizeConfig  # resolved
-    family: Family
-    layers: list[int]
-    num_layers: int
-    context: ForwardContext
-    hook: object
-    original_model_class: type
-    original_config_class: type
-    teacher_active: bool = False
-    extra: dict = field(default_factory=dict)
-
-
-def linearize_state(model: nn.Module) -> LinearizeState:
-    st = getattr(model, STATE_ATTR, None)
-    if st is None:
-        raise ValueError(f"{type(model).__name__} is not linearized: call linearize.convert(model, config) first")
-    return st
-
-
-def is_linearized(model: nn.Module) -> bool:
-    """True when `model` has been converted by `linearize.convert`."""
-    return getattr(model, STATE_ATTR, None) is not None
-
+from .state import STATE_ATTR, LinearizeState, is_linearized, linearize_state
 
 def mixers(model: nn.Module) -> list[LinearizedAttention]:
     """The mixer modules of a converted model, in layer order."""

@@ -6,6 +6,7 @@ import torch
 
 import linearize
 from linearize.mixers import AttentionTransfer
+from linearize.state import linearize_state
 
 
 def rotate(x, cos, sin):
@@ -72,7 +73,7 @@ def test_layer_equals_published_formula_forward_and_gradients(make_tiny_model):
 
 def test_published_defaults(make_tiny_model):
     model, mixer, *_ = setup(make_tiny_model)
-    cfg = linearize.convert.__globals__["linearize_state"](model).config
+    cfg = linearize_state(model).config
     assert (cfg.window, cfg.num_sink_tokens, cfg.gate, cfg.linear_rope) == (5, 0, "none", True)
     fresh = make_tiny_model("llama")
     linearize.convert(fresh, method="lolcats")
