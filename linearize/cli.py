@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import FEATURE_MAPS, GATES, METHODS, MIXINGS
+from .config import FEATURE_MAPS, GATES, INITS, METHODS, MIXINGS
 
 
 def _int_list(text: str) -> list[int]:
@@ -21,7 +21,8 @@ def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--method", choices=METHODS, default="liger-gla",
                    help="liger-gla / liger-hgrn2: parameter-free gates from the key (Liger Attention: window 64 + "
                         "recurrence, 0.5/0.5); lizard: Hedgehog maps, scalar gate, window 128 with 4 sink logits; "
-                        "lolcats: Hedgehog + window 64 under one softmax denominator; window-sinks: softmax over "
+                        "lolcats: Hedgehog linear attention over the keys past a 64-token window, one denominator "
+                        "(as published); window-sinks: softmax over "
                         "4 sink tokens + last 64 (no training). Default: liger-gla")
     g.add_argument("--window", type=int, help="sliding-window size of the softmax branch; 0 = pure recurrent form")
     g.add_argument("--sinks", dest="num_sink_tokens", type=int, help="number of sink tokens always attended")
@@ -32,8 +33,16 @@ def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mixing", choices=MIXINGS, help="how the window and recurrent branches combine")
     g.add_argument("--softmax-layers", type=_int_list, default=[], help="layers that keep softmax attention, e.g. 0,15")
     g.add_argument("--layers", type=_int_list, help="only linearize these layers (default: all but --softmax-layers)")
-    g.add_argument("--no-state-sharing", action="store_true",
-                   help="keep one recurrent state per query head instead of per KV head (more memory, same result)")
+    g.add_argument("--no-state-sharing", dest="share_state", action="store_false", default=None,
+                   help="one recurrent state (and learned key map) per query head instead of per KV head "
+                        "(more memory; lolcats' default)")
+    g.add_argument("--state-sharing", dest="share_state", action="store_true",
+                   help="one recurrent state (and learned key map) per KV head, shared by its query heads")
+    g.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="divide the recurrence by its normalizer phi(q).z (Liger's published form has none)")
+    g.add_argument("--init", choices=INITS,
+                   help="paper: the method's published initialisation; baseline: the untrained model is exactly "
+                        "window + sinks (the linear branch starts at weight 0 and training adds it)")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -42,7 +51,8 @@ def config_from_args(args: argparse.Namespace):
     fields = dict(method=args.method, window=args.window, num_sink_tokens=args.num_sink_tokens,
                   num_sink_logits=args.num_sink_logits, gate=args.gate, feature_map=args.feature_map,
                   feature_dim=args.feature_dim, mixing=args.mixing, softmax_layers=args.softmax_layers,
-                  layers=args.layers, share_state_across_group=not args.no_state_sharing)
+                  layers=args.layers, share_state_across_group=args.share_state, normalize=args.normalize,
+                  init=args.init)
     return LinearizeConfig(**fields)
 
 

@@ -120,3 +120,21 @@ def test_row_max_matches_dense(sinks):
         assert torch.allclose(out[real], ref[real], rtol=1e-13, atol=1e-13)
         if km is not None:
             assert torch.isneginf(out[~km]).all()
+
+
+def test_triton_path_in_the_interpreter_forward_and_gradients():
+    """On CUDA the same composition runs the Triton window and GLA kernels; here they run in
+    the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1)."""
+    pytest.importorskip("triton")
+    q_win, k_win, v, q_lin, k_lin, g, gam, lam = inputs(T=13, gate="head", key_heads=4, dtype=torch.float32)
+    key_mask = left_padding(2, 13, pads=(0, 3))
+    kw = dict(window=4, num_sink_tokens=1, key_mask=key_mask)
+    grads = {}
+    for backend in ("torch", "triton"):
+        leaves = [t.clone().requires_grad_() for t in (q_win, k_win, v, q_lin, k_lin, g, gam, lam)]
+        out = past_window_attention(*leaves[:6], window_factor=leaves[6], linear_factor=leaves[7], backend=backend,
+                                    **kw)
+        (out * key_mask[..., None, None]).square().sum().backward()
+        grads[backend] = [out.detach()] + [t.grad for t in leaves]
+    for a, b in zip(grads["triton"], grads["torch"]):
+        assert rel(a, b) < 1e-5
