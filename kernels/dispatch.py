@@ -251,29 +251,41 @@ def past_window_attention(
     m = window_max_score(q_win, k_win, backend=backend, **win)
     keep = linear_key_mask(B, T, num_sink_tokens, key_mask, cu_seqlens, device=q_win.device)
     (k_in, v_in), kept, _ = delay_into_state([k_lin, v], keep, window, cu_seqlens=cu_seqlens)
-    num, den, _ = linear_num_den(q_lin, k_in, v_in, kept, g, key_mask, cu_seqlens, backend)
+    if g is None:
+        g = k_in.new_zeros(*k_in.shape[:3], dtype=torch.float32)
+    num, den, _ = linear_recurrence(q_lin, k_in, v_in, g, keep=kept, key_mask=key_mask, cu_seqlens=cu_seqlens,
+                                    backend=backend)
     return combine_past_window(o_win, lse, m, num, den, window_factor, linear_factor)
 
 
-def linear_num_den(q_lin, k_in, v_in, kept, g, key_mask, cu_seqlens, backend=None, initial_state=None,
-                   output_final_state=False, step=False):
-    """phi(q) S and phi(q) z over delayed keys: num [B, T, H, V], den [B, T, H] (fp32), and
-    the final state [N, Hs, F, V + 1] when asked. k_in [B, T, Hs, F]; v_in [B, T, HKV, V]
-    is repeated to Hs heads; g [B, T, HKV or Hs(, F)] is masked at padded steps and repeated
-    likewise. step=True takes the step-by-step recurrence (a few decode tokens)."""
-    Hs = k_in.shape[2]
-    vv = torch.cat([v_in, kept.to(v_in.dtype)[:, :, None, None].expand(*v_in.shape[:3], 1)], dim=-1)
-    vv = vv.repeat_interleave(Hs // vv.shape[2], dim=2)
-    if g is None:
-        g = k_in.new_zeros(*k_in.shape[:3], dtype=torch.float32)
+def linear_recurrence(q, k, v, g, *, keep=None, key_mask=None, normalize=True, cu_seqlens=None, backend=None,
+                      initial_state=None, output_final_state=False, step=False):
+    """A mixer's gated linear branch: phi(q) S, and phi(q) z when normalized.
+
+    q [B, T, H, F]; k [B, T, Hs, F] with Hs the state's heads (H or HKV); v [B, T, HKV, V]
+    and g [B, T, HKV or Hs(, F)] are repeated to Hs heads. keep: [B, T] tokens whose key
+    enters the state (others are zeroed); key_mask: [B, T] real steps (padding decays
+    nothing: g = 0 there). step=True takes the step-by-step recurrence (a few decode tokens).
+    Returns num [B, T, H, V], den [B, T, H] (at least fp32; None unless normalize) and the
+    final state [N, Hs, F, V (+ 1)] or None.
+    """
+    Hs = k.shape[2]
+    if keep is not None:
+        k = k * keep.to(k.dtype)[:, :, None, None]
+    if normalize:
+        ones = torch.ones_like(v[..., :1]) if keep is None else keep.to(v.dtype)[:, :, None, None].expand(*v.shape[:3], 1)
+        v = torch.cat([v, ones], dim=-1)
+    v = v.repeat_interleave(Hs // v.shape[2], dim=2)
     if key_mask is not None:
         g = g * key_mask.to(g.dtype).reshape(*key_mask.shape, *([1] * (g.dim() - 2)))
     g = g.repeat_interleave(Hs // g.shape[2], dim=2)
     fn = recurrent_gated_linear_attention if step else gated_linear_attention
     extra = {} if step else dict(cu_seqlens=cu_seqlens)
-    o, final = fn(q_lin, k_in.to(q_lin.dtype), vv.to(q_lin.dtype), g, scale=1.0, initial_state=initial_state,
+    o, final = fn(q, k.to(q.dtype), v.to(q.dtype), g, scale=1.0, initial_state=initial_state,
                   output_final_state=output_final_state, backend=backend, **extra)
-    return o[..., :-1], o[..., -1], final
+    if not normalize:
+        return o, None, final
+    return o[..., :-1], o[..., -1].to(torch.promote_types(o.dtype, torch.float32)), final
 
 
-__all__ = ["combine_past_window", "delay_into_state", "linear_key_mask", "window_max_score", "past_window_attention", "linear_num_den", "gated_linear_attention", "hybrid_attention", "recurrent_gated_linear_attention", "sliding_window_attention", "select_backend", "BACKENDS", "ENV_VAR"]
+__all__ = ["combine_past_window", "delay_into_state", "linear_key_mask", "window_max_score", "past_window_attention", "linear_recurrence", "gated_linear_attention", "hybrid_attention", "recurrent_gated_linear_attention", "sliding_window_attention", "select_backend", "BACKENDS", "ENV_VAR"]

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..config import LinearizeConfig
 from ..families import Family
-from ..kernels import gated_linear_attention, hybrid_attention, recurrent_gated_linear_attention, sliding_window_attention
+from ..kernels import hybrid_attention, linear_recurrence, sliding_window_attention
 from .context import ForwardContext
 from .feature_maps import build_feature_map
 from .gates import build_gate
@@ -263,34 +263,17 @@ class LinearizedAttention(nn.Module):
 
     def linear_branch(self, hidden, q, k, k_raw, v, key_mask, cu_seqlens, state):
         """Gated linear recurrence. Returns o [B, T, H, V] and, when normalized, den [B, T, H]."""
-        cfg = self.lconfig
         fq, fk, g = self.linear_inputs(hidden, q, k, k_raw)
-        B, T = fq.shape[:2]
-        vv = v
-        if cfg.normalize:
-            vv = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
-        if key_mask is not None:
-            keep = key_mask[:, :, None, None]
-            fk = fk * keep
-            g = g * (keep if g.dim() == 4 else keep[..., 0])
-        if self.state_heads != self.num_kv_heads:
-            rep = self.num_heads // self.num_kv_heads
-            vv, g = vv.repeat_interleave(rep, dim=2), g.repeat_interleave(rep, dim=2)
-            if fk.shape[2] != self.state_heads:
-                fk = fk.repeat_interleave(rep, dim=2)
+        if fk.shape[2] != self.state_heads:
+            fk = fk.repeat_interleave(self.state_heads // fk.shape[2], dim=2)
         initial = state.recurrent if state is not None else None
-        if state is not None and initial is not None and T <= DECODE_STEP_TOKENS:
-            o, final = recurrent_gated_linear_attention(fq, fk.to(fq.dtype), vv.to(fq.dtype), g, scale=1.0,
-                                                        initial_state=initial, output_final_state=True)
-        else:
-            o, final = gated_linear_attention(fq, fk.to(fq.dtype), vv.to(fq.dtype), g, scale=1.0,
-                                              initial_state=initial, output_final_state=state is not None,
-                                              cu_seqlens=cu_seqlens)
+        o, den, final = linear_recurrence(fq, fk, v, g, keep=key_mask, key_mask=key_mask,
+                                          normalize=self.lconfig.normalize, cu_seqlens=cu_seqlens,
+                                          initial_state=initial, output_final_state=state is not None,
+                                          step=initial is not None and fq.shape[1] <= DECODE_STEP_TOKENS)
         if state is not None:
             state.recurrent = final
-        if not cfg.normalize:
-            return o, None
-        return o[..., :-1], o[..., -1].float()
+        return o, den
 
     # -- mixing ----------------------------------------------------------------------------
     def mix(self, o_win, lse, o_lin, den) -> torch.Tensor:

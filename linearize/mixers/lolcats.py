@@ -25,8 +25,8 @@ import math
 import torch
 import torch.nn as nn
 
-from ..kernels import combine_past_window, delay_into_state, linear_key_mask, linear_num_den, window_max_score
-from ..kernels import sliding_window_attention
+from ..kernels import (combine_past_window, delay_into_state, linear_key_mask, linear_recurrence,
+                       sliding_window_attention, window_max_score)
 from .base import DECODE_STEP_TOKENS, LinearizedAttention
 
 
@@ -75,8 +75,8 @@ class LolcatsAttention(LinearizedAttention):
         (k_in, v_in), kept, new_tail = delay_into_state([fk, v], keep, cfg.window, tail=tail, cu_seqlens=cu_seqlens)
         initial = None if state is None else state.recurrent
         step = initial is not None and T <= DECODE_STEP_TOKENS
-        num, den, final = linear_num_den(fq, k_in, v_in, kept, g, key_mask, cu_seqlens, initial_state=initial,
-                                         output_final_state=state is not None, step=step)
+        num, den, final = linear_recurrence(fq, k_in, v_in, g, keep=kept, key_mask=key_mask, cu_seqlens=cu_seqlens,
+                                            initial_state=initial, output_final_state=state is not None, step=step)
         if state is not None:
             state.recurrent, state.linear_tail = final, new_tail
         return combine_past_window(o_win, lse, m, num, den, self.window_factor(), self.linear_factor())
