@@ -17,6 +17,12 @@ one; a gate (scalar, mamba2) decays a key from the step it leaves the window. Wi
 `init='baseline'`, lam becomes a learned per-head factor starting at 0 (kept >= 0, its
 gradient passed straight through at the bound) and the window gets 4 sink tokens, so the
 untrained model is exactly the window + sinks baseline.
+
+Kernels: the window op (with its log-denominator), the row max of its scores and the GLA over
+the delayed keys, each through the dispatcher (Triton on CUDA for the window and the GLA);
+the fused hybrid kernel implements the Liger mix and the shared-denominator option, not
+this rule. Decoding keeps the last `window` feature-mapped keys and values beside the window
+cache, and adds each to the state as it leaves the window.
 """
 from __future__ import annotations
 
