@@ -72,7 +72,7 @@ def layer_state_bytes(mixer) -> int:
     if mixer.has_window:
         slots = cfg.window - 1 + cfg.num_sink_tokens
         total += slots * 2 * mixer.num_kv_heads * mixer.head_dim * elem
-    return total
+    return total + mixer.extra_state_bytes()
 
 
 def summarize(model: nn.Module, contexts: tuple[int, ...] = (4096, 32768)) -> ConversionSummary:

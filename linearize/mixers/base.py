@@ -305,6 +305,10 @@ class LinearizedAttention(nn.Module):
         return (f"method={self.method}, layer={self.layer_idx}, window={c.window}, gate={c.gate}, "
                 f"feature_map={c.feature_map}, mixing={c.mixing}")
 
+    def extra_state_bytes(self) -> int:
+        """Decode-state bytes a method keeps beyond the recurrent state and the window (none here)."""
+        return 0
+
     def new_parameters(self):
         """(name, parameter) pairs of the parameters this mixer added to the model."""
         return [(n, p) for n, p in self.named_parameters() if n.startswith(NEW_PARAMETER_PREFIX)]

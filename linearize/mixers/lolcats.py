@@ -87,6 +87,16 @@ class LolcatsAttention(LinearizedAttention):
             state.recurrent, state.linear_tail = final, new_tail
         return combine_past_window(o_win, lse, m, num, den, self.window_factor(), self.linear_factor())
 
+    def extra_state_bytes(self) -> int:
+        """The delayed keys and values waiting to enter the state: window x (Hs x F + HKV x D)
+        elements."""
+        if self.lconfig.mixing != "lolcats":
+            return 0
+        elem = self.q_proj.weight.element_size()
+        feat = self.linearize_feature_map_k.out_dim
+        per_step = self.state_heads * feat * elem + self.num_kv_heads * self.head_dim * elem
+        return self.lconfig.window * per_step
+
     def window_with_max(self, q, k, v, key_mask, cu_seqlens, state):
         """The window's softmax output [B, T, H, V], log-denominator and row max [B, T, H]."""
         cfg = self.lconfig

@@ -168,3 +168,18 @@ def test_mixer_accepts_both_cache_argument_names(make_tiny_model):
             outs.append(mixer(hidden, position_embeddings=emb, attention_mask=None, **{name: cache})[0])
         assert cache.layers[0].get_seq_length() == 7 and cache.layers[0].recurrent is not None
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("case", ["lolcats", "lolcats-sinks-gate-baseline", "liger-gla", "lizard"])
+def test_reported_state_bytes_equal_the_cache(make_tiny_model, case):
+    """`linearize info`'s decode-state bytes are what the cache holds after a long prompt
+    (keys, values and states; the one-byte validity flags and token counts left out)."""
+    from linearize.summary import summarize
+
+    model = convert(make_tiny_model, case)
+    cache = LinearizeCache(model)
+    with torch.no_grad():
+        model(torch.randint(1, 128, (1, 40)), past_key_values=cache, use_cache=True)
+    held = sum(t.nbytes for layer in cache.layers for name in layer._tensors()
+               if (t := getattr(layer, name)) is not None and t.is_floating_point())
+    assert held == summarize(model, contexts=(40,)).state_bytes[40]
