@@ -3,18 +3,24 @@
 For every family we register `linearized_<model_type>` with the Auto classes: a config
 subclass that carries the `linearize` dict in config.json, and a model subclass that
 converts itself in `__init__`, so `AutoModelForCausalLM.from_pretrained(dir)` rebuilds the
-exact model. Loading refuses checkpoints with missing, unexpected or corrupt weights.
+exact model. Loading refuses checkpoints with missing, unexpected, corrupt or non-finite
+weights, and a config.json that cannot describe the model (the error names the field).
+Saving (`save_folder`) writes beside the target and renames, so a folder that looks like a
+model is always complete.
 """
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from .config import LinearizeConfig
+from .config import ConfigError, LinearizeConfig
 from .families import FAMILIES
 
 _CLASSES: dict[tuple[str, type], tuple[type, type]] = {}
@@ -29,6 +35,10 @@ class LinearizedModelMixin:
     """Behaviour shared by every `Linearized<Base>ForCausalLM` class."""
 
     def __init__(self, config, *args, **kwargs):
+        if not isinstance(getattr(config, "linearize", None), dict):
+            raise CheckpointError(f"config.json has model_type {config.model_type!r} but no `linearize` field (the "
+                                  "conversion settings): it was edited or written by another tool; restore it or "
+                                  "convert the model again")
         super().__init__(config, *args, **kwargs)
         from .convert import convert
 
@@ -57,22 +67,49 @@ class LinearizedModelMixin:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         want_info = kwargs.pop("output_loading_info", False)
-        try:
-            model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
-        except (OSError, ValueError, RuntimeError, SafetensorError) as e:
-            raise CheckpointError(f"could not load the weights in {pretrained_model_name_or_path}: {e}. "
-                                  "The checkpoint may be truncated or corrupt: re-save or re-convert it.") from e
-        problems = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
-        tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
-        if "missing_keys" in problems:
-            problems["missing_keys"] = [k for k in problems["missing_keys"] if k not in tied]
-            if not problems["missing_keys"]:
-                del problems["missing_keys"]
-        if problems:
-            detail = "; ".join(f"{k}: {', '.join(map(str, v[:6]))}{' ...' if len(v) > 6 else ''}" for k, v in problems.items())
-            raise CheckpointError(f"checkpoint {pretrained_model_name_or_path} does not match its linearize config ({detail}). "
-                                  "Weights would be left random: re-save the model with save_pretrained or convert again.")
+        model, info = checked_from_pretrained(super().from_pretrained, pretrained_model_name_or_path, *args, **kwargs)
         return (model, info) if want_info else model
+
+
+def _key_text(key) -> str:
+    """A loading-info entry as text; mismatched keys come as (name, saved shape, config.json shape)."""
+    if isinstance(key, tuple) and len(key) == 3:
+        return f"{key[0]} saved {list(key[1])} vs config.json {list(key[2])}"
+    return str(key)
+
+
+def checked_from_pretrained(from_pretrained, path, *args, **kwargs):
+    """(model, loading info) from `from_pretrained`, refusing weights that do not fit config.json.
+
+    Shape mismatches are loaded as reported keys (ignore_mismatched_sizes) so the error can say
+    which tensors disagree with config.json instead of blaming the weight file.
+    """
+    kwargs.setdefault("ignore_mismatched_sizes", True)
+    try:
+        model, info = from_pretrained(path, *args, output_loading_info=True, **kwargs)
+    except ConfigError as e:
+        raise CheckpointError(f"{Path(path) / 'config.json'}, field `linearize`: {e}. Fix the file or convert "
+                              "the model again") from e
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        raise CheckpointError(f"could not load the weights in {path}: {e}. The checkpoint may be truncated or "
+                              "corrupt: re-save or re-convert it.") from e
+    problems = {k: sorted(map(_key_text, v)) for k, v in info.items()
+                if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    if "missing_keys" in problems:
+        problems["missing_keys"] = [k for k in problems["missing_keys"] if k not in tied]
+        if not problems["missing_keys"]:
+            del problems["missing_keys"]
+    if problems:
+        detail = "; ".join(f"{k}: {', '.join(v[:6])}{' ...' if len(v) > 6 else ''}" for k, v in problems.items())
+        where = ("the shapes in config.json (was hidden_size, head or layer count edited?)"
+                 if "mismatched_keys" in problems else "its config.json and linearize config")
+        raise CheckpointError(f"checkpoint {path} does not match {where} ({detail}). Weights would be left "
+                              "random: restore config.json, or re-save the model with save_pretrained or convert "
+                              "again.")
+    return model, info
 
 
 def linearized_classes(model_type: str, model_cls: type, config_cls: type) -> tuple[type, type]:
@@ -105,18 +142,73 @@ def register_auto_classes() -> None:
 
 
 def read_config_json(path: Path) -> dict:
+    """The parsed config.json of a model folder; CheckpointError if absent, corrupt or inconsistent."""
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{path} has no config.json: it is not a saved model folder "
                               "(save one with model.save_pretrained(dir) or `linearize convert --out dir`)")
     try:
-        return json.loads(config_file.read_text())
+        data = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{config_file} is corrupt ({e}); re-save the model") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{config_file} must hold a JSON object, got {type(data).__name__}; re-save the model")
+    check_config_json(config_file, data)
+    return data
+
+
+def check_config_json(config_file: Path, data: dict) -> None:
+    """Refuse a config.json whose model_type or `linearize` field cannot rebuild the model, naming the field."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = data.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise CheckpointError(f"{config_file} has no model_type field: restore it (e.g. \"llama\") or re-save the model")
+    if not model_type.startswith("linearized_"):
+        if model_type not in CONFIG_MAPPING:
+            raise CheckpointError(f"{config_file}, field model_type: {model_type!r} is not a model type this "
+                                  "transformers knows; restore the file or re-save the model")
+        return
+    if model_type[len("linearized_"):] not in FAMILIES:
+        families = ", ".join(f"linearized_{f}" for f in FAMILIES)
+        raise CheckpointError(f"{config_file}, field model_type: {model_type!r} is not a linearized family "
+                              f"({families}); restore the file or convert the model again")
+    if "linearize" not in data:
+        raise CheckpointError(f"{config_file} has model_type {model_type!r} but no `linearize` field (the "
+                              "conversion settings): it was edited or written by another tool; restore it or "
+                              "convert the model again")
+    try:
+        config = LinearizeConfig.from_dict(data["linearize"])
+        if isinstance(data.get("num_hidden_layers"), int):
+            config.linearized_layers(data["num_hidden_layers"])
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{config_file}, field `linearize`: {e}. Fix the file or convert the model again") from e
+
+
+def nonfinite_tensors(model: torch.nn.Module) -> list[tuple[str, int, int]]:
+    """(name, non-finite count, size) of every floating parameter or buffer holding NaN or inf."""
+    bad = []
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and t.device.type != "meta":
+            count = int(t.numel() - torch.isfinite(t).sum())
+            if count:
+                bad.append((name, count, t.numel()))
+    return bad
+
+
+def check_finite(model: torch.nn.Module, path: Path) -> None:
+    """CheckpointError naming the tensors of `model` (loaded from `path`) that hold NaN or inf."""
+    bad = nonfinite_tensors(model)
+    if not bad:
+        return
+    names = ", ".join(f"{n} ({c:,} of {size:,})" for n, c, size in bad[:8]) + (" ..." if len(bad) > 8 else "")
+    raise CheckpointError(f"{path}: {len(bad)} weight tensor(s) hold NaN or inf values: {names}. The weight file is "
+                          "corrupt or the model diverged: re-save or re-convert it, or load it anyway with "
+                          "allow_nonfinite=True (CLI: --allow-nonfinite)")
 
 
 def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
-         adapter: str | Path | None = None, **kwargs) -> PreTrainedModel:
+         adapter: str | Path | None = None, allow_nonfinite: bool = False, **kwargs) -> PreTrainedModel:
     """Load a linearized checkpoint folder (or a plain HF model folder) as a causal LM.
 
     Args:
@@ -124,6 +216,9 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: st
         dtype: e.g. torch.bfloat16 (default: as saved).
         device: move the model there after loading.
         adapter: a peft LoRA adapter folder to apply on top (kept unmerged).
+        allow_nonfinite: load weights holding NaN or inf instead of refusing them.
+
+    Raises CheckpointError naming config.json and the field, or the weight tensors, at fault.
     """
     path = Path(path)
     if not path.exists():
@@ -133,7 +228,9 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: st
     read_config_json(path)
     if dtype is not None:
         kwargs["dtype"] = dtype
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model, _ = checked_from_pretrained(AutoModelForCausalLM.from_pretrained, path, **kwargs)
+    if not allow_nonfinite:
+        check_finite(model, path)
     if adapter is not None:
         adapter = Path(adapter)
         if not (adapter / "adapter_config.json").is_file():
@@ -148,3 +245,81 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: st
         model = model.to(device)
     model.eval()
     return model
+
+
+# What save_pretrained (model, generation config, tokenizer) writes at a folder's top level.
+_SAVED_SUFFIXES = (".safetensors", ".json", ".jinja", ".model", ".txt", ".bin", ".tiktoken")
+
+
+def is_linearize_output(path: Path) -> bool:
+    """True when `path` holds only what saving a linearized model writes (config.json with `linearize`)."""
+    try:
+        data = json.loads((path / "config.json").read_text())
+        entries = list(path.iterdir())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(data, dict) and isinstance(data.get("linearize"), dict)
+            and all(e.is_file() and e.name.endswith(_SAVED_SUFFIXES) for e in entries))
+
+
+def check_output_folder(out: Path, sources: list[Path], *, overwrite: bool, flag: str = "--overwrite") -> None:
+    """Refuse an output path that is a file, a source, or a non-empty folder that is not ours.
+
+    An earlier linearize output (see `is_linearize_output`) may be replaced; anything else
+    needs `overwrite`, so a model, a source folder or a user's files are never replaced by mistake.
+    """
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--out {out} is an existing file, not a folder: pass a folder path (it is created)")
+    if not out.is_dir() or overwrite:
+        return
+    if any(out.resolve() == Path(s).resolve() for s in sources):
+        raise CheckpointError(f"--out {out} is the source model folder: converting would replace the original; "
+                              f"pass another --out (or {flag} if you mean it)")
+    if any(out.iterdir()) and not is_linearize_output(out):
+        what = "another model" if (out / "config.json").is_file() else "files that are not a linearize output"
+        raise CheckpointError(f"--out {out} is not empty and holds {what}; pass an empty or new folder, or "
+                              f"{flag} to replace it")
+
+
+def check_writable(out: Path, need_bytes: int) -> None:
+    """Check that a folder can be created beside `out` and that `need_bytes` fit on its disk."""
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    try:
+        probe = tempfile.mkdtemp(prefix=f".{out.name}-probe-", dir=parent)
+    except OSError as e:
+        raise CheckpointError(f"cannot write the output {out}: {parent} is not writable ({e.strerror}); "
+                              "pass --out a folder you can write") from e
+    os.rmdir(probe)
+    free = shutil.disk_usage(parent).free
+    if free < need_bytes:
+        raise CheckpointError(f"not enough free space for {out}: it needs about {need_bytes / 2**20:,.0f} MiB "
+                              f"(parameter bytes x 1.1) and {parent} has {free / 2**20:,.0f} MiB free; free some "
+                              "space or pass --out on another disk")
+
+
+def save_folder(out: Path, write) -> None:
+    """Call `write(folder)` on a temporary folder beside `out`, then rename it to `out`.
+
+    An interrupted or failed save leaves no folder that looks like a model; an existing `out`
+    (already allowed by `check_output_folder`) is replaced only once the new one is complete.
+    """
+    out = out.absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    old = None
+    try:
+        write(staging)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
+            os.rename(out, old / out.name)
+        os.rename(staging, out)
+    except OSError as e:
+        if old is not None and not out.exists():
+            os.rename(old / out.name, out)
+        raise CheckpointError(f"could not save {out}: {e}; nothing was written there") from e
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

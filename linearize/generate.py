@@ -38,8 +38,11 @@ def cache_nbytes(cache) -> int:
 
 def generate_text(model_dir: str | Path, prompt: str, *, max_new_tokens: int = 64, teacher: bool = False,
                   do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.9, chat: bool = False,
-                  stream=sys.stdout) -> GenerationReport:
-    """Generate from `prompt`, streaming tokens to `stream`; returns text, speed and cache bytes."""
+                  stream=sys.stdout, allow_nonfinite: bool = False) -> GenerationReport:
+    """Generate from `prompt`, streaming tokens to `stream`; returns text, speed and cache bytes.
+
+    Weights holding NaN or inf are refused (they would print an empty line) unless allow_nonfinite.
+    """
     from transformers import AutoTokenizer
 
     from .cache import LinearizeCache
@@ -47,7 +50,7 @@ def generate_text(model_dir: str | Path, prompt: str, *, max_new_tokens: int = 6
     from .convert import is_linearized
     from .convert import teacher as teacher_mode
 
-    model = load(model_dir)
+    model = load(model_dir, allow_nonfinite=allow_nonfinite)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as e:

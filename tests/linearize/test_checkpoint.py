@@ -81,3 +81,45 @@ def test_adapter_folder_is_checked(saved, tmp_path):
     path, _ = saved
     with pytest.raises(CheckpointError, match="not a peft adapter"):
         linearize.load(path, adapter=tmp_path)
+
+
+def test_nonfinite_weights_are_refused_by_name_unless_allowed(saved):
+    path, _ = saved
+    weights = path / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["lm_head.weight"][0, :2] = float("nan")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"lm_head.weight \(2 of .*allow_nonfinite=True"):
+        linearize.load(path)
+    model = linearize.load(path, allow_nonfinite=True)
+    assert torch.isnan(model.lm_head.weight).sum() == 2
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda c: c.pop("linearize"), "no `linearize` field"),
+    (lambda c: c["linearize"].update(method="nope"), "config.json, field `linearize`: unknown method 'nope'"),
+    (lambda c: c["linearize"].update(bogus=1), "config.json, field `linearize`: unknown linearize config field"),
+    (lambda c: c.update(linearize=5), "config.json, field `linearize`: a linearize config must be a JSON object"),
+    (lambda c: c.update(model_type="nonsense"), "config.json, field model_type: 'nonsense'"),
+    (lambda c: c.pop("model_type"), "config.json has no model_type"),
+    (lambda c: c.update(hidden_size=32), "lm_head.weight saved [128, 64] vs config.json [128, 32]"),
+])
+def test_an_edited_config_json_is_named_with_its_field(saved, change, words):
+    path, _ = saved
+    cfg = json.loads((path / "config.json").read_text())
+    change(cfg)
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError) as e:
+        linearize.load(path)
+    assert words in str(e.value) and "truncated" not in str(e.value)
+
+
+def test_auto_class_loading_names_config_json_too(saved):
+    from transformers import AutoModelForCausalLM
+
+    path, _ = saved
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["linearize"]["window"] = "abc"
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="config.json, field `linearize`: window must be an integer"):
+        AutoModelForCausalLM.from_pretrained(path)
