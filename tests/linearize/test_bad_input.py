@@ -1,0 +1,246 @@
+"""Bad input never passes silently (#19): each case runs through the real CLI in a subprocess.
+
+One tiny random Llama (with a character tokenizer) is saved once per module; every case gets
+its own folder, and all cases run concurrently (each process spends seconds importing torch).
+Each asserts the exit code, a message naming the problem, no traceback, and that its inputs,
+the shared model and everything outside its folder are unchanged.
+"""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+import linearize
+from linearize.checkpoint import CheckpointError, check_writable, save_folder
+
+from conftest import tiny_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def save_tiny_model(folder: Path) -> None:
+    """A 2-layer random Llama and a character-level tokenizer (ids = ASCII codes)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    config = tiny_config("llama", bos_token_id=1, eos_token_id=2)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{chr(c): c for c in range(32, 127)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(folder)
+
+
+def tree(path: Path) -> dict[str, str]:
+    """Relative path -> content hash ('dir' for folders) of everything under path (or the file)."""
+    if not path.exists():
+        return {}
+    if path.is_file():
+        return {".": hashlib.sha256(path.read_bytes()).hexdigest()}
+    return {str(p.relative_to(path)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*"))}
+
+
+@dataclass
+class Case:
+    args: list
+    rc: int = 2
+    words: list = field(default_factory=list)  # each must appear in stderr (rc 2) or stdout (rc 0)
+    absent: list = field(default_factory=list)  # must not appear in stderr
+    keep: list = field(default_factory=list)  # paths that must be byte-identical afterwards
+    new: list = field(default_factory=list)  # names the command may add to its case folder
+
+
+def edit_config(folder: Path, change) -> Path:
+    data = json.loads((folder / "config.json").read_text())
+    change(data)
+    (folder / "config.json").write_text(json.dumps(data))
+    return folder
+
+
+def nonfinite_copy(conv: Path, d: Path) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(shutil.copytree(conv, d / "broken"))
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.0.mlp.up_proj.weight"][0, :3] = float("nan")
+    tensors["lm_head.weight"][1, 0] = float("inf")
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def read_only_target(d: Path) -> Path:
+    """A path whose parent refuses writes: a chmod 555 folder, or /sys when running as root."""
+    if os.geteuid() != 0:
+        (d / "ro").mkdir()
+        os.chmod(d / "ro", 0o555)
+        return d / "ro" / "out"
+    if not Path("/sys").is_dir():
+        pytest.skip("running as root without /sys: no read-only location to write into")
+    return Path("/sys/linearize-bad-input-test")
+
+
+def build_cases(src: Path, conv: Path, root: Path) -> dict[str, Case]:
+    """Every case, its folder prepared; names say what the user did."""
+    cases = {}
+
+    def folder(name):
+        d = root / name
+        d.mkdir()
+        return d
+
+    d = folder("out_is_a_file")
+    (d / "notes.txt").write_text("mine")
+    cases[d.name] = Case(["convert", src, "--out", d / "notes.txt"], words=["is an existing file"], keep=[d])
+    d = folder("out_holds_another_model")
+    other = Path(shutil.copytree(src, d / "other"))
+    cases[d.name] = Case(["convert", src, "--out", other], words=["not empty", "another model", "--overwrite"],
+                         keep=[d])
+    d = folder("out_holds_user_files")
+    (d / "work").mkdir()
+    (d / "work" / "notes.txt").write_text("mine")
+    cases[d.name] = Case(["convert", src, "--out", d / "work"], words=["not empty", "--overwrite"], keep=[d])
+    d = folder("out_is_the_source")
+    model = Path(shutil.copytree(src, d / "model"))
+    cases[d.name] = Case(["convert", model, "--out", model], words=["source model folder"], keep=[d])
+    d = folder("overwrite_replaces_another_model")
+    other = Path(shutil.copytree(src, d / "other"))
+    cases[d.name] = Case(["convert", src, "--out", other, "--overwrite"], rc=0, words=["replaced what was there"])
+    d = folder("earlier_output_is_replaced")
+    ours = Path(shutil.copytree(conv, d / "ours"))
+    cases[d.name] = Case(["convert", src, "--out", ours, "--method", "liger-gla"], rc=0, words=["liger-gla"])
+    d = folder("out_not_writable")
+    cases[d.name] = Case(["convert", src, "--out", read_only_target(d)], words=["not writable", "--out"], keep=[d])
+    d = folder("layers_empty")
+    cases[d.name] = Case(["convert", src, "--layers", "", "--out", d / "x"], words=["--layers", "no layer"], keep=[d])
+    d = folder("softmax_layers_cover_all")
+    cases[d.name] = Case(["convert", src, "--softmax-layers", "0,1", "--out", d / "x"],
+                         words=["no layer would be linearized", "2 layers"], keep=[d])
+    d = folder("convert_a_linearized_model")
+    cases[d.name] = Case(["convert", conv, "--out", d / "x"], words=["already a linearized model"], keep=[d])
+    nan_words = ["NaN or inf", "model.layers.0.mlp.up_proj.weight", "lm_head.weight", "--allow-nonfinite"]
+    d = folder("info_nonfinite")
+    cases[d.name] = Case(["info", nonfinite_copy(conv, d)], words=nan_words, keep=[d])
+    d = folder("generate_nonfinite")
+    cases[d.name] = Case(["generate", nonfinite_copy(conv, d), "--prompt", "hi"], words=nan_words, keep=[d])
+    d = folder("info_allow_nonfinite")
+    cases[d.name] = Case(["info", nonfinite_copy(conv, d), "--allow-nonfinite"], rc=0, words=["parameters added"],
+                         keep=[d])
+    d = folder("generate_works")
+    cases[d.name] = Case(["generate", conv, "--prompt", "hi", "--max-new-tokens", "3"], rc=0, words=["tokens/s"])
+    edits = {
+        "config_without_linearize_key": (lambda c: c.pop("linearize"), ["config.json", "no `linearize` field"]),
+        "config_bad_linearize_field": (lambda c: c["linearize"].update(window="abc"),
+                                       ["config.json", "`linearize`", "window must be an integer"]),
+        "config_layer_out_of_range": (lambda c: c["linearize"].update(layers=[9]),
+                                      ["config.json", "`linearize`", "layers [9] out of range"]),
+        "config_unknown_model_type": (lambda c: c.update(model_type="linearized_foo"),
+                                      ["config.json", "model_type", "linearized_foo"]),
+        "config_hidden_size_edited": (lambda c: c.update(hidden_size=32), ["config.json", "hidden_size"]),
+    }
+    for name, (change, words) in edits.items():
+        d = folder(name)
+        edited = edit_config(Path(shutil.copytree(conv, d / "model")), change)
+        cases[name] = Case(["info", edited], words=words, absent=["truncated"], keep=[d])
+    return cases
+
+
+def run_cli(args, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-m", "linearize.cli", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def battery(tmp_path_factory):
+    """(cases, results, trees before, trees after, source trees): every case run once, concurrently."""
+    root = tmp_path_factory.mktemp("bad_input")
+    src, conv = root / "tiny", root / "converted"
+    save_tiny_model(src)
+    model = linearize.load(src)
+    linearize.convert(model, method="lizard", window=4)
+    model.save_pretrained(conv)
+    shutil.copy(src / "tokenizer.json", conv)
+    shutil.copy(src / "tokenizer_config.json", conv)
+    cases_root = root / "cases"
+    cases_root.mkdir()
+    cases = build_cases(src, conv, cases_root)
+    shared_before = (tree(src), tree(conv))
+    before = {name: tree(cases_root / name) for name in cases}
+    with ThreadPoolExecutor(max_workers=max(4, os.cpu_count() or 1)) as pool:
+        futures = {name: pool.submit(run_cli, case.args, cases_root / name) for name, case in cases.items()}
+        results = {name: f.result() for name, f in futures.items()}
+    after = {name: tree(cases_root / name) for name in cases}
+    yield cases, results, before, after, shared_before, (tree(src), tree(conv))
+    ro = cases_root / "out_not_writable" / "ro"
+    if ro.exists():
+        os.chmod(ro, 0o755)
+
+
+CASE_NAMES = [
+    "out_is_a_file", "out_holds_another_model", "out_holds_user_files", "out_is_the_source",
+    "overwrite_replaces_another_model", "earlier_output_is_replaced", "out_not_writable", "layers_empty",
+    "softmax_layers_cover_all", "convert_a_linearized_model", "info_nonfinite", "generate_nonfinite",
+    "info_allow_nonfinite", "generate_works", "config_without_linearize_key", "config_bad_linearize_field",
+    "config_layer_out_of_range", "config_unknown_model_type", "config_hidden_size_edited",
+]
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_case(battery, name):
+    cases, results, before, after, shared_before, shared_after = battery
+    case, res = cases[name], results[name]
+    text = res.stderr if case.rc else res.stdout
+    assert res.returncode == case.rc, res.stderr[-3000:]
+    for word in case.words:
+        assert word in text, f"{word!r} missing from:\n{text[-3000:]}"
+    for word in case.absent + ["Traceback"]:
+        assert word not in res.stderr, res.stderr[-3000:]
+    assert shared_after == shared_before, "the shared tiny models changed"
+    if case.keep:
+        assert after[name] == before[name], f"{name} changed its folder"
+    assert not any(Path(p).name.startswith(".") for p in after[name]), f"staging folder left: {after[name]}"
+    assert not Path("/sys/linearize-bad-input-test").exists()
+
+
+def test_every_case_is_checked(battery):
+    assert sorted(battery[0]) == sorted(CASE_NAMES)
+
+
+def test_overwrite_and_replace_leave_one_complete_linearized_folder(battery):
+    _, results, _, after, _, _ = battery
+    other = after["overwrite_replaces_another_model"]
+    assert "other/config.json" in other and "other/model.safetensors" in other
+    ours = after["earlier_output_is_replaced"]
+    assert "ours/model.safetensors" in ours and not [p for p in ours if p.count("/") > 1]
+
+
+def test_free_space_is_checked_before_loading(tmp_path):
+    with pytest.raises(CheckpointError, match=r"needs about [\d,]+ MiB.*MiB free"):
+        check_writable(tmp_path / "out", 1 << 62)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_save_leaves_the_old_folder_and_no_partial_one(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+
+    def fail(folder):
+        (folder / "model.safetensors").write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(CheckpointError, match="No space left"):
+        save_folder(out, fail)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in out.iterdir()] == ["config.json"]
