@@ -315,7 +315,7 @@ def save_folder(out: Path, write) -> None:
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
             os.rename(out, old / out.name)
         os.rename(staging, out)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:
         if old is not None and not out.exists():
             os.rename(old / out.name, out)
         raise CheckpointError(f"could not save {out}: {e}; nothing was written there") from e

@@ -115,15 +115,25 @@ def saved_size_estimate(base_config, dtype: str | None) -> int:
     return int(1.1 * elem * sum(p.numel() for p in shapes.parameters()))
 
 
-def check_convert_arguments(args: argparse.Namespace, config, source, name: str) -> Path:
-    """Every check `convert` can make before the slow load; returns the output folder."""
+def output_folder(args: argparse.Namespace, config) -> Path:
+    """--out, checked before anything is loaded (or built: the embedded model's first use takes a while)."""
+    from .assets import DEFAULT_MODEL_NAME, cache_dir
+    from .checkpoint import check_output_folder
+
+    name = args.model or DEFAULT_MODEL_NAME
+    out = Path(args.out or f"linearized-{Path(name).name}-{config.method}")
+    source = Path(args.model) if args.model else cache_dir() / DEFAULT_MODEL_NAME
+    check_output_folder(out, [source] if source.exists() else [], overwrite=args.overwrite)
+    return out
+
+
+def check_convert_arguments(args: argparse.Namespace, config, source, name: str, out: Path) -> None:
+    """The checks `convert` makes once the source is known and before the slow load."""
     from transformers import AutoConfig
 
-    from .checkpoint import CheckpointError, check_output_folder, check_writable
+    from .checkpoint import CheckpointError, check_writable
     from .config import ConfigError
 
-    out = Path(args.out or f"linearized-{Path(str(name)).name}-{config.method}")
-    check_output_folder(out, [source] if isinstance(source, Path) else [], overwrite=args.overwrite)
     try:
         base_config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as e:
@@ -137,7 +147,6 @@ def check_convert_arguments(args: argparse.Namespace, config, source, name: str)
         raise ConfigError(f"no layer would be linearized: the model has {num_layers} layers and {chosen}"
                           f"--softmax-layers {config.softmax_layers} leaves none to convert")
     check_writable(out, saved_size_estimate(base_config, args.dtype))
-    return out
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -146,8 +155,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .summary import summarize
 
     config = config_from_args(args)
+    out = output_folder(args, config)
     source, name = model_source(args.model)
-    out = check_convert_arguments(args, config, source, name)
+    check_convert_arguments(args, config, source, name, out)
     t0 = time.perf_counter()
     model, tokenizer, name = load_model_from(source, name, args.dtype)
     t1 = time.perf_counter()

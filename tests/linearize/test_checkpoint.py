@@ -101,6 +101,8 @@ def test_nonfinite_weights_are_refused_by_name_unless_allowed(saved):
     (lambda c: c["linearize"].update(bogus=1), "config.json, field `linearize`: unknown linearize config field"),
     (lambda c: c.update(linearize=5), "config.json, field `linearize`: a linearize config must be a JSON object"),
     (lambda c: c.update(model_type="nonsense"), "config.json, field model_type: 'nonsense'"),
+    (lambda c: c.update(model_type="linearized_foo"), "config.json, field model_type: 'linearized_foo'"),
+    (lambda c: c["linearize"].update(layers=[9]), "config.json, field `linearize`: layers [9] out of range"),
     (lambda c: c.pop("model_type"), "config.json has no model_type"),
     (lambda c: c.update(hidden_size=32), "lm_head.weight saved [128, 64] vs config.json [128, 32]"),
 ])
