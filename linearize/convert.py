@@ -12,7 +12,7 @@ import contextlib
 import torch.nn as nn
 
 from .config import LinearizeConfig
-from .families import decoder_layers, family_of, get_submodule
+from .families import decoder_layers, family_of, get_submodule, layers_to_convert
 from .mixers import MIXERS, LinearizedAttention
 from .mixers.context import ForwardContext
 from .state import STATE_ATTR, LinearizeState, is_linearized, linearize_state
@@ -42,7 +42,7 @@ def convert(model: nn.Module, config: LinearizeConfig | None = None, *, _in_init
     family = family_of(model)
     resolved = config.resolved()
     layers = decoder_layers(model, family)
-    indices = resolved.linearized_layers(len(layers))
+    indices = layers_to_convert(family, model.config, resolved, len(layers))
     context = ForwardContext()
     decoder = get_submodule(model, family.decoder_path)
     hook = decoder.register_forward_pre_hook(context.record, with_kwargs=True)

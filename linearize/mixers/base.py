@@ -76,7 +76,11 @@ class LinearizedAttention(nn.Module):
         self.num_kv_heads = attn.config.num_key_value_heads
         self.scaling = attn.scaling
         self.is_causal = True
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        self.projection_names = family.projection_names
+        for name in self.projection_names:
+            setattr(self, name, getattr(attn, name))
+        self.fused_qkv = family.fused_qkv  # one [q | k | v] projection's name, or "" (see linearize.families)
+        self.qk_norm = family.qk_norm  # "", "head" or "projection" (see linearize.families)
         if family.qk_norm:
             self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
         object.__setattr__(self, "_teacher_attention", attn)
@@ -163,10 +167,17 @@ class LinearizedAttention(nn.Module):
     def project(self, hidden_states: torch.Tensor):
         """hidden [B, T, C] -> q [B, T, H, D], k [B, T, HKV, D], v [B, T, HKV, D] (before RoPE)."""
         B, T, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
-        if hasattr(self, "q_norm"):
+        if self.fused_qkv:  # Phi-3: one projection whose output is [q | k | v]
+            sizes = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim)
+            q, k, v = getattr(self, self.fused_qkv)(hidden_states).split(sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        if self.qk_norm == "projection":  # OLMo-2: over all heads' channels, before splitting
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "head":  # Qwen3, Gemma-3: per head, after splitting
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
 
