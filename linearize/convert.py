@@ -49,7 +49,7 @@ def convert(model: nn.Module, config: LinearizeConfig | None = None, *, _in_init
     mixer_cls = MIXERS[resolved.method]
     for i in indices:
         attn = getattr(layers[i], family.attention_name)
-        weight = attn.q_proj.weight
+        weight = attn.o_proj.weight
         mixer = mixer_cls(attn, resolved, family, i, context)
         for name, p in mixer.new_parameters():
             p.data = p.data.to(device=weight.device, dtype=weight.dtype)

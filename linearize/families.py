@@ -23,6 +23,13 @@ What each family does differently, and how it is handled:
   mixers read `scaling` from the attention module, so the window branch uses it; the
   residual, embedding and logit multipliers (`residual_multiplier`, `embedding_multiplier`,
   `logits_scaling`) act outside attention and stay as they are.
+- **phi3**: one fused `qkv_proj` whose output is [q | k | v] (`fused_qkv="qkv_proj"`); the
+  mixer holds it by reference and splits its output, so the parameter keeps its name
+  (`self_attn.qkv_proj.weight`). LoRA: pass `target_modules=["qkv_proj"]` (and `"o_proj"`),
+  since `q_proj`/`k_proj`/`v_proj` do not exist in Phi-3 (`Family.lora_targets`). RoPE
+  scaling (`longrope`, short/long factors) is computed by the model's rotary embedding and
+  arrives in the cos/sin every mixer receives, so it is followed as the config says. A
+  partial rotary factor below 1 (Phi-4-mini) is refused: the mixers rotate the whole head.
 - **gemma3_text**: per-head q/k RMS norms (Gemma's 1 + weight form, inside the modules);
   scale `query_pre_attn_scalar ** -0.5` (read from the module's `scaling`); layers of type
   `sliding_attention` are already local (a sliding window with their own RoPE base, passed
@@ -95,6 +102,16 @@ class UnsupportedArchitectureError(ValueError):
     """The model's architecture has no Family entry, or uses a setting the mixers cannot reproduce."""
 
 
+def _check_phi3(config) -> None:
+    rope = getattr(config, "rope_parameters", None) or {}
+    factor = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0
+    if factor < 1.0:
+        raise UnsupportedArchitectureError(
+            f"phi3 with partial_rotary_factor={factor} (e.g. Phi-4-mini) is not supported yet: the mixers rotate "
+            "every channel of a head, this model only the first part. Use a Phi-3 checkpoint with full rotary "
+            "embeddings.")
+
+
 def _check_gemma3(config) -> None:
     if getattr(config, "attn_logit_softcapping", None) is not None:
         raise UnsupportedArchitectureError(
@@ -124,6 +141,10 @@ FAMILIES: dict[str, Family] = {
     "granite": Family("granite", examples=("ibm-granite/granite-3.3-2b-instruct",),
                       special="score scale = attention_multiplier; residual/embedding/logit multipliers "
                               "are outside attention"),
+    "phi3": Family("phi3", fused_qkv="qkv_proj", lora_targets=("qkv_proj",), check=_check_phi3,
+                   examples=("microsoft/Phi-3-mini-4k-instruct", "microsoft/Phi-3.5-mini-instruct"),
+                   special="fused qkv_proj split into q/k/v (LoRA target: qkv_proj); longrope from the config; "
+                           "partial rotary refused"),
     "gemma3_text": Family("gemma3_text", qk_norm="head", local_layer_type="sliding_attention", check=_check_gemma3,
                           examples=("google/gemma-3-1b-it", "google/gemma-3-270m"),
                           special="per-head q/k norms, query_pre_attn_scalar scale; converts the global layers, "

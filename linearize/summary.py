@@ -64,7 +64,7 @@ def kv_bytes_per_token(model: nn.Module) -> int:
 def layer_state_bytes(mixer) -> int:
     """Constant decode-state bytes of one mixer: fp32 recurrent state, window and sink buffers."""
     cfg = mixer.lconfig
-    elem = mixer.q_proj.weight.element_size()
+    elem = mixer.o_proj.weight.element_size()
     total = 0
     if mixer.has_linear:
         feat = mixer.linearize_feature_map_k.out_dim

@@ -159,7 +159,7 @@ class LinearizedAttention(nn.Module):
         """Point the original attention at the mixer's current projections, so adapters that
         peft wrapped around them (or merged into them) act on the teacher too."""
         teacher = self._teacher_attention
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        for name in self.projection_names:
             mine = getattr(self, name)
             if getattr(teacher, name) is not mine:
                 setattr(teacher, name, mine)

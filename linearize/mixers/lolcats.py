@@ -92,7 +92,7 @@ class LolcatsAttention(LinearizedAttention):
         elements."""
         if self.lconfig.mixing != "lolcats":
             return 0
-        elem = self.q_proj.weight.element_size()
+        elem = self.o_proj.weight.element_size()
         feat = self.linearize_feature_map_k.out_dim
         per_step = self.state_heads * feat * elem + self.num_kv_heads * self.head_dim * elem
         return self.lconfig.window * per_step

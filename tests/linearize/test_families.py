@@ -26,6 +26,7 @@ TINY_CONFIGS = {
     "olmo2": dict(pad_token_id=0, bos_token_id=1, eos_token_id=2),
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
     "granite": dict(attention_multiplier=0.09, residual_multiplier=0.5, embedding_multiplier=3.0, logits_scaling=2.0),
+    "phi3": dict(pad_token_id=0, bos_token_id=1, eos_token_id=2),
     "gemma3_text": dict(query_pre_attn_scalar=24, sliding_window=6, rope_local_base_freq=100.0,
                         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                         tie_word_embeddings=True),
@@ -160,9 +161,42 @@ def test_gemma3_local_layers_converted_with_their_window_keep_their_rope_base():
     assert rel(logits(model, ids, mask, pos)[valid], ref[valid]) < 1e-5
 
 
+def test_phi3_longrope_reproduces_the_teacher():
+    """longrope's long factors and attention factor (T > original_max_position_embeddings) reach
+    the mixers through the cos/sin the decoder passes."""
+    rope = dict(rope_type="longrope", rope_theta=10000.0, short_factor=[1.0] * 8,
+                long_factor=[1.0 + i / 4 for i in range(8)], original_max_position_embeddings=16)
+    model = tiny_model("phi3", rope_parameters=rope, original_max_position_embeddings=16)
+    ids, mask, pos = padded_batch()
+    ref = logits(model, ids, mask, pos)
+    linearize.convert(model, method="window-sinks", window=T)
+    valid = mask.bool()
+    assert rel(logits(model, ids, mask, pos)[valid], ref[valid]) < 1e-5
+
+
+def test_phi3_lora_on_the_fused_projection_reaches_student_and_teacher():
+    """LoRA's target name on Phi-3 is qkv_proj; the student splits the adapted output and the
+    teacher sees the same adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model("phi3")
+    linearize.convert(model, method="window-sinks", window=T)
+    ids, mask, pos = padded_batch()
+    plain = logits(model, ids, mask, pos)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=list(FAMILIES["phi3"].lora_targets),
+                                                  init_lora_weights=False))
+    student = logits(peft_model, ids, mask, pos)
+    with linearize.teacher(model):
+        teacher = logits(peft_model, ids, mask, pos)
+    valid = mask.bool()
+    assert rel(student[valid], plain[valid]) > 1e-3
+    assert rel(student[valid], teacher[valid]) < 1e-5
+
+
 @pytest.mark.parametrize("model_type, overrides, reason", [
     ("gemma2", dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=6), "soft-caps the logits"),
     ("gemma3_text", dict(head_dim=16, attn_logit_softcapping=50.0), "soft-caps the logits"),
+    ("phi3", dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, partial_rotary_factor=0.5), "partial_rotary_factor"),
 ])
 def test_unsupported_settings_are_refused_with_the_reason(model_type, overrides, reason):
     kwargs = {**BASE, "num_hidden_layers": 2, **overrides}
