@@ -154,6 +154,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert
     from .summary import summarize
 
+    if args.list_families:
+        from .families import family_table
+
+        print(family_table())
+        return 0
     config = config_from_args(args)
     out = output_folder(args, config)
     source, name = model_source(args.model)
@@ -218,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty --out that is not a linearize output (even the source folder)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="load and save in this dtype")
+    p.add_argument("--list-families", action="store_true",
+                   help="print the supported model families (and those refused, with why) and exit")
     add_conversion_arguments(p)
     p.set_defaults(func=cmd_convert)
 

@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import linearize
 from linearize import LinearizeCache, UnsupportedArchitectureError
-from linearize.families import FAMILIES, NOT_SUPPORTED, local_layers
+from linearize.families import FAMILIES, NOT_SUPPORTED, family_table, local_layers
 
 T = 20
 BASE = dict(vocab_size=128, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
@@ -204,3 +204,14 @@ def test_unsupported_settings_are_refused_with_the_reason(model_type, overrides,
     with pytest.raises(UnsupportedArchitectureError, match=reason):
         linearize.convert(model, method="liger-gla")
     assert not linearize.is_linearized(model)
+
+
+def test_list_families_prints_every_family_and_the_refused_ones(capsys):
+    from linearize.cli import main
+
+    assert main(["convert", "--list-families"]) == 0
+    out = capsys.readouterr().out
+    assert out.strip() == family_table().strip()
+    for name in [*FAMILIES, *NOT_SUPPORTED]:
+        assert name in out
+    assert "not run" in out and "NOT SUPPORTED YET" in out
