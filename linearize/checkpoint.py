@@ -1,9 +1,5 @@
-"""Checkpoints: linearized models save and load as normal Hugging Face folders.
-
-For every family we register `linearized_<model_type>` with the Auto classes: a config
-subclass that carries the `linearize` dict in config.json, and a model subclass that
-converts itself in `__init__`, so `AutoModelForCausalLM.from_pretrained(dir)` rebuilds the
-exact model. Loading refuses checkpoints with missing, unexpected, corrupt or non-finite
+"""Checkpoints: linearized models save and load as normal Hugging Face folders (their classes
+are registered with the Auto classes in `hf_classes`). Loading refuses checkpoints with missing, unexpected, corrupt or non-finite
 weights, and a config.json that cannot describe the model (the error names the field).
 Saving (`save_folder`) writes beside the target and renames, so a folder that looks like a
 model is always complete.
@@ -18,127 +14,15 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .config import ConfigError, LinearizeConfig
 from .families import FAMILIES
+from .hf_classes import register_auto_classes
+from .load_checks import CheckpointError, checked_from_pretrained
 
-_CLASSES: dict[tuple[str, type], tuple[type, type]] = {}
-BASE_CLASS_ATTR = "_linearize_base_class"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint folder is missing, truncated or does not match its config."""
-
-
-class LinearizedModelMixin:
-    """Behaviour shared by every `Linearized<Base>ForCausalLM` class."""
-
-    def __init__(self, config, *args, **kwargs):
-        if not isinstance(getattr(config, "linearize", None), dict):
-            raise CheckpointError(f"config.json has model_type {config.model_type!r} but no `linearize` field (the "
-                                  "conversion settings): it was edited or written by another tool; restore it or "
-                                  "convert the model again")
-        super().__init__(config, *args, **kwargs)
-        from .convert import convert
-
-        convert(self, LinearizeConfig.from_dict(config.linearize), _in_init=True)
-
-    def forward(self, *args, **kwargs):
-        from .cache import LinearizeCache
-        from .convert import linearize_state
-
-        use_cache = kwargs.get("use_cache")
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        has_cache = kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
-        if use_cache and not has_cache and not linearize_state(self).teacher_active:
-            kwargs["cache"] = LinearizeCache(self)
-        return super().forward(*args, **kwargs)
-
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        from .cache import LinearizeCache
-        from .convert import linearize_state
-
-        user_cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
-        if user_cache is not None or generation_config.use_cache is False or linearize_state(self).teacher_active:
-            return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        model_kwargs["cache"] = LinearizeCache(self)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        want_info = kwargs.pop("output_loading_info", False)
-        model, info = checked_from_pretrained(super().from_pretrained, pretrained_model_name_or_path, *args, **kwargs)
-        return (model, info) if want_info else model
-
-
-def _key_text(key) -> str:
-    """A loading-info entry as text; mismatched keys come as (name, saved shape, config.json shape)."""
-    if isinstance(key, tuple) and len(key) == 3:
-        return f"{key[0]} saved {list(key[1])} vs config.json {list(key[2])}"
-    return str(key)
-
-
-def checked_from_pretrained(from_pretrained, path, *args, **kwargs):
-    """(model, loading info) from `from_pretrained`, refusing weights that do not fit config.json.
-
-    Shape mismatches are loaded as reported keys (ignore_mismatched_sizes) so the error can say
-    which tensors disagree with config.json instead of blaming the weight file.
-    """
-    kwargs.setdefault("ignore_mismatched_sizes", True)
-    try:
-        model, info = from_pretrained(path, *args, output_loading_info=True, **kwargs)
-    except ConfigError as e:
-        raise CheckpointError(f"{Path(path) / 'config.json'}, field `linearize`: {e}. Fix the file or convert "
-                              "the model again") from e
-    except CheckpointError:
-        raise
-    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
-        raise CheckpointError(f"could not load the weights in {path}: {e}. The checkpoint may be truncated or "
-                              "corrupt: re-save or re-convert it.") from e
-    problems = {k: sorted(map(_key_text, v)) for k, v in info.items()
-                if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
-    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
-    if "missing_keys" in problems:
-        problems["missing_keys"] = [k for k in problems["missing_keys"] if k not in tied]
-        if not problems["missing_keys"]:
-            del problems["missing_keys"]
-    if problems:
-        detail = "; ".join(f"{k}: {', '.join(v[:6])}{' ...' if len(v) > 6 else ''}" for k, v in problems.items())
-        where = ("the shapes in config.json (was hidden_size, head or layer count edited?)"
-                 if "mismatched_keys" in problems else "its config.json and linearize config")
-        raise CheckpointError(f"checkpoint {path} does not match {where} ({detail}). Weights would be left "
-                              "random: restore config.json, or re-save the model with save_pretrained or convert "
-                              "again.")
-    return model, info
-
-
-def linearized_classes(model_type: str, model_cls: type, config_cls: type) -> tuple[type, type]:
-    """The (model class, config class) pair a converted model of `model_cls` becomes."""
-    base_model = getattr(model_cls, BASE_CLASS_ATTR, model_cls)
-    base_config = getattr(config_cls, BASE_CLASS_ATTR, config_cls)
-    key = (model_type, base_model)
-    if key not in _CLASSES:
-        new_type = f"linearized_{model_type}"
-        cfg = type(f"Linearized{base_config.__name__}", (base_config,),
-                   {"model_type": new_type, BASE_CLASS_ATTR: base_config, "__module__": __name__})
-        mdl = type(f"Linearized{base_model.__name__}", (LinearizedModelMixin, base_model),
-                   {"config_class": cfg, BASE_CLASS_ATTR: base_model, "__module__": __name__})
-        _CLASSES[key] = (mdl, cfg)
-    return _CLASSES[key]
-
-
-def register_auto_classes() -> None:
-    """Register `linearized_<family>` with AutoConfig and AutoModelForCausalLM."""
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    for model_type in FAMILIES:
-        base_config = CONFIG_MAPPING[model_type]
-        base_model = MODEL_FOR_CAUSAL_LM_MAPPING[base_config]
-        mdl, cfg = linearized_classes(model_type, base_model, base_config)
-        if cfg.model_type not in CONFIG_MAPPING:
-            AutoConfig.register(cfg.model_type, cfg)
-            AutoModelForCausalLM.register(cfg, mdl)
+__all__ = ["CheckpointError", "load", "register_auto_classes", "read_config_json", "check_config_json",
+           "check_finite", "check_output_folder", "check_writable", "save_folder", "is_linearize_output"]
 
 
 def read_config_json(path: Path) -> dict:

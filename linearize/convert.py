@@ -1,9 +1,7 @@
-"""Model surgery: swap attention modules for mixers, and back.
-
-PEFT-style: walk the decoder layers, build a mixer that holds the original projections by
-reference, `setattr` it on the parent. `unconvert` puts the original modules back, so the
-model is bit-for-bit what it was. `teacher(model)` runs the original softmax attention
-without a second copy of the weights.
+"""Convert a loaded model and back: the module surgery (`surgery`) plus the class change
+that lets `save_pretrained` / `from_pretrained` round-trip it. `unconvert` puts the original
+modules and classes back, so the model is bit-for-bit what it was; `teacher(model)` runs the
+original softmax attention without a second copy of the weights.
 """
 from __future__ import annotations
 
@@ -12,17 +10,21 @@ import contextlib
 import torch.nn as nn
 
 from .config import LinearizeConfig
-from .families import decoder_layers, family_of, get_submodule, layers_to_convert
-from .mixers import MIXERS, LinearizedAttention
-from .mixers.context import ForwardContext
-from .state import STATE_ATTR, LinearizeState, is_linearized, linearize_state
+from .families import decoder_layers
+from .hf_classes import linearized_classes
+from .mixers import LinearizedAttention
+from .state import STATE_ATTR, is_linearized, linearize_state
+from .surgery import linearize_modules
+
+__all__ = ["convert", "unconvert", "teacher", "mixers", "new_parameters", "is_linearized", "linearize_state"]
+
 
 def mixers(model: nn.Module) -> list[LinearizedAttention]:
     """The mixer modules of a converted model, in layer order."""
     return [m for m in model.modules() if isinstance(m, LinearizedAttention)]
 
 
-def convert(model: nn.Module, config: LinearizeConfig | None = None, *, _in_init: bool = False, **overrides) -> nn.Module:
+def convert(model: nn.Module, config: LinearizeConfig | None = None, **overrides) -> nn.Module:
     """Linearize a loaded transformers causal LM in place and return it.
 
     Args:
@@ -39,33 +41,10 @@ def convert(model: nn.Module, config: LinearizeConfig | None = None, *, _in_init
         raise TypeError("pass either a LinearizeConfig or keyword fields, not both")
     if is_linearized(model):
         raise ValueError("model is already linearized; call linearize.unconvert(model) first")
-    family = family_of(model)
-    resolved = config.resolved()
-    layers = decoder_layers(model, family)
-    indices = layers_to_convert(family, model.config, resolved, len(layers))
-    context = ForwardContext()
-    decoder = get_submodule(model, family.decoder_path)
-    hook = decoder.register_forward_pre_hook(context.record, with_kwargs=True)
-    mixer_cls = MIXERS[resolved.method]
-    for i in indices:
-        attn = getattr(layers[i], family.attention_name)
-        weight = attn.o_proj.weight
-        mixer = mixer_cls(attn, resolved, family, i, context)
-        for name, p in mixer.new_parameters():
-            p.data = p.data.to(device=weight.device, dtype=weight.dtype)
-        setattr(layers[i], family.attention_name, mixer)
-    from .checkpoint import BASE_CLASS_ATTR, linearized_classes
-
-    base_model_cls = getattr(type(model), BASE_CLASS_ATTR, type(model))
-    base_config_cls = getattr(type(model.config), BASE_CLASS_ATTR, type(model.config))
-    state = LinearizeState(resolved, family, indices, len(layers), context, hook, base_model_cls, base_config_cls)
-    object.__setattr__(model, STATE_ATTR, state)
-    model.config.linearize = resolved.to_dict()
-    model.config.linearize_base_model_type = family.model_type
-    if not _in_init:
-        model_cls, config_cls = linearized_classes(family.model_type, type(model), type(model.config))
-        model.config.__class__ = config_cls
-        model.__class__ = model_cls
+    family = linearize_modules(model, config).family
+    model_cls, config_cls = linearized_classes(family.model_type, type(model), type(model.config))
+    model.config.__class__ = config_cls
+    model.__class__ = model_cls
     return model
 
 

@@ -11,6 +11,8 @@ from .families import Family
 from .mixers.context import ForwardContext
 
 STATE_ATTR = "_linearize_state"
+# On a Linearized<Base> class: the class it was made from (what unconvert restores).
+BASE_CLASS_ATTR = "_linearize_base_class"
 
 
 @dataclass

@@ -30,7 +30,6 @@ def band_max_score(
     """
     check_window_inputs(q, k, k, window, num_sink_tokens, None, key_mask, cu_seqlens)
     B, T, H, D = q.shape
-    HKV = k.shape[2]
     scale = D ** -0.5 if scale is None else scale
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     parts = []
