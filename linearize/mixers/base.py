@@ -25,6 +25,9 @@ NEW_PARAMETER_PREFIX = "linearize_"
 # Up to this many new tokens against a carried state take the step-by-step recurrence
 # (decoding); longer inputs take the chunked kernels.
 DECODE_STEP_TOKENS = 4
+# mixing="shared-denominator": sigmoid of the per-head linear weight at initialisation, low so
+# that a fresh model leans on the exact window.
+SHARED_DENOMINATOR_LINEAR_WEIGHT = 0.1
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -117,7 +120,8 @@ class LinearizedAttention(nn.Module):
             self.linearize_window_weight = nn.Parameter(torch.full((self.num_heads,), float(cfg.window_weight)))
             self.linearize_linear_weight = nn.Parameter(torch.full((self.num_heads,), float(cfg.linear_weight)))
         if cfg.mixing == "shared-denominator":
-            self.linearize_linear_logit = nn.Parameter(torch.full((self.num_heads,), math.log(0.1 / 0.9)))
+            p = SHARED_DENOMINATOR_LINEAR_WEIGHT
+            self.linearize_linear_logit = nn.Parameter(torch.full((self.num_heads,), math.log(p / (1 - p))))
         self._build_method_parameters()
 
     def _build_method_parameters(self) -> None:
