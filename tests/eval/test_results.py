@@ -1,14 +1,21 @@
-"""The results pipeline at toy size: every step runs on a tiny model, the document has every
-section, numbers are finite, and a second run reuses the files instead of recomputing."""
+"""The results pipeline (scripts/results/, behind scripts/make_results.py) at toy size: every
+step runs on a tiny model, the document has every section, numbers are finite, and a second run
+reuses the files instead of recomputing."""
 
 from __future__ import annotations
 
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 
-from linearize.eval.results import METHOD_ENTRIES, ResultsRun, ResultsSettings, main
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))  # scripts/ is not a package
+
+from make_results import main  # noqa: E402
+from results.run import ResultsRun  # noqa: E402
+from results.settings import METHOD_ENTRIES, ResultsSettings  # noqa: E402
 
 
 def toy_settings(model_dir, tmp_path, methods) -> ResultsSettings:
@@ -86,7 +93,7 @@ def test_every_entry_is_a_valid_conversion():
 
 
 def test_prefill_bound_from_teacher_rows():
-    from linearize.eval.results import prefill_bound
+    from results.targets import prefill_bound
 
     rows = [{"role": "teacher", "length": 1024, "tokens_per_s": 512.0, "ms": 2000.0},
             {"role": "student", "length": 1024, "tokens_per_s": 500.0, "ms": 2048.0},
@@ -97,7 +104,7 @@ def test_prefill_bound_from_teacher_rows():
 
 
 def test_kernels_contrast_per_thread_count():
-    from linearize.eval.results import kernels_contrast
+    from results.targets import kernels_contrast
 
     rows = [{"threads": n, "op": op, "T": T, "speedup": x}
             for n, op, T, x in ((1, "gla", 4096, 8.6), (1, "gla_scalar", 4096, 12.2), (2, "gla", 4096, 17.3),
