@@ -6,8 +6,9 @@
 # 1. installs this checkout without dependencies (a CUDA image already holds torch, triton,
 #    transformers and peft; nothing is downloaded);
 # 2. runs the Triton kernel tests on the GPU (TRITON_INTERPRET=0) against the fp64 references;
-# 3. runs the CUDA kernel benchmark: every kernel checked at the benchmark shapes, then timed
-#    against SDPA (and fla's chunk_gla when installed), its report rewritten after each shape.
+# 3. runs the CUDA kernel benchmark (benchmarks/kernels_cuda.py): every kernel checked at the
+#    benchmark shapes, then timed against SDPA (and fla's chunk_gla when installed), its report
+#    rewritten after each shape.
 #
 # Logs and the report land in $OUT (8 files at most). LINEARIZE_AUTOTUNE=0 (the default here)
 # compiles each kernel once with a fixed launch; LINEARIZE_AUTOTUNE=1 tunes (minutes per shape).
@@ -39,6 +40,6 @@ fi
 status=0
 timeout "${TEST_TIMEOUT:-240}" $PY -m pytest -q -p no:cacheprovider tests/kernels/test_triton_gla.py \
     tests/kernels/test_triton_window.py tests/kernels/test_triton_hybrid.py 2>&1 | tee "$OUT/pytest_kernels.txt" || status=1
-timeout "${BENCH_TIMEOUT:-300}" $PY -m linearize.eval.bench.kernels_cuda --out "$OUT/kernels_cuda" "${BENCH_ARGS[@]}" \
+timeout "${BENCH_TIMEOUT:-300}" $PY benchmarks/kernels_cuda.py --out "$OUT/kernels_cuda" "${BENCH_ARGS[@]}" \
     2>&1 | tee "$OUT/bench.txt" || status=1
 exit $status

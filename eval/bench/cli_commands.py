@@ -2,12 +2,14 @@
 
 ``linearize/cli.py`` adds the subcommand with ``add_bench_arguments(parser)`` and dispatches
 to ``run_bench(args)``, which returns a process exit code (0 ok, 1 a measured target missed
-under ``--check``, 2 bad input).
+under ``--check``, 2 bad input). Prefill, decode and train are part of the package; the kernel
+microbenchmarks are scripts in ``benchmarks/`` of a source checkout, which ``kernels`` runs
+when it finds them (`kernel_benchmark`).
 """
 from __future__ import annotations
 
 import argparse
-import importlib
+import importlib.util
 import inspect
 import json
 import sys
@@ -16,6 +18,8 @@ from pathlib import Path
 BENCHMARKS = ("prefill", "decode", "train", "kernels")
 CHOICES = BENCHMARKS + ("all",)
 DEFAULT_OUT = Path("outputs") / "bench"
+# eval/bench/ -> the checkout's root; after a wheel install this folder does not exist
+BENCHMARKS_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def _length(text: str) -> int:
@@ -42,8 +46,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                           "throughput, kernel microbenchmarks. Each writes a markdown table, JSON and a PNG plot.")
     parser.add_argument("which", choices=CHOICES,
                         help="prefill: one forward vs length (default 512..16k); decode: ms/token and cache bytes "
-                             "at context 1k, 4k, 16k; train: LoRA r=8 q,k,v step at 512, 2048; kernels: kernel "
-                             "microbenchmarks; all: every one of them")
+                             "at context 1k, 4k, 16k; train: LoRA r=8 q,k,v step at 512, 2048; kernels: the kernel "
+                             "microbenchmarks in benchmarks/ of a source checkout; all: every one of them")
     parser.add_argument("--model", default=None,
                         help="local Hugging Face folder (plain or linearized) or hub id "
                              "(default: the embedded SmolLM2-135M-Instruct)")
@@ -118,25 +122,40 @@ def _default(fn, name: str, fallback):
     return p.default if p is not None and p.default is not inspect.Parameter.empty else fallback
 
 
+def kernel_benchmark(kind: str):
+    """The module of ``benchmarks/kernels_<kind>.py`` (kind: cpu or cuda) of this source checkout,
+    loaded once. Raises FileNotFoundError where the package was installed without the checkout."""
+    name = f"linearize_benchmarks_kernels_{kind}"
+    if name in sys.modules:
+        return sys.modules[name]
+    path = BENCHMARKS_DIR / f"kernels_{kind}.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"the {kind} kernel benchmark is a script of the source checkout "
+                                f"(benchmarks/kernels_{kind}.py), not part of the installed package: run "
+                                "`linearize bench kernels` from an editable install of a clone "
+                                f"(pip install -e .), or `python benchmarks/kernels_{kind}.py` there")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
 def run_kernels(lengths: list[int] | None, out_dir: str | Path, repeats: int | None, device: str | None = None) -> dict:
-    """Kernel microbenchmarks: `kernels_cpu.run` always, `kernels_cuda.run` too on CUDA (into
-    out_dir/cuda). Returns {"cpu": ..., "cuda": ...} with whatever each returned."""
+    """Kernel microbenchmarks: ``benchmarks/kernels_cpu.py`` always, ``kernels_cuda.py`` too on
+    CUDA (into out_dir/cuda). Returns {"cpu": ..., "cuda": ...} with whatever each returned."""
     import torch
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(out_dir)
     results = {}
-    targets = [("cpu", "linearize.eval.bench.kernels_cpu", out)]
-    if device.type == "cuda":
-        targets.append(("cuda", "linearize.eval.bench.kernels_cuda", out / "cuda"))
-    for kind, module_name, where in targets:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name != module_name:
-                raise
-            raise FileNotFoundError(f"{module_name} is not installed in this checkout: the {kind} kernel "
-                                    "benchmark is missing") from e
+    targets = [("cpu", out)] + ([("cuda", out / "cuda")] if device.type == "cuda" else [])
+    for kind, where in targets:
+        module = kernel_benchmark(kind)
         n = lengths or list(_default(module.run, "lengths", getattr(module, "DEFAULT_LENGTHS", (1024, 4096, 16384))))
         r = repeats or _default(module.run, "repeats", 3)
         where.mkdir(parents=True, exist_ok=True)

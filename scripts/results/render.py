@@ -205,12 +205,12 @@ def _bench_sections(bench: dict, img: Path, doc_dir: Path) -> list[str]:
     out += ["## GPU kernels", ""]
     if cuda:
         md_path = Path(cuda["files"]["markdown"])
-        out += ["`python -m linearize.eval.bench.kernels_cuda` (Triton kernels checked against the references at "
+        out += ["`python benchmarks/kernels_cuda.py` (Triton kernels checked against the references at "
                 "the benchmark shapes, then timed against SDPA and fla's chunk_gla):", "",
                 md_path.read_text().split("\n", 1)[-1].strip() if md_path.is_file() else "", ""]
     else:
-        out += ["Not measured here: this machine has no GPU. On a CUDA machine, `python -m "
-                "linearize.eval.bench.kernels_cuda --out DIR` checks every Triton kernel against its reference at "
+        out += ["Not measured here: this machine has no GPU. On a CUDA machine, `python "
+                "benchmarks/kernels_cuda.py --out DIR` checks every Triton kernel against its reference at "
                 "the benchmark shapes and times it against SDPA and flash-linear-attention's `chunk_gla`; "
                 "`linearize bench kernels` (and this script) run it automatically when CUDA is present.", ""]
     out += ["## Correctness", "",

@@ -3,8 +3,8 @@ is missed (fixed explanations, plus what this run measured)."""
 
 from __future__ import annotations
 
+from linearize.eval.bench.cli_commands import kernel_benchmark
 from linearize.eval.bench.common import target_lines
-from linearize.eval.bench.kernels_cpu import TARGET_LENGTH
 
 from .rows import num
 from .settings import ResultsSettings
@@ -88,11 +88,12 @@ def prefill_bound(rows: list[dict]) -> str:
 def kernels_contrast(rows: list[dict]) -> str:
     """The per-channel against the per-head speedup at the target length, per thread count: what
     the per-channel gate work costs."""
-    at = {(r.get("threads"), r["op"]): r["speedup"] for r in rows if r["T"] == TARGET_LENGTH}
+    length = kernel_benchmark("cpu").TARGET_LENGTH
+    at = {(r.get("threads"), r["op"]): r["speedup"] for r in rows if r["T"] == length}
     parts = [f"{at[(n, 'gla')]:.1f}x per-channel vs {at[(n, 'gla_scalar')]:.1f}x per-head on {n} "
              f"thread{'s' if n and n > 1 else ''}" for n in sorted({n for n, _ in at}, key=lambda n: n or 0)
              if (n, "gla") in at and (n, "gla_scalar") in at]
-    return (" Measured here at T=" + f"{TARGET_LENGTH}: " + "; ".join(parts) +
+    return (" Measured here at T=" + f"{length}: " + "; ".join(parts) +
             " (per-head gates skip most of the gate work).") if parts else ""
 
 

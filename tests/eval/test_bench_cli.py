@@ -8,6 +8,7 @@ import types
 import pytest
 
 import linearize
+from linearize.eval.bench import cli_commands
 from linearize.eval.bench.cli_commands import add_bench_arguments, run_bench
 
 
@@ -20,7 +21,7 @@ def cpu_kernels(monkeypatch):
 
 @pytest.fixture
 def fake_kernels(monkeypatch):
-    """Stand-in kernels_cpu module recording its calls (the real one is benchmarked elsewhere)."""
+    """Stand-in benchmarks/kernels_cpu.py recording its calls (the real one is tested in tests/benchmarks)."""
     calls = []
 
     def run(lengths, out_dir, repeats=5):
@@ -28,9 +29,9 @@ def fake_kernels(monkeypatch):
         (out_dir / "kernels.md").write_text("| op | ms |\n")
         return "| op | ms |"
 
-    module = types.ModuleType("linearize.eval.bench.kernels_cpu")
+    module = types.ModuleType("kernels_cpu")
     module.run = run
-    monkeypatch.setitem(sys.modules, "linearize.eval.bench.kernels_cpu", module)
+    monkeypatch.setattr(cli_commands, "kernel_benchmark", lambda kind: module)
     return calls
 
 
@@ -69,7 +70,8 @@ def test_prefill_from_a_plain_folder_with_a_json_config(plain_dir, tmp_path, cap
 
 
 def test_all_runs_every_benchmark_into_subfolders(plain_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "linearize.eval.bench.kernels_cpu", None)  # not written yet: skipped
+    monkeypatch.setattr(cli_commands, "BENCHMARKS_DIR", tmp_path / "absent")  # an installed wheel: skipped
+    monkeypatch.delitem(sys.modules, "linearize_benchmarks_kernels_cpu", raising=False)
     rc = run_bench(parse("all", "--model", str(plain_dir), "--method", "window-sinks", "--lengths", "8",
                          "--repeats", "1", "--prefill-chunk", "4", "--out", str(tmp_path), "--no-progress",
                          "--device", "cpu"))

@@ -10,7 +10,7 @@ recurrent loop, quadratically for the dense T x T attention; such rows are marke
 Everything runs once per torch thread count (default: 1 and every core this process may use),
 since the chunked kernels are matrix products that split across cores and the loop is not.
 
-    python -m linearize.eval.bench.kernels_cpu [--lengths 1024 4096 16384] [--threads 1 2] [--out DIR]
+    python benchmarks/kernels_cpu.py [--lengths 1024 4096 16384] [--threads 1 2] [--out DIR]
 
 writes kernels_cpu.json, kernels_cpu.md and kernels_cpu.png into DIR.
 """
@@ -23,13 +23,12 @@ from pathlib import Path
 
 import torch
 
+from linearize.eval.bench.common import (fmt, log2_axis, log_y, machine_info, markdown_table, median, new_figure,
+                                         save_figure, target, target_lines, timed, write_report)
 from linearize.kernels.gla.chunk import chunk_gla
 from linearize.kernels.gla.naive import naive_gla
 from linearize.kernels.window.chunk import chunk_window_attention
 from linearize.kernels.window.naive import naive_window_attention
-
-from .common import (fmt, log2_axis, log_y, machine_info, markdown_table, median, new_figure, save_figure, target,
-                     target_lines, timed, write_report)
 
 DEFAULT_LENGTHS = (1024, 4096, 16384)
 DEFAULT_OUT = Path("outputs/bench/kernels_cpu")
@@ -231,7 +230,7 @@ def run(lengths=DEFAULT_LENGTHS, out_dir: str | Path = DEFAULT_OUT, repeats: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m linearize.eval.bench.kernels_cpu", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python benchmarks/kernels_cpu.py", description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS))
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--repeats", type=int, default=5)

@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from linearize.eval.bench import kernels_cpu
+from linearize.eval.bench.cli_commands import kernel_benchmark
+
+kernels_cpu = kernel_benchmark("cpu")  # benchmarks/kernels_cpu.py
 
 TOY = dict(heads=2, kv_heads=1, dim=8, window=8, sink_tokens=2, naive_max=48, naive_backward_max=32)
 

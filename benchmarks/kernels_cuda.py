@@ -17,7 +17,7 @@ For each shape B x T x H x D (bf16, H query heads = H key/value heads):
 Writes kernels_cuda.json (machine: GPU, versions, date; every measurement and check),
 kernels_cuda.md and kernels_cuda.png into --out.
 
-    python -m linearize.eval.bench.kernels_cuda --out DIR [--repeats 20] [--lengths 4096 16384]
+    python benchmarks/kernels_cuda.py --out DIR [--repeats 20] [--lengths 4096 16384]
 
 Targets (fwd + bwd): our GLA <= fla chunk_gla; hybrid <= 1.25x our GLA and faster than SDPA +
 GLA run separately; at T = 16384 our GLA and the hybrid >= 2x faster than SDPA.
@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .common import log_y, machine_info, markdown_table, median, new_figure, save_figure, target, write_report
+from linearize.eval.bench.common import (log_y, machine_info, markdown_table, median, new_figure, save_figure, target,
+                                         target_lines, write_report)
 
 SHAPES = ((1, 8192, 32, 128), (4, 4096, 32, 128), (4, 2048, 16, 128), (2, 16384, 16, 128))
 DEFAULT_LENGTHS = tuple(sorted({s[1] for s in SHAPES}))
@@ -53,7 +54,7 @@ LABELS = {"sdpa": "SDPA causal", "fla_chunk_gla": "fla chunk_gla", "gla": "ours 
 
 def _no_cuda_message() -> str:
     return ("kernels_cuda needs a CUDA GPU (torch.cuda.is_available() is False here). "
-            "On a CPU machine run `python -m linearize.eval.bench.kernels_cpu` instead; the Triton kernels "
+            "On a CPU machine run `python benchmarks/kernels_cpu.py` instead; the Triton kernels "
             "themselves are tested on the CPU with TRITON_INTERPRET=1 (tests/kernels/test_triton_*.py).")
 
 
@@ -400,7 +401,7 @@ def _write(out: Path, results: list[dict], machine: dict, shapes, repeats: int, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m linearize.eval.bench.kernels_cuda",
+    parser = argparse.ArgumentParser(prog="python benchmarks/kernels_cuda.py",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
     parser.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS),
@@ -420,8 +421,6 @@ def main(argv: list[str] | None = None) -> int:
     elif not torch.cuda.is_available():
         print(_no_cuda_message(), file=sys.stderr)
         return 2
-    from .common import target_lines
-
     dry = dict(shapes=[DRY_RUN_SHAPE], device="cpu") if args.dry_run else {}
     results = run(args.lengths, args.out, args.repeats, warmup=args.warmup, check_tokens=args.check_tokens, **dry)
     print(results_table(results))

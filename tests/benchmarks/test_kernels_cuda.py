@@ -5,7 +5,9 @@ import os
 
 import pytest
 
-from linearize.eval.bench import kernels_cuda
+from linearize.eval.bench.cli_commands import kernel_benchmark
+
+kernels_cuda = kernel_benchmark("cuda")  # benchmarks/kernels_cuda.py
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the dry run needs TRITON_INTERPRET=1")
@@ -73,7 +75,8 @@ def test_imports_without_lm_eval_or_datasets():
                     raise ModuleNotFoundError(f"No module named {name!r}", name=name)
         sys.meta_path.insert(0, Missing())
         import linearize
-        from linearize.eval.bench import kernels_cpu, kernels_cuda
+        from linearize.eval.bench.cli_commands import kernel_benchmark
+        kernel_benchmark("cpu"), kernel_benchmark("cuda")
         print("imported")
     ''')
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
