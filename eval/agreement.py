@@ -7,25 +7,13 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+import linearize
 
-@contextlib.contextmanager
+
 def teacher_context(model, active: bool = True):
-    """Run ``model`` as its teacher inside the block (when ``active``).
-
-    The teacher is the original model: softmax attention switched back on
-    (``linearize.teacher``) and, on a peft model, the LoRA adapters disabled. Same weights,
-    no copy. A plain HF model without adapters is its own teacher.
-    """
-    if not active:
-        yield model
-        return
-    import linearize
-
-    with contextlib.ExitStack() as stack:
-        if hasattr(model, "disable_adapter") and hasattr(model, "get_base_model"):
-            stack.enter_context(model.disable_adapter())
-        stack.enter_context(linearize.teacher(model))
-        yield model
+    """`linearize.teacher(model)` when ``active`` (softmax attention on, peft adapters off),
+    else a no-op: the switch for code that runs one role or the other."""
+    return linearize.teacher(model) if active else contextlib.nullcontext(model)
 
 
 @torch.no_grad()
@@ -41,7 +29,7 @@ def teacher_agreement(
     """Next-token agreement of ``student`` with ``teacher`` at every position of ``texts``.
 
     ``teacher=None`` scores the student against its own original model (softmax attention,
-    LoRA adapters off: :func:`teacher_context`), with no second copy of the weights. Each text is
+    LoRA adapters off: :func:`linearize.teacher`), with no second copy of the weights. Each text is
     truncated to ``max_length`` tokens; batches are right-padded ``[batch, <= max_length]``
     and only real positions count. Per position ``t``: match = ``argmax p_s == argmax p_t``,
     KL = ``sum_v p_t(v) (log p_t(v) - log p_s(v))`` in nats (teacher as reference).
@@ -66,7 +54,7 @@ def teacher_agreement(
             mask[row, : len(e)] = 1
         ids, mask = ids.to(device), mask.to(device)
         if teacher is None:
-            with teacher_context(student):
+            with linearize.teacher(student):
                 t_logits = student(input_ids=ids, attention_mask=mask).logits
         else:
             t_logits = teacher(input_ids=ids, attention_mask=mask).logits

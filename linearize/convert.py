@@ -68,26 +68,30 @@ def unconvert(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def teacher(model: nn.Module):
-    """Run a converted model with its original softmax attention inside the block.
+    """Run `model` as its original inside the block: softmax attention back on in every
+    converted layer and, on a peft `PeftModel`, its adapters disabled.
 
     No weights are copied: the mixers route to the original modules, which share the same
-    projections. On a model that is not linearized this does nothing.
+    projections. On a model that is neither converted nor a peft model this does nothing.
     """
-    if not is_linearized(model):
-        yield model
-        return
-    st = linearize_state(model)
-    found = mixers(model)
-    previous = [m.teacher_active for m in found], st.teacher_active
-    for m in found:
-        m.teacher_active = True
-    st.teacher_active = True
-    try:
-        yield model
-    finally:
-        for m, was in zip(found, previous[0]):
-            m.teacher_active = was
-        st.teacher_active = previous[1]
+    is_peft = hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
+    with model.disable_adapter() if is_peft else contextlib.nullcontext():
+        base = model.get_base_model() if is_peft else model
+        if not is_linearized(base):
+            yield model
+            return
+        st = linearize_state(base)
+        found = mixers(base)
+        previous = [m.teacher_active for m in found], st.teacher_active
+        for m in found:
+            m.teacher_active = True
+        st.teacher_active = True
+        try:
+            yield model
+        finally:
+            for m, was in zip(found, previous[0]):
+                m.teacher_active = was
+            st.teacher_active = previous[1]
 
 
 def new_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

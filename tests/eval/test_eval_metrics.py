@@ -97,6 +97,25 @@ def test_agreement_against_own_teacher_matches_an_unconverted_copy(eval_model, e
     assert via_context["kl_mean"] > 0
 
 
+def test_teacher_of_an_adapted_student_is_the_unconverted_original(eval_model):
+    """`linearize.teacher` on a PeftModel: adapters off and softmax attention on, both undone after."""
+    import linearize
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(3)
+    original = copy.deepcopy(eval_model)
+    student = linearize.convert(copy.deepcopy(eval_model), linearize.LinearizeConfig(method="liger-gla"))
+    peft_model = get_peft_model(student, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    ids = torch.randint(0, eval_model.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        adapted = peft_model(input_ids=ids).logits
+        with linearize.teacher(peft_model):
+            as_teacher = peft_model(input_ids=ids).logits
+        torch.testing.assert_close(as_teacher, original(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, adapted)  # adapters and mixers back on
+    assert not torch.allclose(adapted, as_teacher, atol=1e-3)
+
+
 @pytest.mark.parametrize("depth", [0.0, 0.3, 0.5, 1.0])
 def test_passkey_needle_sits_at_its_depth(eval_tokenizer, depth):
     s = make_passkey_sample(eval_tokenizer, 600, depth, passkey=48213)
