@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from linearize.eval.bench.common import (log_y, machine_info, markdown_table, median, new_figure, save_figure, target,
-                                         target_lines, write_report)
+from linearize.eval.bench.common import machine_info, markdown_table, median, target, target_lines, write_report
+from linearize.plots import log_y, new_figure, save_figure
 
 SHAPES = ((1, 8192, 32, 128), (4, 4096, 32, 128), (4, 2048, 16, 128), (2, 16384, 16, 128))
 DEFAULT_LENGTHS = tuple(sorted({s[1] for s in SHAPES}))

@@ -1,25 +1,13 @@
-"""PNG plots for eval results (matplotlib, Agg backend, no display needed)."""
+"""The evaluation's figures: passkey heatmaps, MQAR curves, agreement by position, task bars.
+Style and saving come from `linearize.plots`."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-ROLE_STYLE = {"teacher": dict(color="tab:gray", linestyle="--", marker="o"),
-              "student": dict(color="tab:blue", linestyle="-", marker="s")}
-
-
-def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+from linearize.plots import ROLE_STYLE, save_figure
 
 
 def plot_passkey(results: dict[str, dict], path: str | Path) -> Path:
@@ -44,11 +32,7 @@ def plot_passkey(results: dict[str, dict], path: str | Path) -> Path:
             for i, v in enumerate(row):
                 ax.text(i, j, f"{v:.0f}", ha="center", va="center", fontsize=8)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy %")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)  # constrained layout: saved as laid out
 
 
 def plot_mqar(curves: dict[str, dict], path: str | Path) -> Path:
@@ -69,7 +53,7 @@ def plot_mqar(curves: dict[str, dict], path: str | Path) -> Path:
     ax.set_title("MQAR associative recall")
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_agreement(agreements: dict[str, dict], path: str | Path) -> Path:
@@ -87,7 +71,7 @@ def plot_agreement(agreements: dict[str, dict], path: str | Path) -> Path:
         ax.legend()
     a1.set_title("agreement with the teacher")
     a2.set_title("divergence from the teacher")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_tasks(rows: dict[str, dict[str, float]], path: str | Path, ylabel: str = "score %") -> Path:
@@ -109,4 +93,4 @@ def plot_tasks(rows: dict[str, dict[str, float]], path: str | Path, ylabel: str 
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -20,8 +20,6 @@ from pathlib import Path
 import torch
 
 ROLES = ("teacher", "student")
-ROLE_STYLE = {"teacher": dict(color="tab:gray", linestyle="--", marker="o"),
-              "student": dict(color="tab:blue", linestyle="-", marker="s")}
 FORMAT = "linearize-bench-1"
 
 
@@ -333,44 +331,6 @@ def write_report(out_dir: str | Path, name: str, report: dict, table: str, title
         md += ["", f"![{name}]({name}.png)"]
     (out / f"{name}.md").write_text("\n".join(md).rstrip() + "\n")
     return report
-
-
-def new_figure(ncols: int, width: float = 5.2, height: float = 3.8):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
-    return fig, list(axes[0])
-
-
-def save_figure(fig, path: str | Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def log_y(ax) -> None:
-    """Log-scale y axis labelled with plain numbers at 1, 2, 5 x 10^k."""
-    from matplotlib.ticker import FuncFormatter, LogLocator
-
-    ax.set_yscale("log")
-    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
-    ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: ""))
-
-
-def log2_axis(ax, ticks: list[int]) -> None:
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(ticks, [f"{t // 1024}k" if t >= 1024 and t % 1024 == 0 else str(t) for t in ticks])
-    ax.minorticks_off()
-    ax.grid(alpha=0.3)
 
 
 def role_context(model: torch.nn.Module, role: str):

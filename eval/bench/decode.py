@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 
 from linearize.generate import cache_nbytes
+from linearize.plots import ROLE_STYLE, log2_axis, log_y, new_figure, save_figure
 
-from .common import (ROLE_STYLE, ROLES, fmt, human_bytes, log2_axis, log_y, machine_info, markdown_table, mib,
-                     model_device, model_info, new_figure, progress, random_ids, require_linearized, role_context,
-                     save_figure, spread, target, timed, write_report)
+from .common import (ROLES, fmt, human_bytes, machine_info, markdown_table, mib, model_device, model_info, progress,
+                     random_ids, require_linearized, role_context, spread, target, timed, write_report)
 
 DEFAULT_CONTEXTS = (1024, 4096, 16384)
 TARGET_CONTEXT, TARGET_SPEEDUP, TARGET_CACHE_RATIO = 16384, 3.0, 100.0

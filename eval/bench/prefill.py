@@ -12,9 +12,11 @@ from pathlib import Path
 
 import torch
 
-from .common import (ROLE_STYLE, ROLES, PeakMemory, fmt, log2_axis, log_y, machine_info, markdown_table, median, mib,
-                     model_device, model_info, new_figure, ordered_roles, progress, random_ids, require_linearized,
-                     role_context, save_figure, spread, target, timed, write_report)
+from linearize.plots import ROLE_STYLE, log2_axis, log_y, new_figure, save_figure
+
+from .common import (ROLES, PeakMemory, fmt, machine_info, markdown_table, median, mib, model_device, model_info,
+                     ordered_roles, progress, random_ids, require_linearized, role_context, spread, target, timed,
+                     write_report)
 
 DEFAULT_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
 TARGET_LENGTH, TARGET_SPEEDUP = 16384, 3.0

@@ -14,10 +14,11 @@ import torch
 
 from linearize import mixers
 from linearize.peft_quiet import peft_quietly
+from linearize.plots import ROLE_STYLE, log2_axis, new_figure, save_figure
 
-from .common import (ROLE_STYLE, ROLES, PeakMemory, fmt, log2_axis, machine_info, markdown_table, median, mib,
-                     model_device, model_info, new_figure, ordered_roles, progress, random_ids, require_linearized,
-                     role_context, save_figure, spread, target, timed, write_report)
+from .common import (ROLES, PeakMemory, fmt, machine_info, markdown_table, median, mib, model_device, model_info,
+                     ordered_roles, progress, random_ids, require_linearized, role_context, spread, target, timed,
+                     write_report)
 
 DEFAULT_LENGTHS = (512, 2048)
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj")

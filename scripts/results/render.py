@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 import transformers
 
-from linearize.eval.bench.common import machine_info, markdown_table, new_figure, save_figure
+from linearize.eval.bench.common import machine_info, markdown_table
 from linearize.eval.runner import _pct
+from linearize.plots import new_figure, save_figure
 
 from .rows import extra_rows, method_rows, num
 from .settings import ENTRY_BY_NAME, ResultsSettings
@@ -238,7 +239,6 @@ def plot_training_curves(records: dict[str, str], path: Path) -> Path | None:
     if not series:
         return None
     fig, axes = new_figure(len(series))
-    axes = axes if isinstance(axes, (list, tuple)) or hasattr(axes, "__len__") else [axes]
     for ax, (stage, curves) in zip(axes, sorted(series.items())):
         for name, (xs, ys) in curves.items():
             ax.plot(xs, ys, label=name)

@@ -1,0 +1,54 @@
+"""The one place for figures: the teacher/student style and the helpers every PNG of the
+project is drawn with (matplotlib, Agg backend, no display needed). Used by the training
+curves of `linearize distill`, the evaluation plots, the benchmarks and the results scripts.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator  # noqa: E402
+
+ROLE_STYLE = {"teacher": dict(color="tab:gray", linestyle="--", marker="o"),
+              "student": dict(color="tab:blue", linestyle="-", marker="s")}
+
+
+def new_figure(ncols: int, width: float = 5.2, height: float = 3.8, nrows: int = 1):
+    """(figure, axes): `nrows` x `ncols` panels of `width` x `height` inches each, the axes as
+    one flat list in row order."""
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False)
+    return fig, list(axes.flat)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Write `fig` as a PNG at `path` (parents created; replaced atomically, so a reader never
+    sees half a file) and close it. Laid out tight unless the figure has its own layout engine."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
+    tmp = path.with_name(f".tmp-{path.name}")
+    fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def log_y(ax) -> None:
+    """Log-scale y axis labelled with plain numbers at 1, 2, 5 x 10^k."""
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: ""))
+
+
+def log2_axis(ax, ticks: list[int]) -> None:
+    """Log-2 x axis with a tick at each of `ticks` (1024 and its multiples written 1k, 2k, ...)."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ticks, [f"{t // 1024}k" if t >= 1024 and t % 1024 == 0 else str(t) for t in ticks])
+    ax.minorticks_off()
+    ax.grid(alpha=0.3)
