@@ -10,6 +10,11 @@ Layout of `output_dir/checkpoints/`:
 A checkpoint is written under `.tmp-<name>`, fsynced, renamed into place, and only then is
 `latest` replaced (write, fsync, `os.replace`). A kill during a save leaves a `.tmp-*`
 folder that the next run removes; `latest` always names a complete checkpoint.
+
+A checkpoint that cannot be read back (a truncated params.safetensors, a junk trainer.pt, a
+disk error) is skipped on resume for the previous readable one (`usable_checkpoint`), and
+a run that diverges is pointed back at the last one whose weights are finite and whose loss
+was healthy (`last_good_checkpoint`).
 """
 from __future__ import annotations
 
@@ -26,10 +31,20 @@ LATEST = "latest"
 PARAMS_FILE = "params.safetensors"
 TRAINER_FILE = "trainer.pt"
 TRAINER_JSON = "trainer.json"
+# what accelerator.save_state writes for one process (optimizer, RNG); checked on resume
+ACCELERATE_FILES = ("optimizer.bin", "random_states_0.pkl")
 
 
 class CheckpointMissingError(RuntimeError):
     """A `latest` pointer names a checkpoint that is not there or not complete."""
+
+
+class CheckpointUnreadableError(RuntimeError):
+    """A checkpoint file cannot be read back; `file` names it."""
+
+    def __init__(self, file: Path, reason: str):
+        super().__init__(f"{file} cannot be read ({reason})")
+        self.file = file
 
 
 @dataclass
@@ -43,6 +58,8 @@ class TrainerState:
     global_batch: int
     tokens: int
     elapsed_s: float
+    loss: float | None = None  # the loss of the step that ended here (it passed the guard)
+    finite: bool = True  # every saved parameter is finite
 
     @property
     def stage_done(self) -> bool:
@@ -114,20 +131,25 @@ def save_checkpoint(accelerator, ckdir: Path, state: TrainerState, params: dict[
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        save_file({k: v.detach().cpu().contiguous() for k, v in (params or {}).items()}, str(tmp / PARAMS_FILE))
-        torch.save({"trainer": asdict(state), "scheduler": scheduler_state}, tmp / TRAINER_FILE)
-        (tmp / TRAINER_JSON).write_text(json.dumps(asdict(state), indent=2) + "\n")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(ckdir)
-        write_atomic(ckdir / LATEST, name + "\n")
-        prune(ckdir, keep)
+    try:
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            save_file({k: v.detach().cpu().contiguous() for k, v in (params or {}).items()}, str(tmp / PARAMS_FILE))
+            torch.save({"trainer": asdict(state), "scheduler": scheduler_state}, tmp / TRAINER_FILE)
+            (tmp / TRAINER_JSON).write_text(json.dumps(asdict(state), indent=2) + "\n")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            fsync_tree(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(ckdir)
+            write_atomic(ckdir / LATEST, name + "\n")
+            prune(ckdir, keep)
+    except Exception:  # a failed write (disk full, I/O error) leaves no half checkpoint behind
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     accelerator.wait_for_everyone()
     return final
 
@@ -142,6 +164,91 @@ def prune(ckdir: Path, keep: int) -> None:
 
 
 def read_checkpoint(path: Path) -> tuple[TrainerState, dict, dict[str, torch.Tensor]]:
-    """(trainer state, scheduler state, saved parameters) of a checkpoint folder."""
-    blob = torch.load(path / TRAINER_FILE, weights_only=False)
-    return TrainerState(**blob["trainer"]), blob["scheduler"], load_file(str(path / PARAMS_FILE))
+    """(trainer state, scheduler state, saved parameters) of a checkpoint folder.
+
+    Raises `CheckpointUnreadableError` naming the file that is missing, truncated or not ours.
+    """
+    trainer = path / TRAINER_FILE
+    try:
+        blob = torch.load(trainer, weights_only=False)
+        state = TrainerState(**blob["trainer"])
+        scheduler = blob["scheduler"]
+    except Exception as e:  # pickle, zip, EOF, key and type errors all mean the same: unreadable
+        raise CheckpointUnreadableError(trainer, f"{type(e).__name__}: {e}") from e
+    try:
+        params = load_file(str(path / PARAMS_FILE))
+    except Exception as e:
+        raise CheckpointUnreadableError(path / PARAMS_FILE, f"{type(e).__name__}: {e}") from e
+    for name in ACCELERATE_FILES:
+        f = path / name
+        if f.is_file():
+            try:
+                torch.load(f, weights_only=False, map_location="cpu")
+            except Exception as e:
+                raise CheckpointUnreadableError(f, f"{type(e).__name__}: {e}") from e
+    return state, scheduler, params
+
+
+def all_finite(params: dict[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in params.values() if v.is_floating_point())
+
+
+def checkpoints(ckdir: Path) -> list[Path]:
+    """Complete-looking checkpoint folders, oldest first (names sort by stage, then step)."""
+    if not ckdir.is_dir():
+        return []
+    return sorted(p for p in ckdir.iterdir() if p.is_dir() and p.name.startswith("stage"))
+
+
+def point_latest(ckdir: Path, path: Path | None) -> None:
+    """Make `latest` name `path` (None: remove it, so the next run starts from the beginning)."""
+    if path is None:
+        (ckdir / LATEST).unlink(missing_ok=True)
+    else:
+        write_atomic(ckdir / LATEST, path.name + "\n")
+
+
+def usable_checkpoint(ckdir: Path, warn, repoint: bool = True) -> Path | None:
+    """The newest checkpoint that reads back, from the one `latest` names down.
+
+    A checkpoint that is missing, incomplete or unreadable is skipped with `warn(message)`
+    naming the bad file, and `latest` is repointed at the one found when `repoint` (the main
+    process; the others find the same one).
+    Raises `CheckpointMissingError` naming the bad files when none is usable.
+    """
+    pointer = ckdir / LATEST
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text().strip()
+    older = [p for p in reversed(checkpoints(ckdir)) if p.name <= name] if name else []
+    candidates = [ckdir / name] + [p for p in older if p.name != name] if name else older
+    bad = []
+    for path in candidates:
+        try:
+            if not path.is_dir():
+                raise CheckpointUnreadableError(path, "the folder is missing")
+            read_checkpoint(path)
+        except CheckpointUnreadableError as e:
+            bad.append(str(e))
+            warn(f"checkpoint {path.name} is unusable: {e}; trying the previous one")
+            continue
+        if path.name != name:
+            if repoint:
+                point_latest(ckdir, path)
+            warn(f"resuming from {path.name}, the newest readable checkpoint")
+        return path
+    raise CheckpointMissingError(f"no usable checkpoint in {ckdir}: {'; '.join(bad) or 'latest is empty'}. "
+                                 f"Restore the file(s), or delete {ckdir} (or choose another output_dir) to start over")
+
+
+def last_good_checkpoint(ckdir: Path, before: tuple[int, int]) -> Path | None:
+    """The newest checkpoint before (stage, step) that reads back, has finite parameters and
+    was saved after a healthy loss; None when there is none."""
+    for path in reversed(checkpoints(ckdir)):
+        try:
+            state, _, params = read_checkpoint(path)
+        except CheckpointUnreadableError:
+            continue
+        if (state.stage, state.step) < before and state.finite and all_finite(params):
+            return path
+    return None

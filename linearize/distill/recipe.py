@@ -159,6 +159,23 @@ class EvalSection:
 
 
 @dataclass
+class GuardSection:
+    """Divergence guard: a finite loss or gradient that blew up stops the run like a NaN does.
+
+    loss_ratio: stop when a step's loss is above this many times the median of the stage's
+        last `window` losses (null: off); it waits for `min_steps` losses of the stage first.
+    window: how many recent losses the median covers.
+    min_steps: losses of the stage needed before the loss test applies.
+    max_grad_norm: stop when the gradient norm (before clipping) is above this (null: off).
+    """
+
+    loss_ratio: float | None = 10.0
+    window: int = 20
+    min_steps: int = 5
+    max_grad_norm: float | None = None
+
+
+@dataclass
 class Recipe:
     """A whole distillation run. Batch sizes are per process: a step sees
     batch_size * gradient_accumulation_steps * num_processes rows of seq_len tokens.
@@ -170,6 +187,7 @@ class Recipe:
         scheduler and RNG).
     save_adapter: keep LoRA as a peft adapter (output_dir/final/adapter) instead of merging.
     eval: held-out perplexity during training (off by default).
+    guard: the divergence guard (loss above loss_ratio x its running median stops the run).
     """
 
     output_dir: str = "runs/distill"
@@ -179,6 +197,7 @@ class Recipe:
     stage1: Stage1Section = field(default_factory=Stage1Section)
     stage2: Stage2Section = field(default_factory=Stage2Section)
     eval: EvalSection = field(default_factory=EvalSection)
+    guard: GuardSection = field(default_factory=GuardSection)
     seq_len: int = 1024
     batch_size: int = 1
     gradient_accumulation_steps: int = 1
@@ -362,6 +381,15 @@ def _validate_eval(ev: EvalSection) -> None:
         raise RecipeError(f"eval.batch_size must be >= 1, got {ev.batch_size}")
 
 
+def _validate_guard(g: GuardSection) -> None:
+    if g.loss_ratio is not None and not (g.loss_ratio > 1 and g.loss_ratio < float("inf")):
+        raise RecipeError(f"guard.loss_ratio must be a finite number > 1 or null (off), got {g.loss_ratio}")
+    if g.window < 1 or g.min_steps < 1:
+        raise RecipeError(f"guard.window and guard.min_steps must be >= 1, got {g.window} and {g.min_steps}")
+    if g.max_grad_norm is not None and not g.max_grad_norm > 0:
+        raise RecipeError(f"guard.max_grad_norm must be > 0 or null (off), got {g.max_grad_norm}")
+
+
 def validate(recipe: Recipe) -> Recipe:
     """Value checks that do not need the model or the data (those run at the start of a run)."""
     _check_choice("model.dtype", recipe.model.dtype, DTYPES)
@@ -395,6 +423,7 @@ def validate(recipe: Recipe) -> Recipe:
             raise RecipeError(f"{sname}.optimizer.warmup_ratio must be in [0, 1), got {opt.warmup_ratio}")
     _check_choice("stage1.loss_reduction", recipe.stage1.loss_reduction, LOSS_REDUCTIONS)
     _validate_eval(recipe.eval)
+    _validate_guard(recipe.guard)
     s2 = recipe.stage2
     if not 0 <= s2.kd_ratio <= 1:
         raise RecipeError(f"stage2.kd_ratio must be in [0, 1] (0: cross-entropy only, 1: KL only), got {s2.kd_ratio}")

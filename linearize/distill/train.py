@@ -18,6 +18,8 @@ import contextlib
 import math
 import os
 import shutil
+import statistics
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,18 +31,23 @@ import yaml
 from ..convert import convert, is_linearized, mixers, new_parameters, teacher
 from ..config import LinearizeConfig
 from ..mixers import AttentionTransfer
-from .checkpointing import (CheckpointMissingError, TrainerState, clean_partial, fsync_tree, latest_checkpoint,
-                            read_checkpoint, save_checkpoint, write_atomic)
+from .checkpointing import (CheckpointMissingError, TrainerState, all_finite, checkpoint_name, clean_partial,
+                            fsync_tree, last_good_checkpoint, latest_checkpoint, point_latest, read_checkpoint,
+                            save_checkpoint, usable_checkpoint, write_atomic)
 from .data import IGNORE_INDEX, build_rows
 from .metrics import HeldoutPerplexity, MetricsLog, layer_mse_summary, plot_losses
-from .recipe import Recipe, RecipeError
+from .recipe import OptimizerSection, Recipe, RecipeError, load_recipe
 
 LORA_MARK = "lora_"
 NEW_MARK = "linearize_"
 PEFT_PREFIX = "base_model.model."
-# recipe keys a resumed run may change; any other change would alter the data or the model
+# recipe keys (and sections) a resumed run may change: the optimizer, the budget, eval, logging
+# and checkpointing; any other change would alter the model, the loss or the data order
 RESUME_MUTABLE = ("resume", "progress", "log_every", "checkpoint_every", "keep_checkpoints", "save_adapter", "output_dir",
-                  "eval")
+                  "eval", "guard", "stage1.optimizer", "stage2.optimizer", "stage1.max_tokens", "stage1.max_steps",
+                  "stage2.max_tokens", "stage2.max_steps")
+# where a merged final keeps its LoRA delta (a peft adapter), so the original weights can be had
+LORA_DELTA_DIR = "lora-delta"
 
 
 class DistillError(RuntimeError):
@@ -70,6 +77,50 @@ def resolve_model_path(recipe: Recipe) -> str:
         return str(default_model_dir())
     except MissingAssetError as e:
         raise DistillError(f"model.path is null (the embedded SmolLM2) but {e}; or set model.path") from e
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def check_writable(out: Path) -> None:
+    """DistillError unless output_dir (or the folder it will be created in) accepts new files."""
+    where = _existing_ancestor(out)
+    if not where.is_dir():
+        raise DistillError(f"output_dir {out}: {where} is a file, not a folder; set output_dir to a folder path")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".linearize-write-probe-", dir=where))
+    except OSError as e:
+        raise DistillError(f"output_dir {out} is not writable: {where} refuses new files ({e.strerror}); set "
+                           "output_dir to a folder you can write") from e
+
+
+def final_size_estimate(path: str, dtype: str) -> int | None:
+    """Bytes the exported `final` takes (parameters in `dtype` x 1.1), from the config alone; None if unknown."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            shapes = AutoModelForCausalLM.from_config(config)
+    except Exception:  # the model load that follows reports a bad folder with its own message
+        return None
+    return int(1.1 * getattr(torch, dtype).itemsize * sum(p.numel() for p in shapes.parameters()))
+
+
+def check_free_space(out: Path, need_bytes: int | None) -> None:
+    """DistillError when the disk of output_dir has less free space than the final model needs."""
+    if need_bytes is None:
+        return
+    where = _existing_ancestor(out)
+    free = shutil.disk_usage(where).free
+    if free < need_bytes:
+        raise DistillError(f"not enough free space for output_dir {out}: the final model needs about "
+                           f"{need_bytes / 2**20:,.0f} MiB (parameters x 1.1) and {where} has {free / 2**20:,.0f} "
+                           "MiB free; free some space or set output_dir on another disk")
 
 
 def load_tokenizer(path: str):
@@ -239,57 +290,86 @@ class Run:
         self.global_batch = recipe.batch_size * recipe.gradient_accumulation_steps * self.world
         self.tokens_per_step = self.global_batch * recipe.seq_len
         self.metrics = MetricsLog(self.out / "metrics.jsonl", enabled=acc.is_main_process)
+        self.resume_changes: dict[str, tuple] = {}
 
     def say(self, msg: str) -> None:
         self.accelerator.print(f"[distill] {msg}", flush=True)
 
-    def stage_steps(self, stage: int) -> int:
-        s = self.recipe.stage1 if stage == 1 else self.recipe.stage2
+    def stage_steps(self, stage: int, recipe: Recipe | None = None) -> int:
+        recipe = recipe or self.recipe
+        s = recipe.stage1 if stage == 1 else recipe.stage2
         return s.max_steps if s.max_steps is not None else max(1, s.max_tokens // self.tokens_per_step)
 
     def check_resume(self) -> Path | None:
+        """The checkpoint to continue from (None: a fresh run), after checking what the recipe changed.
+
+        An unreadable newest checkpoint falls back to the previous readable one, with a warning
+        naming the bad file.
+        """
         acc = self.accelerator
         if acc.is_main_process:
             clean_partial(self.ckdir)
         acc.wait_for_everyone()
+        pointer = self.ckdir / "latest"
+        if not self.recipe.resume:
+            if pointer.is_file():
+                raise DistillError(f"{self.out} already holds a run (checkpoints/latest -> "
+                                   f"{pointer.read_text().strip()}): pass resume=true to continue it, or choose "
+                                   "another output_dir")
+            return None
         try:
-            existing = latest_checkpoint(self.ckdir)
+            existing = usable_checkpoint(self.ckdir, lambda m: self.say(f"warning: {m}"), repoint=acc.is_main_process)
         except CheckpointMissingError as e:
             raise DistillError(str(e)) from e
-        if existing is not None and not self.recipe.resume:
-            raise DistillError(f"{self.out} already holds a run (checkpoints/latest -> {existing.name}): pass "
-                               "resume=true to continue it, or choose another output_dir")
-        if self.recipe.resume and existing is None:
+        acc.wait_for_everyone()
+        if existing is None:
             self.say(f"resume=true but {self.ckdir} has no checkpoint yet: starting from the beginning")
-        if existing is not None:
-            saved = self.out / "recipe.yaml"
-            if saved.is_file():
-                # keys added to the schema after the run started read as their defaults
-                before = {**_flatten(Recipe().to_dict()), **_flatten(yaml.safe_load(saved.read_text()) or {})}
-                now = _flatten(self.recipe.to_dict())
-                changed = [k for k in sorted(set(before) | set(now))
-                           if k.split(".")[0] not in RESUME_MUTABLE and before.get(k) != now.get(k)]
-                if changed:
-                    detail = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
-                    raise DistillError(f"the recipe changed since this run started ({detail}); resume with the "
-                                       "original values (see recipe.yaml in output_dir) or start a new output_dir")
-            state, _, _ = read_checkpoint(existing)
-            if state.global_batch != self.global_batch:
-                raise DistillError(f"the checkpoint was written with a global batch of {state.global_batch} rows and "
-                                   f"this launch has {self.global_batch} (batch_size x gradient_accumulation_steps x "
-                                   f"{self.world} processes): resume with the same global batch to keep the data order")
+            return None
+        state, _, _ = read_checkpoint(existing)
+        saved = self.out / "recipe.yaml"
+        self.resume_changes = self.recipe_changes(saved, state) if saved.is_file() else {}
+        if state.global_batch != self.global_batch:
+            raise DistillError(f"the checkpoint was written with a global batch of {state.global_batch} rows and "
+                               f"this launch has {self.global_batch} (batch_size x gradient_accumulation_steps x "
+                               f"{self.world} processes): resume with the same global batch to keep the data order")
         return existing
+
+    def recipe_changes(self, saved: Path, done: TrainerState) -> dict[str, tuple]:
+        """{key: (before, now)} of the recipe keys a resume changes; DistillError for a change
+        that would alter the model, the loss or the data order (see RESUME_MUTABLE)."""
+        # keys added to the schema after the run started read as their defaults
+        raw = yaml.safe_load(saved.read_text()) or {}
+        before = {**_flatten(Recipe().to_dict()), **_flatten(raw)}
+        now = _flatten(self.recipe.to_dict())
+        changed = {k: (before.get(k), now.get(k)) for k in sorted(set(before) | set(now))
+                   if before.get(k) != now.get(k) and k != "resume"}
+        fixed = [k for k in changed if not any(k == m or k.startswith(m + ".") for m in RESUME_MUTABLE)]
+        if fixed:
+            detail = "; ".join(f"{k}: {changed[k][0]!r} -> {changed[k][1]!r}" for k in fixed[:6])
+            raise DistillError(f"the recipe changed since this run started ({detail}): these keys alter the model, "
+                               "the loss or the data order. Resume with the original values (see recipe.yaml in "
+                               "output_dir) or start a new output_dir; a resume may change the optimizer, the "
+                               "budgets (max_tokens, max_steps), eval, guard, logging and checkpointing")
+        if done.stage == 2 and any(k.startswith("stage1.max_") for k in changed):
+            old, new = self.stage_steps(1, load_recipe(saved)), self.stage_steps(1)
+            if old != new:
+                raise DistillError(f"stage 1 is done ({old} steps) and its budget sets where stage 2 reads the data: "
+                                   "keep stage1.max_tokens / max_steps as they were when resuming in stage 2")
+        return changed
 
     def run(self) -> Path:
         acc, recipe = self.accelerator, self.recipe
         from accelerate.utils import set_seed
 
+        check_writable(self.out)  # before anything loads: a read-only output costs a second
         resume_from = self.check_resume()
         if acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.out / "recipe.yaml", recipe.to_yaml())
+            with writing("recipe.yaml", self.out):
+                self.out.mkdir(parents=True, exist_ok=True)
+                write_atomic(self.out / "recipe.yaml", recipe.to_yaml())
         with acc.main_process_first():  # the embedded model is built once, by the main process
             self.model_path = resolve_model_path(recipe)
+        check_free_space(self.out, final_size_estimate(self.model_path, recipe.model.dtype))
         self.tokenizer = load_tokenizer(self.model_path)
         self.heldout = HeldoutPerplexity(recipe.eval, self.tokenizer, recipe.seq_len)
         if recipe.eval.every_tokens is not None:
@@ -321,10 +401,16 @@ class Run:
             done, _, _ = read_checkpoint(resume_from)
             self.metrics.truncate_after(done.stage, done.step)
             self.say(f"resuming from {resume_from.name} (stage {done.stage}, step {done.step}/{done.stage_steps})")
+            if self.resume_changes:
+                self.say("resumed with changed settings: " + "; ".join(
+                    f"{k}: {a!r} -> {b!r}" for k, (a, b) in self.resume_changes.items()))
+                self.metrics.log({"stage": done.stage, "step": done.step,
+                                  "resume_changes": {k: list(v) for k, v in self.resume_changes.items()}})
         else:
             self.metrics.reset()
         for plan in plans:
-            if done is not None and (done.stage > plan.stage or (done.stage == plan.stage and done.stage_done)):
+            # a resumed budget counts, not the checkpoint's: a raised max_steps continues a finished stage
+            if done is not None and (done.stage > plan.stage or (done.stage == plan.stage and done.step >= plan.steps)):
                 continue
             if model is None:
                 set_seed(recipe.seed + plan.stage)
@@ -391,6 +477,7 @@ class Run:
             acc.load_state(str(resume_from))
             state, scheduler_state, _ = read_checkpoint(resume_from)
             scheduler.load_state_dict(scheduler_state)
+            apply_optimizer_settings(optimizer, scheduler, opt_cfg)
             step, tokens, elapsed0 = state.step, state.tokens, state.elapsed_s
         transfer = None
         if plan.stage == 1:
@@ -416,6 +503,8 @@ class Run:
         layers = [m.layer_idx for m in mixers(acc.unwrap_model(model))] if plan.stage == 1 else []
         interval, interval_steps = torch.zeros(len(layers)), 0  # per-layer MSE since the last record
         self.last_ppl = None
+        history = self.loss_history(plan.stage, step)
+        guard = recipe.guard
         model.train()
         if step == 0 and self.heldout.enabled(plan.stage):
             eval_s += self.evaluate(plan, model, step, tokens, bar)
@@ -423,11 +512,15 @@ class Run:
             total = self.accumulate(plan, model, peft_model, transfer, step, len(layers))
             loss_value = float(total[0])
             grad_norm = None
-            if opt_cfg.max_grad_norm is not None:
-                grad_norm = float(acc.clip_grad_norm_(model.parameters(), opt_cfg.max_grad_norm))
-            if not math.isfinite(loss_value) or (grad_norm is not None and not math.isfinite(grad_norm)):
+            if opt_cfg.max_grad_norm is not None or guard.max_grad_norm is not None:
+                clip = opt_cfg.max_grad_norm if opt_cfg.max_grad_norm is not None else math.inf  # inf: measure only
+                grad_norm = float(acc.clip_grad_norm_(model.parameters(), clip))
+            why = unhealthy(guard, loss_value, grad_norm, history)
+            if why is not None:
                 bar.close()
-                self.stop_on_nonfinite(plan, step, loss_value, grad_norm)
+                self.stop(plan, step, why)
+            history.append(loss_value)
+            del history[:-guard.window]
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
@@ -455,10 +548,12 @@ class Run:
             if self.heldout.due(plan.stage, tokens - self.tokens_per_step, tokens, step == plan.steps):
                 eval_s += self.evaluate(plan, model, step, tokens, bar)
             if step == plan.steps or (recipe.checkpoint_every and step % recipe.checkpoint_every == 0):
-                state = TrainerState(plan.stage, step, plan.steps, self.global_batch, tokens,
-                                     elapsed0 + time.perf_counter() - t0)
                 params = collect_params(acc, model)
-                save_checkpoint(acc, self.ckdir, state, params, scheduler.state_dict(), recipe.keep_checkpoints)
+                state = TrainerState(plan.stage, step, plan.steps, self.global_batch, tokens,
+                                     elapsed0 + time.perf_counter() - t0, loss=loss_value,
+                                     finite=params is None or all_finite(params))
+                with writing(f"checkpoint {checkpoint_name(plan.stage, step)}", self.ckdir):
+                    save_checkpoint(acc, self.ckdir, state, params, scheduler.state_dict(), recipe.keep_checkpoints)
                 if acc.is_main_process:
                     plot_losses(self.metrics.records(), self.out / "loss.png")
         bar.close()
@@ -501,15 +596,26 @@ class Run:
                     total[:3] += torch.stack([loss.detach(), ce, kl]) / n_pred
         return acc.reduce(total, reduction="sum")
 
-    def stop_on_nonfinite(self, plan: StagePlan, step: int, loss_value: float, grad_norm: float | None) -> None:
-        """Raise before the update that a NaN/inf loss or gradient would poison, naming the last good checkpoint."""
-        what = f"loss is {loss_value}" if not math.isfinite(loss_value) else f"gradient norm is {grad_norm}"
-        good = latest_checkpoint(self.ckdir)
+    def loss_history(self, stage: int, step: int) -> list[float]:
+        """The stage's logged losses up to `step` (the guard's running median on a resumed stage)."""
+        return [r["loss"] for r in self.metrics.records()
+                if r.get("stage") == stage and "loss" in r and r["step"] <= step][-self.recipe.guard.window:]
+
+    def stop(self, plan: StagePlan, step: int, why: str) -> None:
+        """Raise before the update that a NaN/inf or diverging loss would poison; no `final` is exported.
+
+        `latest` is pointed at the last good checkpoint: the newest one before the weights that
+        gave this loss (those of step `step`) whose parameters are finite, so resume=true
+        continues from it; with none, `latest` is removed and a rerun starts from the beginning.
+        """
+        good = last_good_checkpoint(self.ckdir, (plan.stage, step))
+        if self.accelerator.is_main_process and latest_checkpoint_name(self.ckdir) is not None:
+            point_latest(self.ckdir, good)
         keep = (f"the last good checkpoint is {good} (resume=true continues from it)" if good is not None
-                else "no checkpoint was written yet")
-        raise DistillError(f"stage {plan.stage} step {step + 1}: the {what}. Stopped before updating the "
-                           f"weights; {keep}. Lower stage{plan.stage}.optimizer.lr, set max_grad_norm, or use "
-                           "model.dtype=float32")
+                else "no healthy checkpoint was written before it (a rerun starts from the beginning)")
+        raise DistillError(f"stage {plan.stage} step {step + 1}: {why}. Stopped before updating the weights; "
+                           f"{keep}; final was not exported. Lower stage{plan.stage}.optimizer.lr (resume=true "
+                           "accepts the change), set max_grad_norm, or use model.dtype=float32")
 
     def evaluate(self, plan: StagePlan, model, step: int, tokens: int, bar) -> float:
         """Log the student's held-out perplexity now; returns the seconds it took.
@@ -548,23 +654,41 @@ class Run:
         load_params(model, {k: v for k, v in params.items() if LORA_MARK not in k})
         final, tmp = self.out / "final", self.out / ".tmp-final"
         shutil.rmtree(tmp, ignore_errors=True)
+        with writing("the final model", self.out):
+            try:
+                self.write_final(model, params, tmp)
+            except Exception:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        return final
+
+    def write_final(self, model, params: dict[str, torch.Tensor], tmp: Path) -> None:
+        """Save the model with the checkpoint's LoRA into `tmp`, recording how to get the teacher back.
+
+        config.json gets `linearize_base_model` (the model the run started from). A merged LoRA
+        is also saved as a peft adapter in `tmp/lora-delta` and named by `linearize_merged_lora`,
+        so the original q/k/v weights (merged minus delta) stay recoverable for the teacher.
+        """
         lora = {k: v for k, v in params.items() if LORA_MARK in k}
         if lora:
-            peft_model = apply_lora(model, recipe)
+            peft_model = apply_lora(model, self.recipe)
             load_params(peft_model, lora)
-            if recipe.save_adapter:
+            if self.recipe.save_adapter:
                 peft_model.save_pretrained(str(tmp / "adapter"))
                 model = peft_model.unload()
             else:
+                peft_model.save_pretrained(str(tmp / LORA_DELTA_DIR))
                 model = peft_model.merge_and_unload()
+                model.config.linearize_merged_lora = LORA_DELTA_DIR
+        base = Path(self.model_path)
+        model.config.linearize_base_model = str(base.resolve()) if base.exists() else self.model_path
         model.config.use_cache = True
         model.save_pretrained(str(tmp))
         self.tokenizer.save_pretrained(str(tmp))
         fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        return final
 
 
 @contextlib.contextmanager
@@ -580,6 +704,59 @@ def detached_transfer(model):
     finally:
         for m, t in zip(ms, saved):
             m.transfer = t
+
+
+def unhealthy(guard, loss: float, grad_norm: float | None, history: list[float]) -> str | None:
+    """Why a step must not update the weights (NaN/inf, or divergence by `guard`), or None.
+
+    history: the stage's recent losses, newest last (the running median's window).
+    """
+    if not math.isfinite(loss):
+        return f"the loss is {loss}"
+    if grad_norm is not None and not math.isfinite(grad_norm):
+        return f"the gradient norm is {grad_norm}"
+    if guard.max_grad_norm is not None and grad_norm is not None and grad_norm > guard.max_grad_norm:
+        return f"the gradient norm {grad_norm:.4g} is above guard.max_grad_norm {guard.max_grad_norm:g} (divergence)"
+    if guard.loss_ratio is not None and len(history) >= guard.min_steps:
+        median = statistics.median(history[-guard.window:])
+        if median > 0 and loss > guard.loss_ratio * median:
+            return (f"the loss {loss:.4g} is above guard.loss_ratio {guard.loss_ratio:g} x its running median "
+                    f"{median:.4g} over the last {min(len(history), guard.window)} steps (divergence)")
+    return None
+
+
+def apply_optimizer_settings(optimizer, scheduler, opt: OptimizerSection) -> None:
+    """Give a resumed optimizer and schedule the recipe's settings, not the checkpoint's.
+
+    The checkpoint restores AdamW's moments and the schedule's position; lr, betas, eps and
+    weight decay come from the recipe, the schedule (built for this recipe's warmup and
+    budget) continues at the restored step.
+    """
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group.update(betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay, initial_lr=opt.lr)
+        group["lr"] = opt.lr * factor(scheduler.last_epoch)
+    scheduler.base_lrs = [opt.lr] * len(optimizer.param_groups)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+@contextlib.contextmanager
+def writing(what: str, where: Path):
+    """Turn a failed write (disk full, read-only folder, I/O error) into a DistillError naming it."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except DistillError:
+        raise
+    except (OSError, RuntimeError, SafetensorError) as e:
+        raise DistillError(f"could not write {what} under {where}: {type(e).__name__}: {e}. Free some space or "
+                           "make it writable; the previous checkpoint is intact and resume=true continues from "
+                           "it") from e
+
+
+def latest_checkpoint_name(ckdir: Path) -> str | None:
+    pointer = ckdir / "latest"
+    return pointer.read_text().strip() if pointer.is_file() else None
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

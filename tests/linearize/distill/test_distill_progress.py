@@ -217,4 +217,7 @@ def test_resume_reads_a_recipe_saved_before_the_new_keys_and_lets_eval_change(wr
         distill(load_recipe(path, ["resume=true", "stage1.loss_reduction=mean"]))
     distill(load_recipe(path, ["resume=true", f"eval.source={heldout}", "eval.every_tokens=32"]))
     log = read_log(tmp_path / "run")
+    resumed = [r for r in log if "resume_changes" in r]
+    assert len(resumed) == 1 and resumed[0]["resume_changes"]["eval.every_tokens"] == [None, 32]
+    log = [r for r in log if "resume_changes" not in r]
     assert [(r["step"], "eval_ppl" in r) for r in log] == [(1, False), (2, False), (2, True)]
