@@ -38,9 +38,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                              "hub access or local copies (eval/README.md)")
     parser.add_argument("--teacher", action="store_true",
                         help="also score the original softmax-attention model (linearize.teacher) "
-                             "and report recovery %%")
+                             "and report recovery %%; a distilled final's merged LoRA is taken back out "
+                             "(its lora-delta folder), and where the original weights cannot be had the "
+                             "run says so and reports no teacher")
     parser.add_argument("--limit", type=float, default=None,
-                        help="lm-eval --limit: documents per task (a fraction if < 1)")
+                        help="lm-eval --limit: documents per task (a fraction if < 1); must be > 0")
     parser.add_argument("--num-fewshot", type=int, default=None,
                         help="override every task's shots (default: the task's own; mmlu_local is 5-shot)")
     parser.add_argument("--metrics", type=_csv(str), default=d.metrics,

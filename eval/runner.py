@@ -1,15 +1,21 @@
 """One evaluation run: lm-eval tasks and our own metrics on a student and its teacher.
 
 The teacher is the same checkpoint under ``linearize.teacher`` with any LoRA adapter
-disabled (the original model, same weights), so one loaded model serves both. A run folder holds
+disabled (the original model, same weights), so one loaded model serves both. A distilled
+``final`` whose LoRA was merged into q/k/v records the delta (``linearize_merged_lora`` in
+config.json): the run subtracts it and applies it as an adapter again, so the teacher gets the
+original weights back; where they cannot be had the run says so and prints no teacher column. A run folder holds
 ``results.json`` (the schema below), ``results.md`` (the side-by-side table), the raw
 lm-eval outputs and ``plots/*.png``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import difflib
 import json
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -70,6 +76,118 @@ def check_tasks(tasks: list[str], tm) -> None:
             + ". Local tasks: mmlu_local (and mmlu_local_<subject>); for piqa, arc_*, hellaswag "
             "and winogrande without hub access see eval/README.md (--include-path)."
         )
+
+
+def check_task_data(tasks: list[str], tm) -> None:
+    """Build each task (its documents included) before the model loads; ``ValueError`` naming a
+    task whose data cannot be had (e.g. a hub data set without network)."""
+    from lm_eval.tasks import get_task_dict
+
+    for task in tasks:
+        try:
+            with quiet_lm_eval():
+                get_task_dict([task], tm)
+        except Exception as e:  # lm-eval and datasets raise many kinds here; all mean "no data"
+            raise ValueError(f"task {task}: its documents cannot be loaded ({type(e).__name__}: {str(e)[:300]}). "
+                             "Without hub access use a local copy (eval/README.md, --include-path) or another "
+                             "task, e.g. mmlu_local") from e
+
+
+@contextlib.contextmanager
+def quiet_lm_eval():
+    """lm-eval's loggers at ERROR inside the block (task building warns once per subtask)."""
+    loggers = [logging.getLogger(n) for n in ("lm-eval", "lm_eval", "lm_eval.tasks", "lm_eval.api.task")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def check_settings(s: EvalSettings) -> None:
+    """``ValueError`` naming the first out-of-range number (before anything loads)."""
+    if s.limit is not None and not s.limit > 0:
+        raise ValueError(f"--limit must be > 0 (documents per task, or a fraction below 1), got {s.limit:g}")
+    if s.num_fewshot is not None and s.num_fewshot < 0:
+        raise ValueError(f"--num-fewshot must be >= 0, got {s.num_fewshot}")
+    positive = {"--batch-size": s.batch_size, "--ppl-texts": s.ppl_texts, "--stride": s.stride,
+                "--passkey-trials": s.passkey_trials, "--mqar-samples": s.mqar_samples,
+                "--long-doc-tokens": s.long_doc_tokens, "--long-mqar-samples": s.long_mqar_samples}
+    for flag, value in positive.items():
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    for flag, value in {"--max-length": s.max_length, "--agreement-length": s.agreement_length}.items():
+        if value < 2:
+            raise ValueError(f"{flag} must be >= 2 tokens, got {value}")
+    if s.stride > s.max_length:
+        raise ValueError(f"--stride {s.stride} must not exceed --max-length {s.max_length}")
+
+
+def check_tokenizer(checkpoint: str) -> None:
+    """``ValueError`` when the checkpoint folder has no tokenizer that loads (before the model)."""
+    from transformers import AutoTokenizer
+
+    try:
+        AutoTokenizer.from_pretrained(checkpoint)
+    except Exception as e:  # a missing or broken tokenizer surfaces as OSError, ValueError, TypeError...
+        raise ValueError(f"{checkpoint} has no usable tokenizer ({type(e).__name__}: {str(e).splitlines()[0]}): "
+                         "copy the tokenizer files (tokenizer.json, tokenizer_config.json, ...) of its base model "
+                         "into the folder") from e
+
+
+def teacher_weights(s: EvalSettings) -> tuple[Path | None, str | None]:
+    """(LoRA delta folder to take back out of merged q/k/v, or None; why the original weights
+    cannot be had, or None).
+
+    A distilled ``final`` with a merged LoRA names its delta in config.json
+    (``linearize_merged_lora``). A ``final`` distilled before that record (its run folder
+    beside it, LoRA merged, no ``linearize_base_model``) cannot give its teacher back.
+    """
+    import yaml
+
+    path = Path(s.checkpoint)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None, None
+    merged = config.get("linearize_merged_lora")
+    if merged:
+        delta = path / merged
+        if not (delta / "adapter_config.json").is_file():
+            return None, (f"its q/k/v hold a merged LoRA whose delta {delta} is missing, so the original "
+                          "weights cannot be had")
+        if s.adapter:
+            return None, "it holds a merged LoRA and --adapter adds another; evaluate the base model on its own"
+        return delta, None
+    recipe = path.parent / "recipe.yaml"
+    if "linearize_base_model" not in config and recipe.is_file() and (path.parent / "checkpoints").is_dir():
+        tree = yaml.safe_load(recipe.read_text()) or {}
+        if (tree.get("stage2") or {}).get("enabled", True) and not tree.get("save_adapter"):
+            return None, ("it was distilled before finals recorded their LoRA delta: its q/k/v hold the merged "
+                          "LoRA, so the original weights cannot be had (evaluate the base model on its own)")
+    return None, None
+
+
+def unmerge_lora(model) -> int:
+    """Subtract every LoRA layer's delta from its base weight (the merge undone), in float64
+    rounded once, so the base weights are the original ones and the adapter the student's.
+    Returns the number of layers."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    n = 0
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                weight = module.get_base_layer().weight
+                for name in module.active_adapters:
+                    delta = module.get_delta_weight(name)
+                    weight.copy_((weight.double() - delta.double()).to(weight.dtype))
+                n += 1
+    return n
 
 
 def check_metrics(metrics: list[str]) -> None:
@@ -151,8 +269,10 @@ def run_evaluation(settings: EvalSettings, out_dir: str | Path, log=print) -> di
     from .plots import plot_agreement, plot_mqar, plot_passkey, plot_tasks
 
     s = settings
+    check_settings(s)
     check_metrics(s.metrics)
     check_checkpoint(s.checkpoint, s.adapter)
+    check_tokenizer(s.checkpoint)
     # A missing document package fails here, before the model loads.
     long_docs = long_documents("heldout")[: s.long_doc_documents] if "long-doc" in s.metrics else []
     tm = None
@@ -162,18 +282,30 @@ def run_evaluation(settings: EvalSettings, out_dir: str | Path, log=print) -> di
         if not set(s.tasks) <= set(tm.all_tasks):
             tm = le.task_manager(include_path=s.include_path or None)
         check_tasks(s.tasks, tm)
+        check_task_data(s.tasks, tm)
+    notes = []
+    delta, no_teacher = (None, None)
+    if s.teacher or "agreement" in s.metrics:
+        delta, no_teacher = teacher_weights(s)
+    if no_teacher:
+        notes.append(f"No teacher: {no_teacher}. Teacher, recovery and agreement are left out.")
+        log(notes[-1])
+        s = dataclasses.replace(s, teacher=False, metrics=[m for m in s.metrics if m != "agreement"])
 
     out = Path(out_dir)
     (out / "plots").mkdir(parents=True, exist_ok=True)
     device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.time()
-    lm = LinearizeLM(pretrained=s.checkpoint, adapter=s.adapter, batch_size=s.batch_size,
+    lm = LinearizeLM(pretrained=s.checkpoint, adapter=delta or s.adapter, batch_size=s.batch_size,
                      device=device, dtype=s.dtype)
     model, tok = lm.model, lm.tokenizer
+    if delta is not None:
+        layers = unmerge_lora(model)
+        notes.append(f"The checkpoint's q/k/v hold a merged LoRA: its delta ({delta.name}) was taken back out of "
+                     f"{layers} layers and applied as an adapter, so the teacher runs the original weights.")
     linearized = lm.is_linearized
     distinct = linearized or s.adapter is not None  # else the teacher is the student itself
     roles = ["student"] + (["teacher"] if s.teacher else [])
-    notes = []
     if s.teacher and not distinct:
         notes.append("The checkpoint is not linearized and has no adapter: the teacher is the "
                      "same model, so its numbers are the student's (not run twice).")
