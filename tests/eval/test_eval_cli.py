@@ -99,3 +99,29 @@ def test_task_scores_pick_the_paper_metric():
     assert s["mmlu_local"] == {"metric": "acc", "value": pytest.approx(40.0), "stderr": None,
                                "num_fewshot": 5, "samples": 7}
     assert recovery(30.0, 40.0) == pytest.approx(75.0) and recovery(1.0, 0.0) is None
+
+
+def test_every_argument_is_checked_before_the_model_loads(eval_model_dir, tmp_path, capsys, monkeypatch):
+    """#19 item 11: an offline task, a bad --limit or a folder without a tokenizer costs seconds, not a model load."""
+    import shutil
+
+    from linearize.eval.lm_model import LinearizeLM
+
+    monkeypatch.setattr(LinearizeLM, "__init__", lambda *a, **k: pytest.fail("the model loaded before the checks"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert run_eval(eval_args(eval_model_dir, "--tasks", "piqa", "--metrics", "none", "--out", tmp_path / "a")) == 2
+    err = capsys.readouterr().err
+    assert "task piqa: its documents cannot be loaded" in err and "--include-path" in err
+    for limit in ("0", "-1"):
+        assert run_eval(eval_args(eval_model_dir, "--limit", limit, "--out", tmp_path / "b")) == 2
+        assert "--limit must be > 0" in capsys.readouterr().err
+    assert run_eval(eval_args(eval_model_dir, "--tasks", "none", "--stride", "0", "--out", tmp_path / "c")) == 2
+    assert "--stride must be >= 1" in capsys.readouterr().err
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(eval_model_dir / name, bare / name)
+    assert run_eval(eval_args(bare, "--tasks", "none", "--out", tmp_path / "d")) == 2
+    err = capsys.readouterr().err
+    assert f"{bare} has no usable tokenizer" in err and "tokenizer.json" in err
