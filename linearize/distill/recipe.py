@@ -171,7 +171,7 @@ class GuardSection:
 
     loss_ratio: float | None = 10.0
     window: int = 20
-    min_steps: int = 5
+    min_steps: int = 1
     max_grad_norm: float | None = None
 
 

@@ -62,6 +62,14 @@ def test_a_finite_divergence_stops_the_run_without_exporting_final(write_recipe,
     assert [r["step"] for r in read_log(tmp_path / "run")] == [1, 2, 3, 4, 5, 6, 7]
 
 
+def test_a_real_blow_up_from_a_huge_lr_is_caught_at_its_first_step(write_recipe, tmp_path):
+    path = write_recipe(stage1={"max_steps": 6, "optimizer": {"lr": 1e6, "max_grad_norm": None}})
+    with pytest.raises(DistillError, match=r"stage 1 step 2: the loss .* is above guard.loss_ratio 10 x .*no healthy "
+                                           r"checkpoint was written before it"):
+        run(path)
+    assert not (tmp_path / "run" / "final").exists()
+
+
 def test_the_guard_is_configurable_and_bounds_the_gradient_norm(write_recipe, tmp_path, monkeypatch):
     blow_up_at(monkeypatch, 3, factor=50.0)
     off = write_recipe("off.yaml", stage1={"max_steps": 4}, stage2={"enabled": False}, guard={"loss_ratio": None})
