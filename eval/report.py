@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from .runner import FORMAT, _pct, metric_rows, run_markdown
+from .runner import FORMAT, pct, metric_rows, run_markdown
 
 
 def load_run(path: str | Path) -> tuple[Path, dict]:
@@ -54,16 +54,16 @@ def summary_table(names: list[str], runs: list[dict]) -> str:
         rows = [r["tasks"].get(task) for r in runs]
         first = next(row for row in rows if row)
         teacher, same = _shared_teacher([row.get("teacher") if row else None for row in rows])
-        cells = [task, first["metric"], str(first["num_fewshot"]), _pct(teacher) if same else "per run"]
+        cells = [task, first["metric"], str(first["num_fewshot"]), pct(teacher) if same else "per run"]
         for row in rows:
             if not row:
                 cells.append("—")
                 continue
-            cell = _pct(row["student"])
+            cell = pct(row["student"])
             if row.get("recovery") is not None:
                 cell += f" ({row['recovery']:.1f}%)"
             if not same and row.get("teacher") is not None:
-                cell += f" vs {_pct(row['teacher'])}"
+                cell += f" vs {pct(row['teacher'])}"
             cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

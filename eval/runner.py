@@ -478,7 +478,7 @@ def long_recall(model, tokenizer, s: EvalSettings) -> dict:
             "mqar": {"lengths": list(s.long_lengths), "by_length": by_length, "mean_accuracy": mean}}
 
 
-def _pct(x: float | None, stderr: float | None = None) -> str:
+def pct(x: float | None, stderr: float | None = None) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "—"
     return f"{x:.1f}" + (f" ± {stderr:.1f}" if stderr else "")
@@ -493,10 +493,10 @@ def task_table(results: dict) -> str:
     for task, row in results["tasks"].items():
         cells = [task, row["metric"], str(row["num_fewshot"])]
         if teacher:
-            cells += [_pct(row["teacher"], row.get("teacher_stderr")),
-                      _pct(row["student"], row.get("student_stderr")), _pct(row.get("recovery"))]
+            cells += [pct(row["teacher"], row.get("teacher_stderr")),
+                      pct(row["student"], row.get("student_stderr")), pct(row.get("recovery"))]
         else:
-            cells.append(_pct(row["student"], row.get("student_stderr")))
+            cells.append(pct(row["student"], row.get("student_stderr")))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -509,7 +509,7 @@ def metric_rows(results: dict) -> list[tuple[str, str | None, str, str | None]]:
         p = m["perplexity"]
         rows.append(("held-out perplexity (lower is better)",
                      f"{p['teacher']['perplexity']:.3f}" if "teacher" in p else None,
-                     f"{p['student']['perplexity']:.3f}", _pct(p.get("recovery")) if "recovery" in p else None))
+                     f"{p['student']['perplexity']:.3f}", pct(p.get("recovery")) if "recovery" in p else None))
     if "agreement" in m:
         a = m["agreement"]
         rows.append(("top-1 agreement with teacher %", None, f"{a['top1_agreement']:.2f}", None))
@@ -517,22 +517,22 @@ def metric_rows(results: dict) -> list[tuple[str, str | None, str, str | None]]:
     for key, name in (("passkey", "passkey retrieval %"), ("mqar", "MQAR recall %")):
         if key in m:
             r = m[key]
-            rows.append((name, _pct(r["teacher"]["mean_accuracy"]) if "teacher" in r else None,
-                         _pct(r["student"]["mean_accuracy"]), _pct(r.get("recovery")) if "recovery" in r else None))
+            rows.append((name, pct(r["teacher"]["mean_accuracy"]) if "teacher" in r else None,
+                         pct(r["student"]["mean_accuracy"]), pct(r.get("recovery")) if "recovery" in r else None))
     if "long_doc" in m:
         r = m["long_doc"]
         for i, b in enumerate(r["student"]["buckets"]):
             rows.append((f"long-doc perplexity, tokens {_span(b)}",
                          _ppl(r["teacher"]["buckets"][i]) if "teacher" in r else None, _ppl(b), None))
         rows.append(("long-doc perplexity, all", _ppl(r["teacher"]["overall"]) if "teacher" in r else None,
-                     _ppl(r["student"]["overall"]), _pct(r.get("recovery")) if "recovery" in r else None))
+                     _ppl(r["student"]["overall"]), pct(r.get("recovery")) if "recovery" in r else None))
     if "long_recall" in m:
         r = m["long_recall"]
         for probe, name in (("passkey", "long passkey %"), ("mqar", "long MQAR recall %")):
             rows.append((f"{name} ({'/'.join(str(L) for L in r['student'][probe]['lengths'])} tokens)",
-                         _pct(r["teacher"][probe]["mean_accuracy"]) if "teacher" in r else None,
-                         _pct(r["student"][probe]["mean_accuracy"]),
-                         _pct(r.get(f"{probe}_recovery")) if f"{probe}_recovery" in r else None))
+                         pct(r["teacher"][probe]["mean_accuracy"]) if "teacher" in r else None,
+                         pct(r["student"][probe]["mean_accuracy"]),
+                         pct(r.get(f"{probe}_recovery")) if f"{probe}_recovery" in r else None))
     return rows
 
 

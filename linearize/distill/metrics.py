@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -220,26 +219,16 @@ def plot_losses(records: list[dict], path: Path) -> Path | None:
     panels = plot_panels(records)
     if not panels:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..plots import new_figure, save_figure  # matplotlib: only when a plot is drawn
 
     cols = min(len(panels), 2)
-    rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4 * rows), squeeze=False)
+    fig, axes = new_figure(cols, width=6, height=4, nrows=math.ceil(len(panels) / cols))
     draw = {"loss": lambda ax, stage: _loss_panel(ax, records, stage),
             "layer_mse": lambda ax, _: _layer_mse_panel(ax, records),
             "ppl": lambda ax, _: _ppl_panel(ax, records)}
-    flat = list(axes.flat)
-    for ax, (kind, arg) in zip(flat, panels):
+    for ax, (kind, arg) in zip(axes, panels):
         draw[kind](ax, arg)
         ax.grid(alpha=0.3)
-    for ax in flat[len(panels):]:
+    for ax in axes[len(panels):]:
         ax.set_visible(False)
-    fig.tight_layout()
-    tmp = path.with_name(f".tmp-{path.name}")
-    fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi=100)

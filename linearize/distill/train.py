@@ -257,7 +257,7 @@ def recovery_loss(model, peft_model, batch, kd_ratio: float, temperature: float)
     valid = labels != IGNORE_INDEX
     teacher_logits = None
     if kd_ratio > 0:
-        with torch.no_grad(), peft_model.disable_adapter(), teacher(peft_model.get_base_model()):
+        with torch.no_grad(), teacher(peft_model):
             teacher_logits = model(**forward_inputs(batch), use_cache=False).logits[:, :-1].float()
     logits = model(**forward_inputs(batch), use_cache=False).logits[:, :-1].float()
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX,

@@ -16,7 +16,7 @@ import torch
 import transformers
 
 from linearize.eval.bench.common import machine_info, markdown_table
-from linearize.eval.runner import _pct
+from linearize.eval.runner import pct
 from linearize.plots import new_figure, save_figure
 
 from .rows import extra_rows, method_rows, num
@@ -118,7 +118,7 @@ def _method_table(rows: list[dict], L: int) -> list[str]:
         body.append([
             title, num(r.get("ppl_untrained", r["ppl"])), num(r["ppl"]), f"{r['ppl_ratio']:.2f}",
             f"{num(r['long_untrained'])} → {num(r['long'])}", num(r["top1"], 1), num(r["kl"], 3),
-            _pct(r["passkey"]), _pct(mm, mm_err),
+            pct(r["passkey"]), pct(mm, mm_err),
             *(["—"] * 3 if r["name"] == "teacher" else
               [_ratio(r["prefill_speedup"]), _ratio(r["decode_speedup"]), _ratio(r["cache_ratio"], 0)]),
         ])
@@ -156,7 +156,7 @@ def _longer_runs(extra: list[dict], collected: dict, doc_dir: Path) -> list[str]
                             "long-doc ppl", "top-1 agree %", "KL", "passkey %", "MMLU %"],
                            [[_recipe_link(r, collected, doc_dir), str(r["method"]), f"{r['tokens']:,}",
                              f"{r['minutes']:.0f}", num(r["ppl"]), f"{r['ppl_ratio']:.2f}", num(r["long"]),
-                             num(r["top1"], 1), num(r["kl"], 3), _pct(r["passkey"]), _pct(*r["mmlu"][:2])]
+                             num(r["top1"], 1), num(r["kl"], 3), pct(r["passkey"]), pct(*r["mmlu"][:2])]
                             for r in extra]), ""]
 
 
