@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -198,12 +197,9 @@ def verdicts(results: dict) -> list[str]:
 def curves(results: dict, path: Path) -> bool:
     """Held-out perplexity vs stage-2 tokens per trained run; teacher and window + sinks as
     horizontal lines (same 16 texts, 1,024-token windows). False when nothing to draw."""
-    import matplotlib
+    from linearize.plots import ROLE_STYLE, new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (ax,) = new_figure(1, width=7, height=4)
     drawn = False
     for name in results:
         log = WORK / name / "run" / "metrics.jsonl"
@@ -214,23 +210,44 @@ def curves(results: dict, path: Path) -> bool:
         if pts:
             ax.plot(*zip(*pts), marker="o", label=LABELS.get(name, name))
             drawn = True
-    for name, style in (("teacher", "k--"), ("window-sinks", "r:")):
+    for name, color in (("teacher", ROLE_STYLE["teacher"]["color"]), ("window-sinks", "tab:red")):
         ref = results.get(name, {}).get("curve_ref")
         if ref:
-            ax.axhline(ref["perplexity"], color=style[0], linestyle=style[1:], label=LABELS[name])
+            ax.axhline(ref["perplexity"], color=color, linestyle="--", label=LABELS[name])
     ax.set_xlabel("stage-2 tokens")
     ax.set_ylabel("held-out perplexity (16 summaries, 1k windows)")
     ax.legend(fontsize=7)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
+    return drawn
+
+
+def buckets_figure(results: dict, path: Path) -> bool:
+    """Long-document perplexity by target-position bucket, one line per run: where each
+    method loses to the teacher. False when no run has long-document numbers."""
+    from linearize.plots import new_figure, save_figure
+
+    fig, (ax,) = new_figure(1, width=7, height=4)
+    drawn = False
+    for name, res in results.items():
+        ld = res.get("long_doc")
+        if not ld:
+            continue
+        labels = [f"{b['start']}-{b['end']}" for b in ld["buckets"]]
+        style = dict(color="k", linestyle="--") if name == "teacher" else {}
+        ax.plot(labels, [b["perplexity"] for b in ld["buckets"]], marker="o", label=LABELS.get(name, name), **style)
+        drawn = True
+    ax.set_yscale("log")
+    ax.set_xlabel("target position in the document (tokens)")
+    ax.set_ylabel("perplexity, 8 held-out long documents")
+    ax.legend(fontsize=7)
+    save_figure(fig, path, dpi=120)
     return drawn
 
 
 def write_document(results: dict, args) -> Path:
     img = DOC.parent / "img" / "quality_curves.png"
     has_curves = curves(results, img)
+    has_buckets = buckets_figure(results, DOC.parent / "img" / "quality_buckets.png")
     budget = []
     for name in results:
         t = WORK / name / "train_time.json"
@@ -255,6 +272,7 @@ def write_document(results: dict, args) -> Path:
         "",
         *rows(results),
         "",
+        *(["![perplexity by position](img/quality_buckets.png)", ""] if has_buckets else []),
         "## Does training beat just truncating attention?",
         "",
         *(verdicts(results) or ["(needs the teacher, window + sinks and a trained run)"]),
