@@ -35,6 +35,7 @@ RUNS = {
     "lolcats-paper-untrained": (dict(method="lolcats"), None, None),
     "lolcats-paper": (dict(method="lolcats"), True, False),
     "lolcats-baseline": (dict(method="lolcats", init="baseline"), True, True),
+    "lolcats-baseline-gate": (dict(method="lolcats", init="baseline", gate="mamba2"), True, True),
     "liger-gla-baseline": (dict(method="liger-gla", init="baseline"), True, True),
     "lizard-baseline": (dict(method="lizard", init="baseline"), True, True),
 }
@@ -138,6 +139,7 @@ LABELS = {
     "lolcats-paper-untrained": "LoLCATs as published, untrained",
     "lolcats-paper": "LoLCATs as published (init paper)",
     "lolcats-baseline": "LoLCATs, init baseline",
+    "lolcats-baseline-gate": "LoLCATs + Mamba2 decay gate, init baseline",
     "liger-gla-baseline": "Liger Attention, init baseline",
     "lizard-baseline": "Lizard, init baseline",
 }
