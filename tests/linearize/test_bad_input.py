@@ -21,7 +21,7 @@ import torch
 import linearize
 from linearize.checkpoint import CheckpointError, check_writable, save_folder
 
-from conftest import tiny_config
+from helpers.tiny import tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
 
