@@ -109,7 +109,8 @@ def metrics(model, tok, args) -> dict:
         "joined": lambda: perplexity(model, tok, joined_heldout_documents(tok, 48, 1024), 1024, 512, 1),
         "long_doc": lambda: long_document_perplexity(model, tok, long_documents("heldout"), args.long_tokens),
         "passkey": lambda: passkey_retrieval(model, tok, args.lengths, [0.1, 0.3, 0.5, 0.7], 1, min_distance=256),
-        "mqar": lambda: [mqar_accuracy(model, tok, num_pairs=(16,), num_samples=8, length=L) for L in args.lengths],
+        "mqar": lambda: [mqar_accuracy(model, tok, num_pairs=(16,), num_samples=8, length=L, batch_size=1)
+                         for L in args.lengths],
     }
 
 
@@ -176,24 +177,60 @@ def rows(results: dict) -> list[str]:
 
 
 def verdicts(results: dict) -> list[str]:
-    """One line per trained run: does it beat window + sinks on the long documents and the
-    joined documents, and how far from the teacher is it."""
+    """One line per trained run: does it beat window + sinks, and the same LoRA budget on
+    window + sinks (the control), on the long and the joined documents; per position bucket,
+    where it beats the control; its ratio to the teacher."""
     base, teacher = results.get("window-sinks"), results.get("teacher")
+    control = results.get("window-sinks-lora")
     if not base or not teacher:
         return []
+    word = lambda ok: "beats" if ok else "does NOT beat"  # noqa: E731
     lines = []
     for name, res in results.items():
-        if name in ("teacher", "window-sinks") or "long_doc" not in res or "joined" not in res:
+        if name in ("teacher", "window-sinks", "window-sinks-lora") or "long_doc" not in res or "joined" not in res:
             continue
-        ld = res["long_doc"]["overall"]["perplexity"]
-        jd = res["joined"]["perplexity"]
-        b_ld, b_jd = base["long_doc"]["overall"]["perplexity"], base["joined"]["perplexity"]
-        t_ld = teacher["long_doc"]["overall"]["perplexity"]
-        word = lambda ok: "beats" if ok else "does NOT beat"  # noqa: E731
-        lines.append(f"- {LABELS.get(name, name)}: {word(ld < b_ld)} window + sinks on the long documents "
-                     f"({ld:.2f} vs {b_ld:.2f}), {word(jd < b_jd)} it on the joined 1k documents ({jd:.2f} vs "
-                     f"{b_jd:.2f}); {ld / t_ld:.3f}x the teacher's long-document perplexity.")
+        ld, jd = res["long_doc"]["overall"]["perplexity"], res["joined"]["perplexity"]
+        line = (f"- {LABELS.get(name, name)}: {word(ld < base['long_doc']['overall']['perplexity'])} window + sinks "
+                f"on the long documents ({ld:.2f} vs {base['long_doc']['overall']['perplexity']:.2f}) and "
+                f"{word(jd < base['joined']['perplexity'])} it on the joined 1k documents ({jd:.2f} vs "
+                f"{base['joined']['perplexity']:.2f}); {ld / teacher['long_doc']['overall']['perplexity']:.3f}x the "
+                "teacher's long-document perplexity.")
+        if control and "long_doc" in control and "joined" in control:
+            c_ld, c_jd = control["long_doc"]["overall"]["perplexity"], control["joined"]["perplexity"]
+            wins = [f"{b['start']}-{b['end']}" for b, c in zip(res["long_doc"]["buckets"], control["long_doc"]["buckets"])
+                    if b["perplexity"] < c["perplexity"]]
+            line += (f" Against the control (same LoRA, no recurrence) it {word(ld < c_ld)} it on the long documents "
+                     f"({c_ld:.2f}) and {word(jd < c_jd)} it on the joined documents ({c_jd:.2f}); it is better in the "
+                     f"position buckets {', '.join(wins) or 'none'}.")
+        lines.append(line)
     return lines
+
+
+def targets(results: dict, args) -> list[str]:
+    """Issue #12's targets, each met or NOT met with the numbers behind it."""
+    base, teacher = results.get("window-sinks"), results.get("teacher")
+    trained = {n: r for n, r in results.items() if n not in ("teacher", "window-sinks", "window-sinks-lora")
+               and "untrained" not in n and "long_doc" in r and "joined" in r}
+    if not base or not teacher or not trained:
+        return []
+    ld = lambda r: r["long_doc"]["overall"]["perplexity"]  # noqa: E731
+    losers = [n for n, r in trained.items() if ld(r) >= ld(base) or r["joined"]["perplexity"] >= base["joined"]["perplexity"]]
+    best = min(trained, key=lambda n: ld(trained[n]))
+    ratio = ld(trained[best]) / ld(teacher)
+    keys = [(n, r["passkey"]["mean_accuracy"]) for n, r in trained.items() if "passkey" in r]
+    met = lambda ok: "met" if ok else "NOT met"  # noqa: E731
+    budget = args.stage1_tokens + args.stage2_tokens
+    out = [f"- Every trained run beats window + sinks on the long and the joined documents after <= 256k tokens "
+           f"(here {budget // 1024}k): {met(not losers)}" + (f" ({', '.join(LABELS.get(n, n) for n in losers)} "
+                                                             "does not)." if losers else "."),
+           f"- Best long-document perplexity <= 1.10x the teacher's (first milestone; 1.05x after <= 1M tokens): "
+           f"{met(ratio <= 1.10)}, {LABELS.get(best, best)} at {ratio:.3f}x."]
+    if keys:
+        n, acc = max(keys, key=lambda x: x[1])
+        out.append(f"- Passkey at 2k and 4k beyond the window >= 60 %: {met(acc >= 60)}, best {acc:.0f} % "
+                   f"({LABELS.get(n, n)}; teacher {teacher['passkey']['mean_accuracy']:.0f} %, window + sinks 0 % "
+                   "by construction).")
+    return out
 
 
 def curves(results: dict, path: Path) -> bool:
@@ -278,6 +315,10 @@ def write_document(results: dict, args) -> Path:
         "## Does training beat just truncating attention?",
         "",
         *(verdicts(results) or ["(needs the teacher, window + sinks and a trained run)"]),
+        "",
+        "## Targets (issue #12)",
+        "",
+        *(targets(results, args) or ["(needs the teacher, window + sinks and a trained run)"]),
         "",
     ]
     if has_curves:
