@@ -2,23 +2,14 @@
 import json
 import math
 
-import pytest
 import torch
 
 from linearize.eval.bench.cli_commands import kernel_benchmark
+from helpers.threads import one_thread  # noqa: F401  (autouse, module scope)
 
 kernels_cpu = kernel_benchmark("cpu")  # benchmarks/kernels_cpu.py
 
 TOY = dict(heads=2, kv_heads=1, dim=8, window=8, sink_tokens=2, naive_max=48, naive_backward_max=32)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Toy shapes are all per-op overhead: one thread keeps them quick on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_run_writes_table_json_and_plot(tmp_path):

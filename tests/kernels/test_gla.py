@@ -7,17 +7,9 @@ from hypothesis import strategies as st
 from linearize.kernels import ENV_VAR, gated_linear_attention, select_backend
 from linearize.kernels.gla.chunk import chunk_gla
 from linearize.kernels.gla.naive import naive_gla
+from helpers.threads import one_thread  # noqa: F401  (autouse, module scope)
 
 F64 = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The fp64 loop reference is thousands of tiny ops: one thread keeps it fast on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

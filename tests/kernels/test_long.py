@@ -3,17 +3,9 @@ import pytest
 import torch
 
 from linearize.kernels.gla.chunk import chunk_gla
+from helpers.threads import one_thread  # noqa: F401  (autouse, module scope)
 
 T = 32768
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Hundreds of chunk-sized ops: one thread avoids thread hand-off stalls on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -7,17 +7,9 @@ from hypothesis import strategies as st
 from linearize.kernels import ENV_VAR, select_backend, sliding_window_attention
 from linearize.kernels.window.chunk import chunk_window_attention
 from linearize.kernels.window.naive import naive_window_attention
+from helpers.threads import one_thread  # noqa: F401  (autouse, module scope)
 
 F64 = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small shapes run fastest, and steadiest on a busy machine, on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
