@@ -199,9 +199,10 @@ def verdicts(results: dict) -> list[str]:
             c_ld, c_jd = control["long_doc"]["overall"]["perplexity"], control["joined"]["perplexity"]
             wins = [f"{b['start']}-{b['end']}" for b, c in zip(res["long_doc"]["buckets"], control["long_doc"]["buckets"])
                     if b["perplexity"] < c["perplexity"]]
+            where = f"in the position buckets {', '.join(wins)}" if wins else "in no position bucket"
             line += (f" Against the control (same LoRA, no recurrence) it {word(ld < c_ld)} it on the long documents "
-                     f"({c_ld:.2f}) and {word(jd < c_jd)} it on the joined documents ({c_jd:.2f}); it is better in the "
-                     f"position buckets {', '.join(wins) or 'none'}.")
+                     f"({c_ld:.2f}) and {word(jd < c_jd)} it on the joined documents ({c_jd:.2f}); it is better "
+                     f"{where}.")
         lines.append(line)
     return lines
 
@@ -221,8 +222,8 @@ def targets(results: dict, args) -> list[str]:
     met = lambda ok: "met" if ok else "NOT met"  # noqa: E731
     budget = args.stage1_tokens + args.stage2_tokens
     out = [f"- Every trained run beats window + sinks on the long and the joined documents after <= 256k tokens "
-           f"(here {budget // 1024}k): {met(not losers)}" + (f" ({', '.join(LABELS.get(n, n) for n in losers)} "
-                                                             "does not)." if losers else "."),
+           f"(here {budget // 1024}k): {met(not losers)}" + (f"; not beating it: {'; '.join(LABELS.get(n, n) for n in losers)}."
+                                                             if losers else "."),
            f"- Best long-document perplexity <= 1.10x the teacher's (first milestone; 1.05x after <= 1M tokens): "
            f"{met(ratio <= 1.10)}, {LABELS.get(best, best)} at {ratio:.3f}x."]
     if keys:
@@ -254,6 +255,7 @@ def curves(results: dict, path: Path) -> bool:
         if ref:
             ax.axhline(ref["perplexity"], color=color, linestyle="--", label=LABELS[name])
     ax.set_xlabel("stage-2 tokens")
+    ax.set_yscale("log")
     ax.set_ylabel("held-out perplexity (16 summaries, 1k windows)")
     ax.legend(fontsize=7)
     save_figure(fig, path, dpi=120)
