@@ -91,3 +91,26 @@ def write_recipe(assets, tmp_path):
 
     return write
 
+
+
+@pytest.fixture
+def kill_on_save(monkeypatch):
+    """kill_on_save(n): the n-th checkpoint save is killed (KeyboardInterrupt) while its folder
+    is being synced; calling the returned function puts the real save back."""
+    import linearize.distill.checkpointing as checkpointing
+
+    real = checkpointing.fsync_tree
+
+    def arm(n: int):
+        calls = []
+
+        def killed(path):
+            calls.append(path)
+            if len(calls) == n:
+                raise KeyboardInterrupt(f"simulated kill during checkpoint save {n}")
+            real(path)
+
+        monkeypatch.setattr(checkpointing, "fsync_tree", killed)
+        return lambda: monkeypatch.setattr(checkpointing, "fsync_tree", real)
+
+    return arm

@@ -191,24 +191,14 @@ def test_eval_errors_name_the_key(write_recipe, tmp_path):
 
 
 def test_resume_reads_a_recipe_saved_before_the_new_keys_and_lets_eval_change(write_recipe, heldout, tmp_path,
-                                                                            monkeypatch):
+                                                                            kill_on_save):
     import yaml
 
-    import linearize.distill.checkpointing as checkpointing
-
-    real, calls = checkpointing.fsync_tree, []
-
-    def crash(p):
-        calls.append(p)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("simulated kill during the step-2 checkpoint")
-        real(p)
-
-    monkeypatch.setattr(checkpointing, "fsync_tree", crash)
+    restore = kill_on_save(2)
     path = write_recipe(stage1={"max_steps": 2}, stage2={"enabled": False}, checkpoint_every=1)
     with pytest.raises(KeyboardInterrupt):
         distill(load_recipe(path))
-    monkeypatch.setattr(checkpointing, "fsync_tree", real)
+    restore()
     saved = tmp_path / "run" / "recipe.yaml"  # as a run started before these keys existed wrote it
     old = yaml.safe_load(saved.read_text())
     del old["eval"], old["stage1"]["loss_reduction"]

@@ -132,25 +132,15 @@ def test_run_errors_name_the_fix(write_recipe, tmp_path, capsys):
     assert code == 2 and "target_modules" in capsys.readouterr().err
 
 
-def test_a_crash_while_saving_leaves_latest_on_the_previous_checkpoint(write_recipe, tmp_path, monkeypatch):
-    import linearize.distill.checkpointing as checkpointing
-
-    real, calls = checkpointing.fsync_tree, []
-
-    def crash_on_second_save(path):
-        calls.append(path)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("simulated kill during a checkpoint save")
-        real(path)
-
-    monkeypatch.setattr(checkpointing, "fsync_tree", crash_on_second_save)
+def test_a_crash_while_saving_leaves_latest_on_the_previous_checkpoint(write_recipe, tmp_path, kill_on_save):
+    restore = kill_on_save(2)
     path = write_recipe(stage1={"max_steps": 6}, stage2={"enabled": False}, checkpoint_every=2)
     with pytest.raises(KeyboardInterrupt):
         run(path)
     ck = tmp_path / "run" / "checkpoints"
     assert (ck / "latest").read_text().strip() == "stage1-step0000002"
     assert (ck / ".tmp-stage1-step0000004").is_dir() and not (ck / "stage1-step0000004").exists()
-    monkeypatch.setattr(checkpointing, "fsync_tree", real)
+    restore()
     run(path, "resume=true")
     assert not any(p.name.startswith(".tmp-") for p in ck.iterdir())
     assert [r["step"] for r in read_log(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]
