@@ -2,6 +2,7 @@
 it beside the teacher and the window + sinks baseline on text the training never saw.
 
     python scripts/quality_at_length.py [--runs NAME ...] [--stage1-tokens N] [--stage2-tokens N]
+                                        [--work DIR --doc FILE]   (another budget beside this one)
 
 Per run (outputs/quality/<run>/, every step reused when its file exists):
   recipe.yaml + the `linearize distill` run (skipped for untrained entries), then eval.json:
@@ -286,9 +287,10 @@ def buckets_figure(results: dict, path: Path) -> bool:
 
 
 def write_document(results: dict, args) -> Path:
-    img = DOC.parent / "img" / "quality_curves.png"
+    img = DOC.parent / "img" / f"{DOC.stem}-curves.png"
     has_curves = curves(results, img)
-    has_buckets = buckets_figure(results, DOC.parent / "img" / "quality_buckets.png")
+    buckets_img = DOC.parent / "img" / f"{DOC.stem}-buckets.png"
+    has_buckets = buckets_figure(results, buckets_img)
     budget = []
     for name in results:
         t = WORK / name / "train_time.json"
@@ -313,7 +315,7 @@ def write_document(results: dict, args) -> Path:
         "",
         *rows(results),
         "",
-        *(["![perplexity by position](img/quality_buckets.png)", ""] if has_buckets else []),
+        *([f"![perplexity by position](img/{buckets_img.name})", ""] if has_buckets else []),
         "## Does training beat just truncating attention?",
         "",
         *(verdicts(results) or ["(needs the teacher, window + sinks and a trained run)"]),
@@ -330,6 +332,7 @@ def write_document(results: dict, args) -> Path:
 
 
 def main(argv=None) -> None:
+    global WORK, DOC
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     p.add_argument("--seq-len", type=int, default=2048)
@@ -340,7 +343,10 @@ def main(argv=None) -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--only-train", action="store_true")
+    p.add_argument("--work", type=Path, default=WORK, help="runs' folder (one per budget)")
+    p.add_argument("--doc", type=Path, default=DOC, help="the document to write")
     args = p.parse_args(argv)
+    WORK, DOC = args.work, args.doc
     if args.threads:
         torch.set_num_threads(args.threads)
     from linearize.eval.long_documents import write_jsonl
