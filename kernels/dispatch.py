@@ -12,6 +12,7 @@ import os
 import torch
 
 from .hybrid.past_window import combine_past_window, delay_into_state, linear_key_mask
+from .hybrid.sparse_cache import sparse_past_window_attention  # one PyTorch path, any device
 from .utils import tracks_grad
 
 BACKENDS = ("naive", "torch", "triton")
@@ -288,4 +289,4 @@ def linear_recurrence(q, k, v, g, *, keep=None, key_mask=None, normalize=True, c
     return o[..., :-1], o[..., -1].to(torch.promote_types(o.dtype, torch.float32)), final
 
 
-__all__ = ["combine_past_window", "delay_into_state", "linear_key_mask", "window_max_score", "past_window_attention", "linear_recurrence", "gated_linear_attention", "hybrid_attention", "recurrent_gated_linear_attention", "sliding_window_attention", "select_backend", "BACKENDS", "ENV_VAR"]
+__all__ = ["sparse_past_window_attention", "combine_past_window", "delay_into_state", "linear_key_mask", "window_max_score", "past_window_attention", "linear_recurrence", "gated_linear_attention", "hybrid_attention", "recurrent_gated_linear_attention", "sliding_window_attention", "select_backend", "BACKENDS", "ENV_VAR"]

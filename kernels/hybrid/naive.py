@@ -223,3 +223,84 @@ def _one_query(q_win, k_win, v, q_lin, k_lin, g, b, start, i, h, valid, rank, wi
         num = num + a * v[b, start + j, kv_head].to(acc)
         den = den + a
     return num / den if den > 0 else num
+
+
+def naive_sparse_past_window_attention(
+    q_win: torch.Tensor,
+    k_win: torch.Tensor,
+    v: torch.Tensor,
+    q_lin: torch.Tensor,
+    k_lin: torch.Tensor,
+    g: torch.Tensor | None,
+    *,
+    window: int,
+    num_sink_tokens: int = 0,
+    budget: int,
+    block: int,
+    scale: float | None = None,
+    window_factor: torch.Tensor,
+    linear_factor: torch.Tensor | float = 1.0,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """LoLA's sparse cache on LoLCATs' hybrid, from its definition (the fp64 reference): the
+    sets of exact and linear tokens are kept as lists and every sum is written out.
+
+    Per row and query head h (state head s), over real tokens by rank: at every rank a > 0
+    that is a multiple of `block`, the non-sink tokens j <= a - window not yet placed and the
+    cached tokens compete on e_j = |v_j - sum_i w_ij v_i / sum_i w_ij| with
+    w_ij = phi(k_j).(d_ai * phi(k_i)) over the state's tokens i (the prediction is 0 when the
+    sum of w is 0), d_ai = exp(sum of g_s over ranks i + window + 1 .. a); the `budget`
+    largest (ties: the earlier) stay cached, the rest join the state. Query t then sees the
+    sinks (ranks < num_sink_tokens), the cached tokens and every unplaced token <= t exactly:
+    o_t = (gamma sum_E e^(s_tj - m_t) v_j + lam sum_state a_ti v_i)
+          / (gamma sum_E e^(s_tj - m_t) + lam sum_state a_ti), a_ti = phi(q_t).(d_ti phi(k_i)).
+
+    Shapes as `naive_past_window_attention` (k_lin [B, T, Hs, F] with Hs = H or HKV; g
+    [B, T, HKV or Hs(, F)]). Returns o [B, T, H, V] in q_win's dtype (0 at padding).
+    """
+    B, T, H, D = q_win.shape
+    acc = torch.float64 if q_win.dtype == torch.float64 else torch.float32
+    scale = D ** -0.5 if scale is None else scale
+    gam = torch.as_tensor(window_factor, dtype=acc).expand(H)
+    lam = torch.as_tensor(linear_factor, dtype=acc).expand(H)
+    o = torch.zeros(B, T, H, v.shape[-1], dtype=acc, device=q_win.device)
+    Hs, HKV = k_lin.shape[2], k_win.shape[2]
+    for b in range(B):
+        pos = [t for t in range(T) if key_mask is None or bool(key_mask[b, t])]
+        for h in range(H):
+            s, kv = h // (H // Hs), h // (H // HKV)
+            if g is None:
+                L = torch.zeros(len(pos), 1, dtype=acc)
+            else:
+                gs = g[b, pos, s // (Hs // g.shape[2])].to(acc)
+                L = torch.cumsum(gs.reshape(len(pos), -1), dim=0)
+            key = lambda j: k_win[b, pos[j], kv].to(acc)  # noqa: E731
+            val = lambda j: v[b, pos[j], kv].to(acc)  # noqa: E731
+            fk = lambda j: k_lin[b, pos[j], s].to(acc)  # noqa: E731
+            decay = lambda t, i: torch.exp(L[t] - L[i + window])  # noqa: E731
+            cached, in_state, placed = [], [], set()
+            for t in range(len(pos)):
+                if t > 0 and t % block == 0:
+                    pending = [j for j in range(num_sink_tokens, t - window + 1) if j not in placed]
+                    if pending:
+                        def error(j):
+                            w = [fk(j) @ (decay(t, i) * fk(i)) for i in in_state]
+                            total = sum(w) if w else torch.zeros((), dtype=acc)
+                            pred = sum(wi * val(i) for wi, i in zip(w, in_state)) / total if total > 0 else 0.0
+                            return float(torch.linalg.vector_norm(val(j) - pred))
+                        errors = {j: error(j) for j in cached + pending}
+                        ranked = sorted(cached + pending, key=lambda j: (-errors[j], j))
+                        cached = sorted(ranked[:budget])
+                        in_state += ranked[budget:]
+                        placed.update(pending)
+                exact = [j for j in range(t + 1) if j < num_sink_tokens or j in cached or j not in placed]
+                sc = torch.stack([(q_win[b, pos[t], h].to(acc) @ key(j)) * scale for j in exact])
+                w = gam[h] * torch.exp(sc - sc.max())
+                num = sum(wj * val(j) for wj, j in zip(w, exact))
+                den = w.sum()
+                for i in in_state:
+                    a = lam[h] * (q_lin[b, pos[t], h].to(acc) @ (decay(t, i) * fk(i)))
+                    num = num + a * val(i)
+                    den = den + a
+                o[b, pos[t], h] = num / den
+    return o.to(q_win.dtype)

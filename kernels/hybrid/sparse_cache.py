@@ -1,0 +1,251 @@
+"""LoLA's sparse global cache on the past-window hybrid (McDermott et al., "LoLA: Low-Rank
+Linear Attention With Sparse Caching", arXiv 2505.23666; its reference code builds on
+LoLCATs' `linear_window_attention_sw`).
+
+Every key/value pair that leaves the softmax window goes to one of two places: the recurrent
+state (S = sum decay phi(k) v^T, z = sum decay phi(k)), or, when the state would reproduce it
+worst, a small cache of `budget` pairs per state head that the window's softmax keeps seeing
+exactly. Sink tokens stay exact for good and never compete.
+
+Selection runs in blocks of `block` positions, as LoLA's chunks: before the queries at a rank
+a that is a multiple of `block` (a > 0), every non-sink token j <= a - window not yet placed
+becomes a candidate beside the pairs already cached. Each candidate's self-recall error
+
+    e_j = || v_j - S_a phi(k_j) / (z_a . phi(k_j)) ||      (prediction 0 while z_a . phi(k_j) = 0)
+
+is measured against the state as it is at a. The `budget` largest errors stay exact (ties: the
+earlier token); the others enter the state with the decay they would carry had they entered
+when they left the window, exp(L_a - L_{j + window}) with L the cumulative log gate. Between
+selections the waiting tokens stay exact, so a query sees between `window` and
+`window + block - 1` recent tokens exactly. `budget=0, block=1` is LoLCATs' past-window hybrid;
+a budget as large as the sequence never fills the state and reproduces softmax attention.
+
+Outputs combine as in `combine_past_window`: gamma on the max-shifted exact terms (sinks,
+cached pairs, recent tokens), lam on the linear ones. Ranks count real tokens only, so left
+padding changes nothing; rows run one at a time (the selection is sequential by nature).
+
+Where we differ from LoLA's code: blocks are aligned to absolute ranks (so a prompt split
+across calls, or decoded token by token, gives the same result as one forward); a gate, when
+the model has one, decays the state and the candidates as above (LoLA has no gate).
+
+The decode state (`state`, a dict of tensors, batch-first) holds per row: `seen` [B];
+`sink_k`, `sink_v` [B, S, HKV, D]; the recent tokens `recent_k`, `recent_v` [B, R, HKV, D],
+`recent_fk` [B, R, Hs, F], `recent_L` [B, R, Hs, Fg] (left-aligned, `recent_len` [B] valid,
+R <= window + block - 1); the cached pairs `sel_k`, `sel_v` [B, G, Hs, D], `sel_fk`
+[B, G, Hs, F], `sel_L` [B, G, Hs, Fg], `sel_rank` [B, G, Hs], `sel_valid` [B, G, Hs]; the state
+`S` [B, Hs, F, Dv], `z` [B, Hs, F] and the log gates `L_state`, `L_last` [B, Hs, Fg] at its last
+update and at the last token.
+"""
+from __future__ import annotations
+
+import torch
+
+from .past_window import combine_past_window
+
+_LAST = torch.iinfo(torch.long).max
+
+
+def sparse_past_window_attention(q, k, v, fq, fk, g, *, window: int, num_sink_tokens: int, budget: int, block: int,
+                                 scale: float, window_factor, linear_factor=1.0, key_mask=None, cu_seqlens=None,
+                                 state: dict | None = None):
+    """The past-window hybrid with a sparse cache of `budget` exact pairs per state head.
+
+    q: [B, T, H, D] and k: [B, T, HKV, D] RoPE'd, for the softmax; v: [B, T, HKV, Dv];
+    fq: [B, T, H, F], fk: [B, T, Hs, F] the feature-mapped query and key (Hs = H or HKV);
+    g: [B, T, HKV or Hs] or [B, T, HKV or Hs, F] log gates <= 0; window_factor (gamma),
+    linear_factor (lam): [H] or scalars. key_mask: [B, T] real tokens (padding is skipped);
+    cu_seqlens: packed sequences (B = 1), each with a fresh state (no `state` then).
+    state: the previous call's state dict or None for fresh sequences.
+    Returns o [B, T, H, Dv] (fp32, fp64 stays; 0 at padding) and the new state dict.
+    """
+    B, T, H, _ = q.shape
+    Hs = fk.shape[2]
+    if H % Hs or Hs % k.shape[2]:
+        raise ValueError(f"state heads {Hs} must divide the query heads {H} and be a multiple of the KV heads "
+                         f"{k.shape[2]}")
+    if cu_seqlens is not None and state is not None:
+        raise ValueError("packed sequences (cu_seqlens) start fresh: pass no state")
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    g = g.to(acc)
+    if g.dim() == 3:
+        g = g[..., None]
+    g = g.repeat_interleave(Hs // g.shape[2], dim=2)
+    spec = dict(window=window, sinks=num_sink_tokens, budget=budget, block=block, scale=scale,
+                gamma=window_factor, lam=linear_factor, H=H, Hs=Hs)
+    o = q.new_zeros(B, T, H, v.shape[-1], dtype=acc)
+    if cu_seqlens is not None:
+        bounds = cu_seqlens.tolist()
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            rows = [x[:, s:e] for x in (q, k, v, fq, fk, g)]
+            o[:, s:e] = _run_row(*[x[0] for x in rows], _fresh_row(rows, spec, acc), spec)[0][None]
+        return o, None
+    rows_out = []
+    for b in range(B):
+        idx = torch.arange(T, device=q.device) if key_mask is None else key_mask[b].bool().nonzero().squeeze(-1)
+        xs = [x[b, idx] for x in (q, k, v, fq, fk, g)]
+        st = _fresh_row([x[None] for x in xs], spec, acc) if state is None else _unpack_row(state, b)
+        o_b, st = _run_row(*xs, st, spec)
+        o[b, idx] = o_b
+        rows_out.append(st)
+    return o, _pack(rows_out, spec)
+
+
+# -- one row ---------------------------------------------------------------------------------
+def _fresh_row(xs, spec, acc) -> dict:
+    """An empty row state shaped like the inputs xs = [q, k, v, fq, fk, g] ([1, T, ...])."""
+    _, k, v, _, fk, g = xs
+    HKV, D, Dv = k.shape[2], k.shape[3], v.shape[3]
+    Hs, F, Fg = fk.shape[2], fk.shape[3], g.shape[3]
+    G = spec["budget"]
+    dev = k.device
+    return {
+        "seen": 0,
+        "sink_k": k.new_zeros(0, HKV, D), "sink_v": v.new_zeros(0, HKV, Dv),
+        "recent_k": k.new_zeros(0, HKV, D), "recent_v": v.new_zeros(0, HKV, Dv),
+        "recent_fk": fk.new_zeros(0, Hs, F), "recent_L": torch.zeros(0, Hs, Fg, dtype=acc, device=dev),
+        "sel_k": k.new_zeros(G, Hs, D), "sel_v": v.new_zeros(G, Hs, Dv), "sel_fk": fk.new_zeros(G, Hs, F),
+        "sel_L": torch.zeros(G, Hs, Fg, dtype=acc, device=dev),
+        "sel_rank": torch.full((G, Hs), _LAST, dtype=torch.long, device=dev),
+        "sel_valid": torch.zeros(G, Hs, dtype=torch.bool, device=dev),
+        "S": torch.zeros(Hs, F, Dv, dtype=acc, device=dev), "z": torch.zeros(Hs, F, dtype=acc, device=dev),
+        "L_state": torch.zeros(Hs, Fg, dtype=acc, device=dev), "L_last": torch.zeros(Hs, Fg, dtype=acc, device=dev),
+    }
+
+
+def _run_row(q, k, v, fq, fk, g, st, spec):
+    """One row's new real tokens q [n, H, D], ... g [n, Hs, Fg] -> o [n, H, Dv], new state."""
+    n = q.shape[0]
+    if n == 0:
+        return q.new_zeros(0, q.shape[1], v.shape[-1], dtype=st["S"].dtype), st
+    L = st["L_last"][None] + torch.cumsum(g, dim=0)  # [n, Hs, Fg]
+    r0, C = st["seen"], spec["block"]
+    cuts = [i for i in range(n) if (r0 + i) % C == 0] + [n]
+    if cuts[0] != 0:
+        cuts.insert(0, 0)
+    outs = []
+    for i0, i1 in zip(cuts[:-1], cuts[1:]):
+        a = r0 + i0
+        if a % C == 0 and a > 0:
+            _select(st, a, L[i0], spec)
+        _append(st, a, k[i0:i1], v[i0:i1], fk[i0:i1], L[i0:i1], spec)
+        outs.append(_attend(st, a, q[i0:i1], fq[i0:i1], L[i0:i1], spec))
+    st["L_last"] = L[-1]
+    return torch.cat(outs), st
+
+
+def _append(st, a, k, v, fk, L, spec) -> None:
+    """Tokens at ranks a, a+1, ...: sink ranks to the sinks, the rest to the recent tokens."""
+    n_sink = max(0, min(spec["sinks"] - a, k.shape[0]))
+    if n_sink:
+        st["sink_k"] = torch.cat([st["sink_k"], k[:n_sink]])
+        st["sink_v"] = torch.cat([st["sink_v"], v[:n_sink]])
+    for name, x in (("recent_k", k), ("recent_v", v), ("recent_fk", fk), ("recent_L", L)):
+        st[name] = torch.cat([st[name], x[n_sink:].to(st[name].dtype)])
+    st["seen"] = a + k.shape[0]
+
+
+def _to_state_heads(x: torch.Tensor, Hs: int) -> torch.Tensor:
+    return x.repeat_interleave(Hs // x.shape[1], dim=1)
+
+
+def _select(st, a, L_a, spec) -> None:
+    """The selection before the queries at rank a: the pending tokens and the cached pairs
+    compete; the `budget` worst reproduced stay exact, the rest enter the state."""
+    W, G, Hs = spec["window"], spec["budget"], spec["Hs"]
+    start = st["seen"] - st["recent_k"].shape[0]  # rank of the first recent token
+    P = min(max(0, a - W - start + 1), st["recent_k"].shape[0])
+    if P == 0:
+        return
+    decay = torch.exp(L_a - st["L_state"])  # [Hs, Fg]
+    S, z = st["S"] * decay[..., None], st["z"] * decay
+    ranks = torch.arange(start, start + P, device=L_a.device)
+    leave = ranks + W - start  # index of rank j + window among recent tokens, or = len: rank a
+    L_buf = torch.cat([st["recent_L"], L_a[None]])
+    acc = S.dtype
+    cand = {
+        "k": torch.cat([st["sel_k"], _to_state_heads(st["recent_k"][:P], Hs).to(st["sel_k"].dtype)]),
+        "v": torch.cat([st["sel_v"], _to_state_heads(st["recent_v"][:P], Hs).to(st["sel_v"].dtype)]),
+        "fk": torch.cat([st["sel_fk"], st["recent_fk"][:P]]),
+        "L": torch.cat([st["sel_L"], L_buf[leave]]),
+        "rank": torch.cat([st["sel_rank"], ranks[:, None].expand(P, Hs)]),
+        "valid": torch.cat([st["sel_valid"], torch.ones(P, Hs, dtype=torch.bool, device=L_a.device)]),
+    }
+    fk_c, v_c = cand["fk"].to(acc), cand["v"].to(acc)
+    num = torch.einsum("chf,hfd->chd", fk_c, S)
+    den = torch.einsum("chf,hf->ch", fk_c, z)
+    pred = torch.where((den > 0)[..., None], num / torch.where(den > 0, den, torch.ones_like(den))[..., None],
+                       torch.zeros_like(num))
+    err = torch.linalg.vector_norm(v_c - pred, dim=-1).masked_fill(~cand["valid"], float("-inf"))
+    # candidates are in rank order, so a stable sort breaks ties towards the earlier token
+    order = torch.sort(err, dim=0, descending=True, stable=True).indices
+    top = torch.zeros_like(cand["valid"]).scatter_(0, order[:G], True) & cand["valid"]
+    evict = cand["valid"] & ~top
+    w = fk_c * torch.exp(L_a[None] - cand["L"]) * evict[..., None].to(acc)  # [C, Hs, F]
+    st["S"] = S + torch.einsum("chf,chd->hfd", w, v_c)
+    st["z"] = z + w.sum(0)
+    st["L_state"] = L_a
+    keep = torch.sort(torch.where(top, cand["rank"], torch.full_like(cand["rank"], _LAST)), dim=0, stable=True).indices[:G]
+    for name in ("k", "v", "fk", "L", "rank"):
+        x = cand[name]
+        st["sel_" + name] = torch.gather(x, 0, keep.reshape(*keep.shape, *([1] * (x.dim() - 2))).expand(G, *x.shape[1:]))
+    st["sel_valid"] = torch.gather(top, 0, keep)
+    st["sel_rank"] = torch.where(st["sel_valid"], st["sel_rank"], torch.full_like(st["sel_rank"], _LAST))
+    for name in ("recent_k", "recent_v", "recent_fk", "recent_L"):
+        st[name] = st[name][P:]
+
+
+def _attend(st, a, q, fq, L, spec):
+    """Queries at ranks a, a+1, ... ([n, H, D], fq [n, H, F], their cumulative gates L
+    [n, Hs, Fg]) against the exact tokens and the state -> o [n, H, Dv]."""
+    n, H, _ = q.shape
+    Hs = spec["Hs"]
+    acc = st["S"].dtype
+    qpos = a + torch.arange(n, device=q.device)
+    n_sink = st["sink_k"].shape[0]
+    start = st["seen"] - st["recent_k"].shape[0]
+    to_q = lambda x: x.repeat_interleave(H // x.shape[1], dim=1).to(acc)  # noqa: E731 (heads -> query heads)
+    keys = torch.cat([to_q(st["sink_k"]), to_q(st["sel_k"]), to_q(st["recent_k"])])
+    values = torch.cat([to_q(st["sink_v"]), to_q(st["sel_v"]), to_q(st["recent_v"])])
+    sink_ok = (torch.arange(n_sink, device=q.device)[None, :] <= qpos[:, None])[:, None, :].expand(n, H, -1)
+    sel_ok = to_q(st["sel_valid"][..., None])[..., 0].T[None].expand(n, H, -1).bool()
+    rec_rank = start + torch.arange(st["recent_k"].shape[0], device=q.device)
+    rec_ok = (rec_rank[None, :] <= qpos[:, None])[:, None, :].expand(n, H, -1)
+    allowed = torch.cat([sink_ok, sel_ok, rec_ok], dim=-1)  # [n, H, N]
+    scores = torch.einsum("qhd,nhd->qhn", q.to(acc), keys) * spec["scale"]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    m = scores.amax(-1)
+    lse = torch.logsumexp(scores, dim=-1)
+    o_win = torch.einsum("qhn,nhd->qhd", torch.exp(scores - lse[..., None]), values)
+    decay = to_q(torch.exp(L - st["L_state"][None]))  # [n, H, Fg]
+    fq_d = fq.to(acc) * decay
+    per_query_head = lambda x: x.repeat_interleave(H // Hs, dim=0)  # noqa: E731 ([Hs, ...] state)
+    num = torch.einsum("qhf,hfd->qhd", fq_d, per_query_head(st["S"]))
+    den = torch.einsum("qhf,hf->qh", fq_d, per_query_head(st["z"]))
+    return combine_past_window(o_win[None], lse[None], m[None], num[None], den[None], spec["gamma"], spec["lam"])[0]
+
+
+# -- the batched decode state ----------------------------------------------------------------
+_ROW_TENSORS = ("sink_k", "sink_v", "recent_k", "recent_v", "recent_fk", "recent_L")
+
+
+def _pack(rows: list[dict], spec) -> dict:
+    """Row states -> one dict of batch-first tensors (variable lengths padded, counts kept)."""
+    out = {"seen": torch.tensor([r["seen"] for r in rows], device=rows[0]["S"].device)}
+    for name in _ROW_TENSORS:
+        longest = max(r[name].shape[0] for r in rows)
+        out[name] = torch.stack([torch.cat([r[name], r[name].new_zeros(longest - r[name].shape[0], *r[name].shape[1:])])
+                                 for r in rows])
+    out["sink_len"] = torch.tensor([r["sink_k"].shape[0] for r in rows], device=out["seen"].device)
+    out["recent_len"] = torch.tensor([r["recent_k"].shape[0] for r in rows], device=out["seen"].device)
+    for name in ("sel_k", "sel_v", "sel_fk", "sel_L", "sel_rank", "sel_valid", "S", "z", "L_state", "L_last"):
+        out[name] = torch.stack([r[name] for r in rows])
+    return out
+
+
+def _unpack_row(state: dict, b: int) -> dict:
+    row = {name: x[b] for name, x in state.items() if name not in ("seen", "sink_len", "recent_len")}
+    row["seen"] = int(state["seen"][b])
+    for name in _ROW_TENSORS:
+        size = int(state["sink_len" if name.startswith("sink") else "recent_len"][b])
+        row[name] = row[name][:size]
+    return row

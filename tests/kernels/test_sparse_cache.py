@@ -1,0 +1,114 @@
+"""LoLA's sparse cache on the past-window hybrid: the blocked implementation against the
+reference written from the definition, and the cases where it must reduce to something known
+(LoLCATs without a cache, softmax attention when nothing is evicted, any split into calls)."""
+import pytest
+import torch
+
+from linearize.kernels.hybrid.naive import naive_past_window_attention, naive_sparse_past_window_attention
+from linearize.kernels.hybrid.sparse_cache import sparse_past_window_attention
+
+
+def make(B=2, T=23, H=4, HKV=2, Hs=4, D=8, F=6, gate="scalar", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    q, k, v = r(B, T, H, D), r(B, T, HKV, D), r(B, T, HKV, D)
+    fq, fk = torch.softmax(r(B, T, H, F), -1), torch.softmax(r(B, T, Hs, F), -1)
+    g = None
+    if gate == "scalar":
+        g = torch.nn.functional.logsigmoid(r(B, T, HKV) + 2)
+    elif gate == "vector":
+        g = torch.nn.functional.logsigmoid(r(B, T, HKV, F) + 2)
+    gamma = torch.sigmoid(r(H))
+    return q, k, v, fq, fk, g, gamma
+
+
+def run(q, k, v, fq, fk, g, gamma, state=None, key_mask=None, cu_seqlens=None, **kw):
+    g0 = torch.zeros(*fk.shape[:3], dtype=fk.dtype) if g is None else g
+    return sparse_past_window_attention(q, k, v, fq, fk, g0, scale=q.shape[-1] ** -0.5, window_factor=gamma,
+                                        linear_factor=0.7, key_mask=key_mask, cu_seqlens=cu_seqlens, state=state, **kw)
+
+
+def reference(q, k, v, fq, fk, g, gamma, key_mask=None, **kw):
+    return naive_sparse_past_window_attention(q, k, v, fq, fk, g, scale=q.shape[-1] ** -0.5, window_factor=gamma,
+                                              linear_factor=0.7, key_mask=key_mask, **kw)
+
+
+def rel(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+CASES = [
+    dict(window=4, num_sink_tokens=2, budget=3, block=4),
+    dict(window=3, num_sink_tokens=0, budget=2, block=1),
+    dict(window=5, num_sink_tokens=1, budget=5, block=3),
+    dict(window=2, num_sink_tokens=4, budget=1, block=6),
+]
+
+
+@pytest.mark.parametrize("spec", CASES)
+@pytest.mark.parametrize("gate", ["none", "scalar", "vector"])
+@pytest.mark.parametrize("Hs", [4, 2])
+def test_matches_the_reference(spec, gate, Hs):
+    x = make(Hs=Hs, gate=gate, seed=len(str(spec)) + Hs)
+    key_mask = torch.ones(2, 23, dtype=torch.bool)
+    key_mask[1, :5] = False  # left padding
+    o, _ = run(*x, key_mask=key_mask, **spec)
+    ref = reference(*x, key_mask=key_mask, **spec)
+    assert rel(o, ref) < 1e-10
+    assert o[1, :5].abs().max() == 0
+
+
+def test_without_a_cache_and_block_one_it_is_lolcats():
+    """budget 0 and a selection every step put each key into the state as it leaves the
+    window: LoLCATs' published past-window hybrid."""
+    q, k, v, fq, fk, g, gamma = make(gate="scalar")
+    o, _ = run(q, k, v, fq, fk, g, gamma, window=4, num_sink_tokens=2, budget=0, block=1)
+    ref = naive_past_window_attention(q, k, v, fq, fk, g, window=4, num_sink_tokens=2, scale=q.shape[-1] ** -0.5,
+                                      window_factor=gamma, linear_factor=0.7)
+    assert rel(o, ref) < 1e-10
+
+
+def test_a_budget_as_long_as_the_sequence_is_softmax_attention():
+    q, k, v, fq, fk, g, gamma = make(gate="vector")
+    o, _ = run(q, k, v, fq, fk, g, gamma, window=3, num_sink_tokens=1, budget=23, block=2)
+    kk, vv = k.repeat_interleave(2, dim=2), v.repeat_interleave(2, dim=2)
+    s = torch.einsum("bthd,bshd->bhts", q, kk) * q.shape[-1] ** -0.5
+    s = s.masked_fill(~torch.ones(23, 23, dtype=torch.bool).tril(), float("-inf"))
+    ref = torch.einsum("bhts,bshd->bthd", torch.softmax(s, -1), vv)
+    assert rel(o, ref) < 1e-12
+
+
+@pytest.mark.parametrize("splits", [[23], [1] * 23, [5, 1, 1, 9, 7], [8, 15]])
+def test_any_split_into_calls_gives_one_forward(splits):
+    x = make(gate="scalar", Hs=2)
+    spec = dict(window=4, num_sink_tokens=2, budget=3, block=4)
+    key_mask = torch.ones(2, 23, dtype=torch.bool)
+    key_mask[0, :3] = False
+    full, _ = run(*x, key_mask=key_mask, **spec)
+    state, parts, t0 = None, [], 0
+    for n in splits:
+        part = [t[:, t0:t0 + n] if t is not None and t.dim() > 1 else t for t in x]
+        o, state = run(*part, state=state, key_mask=key_mask[:, t0:t0 + n], **spec)
+        parts.append(o)
+        t0 += n
+    assert rel(torch.cat(parts, dim=1), full) < 1e-12
+
+
+def test_packed_sequences_are_independent_rows():
+    q, k, v, fq, fk, g, gamma = make(B=1, T=30, gate="scalar")
+    spec = dict(window=3, num_sink_tokens=1, budget=2, block=4)
+    cu = torch.tensor([0, 11, 30])
+    o, _ = run(q, k, v, fq, fk, g, gamma, cu_seqlens=cu, **spec)
+    for s, e in ((0, 11), (11, 30)):
+        alone, _ = run(*[t[:, s:e] if t.dim() > 1 else t for t in (q, k, v, fq, fk, g, gamma)], **spec)
+        assert rel(o[:, s:e], alone) < 1e-12
+
+
+def test_the_cache_keeps_the_pairs_the_state_reproduces_worst():
+    """One value far from the rest (a passkey among filler) must stay exact."""
+    q, k, v, fq, fk, g, gamma = make(B=1, T=40, H=1, HKV=1, Hs=1, gate="none")
+    v = v * 0.01
+    v[0, 10] = 50.0
+    fk = torch.full_like(fk, 1.0 / fk.shape[-1])
+    _, state = run(q, k, v, fq, fk, g, gamma, window=4, num_sink_tokens=0, budget=1, block=4)
+    assert state["sel_valid"][0, 0, 0] and int(state["sel_rank"][0, 0, 0]) == 10
