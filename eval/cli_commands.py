@@ -83,6 +83,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--long-mqar-pairs", type=_csv(int), default=d.long_mqar_pairs)
     parser.add_argument("--long-mqar-samples", type=int, default=d.long_mqar_samples)
     parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--sparse-cache", type=int, default=None, metavar="N",
+                        help="LoLA's sparse cache for a LoLCATs model: N exact key/value pairs per layer and head "
+                             "beside the window (0 = off; default: as saved)")
+    parser.add_argument("--sparse-block", type=int, default=None, metavar="C",
+                        help="the sparse cache's selection runs every C tokens (default: as saved)")
     return parser
 
 
@@ -100,6 +105,7 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         long_doc_documents=args.long_doc_documents, long_lengths=args.long_lengths,
         long_passkey_depths=args.long_passkey_depths, long_min_distance=args.long_min_distance,
         long_mqar_pairs=args.long_mqar_pairs, long_mqar_samples=args.long_mqar_samples, seed=args.seed,
+        sparse_cache=args.sparse_cache, sparse_block=args.sparse_block,
     )
 
 

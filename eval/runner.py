@@ -60,6 +60,8 @@ class EvalSettings:
     long_mqar_pairs: list[int] = field(default_factory=lambda: [16])
     long_mqar_samples: int = 4
     seed: int = 0
+    sparse_cache: int | None = None  # LoLA's sparse cache for a LoLCATs model (None: as saved)
+    sparse_block: int | None = None
 
 
 def check_tasks(tasks: list[str], tm) -> None:
@@ -299,6 +301,12 @@ def run_evaluation(settings: EvalSettings, out_dir: str | Path, log=print) -> di
     lm = LinearizeLM(pretrained=s.checkpoint, adapter=delta or s.adapter, batch_size=s.batch_size,
                      device=device, dtype=s.dtype)
     model, tok = lm.model, lm.tokenizer
+    if s.sparse_cache is not None or s.sparse_block is not None:
+        from linearize import set_sparse_cache
+
+        config = set_sparse_cache(model, s.sparse_cache, s.sparse_block).config.linearize
+        notes.append(f"LoLA's sparse cache: {config['sparse_cache']} pairs per layer and head, selected every "
+                     f"{config['sparse_block']} tokens.")
     if delta is not None:
         layers = unmerge_lora(model)
         notes.append(f"The checkpoint's q/k/v hold a merged LoRA: its delta ({delta.name}) was taken back out of "

@@ -11,6 +11,7 @@ from .checkpoint import CheckpointError, load, register_auto_classes
 from .config import METHODS, ConfigError, LinearizeConfig
 from .convert import convert, is_linearized, mixers, new_parameters, teacher, unconvert
 from .families import FAMILIES, UnsupportedArchitectureError
+from .sparse_cache import set_sparse_cache
 
 register_auto_classes()
 
@@ -19,4 +20,5 @@ __version__ = "0.1.0"
 __all__ = [
     "LinearizeConfig", "ConfigError", "METHODS", "convert", "unconvert", "teacher", "is_linearized", "mixers",
     "new_parameters", "load", "CheckpointError", "LinearizeCache", "FAMILIES", "UnsupportedArchitectureError",
+    "set_sparse_cache",
 ]

@@ -40,6 +40,8 @@ class LinearizedLayerCache(CacheLayerMixin):
         # LoLCATs: the last `window` feature-mapped keys [B, W, Hs, F] and values that enter the
         # recurrent state once they leave the window, and whether each may ([B, W] bool).
         self.tail_k = self.tail_v = self.tail_keep = None
+        # LoLA's sparse cache (`linearize.kernels.hybrid.sparse_cache`): its tensors by name.
+        self.sparse: dict[str, torch.Tensor] | None = None
         self.is_initialized = True
 
     # -- transformers Cache protocol --------------------------------------------------------
@@ -68,6 +70,8 @@ class LinearizedLayerCache(CacheLayerMixin):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, fn(t))
+        if self.sparse is not None:
+            self.sparse = {name: fn(t) for name, t in self.sparse.items()}
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -80,6 +84,7 @@ class LinearizedLayerCache(CacheLayerMixin):
 
     def reset(self) -> None:
         self.seen = 0
+        self.sparse = None
         for name in self._tensors():
             setattr(self, name, None)
 
@@ -88,8 +93,9 @@ class LinearizedLayerCache(CacheLayerMixin):
             raise ValueError("a recurrent state cannot be rolled back: cropping is not supported for linearized layers")
 
     def nbytes(self) -> int:
-        return sum(getattr(self, n).nelement() * getattr(self, n).element_size()
-                   for n in self._tensors() if getattr(self, n) is not None)
+        tensors = [getattr(self, n) for n in self._tensors() if getattr(self, n) is not None]
+        tensors += list((self.sparse or {}).values())
+        return sum(t.nelement() * t.element_size() for t in tensors)
 
     # -- used by the mixers -----------------------------------------------------------------
     def has_window_past(self) -> bool:

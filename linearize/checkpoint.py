@@ -20,6 +20,7 @@ from .config import ConfigError, LinearizeConfig
 from .families import FAMILIES
 from .hf_classes import register_auto_classes
 from .load_checks import CheckpointError, checked_from_pretrained
+from .state import is_linearized
 
 __all__ = ["CheckpointError", "load", "register_auto_classes", "read_config_json", "check_config_json",
            "check_finite", "check_output_folder", "check_writable", "save_folder", "is_linearize_output"]
@@ -92,7 +93,8 @@ def check_finite(model: torch.nn.Module, path: Path) -> None:
 
 
 def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
-         adapter: str | Path | None = None, allow_nonfinite: bool = False, **kwargs) -> PreTrainedModel:
+         adapter: str | Path | None = None, allow_nonfinite: bool = False, sparse_cache: int | None = None,
+         sparse_block: int | None = None, **kwargs) -> PreTrainedModel:
     """Load a linearized checkpoint folder (or a plain HF model folder) as a causal LM.
 
     Args:
@@ -101,6 +103,8 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: st
         device: move the model there after loading.
         adapter: a peft LoRA adapter folder to apply on top (kept unmerged).
         allow_nonfinite: load weights holding NaN or inf instead of refusing them.
+        sparse_cache, sparse_block: LoLA's sparse cache for a LoLCATs model (see
+            `linearize.set_sparse_cache`); None keeps what was saved.
 
     Raises CheckpointError naming config.json and the field, or the weight tensors, at fault.
     """
@@ -113,6 +117,12 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: st
     if dtype is not None:
         kwargs["dtype"] = dtype
     model, _ = checked_from_pretrained(AutoModelForCausalLM.from_pretrained, path, **kwargs)
+    if sparse_cache is not None or sparse_block is not None:
+        from .sparse_cache import set_sparse_cache
+
+        if not is_linearized(model):
+            raise CheckpointError(f"{path} is not a linearized model: it has no recurrent state for a sparse cache")
+        set_sparse_cache(model, sparse_cache, sparse_block)
     if not allow_nonfinite:
         check_finite(model, path)
     if adapter is not None:

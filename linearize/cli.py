@@ -52,6 +52,16 @@ def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--init", choices=INITS,
                    help="paper: the method's published initialisation; baseline: the untrained model is exactly "
                         "window + sinks (the linear branch starts at weight 0 and training adds it)")
+    add_sparse_cache_arguments(g)
+
+
+def add_sparse_cache_arguments(group) -> None:
+    """--sparse-cache / --sparse-block (LoLA; convert, eval and generate take them)."""
+    group.add_argument("--sparse-cache", type=int, default=None, metavar="N",
+                       help="LoLA's sparse cache (lolcats only, no training needed): keep the N key/value pairs per "
+                            "layer and head that the recurrent state reproduces worst exact beside the window; 0 = off")
+    group.add_argument("--sparse-block", type=int, default=None, metavar="C",
+                       help="run the sparse cache's selection every C tokens (default 64)")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -62,6 +72,9 @@ def config_from_args(args: argparse.Namespace):
                   feature_dim=args.feature_dim, mixing=args.mixing, softmax_layers=args.softmax_layers,
                   layers=args.layers, share_state_across_group=args.share_state, normalize=args.normalize,
                   init=args.init)
+    for name in ("sparse_cache", "sparse_block"):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
     return LinearizeConfig(**fields)
 
 
@@ -187,7 +200,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .checkpoint import load
     from .summary import summarize
 
-    model = load(args.dir, allow_nonfinite=args.allow_nonfinite)
+    model = load(args.dir, allow_nonfinite=args.allow_nonfinite, sparse_cache=args.sparse_cache,
+                 sparse_block=args.sparse_block)
     print(f"{args.dir}: {type(model).__name__}")
     print(summarize(model))
     return 0
@@ -201,7 +215,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("empty prompt: pass --prompt TEXT or pipe text on stdin")
     generate_text(args.dir, prompt, max_new_tokens=args.max_new_tokens, teacher=args.teacher,
                   do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, chat=args.chat,
-                  allow_nonfinite=args.allow_nonfinite)
+                  allow_nonfinite=args.allow_nonfinite, sparse_cache=args.sparse_cache,
+                  sparse_block=args.sparse_block)
     return 0
 
 
@@ -231,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="summarize a saved linearized model")
     p.add_argument("dir", help="a folder written by `linearize convert` or save_pretrained")
     p.add_argument("--allow-nonfinite", action="store_true", help=NONFINITE_HELP)
+    add_sparse_cache_arguments(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("generate", help="stream text from a saved model with the constant-memory cache")
@@ -243,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--allow-nonfinite", action="store_true", help=NONFINITE_HELP)
+    add_sparse_cache_arguments(p)
     p.set_defaults(func=cmd_generate)
 
     for name, (module, add, run, text) in DELEGATED_COMMANDS.items():

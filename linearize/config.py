@@ -95,6 +95,12 @@ class LinearizeConfig:
         parameter-free maps the result is the same).
     lolcats_init_window_factor: LoLCATs' per-head window factor gamma = sigmoid(w) at
         initialisation (0.1 in the published configs).
+    sparse_cache: LoLA's sparse global cache (inference only, needs mixing='lolcats'): this
+        many key/value pairs per layer and state head, those the recurrent state reproduces
+        worst, stay exact beside the window instead of entering the state; 0 turns it off.
+        See `linearize.kernels.hybrid.sparse_cache`.
+    sparse_block: the cache's selection runs every this many tokens (LoLA's chunk; a query
+        then sees between `window` and `window + sparse_block - 1` recent tokens exactly).
     """
 
     method: str = "liger-gla"
@@ -115,6 +121,8 @@ class LinearizeConfig:
     share_state_across_group: bool | None = None
     lolcats_init_window_factor: float = 0.1
     init: str | None = None
+    sparse_cache: int = 0
+    sparse_block: int = 64
 
     def __post_init__(self) -> None:
         self.validate()
@@ -146,6 +154,10 @@ class LinearizeConfig:
             raise ConfigError(f"mixing={out.mixing!r} needs the recurrence's normalizer: set normalize=True")
         if out.init == "baseline":
             out._start_at_baseline(self)
+        if out.sparse_cache and out.mixing != "lolcats":
+            raise ConfigError(f"sparse_cache needs the past-window hybrid (method lolcats, mixing='lolcats'): "
+                              f"{out.method} with mixing={out.mixing!r} has no state that pairs leave the window "
+                              "into; set sparse_cache=0 or convert with method lolcats")
         out.validate()
         return out
 
@@ -206,6 +218,10 @@ class LinearizeConfig:
             val = getattr(self, name)
             if val is not None and not isinstance(val, bool):
                 raise ConfigError(f"{name} must be true or false, got {val!r}")
+        for name, low in (("sparse_cache", 0), ("sparse_block", 1)):
+            val = getattr(self, name)
+            if not _is_int(val) or val < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, got {val!r}")
         if self.init is not None and self.init not in INITS:
             raise ConfigError(f"unknown init {self.init!r}; choose one of: {', '.join(INITS)}")
         if self.mixing == "lolcats" and self.method != "lolcats":

@@ -18,6 +18,10 @@ one; a gate (scalar, mamba2) decays a key from the step it leaves the window. Wi
 gradient passed straight through at the bound) and the window gets 4 sink tokens, so the
 untrained model is exactly the window + sinks baseline.
 
+With `sparse_cache=N` (LoLA, inference only): the N pairs per layer and state head that the
+state reproduces worst stay exact beside the window instead of entering the state
+(`linearize.kernels.hybrid.sparse_cache`; `linearize.set_sparse_cache` on a trained model).
+
 Kernels: the window op (with its log-denominator), the row max of its scores and the GLA over
 the delayed keys, each through the dispatcher (Triton on CUDA for the window and the GLA);
 the fused hybrid kernel implements the Liger mix and the shared-denominator option, not
@@ -32,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from ..kernels import (combine_past_window, delay_into_state, linear_key_mask, linear_recurrence,
-                       sliding_window_attention, window_max_score)
+                       sliding_window_attention, sparse_past_window_attention, window_max_score)
 from .base import DECODE_STEP_TOKENS, LinearizedAttention
 
 
@@ -73,6 +77,8 @@ class LolcatsAttention(LinearizedAttention):
             return super().attention(hidden, q, k, v, q_rot, k_rot, key_mask, cu_seqlens, state)
         B, T = q.shape[:2]
         lin_q, lin_k = (q_rot, k_rot) if cfg.linear_rope else (q, k)
+        if cfg.sparse_cache:
+            return self.sparse_attention(hidden, lin_q, lin_k, k, q_rot, k_rot, v, key_mask, cu_seqlens, state)
         seen = None if state is None else state.valid_seen
         keep = linear_key_mask(B, T, cfg.num_sink_tokens, key_mask, cu_seqlens, seen, device=q.device)
         o_win, lse, m = self.window_with_max(q_rot, k_rot, v, key_mask, cu_seqlens, state)
@@ -87,15 +93,38 @@ class LolcatsAttention(LinearizedAttention):
             state.recurrent, state.linear_tail = final, new_tail
         return combine_past_window(o_win, lse, m, num, den, self.window_factor(), self.linear_factor())
 
+    def sparse_attention(self, hidden, lin_q, lin_k, k_raw, q_rot, k_rot, v, key_mask, cu_seqlens, state):
+        """With LoLA's sparse cache (`sparse_cache` > 0, inference only): the exact tokens are
+        the sinks, the window (+ those waiting for the next selection) and the cached pairs."""
+        cfg = self.lconfig
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()) and self.training:
+            raise RuntimeError("the sparse cache (LoLA) is inference-only: its selection has no gradient. Distill "
+                               "with sparse_cache=0 and set it when evaluating (linearize eval --sparse-cache N)")
+        fq, fk, g = self.linear_inputs(hidden, lin_q, lin_k, k_raw)
+        previous = None if state is None else state.sparse
+        o, new = sparse_past_window_attention(
+            q_rot, k_rot, v, fq, fk, g, window=cfg.window, num_sink_tokens=cfg.num_sink_tokens,
+            budget=cfg.sparse_cache, block=cfg.sparse_block, scale=self.scaling, window_factor=self.window_factor(),
+            linear_factor=self.linear_factor(), key_mask=key_mask, cu_seqlens=cu_seqlens, state=previous)
+        if state is not None:
+            state.sparse = new
+        return o
+
     def extra_state_bytes(self) -> int:
         """The delayed keys and values waiting to enter the state: window x (Hs x F + HKV x D)
-        elements."""
-        if self.lconfig.mixing != "lolcats":
+        elements; with the sparse cache, also sparse_cache x Hs x (2 D + F) elements and up to
+        sparse_block more recent tokens."""
+        cfg = self.lconfig
+        if cfg.mixing != "lolcats":
             return 0
         elem = self.o_proj.weight.element_size()
         feat = self.linearize_feature_map_k.out_dim
         per_step = self.state_heads * feat * elem + self.num_kv_heads * self.head_dim * elem
-        return self.lconfig.window * per_step
+        if not cfg.sparse_cache:
+            return cfg.window * per_step
+        cached = cfg.sparse_cache * self.state_heads * (2 * self.head_dim + feat) * elem
+        waiting = (cfg.window + cfg.sparse_block - 1) * (per_step + self.num_kv_heads * self.head_dim * elem)
+        return cached + waiting
 
     def window_with_max(self, q, k, v, key_mask, cu_seqlens, state):
         """The window's softmax output [B, T, H, V], log-denominator and row max [B, T, H]."""
