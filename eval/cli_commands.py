@@ -111,6 +111,8 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
 
 def run_eval(args: argparse.Namespace) -> int:
     """``linearize eval``: run, write the run folder, print the tables. Returns the exit code."""
+    from linearize.checkpoint import CheckpointError, check_writable
+
     from .runner import metrics_table, run_evaluation, task_table
 
     settings = settings_from_args(args)
@@ -118,8 +120,9 @@ def run_eval(args: argparse.Namespace) -> int:
         Path("runs") / "eval" / f"{Path(args.checkpoint).name}-{time.strftime('%Y%m%d-%H%M%S')}")
     log = lambda msg: print(f"[linearize eval] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     try:
+        check_writable(out, 0)  # before the model loads
         results = run_evaluation(settings, out, log=log)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"linearize eval: error: {e}", file=sys.stderr)
         return 2
     if results["tasks"]:
@@ -140,11 +143,14 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 
 def run_report(args: argparse.Namespace) -> int:
     """``linearize report``: merge run folders into one markdown report. Returns the exit code."""
+    from linearize.checkpoint import CheckpointError, check_writable
+
     from .report import write_report
 
     try:
+        check_writable(Path(args.out), 0)
         path = write_report(args.runs, args.out, title=args.title)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"linearize report: error: {e}", file=sys.stderr)
         return 2
     print(f"report: {path}")

@@ -121,6 +121,17 @@ def build_cases(src: Path, conv: Path, root: Path) -> dict[str, Case]:
     cases[d.name] = Case(["convert", src, "--out", ours, "--method", "liger-gla"], rc=0, words=["liger-gla"])
     d = folder("out_not_writable")
     cases[d.name] = Case(["convert", src, "--out", read_only_target(d)], words=["not writable", "--out"], keep=[d])
+    d = folder("eval_out_not_writable")
+    cases[d.name] = Case(["eval", conv, "--metrics", "perplexity", "--out", read_only_target(d)],
+                         words=["not writable", "--out"], absent=["Loading"], keep=[d])
+    d = folder("report_out_not_writable")
+    cases[d.name] = Case(["report", d, "--out", read_only_target(d) / "report.md"], words=["not writable", "--out"],
+                         keep=[d])
+    d = folder("sparse_cache_on_liger")
+    cases[d.name] = Case(["convert", src, "--method", "liger-gla", "--sparse-cache", "8", "--out", d / "x"],
+                         words=["sparse_cache needs", "lolcats"], keep=[d])
+    d = folder("info_sparse_cache_on_lizard")
+    cases[d.name] = Case(["info", conv, "--sparse-cache", "8"], words=["sparse_cache needs", "reconvert"], keep=[d])
     d = folder("layers_empty")
     cases[d.name] = Case(["convert", src, "--layers", "", "--out", d / "x"], words=["--layers", "no layer"], keep=[d])
     d = folder("softmax_layers_cover_all")
@@ -180,14 +191,16 @@ def battery(tmp_path_factory):
         results = {name: f.result() for name, f in futures.items()}
     after = {name: tree(cases_root / name) for name in cases}
     yield cases, results, before, after, shared_before, (tree(src), tree(conv))
-    ro = cases_root / "out_not_writable" / "ro"
-    if ro.exists():
-        os.chmod(ro, 0o755)
+    for name in ("out_not_writable", "eval_out_not_writable", "report_out_not_writable"):
+        ro = cases_root / name / "ro"
+        if ro.exists():
+            os.chmod(ro, 0o755)
 
 
 CASE_NAMES = [
     "out_is_a_file", "out_holds_another_model", "out_holds_user_files", "out_is_the_source",
-    "overwrite_replaces_another_model", "earlier_output_is_replaced", "out_not_writable", "layers_empty",
+    "overwrite_replaces_another_model", "earlier_output_is_replaced", "out_not_writable", "eval_out_not_writable",
+    "report_out_not_writable", "sparse_cache_on_liger", "info_sparse_cache_on_lizard", "layers_empty",
     "softmax_layers_cover_all", "convert_a_linearized_model", "info_nonfinite", "generate_nonfinite",
     "info_allow_nonfinite", "generate_allow_nonfinite", "config_without_linearize_key", "config_bad_linearize_field",
     "config_hidden_size_edited",
