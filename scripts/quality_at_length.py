@@ -40,6 +40,16 @@ RUNS = {
     "liger-gla-baseline": (dict(method="liger-gla", init="baseline"), True, True),
     "lizard-baseline": (dict(method="lizard", init="baseline"), True, True),
 }
+# LoLA's sparse cache at evaluation, no training of its own: name -> (the run whose trained
+# model it loads, pairs per layer and head). Untrained entries load the conversion.
+SPARSE = {
+    "lolcats-baseline-untrained+lola64": ("lolcats-baseline-untrained", 64),
+    "lolcats-baseline-untrained+lola256": ("lolcats-baseline-untrained", 256),
+    "lolcats-baseline-gate+lola64": ("lolcats-baseline-gate", 64),
+    "lolcats-baseline-gate+lola256": ("lolcats-baseline-gate", 256),
+}
+RUNS["lolcats-baseline-untrained"] = (dict(method="lolcats", init="baseline"), None, None)
+RUNS.update({name: None for name in SPARSE})
 
 
 def recipe(name: str, config: dict, stage1: bool, train_new: bool, args) -> dict:
@@ -66,6 +76,8 @@ def recipe(name: str, config: dict, stage1: bool, train_new: bool, args) -> dict
 
 
 def train(name: str, args) -> Path | None:
+    if name in SPARSE:
+        return train(SPARSE[name][0], args)
     spec = RUNS[name]
     if spec is None or spec[1] is None:
         return None
@@ -88,11 +100,14 @@ def load(name: str, final: Path | None):
 
     base = default_model_dir()
     tok = AutoTokenizer.from_pretrained(base)
+    source, budget = SPARSE.get(name, (name, None))
     if final is not None:
-        return linearize.load(str(final)).eval(), tok
+        return linearize.load(str(final), sparse_cache=budget).eval(), tok
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
-    if RUNS[name] is not None:
-        linearize.convert(model, linearize.LinearizeConfig(**RUNS[name][0]))
+    if RUNS[source] is not None:
+        linearize.convert(model, linearize.LinearizeConfig(**RUNS[source][0]))
+        if budget is not None:
+            linearize.set_sparse_cache(model, budget)
     return model, tok
 
 
@@ -144,6 +159,11 @@ LABELS = {
     "lolcats-baseline-gate": "LoLCATs + Mamba2 decay gate, init baseline",
     "liger-gla-baseline": "Liger Attention, init baseline",
     "lizard-baseline": "Lizard, init baseline",
+    "lolcats-baseline-untrained": "LoLCATs, init baseline, untrained (= window + sinks)",
+    "lolcats-baseline-untrained+lola64": "the same + LoLA sparse cache 64, untrained",
+    "lolcats-baseline-untrained+lola256": "the same + LoLA sparse cache 256, untrained",
+    "lolcats-baseline-gate+lola64": "LoLCATs + Mamba2 gate, init baseline + LoLA sparse cache 64",
+    "lolcats-baseline-gate+lola256": "LoLCATs + Mamba2 gate, init baseline + LoLA sparse cache 256",
 }
 
 
