@@ -435,9 +435,13 @@ def validate(recipe: Recipe) -> Recipe:
         raise RecipeError("both stages are disabled: set stage1.enabled=true and/or stage2.enabled=true")
     if recipe.linearize is not None:
         try:
-            LinearizeConfig.from_dict(dict(recipe.linearize))
+            config = LinearizeConfig.from_dict(dict(recipe.linearize)).resolved()
         except (ConfigError, TypeError) as e:
             raise RecipeError(f"recipe key linearize: {e}") from e
+        if config.sparse_cache:
+            raise RecipeError("recipe key linearize.sparse_cache: LoLA's sparse cache is inference-only (its selection "
+                              "has no gradient); distill with sparse_cache 0 and set it when evaluating "
+                              "(linearize eval --sparse-cache N)")
     return recipe
 
 

@@ -104,3 +104,10 @@ def test_convert_cli_takes_it_and_refuses_it_for_liger():
     args = build_parser().parse_args(["convert", "--method", "liger-gla", "--sparse-cache", "16"])
     with pytest.raises(ConfigError, match="sparse_cache needs"):
         config_from_args(args).resolved()
+
+
+def test_a_recipe_that_trains_through_it_is_refused_before_loading():
+    from linearize.distill.recipe import Recipe, RecipeError, validate
+
+    with pytest.raises(RecipeError, match="inference-only"):
+        validate(Recipe(linearize={"method": "lolcats", "sparse_cache": 16}))
