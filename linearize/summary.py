@@ -89,7 +89,11 @@ def summarize(model: nn.Module, contexts: tuple[int, ...] = (4096, 32768)) -> Co
     kv = kv_bytes_per_token(model)
     fixed = sum(layer_state_bytes(m) for m in mixers(model))
     added = sum(p.numel() for _, p in new_parameters(model))
+    method = st.config.method
+    if st.config.sparse_cache:
+        method += (f" + sparse cache of {st.config.sparse_cache} pairs per layer and head "
+                   f"(selected every {st.config.sparse_block} tokens)")
     return ConversionSummary(
-        st.config.method, n, list(st.layers), kept, added, total,
+        method, n, list(st.layers), kept, added, total,
         {c: fixed + len(kept) * kv * c for c in contexts}, {c: n * kv * c for c in contexts},
     )
