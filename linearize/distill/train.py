@@ -15,6 +15,7 @@ resumed one take the same path, and the final export is rebuilt from the last ch
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import shutil
@@ -31,6 +32,7 @@ import yaml
 from ..convert import convert, is_linearized, mixers, new_parameters, teacher
 from ..config import LinearizeConfig
 from ..mixers import AttentionTransfer
+from ..sparse_cache import set_sparse_cache
 from .checkpointing import (CheckpointMissingError, TrainerState, all_finite, checkpoint_name, clean_partial,
                             fsync_tree, last_good_checkpoint, latest_checkpoint, point_latest, read_checkpoint,
                             save_checkpoint, usable_checkpoint, write_atomic)
@@ -134,6 +136,16 @@ def load_tokenizer(path: str):
     return tok
 
 
+def source_sparse_cache(path: str) -> tuple[int, int] | None:
+    """(sparse_cache, sparse_block) of an already linearized source folder that sets the sparse
+    cache, else None."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return None
+    spec = json.loads(config.read_text()).get("linearize") or {}
+    return (spec["sparse_cache"], spec.get("sparse_block", 64)) if spec.get("sparse_cache") else None
+
+
 def build_model(recipe: Recipe, path: str):
     """Load the model and linearize it (unless the folder already is), ready for training.
 
@@ -156,6 +168,8 @@ def build_model(recipe: Recipe, path: str):
         if recipe.linearize is None:
             raise RecipeError(f"{path} is not linearized: give a linearize config (e.g. linearize: {{method: lizard}})")
         convert(model, LinearizeConfig.from_dict(dict(recipe.linearize)))
+    if already and model.config.linearize.get("sparse_cache"):
+        set_sparse_cache(model, 0)  # inference-only (no gradient); `final` gets it back (write_final)
     model.config.use_cache = False
     softmax_layers = model.config.linearize.get("softmax_layers") or []
     max_pos = getattr(model.config, "max_position_embeddings", None)
@@ -686,6 +700,9 @@ class Run:
         base = Path(self.model_path)
         model.config.linearize_base_model = str(base.resolve()) if base.exists() else self.model_path
         model.config.use_cache = True
+        source = source_sparse_cache(self.model_path)
+        if source is not None:
+            set_sparse_cache(model, *source)
         model.save_pretrained(str(tmp))
         self.tokenizer.save_pretrained(str(tmp))
         fsync_tree(tmp)

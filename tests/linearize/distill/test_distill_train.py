@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import linearize
 from linearize.distill import DistillError, RecipeError, distill, load_recipe
@@ -144,3 +144,16 @@ def test_a_crash_while_saving_leaves_latest_on_the_previous_checkpoint(write_rec
     run(path, "resume=true")
     assert not any(p.name.startswith(".tmp-") for p in ck.iterdir())
     assert [r["step"] for r in read_log(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_model_saved_with_a_sparse_cache_trains_without_it_and_keeps_it(write_recipe, assets, tmp_path):
+    """The cache has no gradient: distill turns it off for training and `final` carries it again."""
+    source = tmp_path / "lolcats-sparse"
+    model = AutoModelForCausalLM.from_pretrained(assets / "model")
+    linearize.convert(model, method="lolcats", window=8, init="baseline", sparse_cache=6, sparse_block=4)
+    model.save_pretrained(source)
+    AutoTokenizer.from_pretrained(assets / "model").save_pretrained(source)
+    final = run(write_recipe(model={"path": str(source)}, linearize=None, stage1={"enabled": False}))
+    saved = linearize.load(final)
+    assert (saved.config.linearize["sparse_cache"], saved.config.linearize["sparse_block"]) == (6, 4)
+    assert [r["stage"] for r in read_log(tmp_path / "run")] == [2, 2]
