@@ -27,12 +27,13 @@ def _layer_selection(text: str) -> list[int]:
 
 def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("conversion (unset options take the method's defaults)")
-    g.add_argument("--method", choices=METHODS, default="liger-gla",
+    g.add_argument("--method", choices=METHODS, default=None,
                    help="liger-gla / liger-hgrn2: parameter-free gates from the key (Liger Attention: window 64 + "
                         "recurrence, 0.5/0.5); lizard: Hedgehog maps, scalar gate, window 128 with 4 sink logits; "
                         "lolcats: Hedgehog linear attention over the keys past a 64-token window, one denominator "
-                        "(as published); window-sinks: softmax over "
-                        "4 sink tokens + last 64 (no training). Default: liger-gla")
+                        "(as published); window-sinks: softmax over 4 sink tokens + last 64 (no training). "
+                        "Default: the recommended conversion, lolcats --init baseline --gate mamba2 --sparse-cache 64 "
+                        "(the best measured; README, docs/quality-at-length.md)")
     g.add_argument("--window", type=int, help="sliding-window size of the softmax branch; 0 = pure recurrent form")
     g.add_argument("--sinks", dest="num_sink_tokens", type=int, help="number of sink tokens always attended")
     g.add_argument("--sink-logits", dest="num_sink_logits", type=int, help="learned meta-memory logits per head (Lizard)")
@@ -71,11 +72,11 @@ def config_from_args(args: argparse.Namespace):
                   num_sink_logits=args.num_sink_logits, gate=args.gate, feature_map=args.feature_map,
                   feature_dim=args.feature_dim, mixing=args.mixing, softmax_layers=args.softmax_layers,
                   layers=args.layers, share_state_across_group=args.share_state, normalize=args.normalize,
-                  init=args.init)
-    for name in ("sparse_cache", "sparse_block"):
-        if getattr(args, name) is not None:
-            fields[name] = getattr(args, name)
-    return LinearizeConfig(**fields)
+                  init=args.init, sparse_cache=args.sparse_cache, sparse_block=args.sparse_block)
+    given = {k: v for k, v in fields.items() if v is not None}  # None: the method's default
+    if args.method is None:  # the recommended conversion, with what the user set on top
+        return LinearizeConfig.recommended(**given)
+    return LinearizeConfig(**given)
 
 
 def model_source(name: str | None) -> tuple[str | Path, str]:

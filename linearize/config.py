@@ -51,6 +51,14 @@ METHOD_DEFAULTS: dict[str, MethodDefaults] = {
 }
 
 
+# What `linearize convert` makes when no --method is given (`LinearizeConfig.recommended()`):
+# the conversion that measures best at this project's CPU budget (docs/quality-at-length.md).
+# LoLCATs' hybrid started at the window + sinks baseline, so it is never worse than truncating
+# attention before training, with a Mamba2 decay gate (best after training) and LoLA's sparse
+# cache of 64 exact pairs per layer and head (passkey beyond the window without training).
+RECOMMENDED: dict[str, Any] = {"method": "lolcats", "init": "baseline", "gate": "mamba2", "sparse_cache": 64}
+
+
 class ConfigError(ValueError):
     """A LinearizeConfig field has a bad value; the message names the field and the fix."""
 
@@ -126,6 +134,11 @@ class LinearizeConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @classmethod
+    def recommended(cls, **overrides: Any) -> "LinearizeConfig":
+        """The `RECOMMENDED` conversion (the CLI's default), with fields overridden."""
+        return cls(**{**RECOMMENDED, **overrides})
 
     def resolved(self) -> "LinearizeConfig":
         """A copy with every method default filled in."""

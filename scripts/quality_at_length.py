@@ -45,10 +45,13 @@ RUNS = {
 SPARSE = {
     "lolcats-baseline-untrained+lola64": ("lolcats-baseline-untrained", 64),
     "lolcats-baseline-untrained+lola256": ("lolcats-baseline-untrained", 256),
+    "lolcats-baseline+lola64": ("lolcats-baseline", 64),
     "lolcats-baseline-gate+lola64": ("lolcats-baseline-gate", 64),
+    "lolcats-baseline-gate-untrained+lola64": ("lolcats-baseline-gate-untrained", 64),
     "lolcats-baseline-gate+lola256": ("lolcats-baseline-gate", 256),
 }
 RUNS["lolcats-baseline-untrained"] = (dict(method="lolcats", init="baseline"), None, None)
+RUNS["lolcats-baseline-gate-untrained"] = (dict(method="lolcats", init="baseline", gate="mamba2"), None, None)
 RUNS.update({name: None for name in SPARSE})
 
 
@@ -162,7 +165,9 @@ LABELS = {
     "lolcats-baseline-untrained": "LoLCATs, init baseline, untrained (= window + sinks)",
     "lolcats-baseline-untrained+lola64": "LoLCATs, init baseline, untrained + LoLA sparse cache 64",
     "lolcats-baseline-untrained+lola256": "LoLCATs, init baseline, untrained + LoLA sparse cache 256",
+    "lolcats-baseline+lola64": "LoLCATs, init baseline + LoLA sparse cache 64",
     "lolcats-baseline-gate+lola64": "LoLCATs + Mamba2 gate, init baseline + LoLA sparse cache 64",
+    "lolcats-baseline-gate-untrained+lola64": "LoLCATs + Mamba2 gate, init baseline, untrained + LoLA sparse cache 64",
     "lolcats-baseline-gate+lola256": "LoLCATs + Mamba2 gate, init baseline + LoLA sparse cache 256",
 }
 

@@ -52,3 +52,16 @@ def test_unknown_method_is_rejected_by_the_parser(capsys):
     with pytest.raises(SystemExit):
         main(["convert", "--method", "mamba"])
     assert "invalid choice: 'mamba'" in capsys.readouterr().err
+
+
+def test_the_default_conversion_is_the_recommended_one_and_options_apply_on_top():
+    from linearize.cli import build_parser, config_from_args
+    from linearize.config import RECOMMENDED
+
+    default = config_from_args(build_parser().parse_args(["convert"])).resolved()
+    assert {k: getattr(default, k) for k in RECOMMENDED} == RECOMMENDED
+    assert default.num_sink_tokens == 4 and default.mixing == "lolcats"
+    tuned = config_from_args(build_parser().parse_args(["convert", "--sparse-cache", "0", "--gate", "none"])).resolved()
+    assert (tuned.method, tuned.sparse_cache, tuned.gate, tuned.init) == ("lolcats", 0, "none", "baseline")
+    liger = config_from_args(build_parser().parse_args(["convert", "--method", "liger-gla"])).resolved()
+    assert (liger.method, liger.sparse_cache, liger.init, liger.gate) == ("liger-gla", 0, "paper", "liger")
