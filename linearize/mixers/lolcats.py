@@ -112,8 +112,8 @@ class LolcatsAttention(LinearizedAttention):
 
     def extra_state_bytes(self) -> int:
         """The delayed keys and values waiting to enter the state: window x (Hs x F + HKV x D)
-        elements; with the sparse cache, also sparse_cache x Hs x (2 D + F) elements and up to
-        sparse_block more recent tokens."""
+        elements; with the sparse cache instead the cached pairs, sparse_cache x Hs x (2 D + F),
+        and the recent tokens waiting for a selection."""
         cfg = self.lconfig
         if cfg.mixing != "lolcats":
             return 0
@@ -122,9 +122,13 @@ class LolcatsAttention(LinearizedAttention):
         per_step = self.state_heads * feat * elem + self.num_kv_heads * self.head_dim * elem
         if not cfg.sparse_cache:
             return cfg.window * per_step
-        cached = cfg.sparse_cache * self.state_heads * (2 * self.head_dim + feat) * elem
-        waiting = (cfg.window + cfg.sparse_block - 1) * (per_step + self.num_kv_heads * self.head_dim * elem)
-        return cached + waiting
+        gate_width = 4 * (feat if cfg.gate == "liger" else 1)  # fp32 cumulative log gate per token and head
+        cached = cfg.sparse_cache * self.state_heads * ((2 * self.head_dim + feat) * elem + gate_width + 8 + 1)
+        # recent tokens: up to window + block - 1 feature-mapped keys and gates, and the keys and
+        # values of up to `block` tokens beyond the window's (which the base count holds)
+        recent = (cfg.window + cfg.sparse_block - 1) * self.state_heads * (feat * elem + gate_width)
+        beyond = cfg.sparse_block * 2 * self.num_kv_heads * self.head_dim * elem
+        return cached + recent + beyond
 
     def window_with_max(self, q, k, v, key_mask, cu_seqlens, state):
         """The window's softmax output [B, T, H, V], log-denominator and row max [B, T, H]."""
