@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from .config import LinearizeConfig
 from .families import decoder_layers
-from .hf_classes import linearized_classes
+from .hf_classes import auto_map, linearized_classes
 from .mixers import LinearizedAttention
 from .state import STATE_ATTR, is_linearized, linearize_state
 from .surgery import linearize_modules
@@ -57,8 +57,9 @@ def unconvert(model: nn.Module) -> nn.Module:
         mixer.sync_teacher_projections()
         setattr(layers[i], st.family.attention_name, mixer._teacher_attention)
     st.hook.remove()
-    for attr in ("linearize", "linearize_base_model_type"):
-        if hasattr(model.config, attr):
+    ours = {"linearize": None, "linearize_base_model_type": None, "auto_map": auto_map()}
+    for attr, value in ours.items():
+        if hasattr(model.config, attr) and (value is None or getattr(model.config, attr) == value):
             delattr(model.config, attr)
     model.config.__class__ = st.original_config_class
     model.__class__ = st.original_model_class

@@ -4,8 +4,16 @@ For every family, `linearized_<model_type>`: a config subclass that carries the 
 dict in config.json, and a model subclass that linearizes itself in `__init__`, so
 `AutoModelForCausalLM.from_pretrained(dir)` rebuilds the exact model, creates the decode
 cache for `generate()` and refuses weights that do not fit their config.
+
+A saved folder also describes itself to a process that never imported linearize: its
+config.json names `modeling_linearized.py` in `auto_map`, a three-line module written beside
+the weights that imports the installed linearize and hands transformers these classes, so
+`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` and
+`lm_eval --model hf --model_args pretrained=dir,trust_remote_code=True` load the student.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -17,6 +25,32 @@ from .state import BASE_CLASS_ATTR, linearize_state
 from .surgery import linearize_modules
 
 _CLASSES: dict[tuple[str, type], tuple[type, type]] = {}
+AUTO_MODULE = "modeling_linearized"
+
+
+def auto_map() -> dict[str, str]:
+    """The config.json `auto_map` of a linearized model (classes in `AUTO_MODULE`)."""
+    return {"AutoConfig": f"{AUTO_MODULE}.LinearizedConfig",
+            "AutoModelForCausalLM": f"{AUTO_MODULE}.LinearizedForCausalLM"}
+
+
+def auto_module_source(model_type: str) -> str:
+    """The text of `AUTO_MODULE`.py for a linearized `model_type` folder."""
+    return (f'"""Loads this folder\'s linearized {model_type} model through transformers\' Auto classes '
+            '(trust_remote_code=True)\nwith the installed linearize package (pip install linearize)."""\n'
+            "from linearize.hf_classes import auto_classes\n\n"
+            f"LinearizedConfig, LinearizedForCausalLM = auto_classes({model_type!r})\n")
+
+
+def auto_classes(model_type: str) -> tuple[type, type]:
+    """(config class, model class) registered for a linearized `model_type` (the `AUTO_MODULE`'s)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    register_auto_classes()
+    base_config = CONFIG_MAPPING[model_type]
+    mdl, cfg = linearized_classes(model_type, MODEL_FOR_CAUSAL_LM_MAPPING[base_config], base_config)
+    return cfg, mdl
 
 
 class LinearizedModelMixin:
@@ -43,6 +77,14 @@ class LinearizedModelMixin:
         if user_cache is not None or generation_config.use_cache is False or linearize_state(self).teacher_active:
             return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         model_kwargs["cache"] = LinearizeCache(self)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As transformers', plus `AUTO_MODULE`.py so the folder loads without `import linearize`."""
+        self.config.auto_map = auto_map()
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            base_type = self.config.model_type.removeprefix("linearized_")
+            (Path(save_directory) / f"{AUTO_MODULE}.py").write_text(auto_module_source(base_type))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):

@@ -94,12 +94,10 @@ class LolcatsAttention(LinearizedAttention):
         return combine_past_window(o_win, lse, m, num, den, self.window_factor(), self.linear_factor())
 
     def sparse_attention(self, hidden, lin_q, lin_k, k_raw, q_rot, k_rot, v, key_mask, cu_seqlens, state):
-        """With LoLA's sparse cache (`sparse_cache` > 0, inference only): the exact tokens are
-        the sinks, the window (+ those waiting for the next selection) and the cached pairs."""
+        """With LoLA's sparse cache (`sparse_cache` > 0): the exact tokens are the sinks, the
+        window (+ those waiting for the next selection) and the cached pairs. Meant for
+        inference (distill refuses it: the selection has no gradient of its own)."""
         cfg = self.lconfig
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()) and self.training:
-            raise RuntimeError("the sparse cache (LoLA) is inference-only: its selection has no gradient. Distill "
-                               "with sparse_cache=0 and set it when evaluating (linearize eval --sparse-cache N)")
         fq, fk, g = self.linear_inputs(hidden, lin_q, lin_k, k_raw)
         previous = None if state is None else state.sparse
         o, new = sparse_past_window_attention(
