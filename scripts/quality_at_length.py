@@ -358,8 +358,10 @@ def write_document(results: dict, args) -> Path:
     text = [
         "# Quality at length",
         "",
-        "Written by `python scripts/quality_at_length.py` (SmolLM2-135M-Instruct, fp32, this project's 2-core "
-        "CPU machine). Each trained run distills at "
+        f"Written by `python scripts/quality_at_length.py --work {WORK} --doc {DOC} --seq-len {args.seq_len} "
+        f"--stage1-tokens {args.stage1_tokens} --stage2-tokens {args.stage2_tokens}` (SmolLM2-135M-Instruct, fp32, "
+        "this project's 2-core CPU machine; `--runs NAME ...` picks entries, finished steps are reused). "
+        "Each trained run distills at "
         f"{args.seq_len}-token packed rows of the long documents' train split (stage 1 {args.stage1_tokens:,} "
         f"tokens where the method has new parameters, LR 1e-2, mean over layers; stage 2 {args.stage2_tokens:,} "
         "tokens of LoRA r=8 on q/k/v, LR 1e-3, cross-entropy; with `init=baseline` the new parameters train in "
