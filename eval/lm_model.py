@@ -52,12 +52,9 @@ def check_checkpoint(pretrained, adapter=None) -> tuple[Path, Path | None]:
                 "checkpoint the adapter was trained on) as well as adapter=DIR"
             )
         raise ValueError("no checkpoint given: pass pretrained=DIR")
-    path = Path(pretrained).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(
-            f"no checkpoint at {path}: pass a folder written by save_pretrained or "
-            "`linearize convert --out` (hub names are not resolved here)"
-        )
+    from linearize.checkpoint import resolve_model_folder
+
+    path = resolve_model_folder(pretrained)
     if path.is_dir() and not (path / "config.json").is_file() and (path / "adapter_config.json").is_file():
         base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
         raise ValueError(

@@ -273,7 +273,8 @@ def run_evaluation(settings: EvalSettings, out_dir: str | Path, log=print) -> di
     s = settings
     check_settings(s)
     check_metrics(s.metrics)
-    check_checkpoint(s.checkpoint, s.adapter)
+    path, _ = check_checkpoint(s.checkpoint, s.adapter)  # a hub id becomes its snapshot folder
+    s = dataclasses.replace(s, checkpoint=str(path))
     check_tokenizer(s.checkpoint)
     # A missing document package fails here, before the model loads.
     long_docs = long_documents("heldout")[: s.long_doc_documents] if "long-doc" in s.metrics else []

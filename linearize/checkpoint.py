@@ -23,7 +23,33 @@ from .load_checks import CheckpointError, checked_from_pretrained
 from .state import is_linearized
 
 __all__ = ["CheckpointError", "load", "register_auto_classes", "read_config_json", "check_config_json",
-           "check_finite", "check_output_folder", "check_writable", "save_folder", "is_linearize_output"]
+           "check_finite", "check_output_folder", "check_writable", "save_folder", "is_linearize_output",
+           "resolve_model_folder"]
+
+
+def resolve_model_folder(name: str | Path) -> Path:
+    """A local folder as it is; otherwise a hub id ("org/name") resolved to its snapshot folder
+    through huggingface_hub (the local cache only when HF_HUB_OFFLINE=1).
+
+    Raises FileNotFoundError naming both readings when neither finds the model.
+    """
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    text = str(name)
+    parts = text.split("/")
+    if len(parts) != 2 or not all(parts) or text.startswith((".", "~")):
+        raise FileNotFoundError(f"no checkpoint at {path}: pass a folder written by save_pretrained or "
+                                "`linearize convert --out`, or a hub id such as org/name")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id=text))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
+        raise FileNotFoundError(f"no folder at {path}, and {text!r} is not a hub model this machine can get "
+                                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); pass a local "
+                                "folder, or download it first (huggingface-cli download) when offline") from e
 
 
 def read_config_json(path: Path) -> dict:
@@ -98,7 +124,8 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: st
     """Load a linearized checkpoint folder (or a plain HF model folder) as a causal LM.
 
     Args:
-        path: a folder written by `save_pretrained` / `linearize convert --out`.
+        path: a folder written by `save_pretrained` / `linearize convert --out`, or a hub id
+            (its cached or downloaded snapshot).
         dtype: e.g. torch.bfloat16 (default: as saved).
         device: move the model there after loading.
         adapter: a peft LoRA adapter folder to apply on top (kept unmerged).
@@ -108,9 +135,7 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: st
 
     Raises CheckpointError naming config.json and the field, or the weight tensors, at fault.
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}: pass a folder written by save_pretrained or `linearize convert --out`")
+    path = resolve_model_folder(path)
     if not path.is_dir():
         raise CheckpointError(f"{path} is a file; pass the checkpoint folder that contains config.json")
     read_config_json(path)

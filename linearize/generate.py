@@ -48,10 +48,11 @@ def generate_text(model_dir: str | Path, prompt: str, *, max_new_tokens: int = 6
     from transformers import AutoTokenizer
 
     from .cache import LinearizeCache
-    from .checkpoint import load
+    from .checkpoint import load, resolve_model_folder
     from .convert import is_linearized
     from .convert import teacher as teacher_mode
 
+    model_dir = resolve_model_folder(model_dir)
     model = load(model_dir, allow_nonfinite=allow_nonfinite, sparse_cache=sparse_cache, sparse_block=sparse_block)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
