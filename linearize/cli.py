@@ -166,6 +166,7 @@ def check_convert_arguments(args: argparse.Namespace, config, source, name: str,
 def cmd_convert(args: argparse.Namespace) -> int:
     from .checkpoint import save_folder
     from .convert import convert
+    from .model_card import write_model_card
     from .summary import summarize
 
     if args.list_families:
@@ -188,6 +189,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         model.save_pretrained(folder)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
+        write_model_card(model, folder, name=out.name, base=str(args.model) if args.model else name)
 
     save_folder(out, write)
     t3 = time.perf_counter()

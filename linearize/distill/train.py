@@ -32,6 +32,7 @@ import yaml
 from ..convert import convert, is_linearized, mixers, new_parameters, teacher
 from ..config import LinearizeConfig
 from ..mixers import AttentionTransfer
+from ..model_card import write_model_card
 from ..sparse_cache import set_sparse_cache
 from .checkpointing import (CheckpointMissingError, TrainerState, all_finite, checkpoint_name, clean_partial,
                             fsync_tree, last_good_checkpoint, latest_checkpoint, point_latest, read_checkpoint,
@@ -679,6 +680,20 @@ class Run:
             os.rename(tmp, final)
         return final
 
+    def training_sentence(self) -> str:
+        """How this run trained, for the model card."""
+        r = self.recipe
+        stages = []
+        for n, st in ((1, r.stage1), (2, r.stage2)):
+            if st.enabled:
+                amount = f"{st.max_steps} steps" if st.max_steps else f"{st.max_tokens:,} tokens"
+                stages.append(f"stage {n} {amount}")
+        lora = r.stage2.lora
+        data = r.data.source or "the embedded default text"
+        return (f"Distilled by `linearize distill` from `{self.model_path}` on `{data}` at {r.seq_len}-token "
+                f"rows: {', '.join(stages)} (stage 1: attention transfer; stage 2: LoRA r={lora.r} on "
+                f"{', '.join(lora.target_modules)}). The run's recipe.yaml holds every setting.")
+
     def write_final(self, model, params: dict[str, torch.Tensor], tmp: Path) -> None:
         """Save the model with the checkpoint's LoRA into `tmp`, recording how to get the teacher back.
 
@@ -705,6 +720,8 @@ class Run:
             set_sparse_cache(model, *source)
         model.save_pretrained(str(tmp))
         self.tokenizer.save_pretrained(str(tmp))
+        write_model_card(model, tmp, name=f"{self.out.name}/final", base=self.model_path,
+                         training=self.training_sentence())
         fsync_tree(tmp)
 
 

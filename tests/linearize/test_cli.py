@@ -21,6 +21,9 @@ def test_embedded_default_converts_offline_end_to_end(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "linearized_llama" and cfg["linearize"]["softmax_layers"] == [0, 15]
     assert (out / "tokenizer.json").is_file()
+    card = (out / "README.md").read_text()
+    assert "# smol" in card and "lizard" in card and "Not trained" in card and "trust_remote_code=True" in card
+    assert '"softmax_layers": [\n    0,\n    15\n  ]' in card
     info = run_cli("info", str(out))
     assert info.returncode == 0 and "parameters added" in info.stdout
     gen = run_cli("generate", str(out), "--prompt", "The capital of France is", "--max-new-tokens", "4")

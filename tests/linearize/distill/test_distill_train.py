@@ -45,6 +45,9 @@ def test_both_stages_run_and_frozen_weights_stay_bit_identical(write_recipe, ass
     init = dict(linearize.new_parameters(fresh))
     assert any(not torch.equal(saved[k], init[k]) for k in new), "stage 1 did not train the new parameters"
 
+    card = (final / "README.md").read_text()
+    assert "Distilled by `linearize distill`" in card and "stage 1 2 steps, stage 2 2 steps" in card
+
     model = linearize.load(final, adapter=final / "adapter")
     lora = [n for n, _ in model.named_parameters() if "lora_B" in n]
     assert lora and any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
