@@ -706,6 +706,9 @@ class Run:
             peft_model = apply_lora(model, self.recipe)
             load_params(peft_model, lora)
             if self.recipe.save_adapter:
+                # The adapter's base is the converted model saved beside it, not the softmax source:
+                # AutoPeftModelForCausalLM and PeftModel.from_pretrained then build the student.
+                peft_model.peft_config["default"].base_model_name_or_path = str((self.out / "final").resolve())
                 peft_model.save_pretrained(str(tmp / "adapter"))
                 model = peft_model.unload()
             else:

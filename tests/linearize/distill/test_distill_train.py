@@ -160,3 +160,19 @@ def test_a_model_saved_with_a_sparse_cache_trains_without_it_and_keeps_it(write_
     saved = linearize.load(final)
     assert (saved.config.linearize["sparse_cache"], saved.config.linearize["sparse_block"]) == (6, 4)
     assert [r["stage"] for r in read_log(tmp_path / "run")] == [2, 2]
+
+
+def test_a_saved_adapter_reloads_as_the_student_with_peft_alone(write_recipe, tmp_path):
+    """adapter_config.json names the converted final model as its base, so peft's own loader
+    rebuilds the student (it used to name the softmax source and give the teacher's class)."""
+    from peft import AutoPeftModelForCausalLM
+
+    final = run(write_recipe(save_adapter=True))
+    base = json.loads((final / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(base) == final.resolve()
+    ids = torch.randint(3, 100, (1, 24))
+    with torch.no_grad():
+        ours = linearize.load(final, adapter=final / "adapter")(ids).logits
+        theirs = AutoPeftModelForCausalLM.from_pretrained(final / "adapter")
+        assert type(theirs.get_base_model()).__name__.startswith("Linearized")
+        assert torch.allclose(theirs(ids).logits, ours, atol=1e-6)
