@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .config import ConfigError, LinearizeConfig
 from .families import FAMILIES
-from .hf_classes import register_auto_classes
+from .hf_classes import AUTO_MODULE, register_auto_classes
 from .load_checks import CheckpointError, checked_from_pretrained
 from .state import is_linearized
 
@@ -168,6 +168,7 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: st
 
 # What save_pretrained (model, generation config, tokenizer) writes at a folder's top level.
 _SAVED_SUFFIXES = (".safetensors", ".json", ".jinja", ".model", ".txt", ".bin", ".tiktoken")
+_SAVED_NAMES = (f"{AUTO_MODULE}.py", "README.md")  # the auto_map module and the model card
 
 
 def is_linearize_output(path: Path) -> bool:
@@ -178,7 +179,7 @@ def is_linearize_output(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return (isinstance(data, dict) and isinstance(data.get("linearize"), dict)
-            and all(e.is_file() and e.name.endswith(_SAVED_SUFFIXES) for e in entries))
+            and all(e.is_file() and (e.name.endswith(_SAVED_SUFFIXES) or e.name in _SAVED_NAMES) for e in entries))
 
 
 def check_output_folder(out: Path, sources: list[Path], *, overwrite: bool, flag: str = "--overwrite") -> None:
