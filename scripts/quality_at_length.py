@@ -161,7 +161,7 @@ LABELS = {
     "lolcats-baseline": "LoLCATs, init baseline",
     "lolcats-baseline-gate": "LoLCATs + Mamba2 decay gate, init baseline",
     "liger-gla-baseline": "Liger Attention, init baseline",
-    "lizard-baseline": "Lizard, init baseline",
+    "lizard-baseline": "Lizard (window 128, not 64), init baseline",
     "lolcats-baseline-untrained": "LoLCATs, init baseline, untrained (= window + sinks)",
     "lolcats-baseline-untrained+lola64": "LoLCATs, init baseline, untrained + LoLA sparse cache 64",
     "lolcats-baseline-untrained+lola256": "LoLCATs, init baseline, untrained + LoLA sparse cache 256",
