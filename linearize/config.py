@@ -167,12 +167,16 @@ class LinearizeConfig:
             raise ConfigError(f"mixing={out.mixing!r} needs the recurrence's normalizer: set normalize=True")
         if out.init == "baseline":
             out._start_at_baseline(self)
-        if out.sparse_cache and out.mixing != "lolcats":
-            raise ConfigError(f"sparse_cache needs the past-window hybrid (method lolcats, mixing='lolcats'): "
-                              f"{out.method} with mixing={out.mixing!r} has no state that pairs leave the window "
-                              "into; set sparse_cache=0 or convert with method lolcats")
+        out.check_sparse_cache()
         out.validate()
         return out
+
+    def check_sparse_cache(self) -> None:
+        """ConfigError unless a sparse cache is off or has the past-window hybrid (resolved config)."""
+        if self.sparse_cache and self.mixing != "lolcats":
+            raise ConfigError(f"sparse_cache needs the past-window hybrid (method lolcats, mixing='lolcats'): "
+                              f"{self.method} with mixing={self.mixing!r} has no state that pairs leave the window "
+                              "into; set sparse_cache=0, or reconvert with method lolcats")
 
     def _start_at_baseline(self, given: "LinearizeConfig") -> None:
         """Fields for init='baseline': the linear branch weighs 0 under a learned weight."""
