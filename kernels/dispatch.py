@@ -108,6 +108,54 @@ def recurrent_gated_linear_attention(
     return recurrent_gla(q, k, v, g, **kwargs)
 
 
+def gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    g: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.LongTensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gated delta rule S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T, o_t = scale q_t S_t.
+
+    q: [B, T, H, K]; k: [B, T, HKV, K] (both usually L2-normalised); v: [B, T, HKV, V];
+    beta, g: [B, T, HKV] (g log decay <= 0); scale None: K ** -0.5; initial_state
+    [N, HKV, K, V]. Returns o [B, T, H, V] and the final state [N, HKV, K, V] fp32 (or None).
+    Backends: `naive` (fp64 loop) and `torch` (chunked, WY form); `triton` runs the torch path.
+    """
+    backend = backend or select_backend(q)
+    kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+                  cu_seqlens=cu_seqlens)
+    if backend == "naive":
+        from .delta.naive import naive_gated_delta_rule
+
+        return naive_gated_delta_rule(q, k, v, beta, g, **kwargs)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    from .delta.chunk import chunk_gated_delta_rule
+
+    return chunk_gated_delta_rule(q, k, v, beta, g, **kwargs)
+
+
+def recurrent_gated_delta_rule(q, k, v, beta, g, *, scale=None, initial_state=None, output_final_state=False,
+                               backend=None):
+    """The gated delta rule token by token against a carried state (decoding); shapes as
+    `gated_delta_rule` (initial_state [B, HKV, K, V]). `naive` forces the fp64 reference."""
+    kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
+    if (backend or select_backend(q)) == "naive":
+        from .delta.naive import naive_gated_delta_rule
+
+        return naive_gated_delta_rule(q, k, v, beta, g, **kwargs)
+    from .delta.recurrent import recurrent_gated_delta_rule as step
+
+    return step(q, k, v, beta, g, **kwargs)
+
+
 def hybrid_attention(
     q_win: torch.Tensor,
     k_win: torch.Tensor,
@@ -289,4 +337,4 @@ def linear_recurrence(q, k, v, g, *, keep=None, key_mask=None, normalize=True, c
     return o[..., :-1], o[..., -1].to(torch.promote_types(o.dtype, torch.float32)), final
 
 
-__all__ = ["sparse_past_window_attention", "combine_past_window", "delay_into_state", "linear_key_mask", "window_max_score", "past_window_attention", "linear_recurrence", "gated_linear_attention", "hybrid_attention", "recurrent_gated_linear_attention", "sliding_window_attention", "select_backend", "BACKENDS", "ENV_VAR"]
+__all__ = ["sparse_past_window_attention", "combine_past_window", "delay_into_state", "linear_key_mask", "window_max_score", "past_window_attention", "linear_recurrence", "gated_linear_attention", "gated_delta_rule", "recurrent_gated_delta_rule", "hybrid_attention", "recurrent_gated_linear_attention", "sliding_window_attention", "select_backend", "BACKENDS", "ENV_VAR"]

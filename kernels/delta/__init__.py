@@ -1,0 +1,1 @@
+"""The gated delta rule (Gated DeltaNet): fp64 reference, chunked PyTorch path, decode step."""
