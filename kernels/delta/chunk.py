@@ -107,32 +107,33 @@ def _chunk(q, k, v, beta, g, scale, initial_state, output_final_state, C):
     NC = max(1, math.ceil(T / C))
     pad = NC * C - T
 
-    def chunks(x):  # [B, T, HKV, ...] -> [B, HKV, NC, C, ...], zero-padded at the end
-        x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
-        x = x.reshape(B, NC, C, HKV, *x.shape[3:])
-        return x.permute(0, 3, 1, 2, *range(4, x.dim()))
+    def chunks(x, dtype=acc):  # [B, T, HKV, ...] -> contiguous [B, HKV, NC, C, ...], zero-padded at the end
+        x = torch.nn.functional.pad(x.to(dtype), (0, 0) * (x.dim() - 2) + (0, pad))
+        x = x.transpose(1, 2).contiguous()
+        return x.view(B, HKV, NC, C, *x.shape[3:])
 
-    qc = chunks(q.to(acc).view(B, T, HKV, G, K)).reshape(B, HKV, NC, C * G, K)
-    kc, vc, bc = chunks(k.to(acc)), chunks(v.to(acc)), chunks(beta.to(acc))
-    b = chunks(g.to(torch.float64)).cumsum(-1)  # [B, HKV, NC, C]
+    qc = chunks(q.view(B, T, HKV, G, K)).view(B, HKV, NC, C * G, K)
+    kc, vc, bc = chunks(k), chunks(v), chunks(beta)
+    b = chunks(g, torch.float64).cumsum(-1)  # [B, HKV, NC, C]
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    decay = (b.unsqueeze(-1) - b.unsqueeze(-2)).masked_fill(~causal, float("-inf")).exp().to(acc)  # [.., t, s]
-    kk = torch.matmul(kc, kc.transpose(-1, -2))
-    A = (kk * decay * bc.unsqueeze(-1)).tril(-1)
+    decay = (b.unsqueeze(-1) - b.unsqueeze(-2)).to(acc).masked_fill(~causal, float("-inf")).exp()  # [.., t, s]
+    eb = b.exp().to(acc)
+    A = (torch.matmul(kc, kc.transpose(-1, -2)) * decay * bc.unsqueeze(-1)).tril(-1)
     eye = torch.eye(C, dtype=acc, device=q.device)
-    rhs = torch.cat([vc * bc.unsqueeze(-1), kc * (bc * b.exp().to(acc)).unsqueeze(-1)], dim=-1)
-    U, W = torch.linalg.solve_triangular(A + eye, rhs, upper=False, unitriangular=True).split([V, K], dim=-1)
-    scores = torch.matmul(qc, kc.transpose(-1, -2)).view(B, HKV, NC, C, G, C) * decay.unsqueeze(-2) * scale
+    Tm = torch.linalg.solve_triangular(A + eye, eye.expand_as(A), upper=False, unitriangular=True)  # (I + A)^-1
+    U = torch.matmul(Tm, vc * bc.unsqueeze(-1))  # [.., C, V]
+    W = torch.matmul(Tm, kc * (bc * eb).unsqueeze(-1))  # [.., C, K]; u = U - W S_0
+    scores = torch.matmul(qc, kc.transpose(-1, -2)).view(B, HKV, NC, C, G, C).mul_(decay.unsqueeze(-2) * scale)
     scores = scores.view(B, HKV, NC, C * G, C)
-    qg = qc * (b.exp().to(acc) * scale).repeat_interleave(G, dim=-1).unsqueeze(-1)  # scale q_t exp(b_t)
-    kd = kc * (b[..., -1:] - b).exp().to(acc).unsqueeze(-1)  # k_s exp(b_C - b_s)
-    step = b[..., -1].exp().to(acc)[..., None, None]  # [B, HKV, NC, 1, 1]
+    qg = qc * (eb * scale).repeat_interleave(G, dim=-1).unsqueeze(-1)  # scale q_t exp(b_t)
+    kdT = (kc * (b[..., -1:] - b).exp().to(acc).unsqueeze(-1)).transpose(-1, -2).contiguous()  # k_s exp(b_C - b_s)
+    step = eb[..., -1, None, None]  # [B, HKV, NC, 1, 1]
     S = (initial_state.to(acc) if initial_state is not None
          else torch.zeros(B, HKV, K, V, dtype=acc, device=q.device))
     outs = []
     for c in range(NC):
         u = U[:, :, c] - torch.matmul(W[:, :, c], S)  # [B, HKV, C, V]
         outs.append(torch.matmul(qg[:, :, c], S) + torch.matmul(scores[:, :, c], u))
-        S = S * step[:, :, c] + torch.matmul(kd[:, :, c].transpose(-1, -2), u)
+        S = torch.addcmul(torch.matmul(kdT[:, :, c], u), S, step[:, :, c])
     o = torch.stack(outs, dim=2).view(B, HKV, NC * C, G, V).transpose(1, 2).reshape(B, NC * C, H, V)[:, :T]
     return o.to(q.dtype), (S if output_final_state else None)
