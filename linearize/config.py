@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-METHODS = ("liger-gla", "liger-hgrn2", "lizard", "lolcats", "window-sinks")
+METHODS = ("liger-gla", "liger-hgrn2", "lizard", "lolcats", "gated-deltanet", "window-sinks")
 GATES = ("liger", "scalar", "mamba2", "none")
-FEATURE_MAPS = ("softmax", "hedgehog", "none")
+FEATURE_MAPS = ("softmax", "hedgehog", "l2", "none")
 MIXINGS = ("fixed", "learned", "shared-denominator", "lolcats", "window-only", "linear-only")
 INITS = ("paper", "baseline")
 
@@ -46,6 +46,10 @@ METHOD_DEFAULTS: dict[str, MethodDefaults] = {
     # keys that left it, under one denominator; one key map (and state) per query head.
     "lolcats": MethodDefaults(64, "none", "hedgehog", "lolcats", True, True,
                               allowed_gates=("none", "scalar", "mamba2"), share_state=False),
+    # Gated DeltaNet: the gated delta rule on L2-normalised raw q, k (beta = sigmoid(x W_beta),
+    # Mamba2 decay) beside a 64-token window with 4 sink tokens; learned per-head branch weights.
+    "gated-deltanet": MethodDefaults(64, "mamba2", "l2", "learned", False, False, num_sink_tokens=4,
+                                     allowed_gates=("mamba2", "scalar", "none")),
     # Zero-training baseline: softmax over 4 sink tokens and the last 64 tokens.
     "window-sinks": MethodDefaults(64, "none", "none", "window-only", False, True, num_sink_tokens=4),
 }
@@ -79,7 +83,7 @@ class LinearizeConfig:
     gate: `liger` (pooled key, per channel), `scalar` (sigmoid of a learned projection, per
         token and head), `mamba2` (-exp(A) softplus(dt)), or `none`.
     feature_map: `softmax` (over the head dimension, Liger), `hedgehog` (learned, LoLCATs and
-        Lizard) or `none` (window-only methods).
+        Lizard), `l2` (L2 normalisation per head, gated-deltanet only) or `none` (window-only methods).
     feature_dim: width of the Hedgehog projection (None: the head dimension); the feature
         map outputs twice this many features.
     mixing: `fixed` (window_weight, linear_weight), `learned` (per-head weights initialised
@@ -216,6 +220,12 @@ class LinearizeConfig:
             raise ConfigError("window-sinks has no linear branch: leave feature_map unset")
         if self.method != "window-sinks" and self.feature_map == "none":
             raise ConfigError(f"{self.method} needs a feature map: softmax or hedgehog")
+        if (self.feature_map == "l2") != (self.method == "gated-deltanet") and self.feature_map is not None:
+            raise ConfigError("feature_map 'l2' is gated-deltanet's own (the delta rule on L2-normalised q, k), and "
+                              f"gated-deltanet takes no other: method {self.method} with {self.feature_map!r}")
+        if self.method == "gated-deltanet" and (self.normalize or self.mixing == "shared-denominator"):
+            raise ConfigError("gated-deltanet's delta rule has no normalizer: leave normalize off and use mixing "
+                              "fixed or learned")
         if self.mixing is not None:
             if self.mixing not in MIXINGS:
                 raise ConfigError(f"unknown mixing {self.mixing!r}; choose one of: {', '.join(MIXINGS)}")

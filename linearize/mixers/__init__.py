@@ -1,5 +1,6 @@
 """Mixers: one module per method, all built on `LinearizedAttention`."""
 from .base import NEW_PARAMETER_PREFIX, AttentionTransfer, LinearizedAttention
+from .deltanet import GatedDeltaNetAttention
 from .liger import LigerGLAAttention, LigerHGRN2Attention
 from .lizard import LizardAttention
 from .lolcats import LolcatsAttention
@@ -7,7 +8,8 @@ from .window_sinks import WindowSinksAttention
 
 MIXERS: dict[str, type[LinearizedAttention]] = {
     cls.method: cls
-    for cls in (LigerGLAAttention, LigerHGRN2Attention, LizardAttention, LolcatsAttention, WindowSinksAttention)
+    for cls in (LigerGLAAttention, LigerHGRN2Attention, LizardAttention, LolcatsAttention, GatedDeltaNetAttention,
+                WindowSinksAttention)
 }
 
 __all__ = ["MIXERS", "LinearizedAttention", "AttentionTransfer", "NEW_PARAMETER_PREFIX"]

@@ -36,6 +36,17 @@ class HedgehogFeatureMap(nn.Module):
         return torch.cat([torch.softmax(z, dim=-1), torch.softmax(-z, dim=-1)], dim=-1).to(x.dtype)
 
 
+class L2NormFeatureMap(nn.Module):
+    """The delta rule's map: x / ||x|| per head (no parameters). [B, T, H, D] -> same."""
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.out_dim = head_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(x.to(_acc(x)), dim=-1).to(x.dtype)
+
+
 def _acc(x: torch.Tensor) -> torch.dtype:
     """At least fp32 (bf16/fp16 inputs), fp64 kept."""
     return torch.promote_types(x.dtype, torch.float32)
@@ -46,4 +57,6 @@ def build_feature_map(kind: str, num_heads: int, head_dim: int, feature_dim: int
         return SoftmaxFeatureMap(head_dim)
     if kind == "hedgehog":
         return HedgehogFeatureMap(num_heads, head_dim, feature_dim)
+    if kind == "l2":
+        return L2NormFeatureMap(head_dim)
     raise ValueError(f"no feature map {kind!r}")

@@ -20,6 +20,8 @@ CASES = {
     "liger-gla-baseline": dict(method="liger-gla", window=6, init="baseline"),
     "window-sinks": dict(method="window-sinks", window=6, num_sink_tokens=2),
     "liger-gla-recurrent": dict(method="liger-gla", window=0, gate="mamba2"),
+    "gated-deltanet": dict(method="gated-deltanet", window=6, num_sink_tokens=2),
+    "gated-deltanet-recurrent": dict(method="gated-deltanet", window=0, share_state_across_group=False),
     "hybrid-lizard": dict(method="lizard", window=5, softmax_layers=[1]),
 }
 
@@ -174,7 +176,7 @@ def test_mixer_accepts_both_cache_argument_names(make_tiny_model):
     assert torch.equal(outs[0], outs[1])
 
 
-@pytest.mark.parametrize("case", ["lolcats", "lolcats-sinks-gate-baseline", "liger-gla", "lizard"])
+@pytest.mark.parametrize("case", ["lolcats", "lolcats-sinks-gate-baseline", "liger-gla", "lizard", "gated-deltanet"])
 def test_reported_state_bytes_equal_the_cache(make_tiny_model, case):
     """`linearize info`'s decode-state bytes are what the cache holds after a long prompt
     (keys, values and states; the one-byte validity flags and token counts left out)."""

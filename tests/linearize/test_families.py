@@ -84,7 +84,7 @@ def test_window_covering_the_sequence_reproduces_the_teacher(family, method):
     assert rel(logits(model, ids, mask, pos)[valid], ref[valid]) < 1e-5
 
 
-@pytest.mark.parametrize("method", ["liger-gla", "lizard", "lolcats"])
+@pytest.mark.parametrize("method", ["liger-gla", "lizard", "lolcats", "gated-deltanet"])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_cached_decode_with_left_padding_equals_the_full_forward(family, method):
     model = tiny_model(family)

@@ -10,7 +10,7 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("method", ["liger-gla", "liger-hgrn2", "lizard", "lolcats"])
+@pytest.mark.parametrize("method", ["liger-gla", "liger-hgrn2", "lizard", "lolcats", "gated-deltanet"])
 def test_untrained_equals_window_sinks(make_tiny_model, method):
     base = make_tiny_model("llama")
     state = {k: v.clone() for k, v in base.state_dict().items()}
@@ -29,7 +29,7 @@ def test_untrained_equals_window_sinks(make_tiny_model, method):
     assert rel(got[real], want[real]) < 1e-6
 
 
-@pytest.mark.parametrize("method", ["liger-gla", "lizard", "lolcats"])
+@pytest.mark.parametrize("method", ["liger-gla", "lizard", "lolcats", "gated-deltanet"])
 def test_baseline_linear_weight_gets_a_gradient(make_tiny_model, method):
     """The linear branch starts at weight 0 but is not stuck there: the loss has a gradient
     with respect to its per-head weight, so training can turn the recurrence on."""

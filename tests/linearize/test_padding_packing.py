@@ -25,6 +25,8 @@ CASES = {
     "window-sinks": dict(method="window-sinks", window=WINDOW),
     "liger-gla-recurrent": dict(method="liger-gla", window=0, gate="mamba2"),
     "lizard-recurrent": dict(method="lizard", window=0),
+    "gated-deltanet": dict(method="gated-deltanet", window=WINDOW),
+    "gated-deltanet-recurrent": dict(method="gated-deltanet", window=0),
 }
 TOL = 1e-5  # fp32 throughout; the two sides differ only in summation order
 
