@@ -15,7 +15,8 @@ U = T beta V and W = T beta exp(b) K, so u = U - W S_0 costs one matmul once S_0
     o_t = scale (exp(b_t) q_t S_0 + sum_{s <= t} exp(b_t - b_s) (q_t . k_s) u_s)
     S_C = exp(b_C) S_0 + sum_s exp(b_C - b_s) k_s u_s^T
 
-Everything but the short loop over chunks (u, o and S per chunk) runs for all chunks at once.
+Everything but the short loop over chunks (u, o and S per chunk) runs for all chunks at once;
+long inputs go in segments of whole chunks that carry the state, so temporaries stay bounded.
 Cumulative gates are summed in fp64 and every decay is exp of a difference <= 0 taken in
 fp64, masked before the exponential. Gradients flow through autograd (the triangular solve
 included).
@@ -25,6 +26,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+_SEGMENT_ELEMENTS = 1 << 24  # elements of the per-chunk [C, C] temporaries per segment of a long input
 
 
 def check_delta_inputs(q, k, v, beta, g, initial_state, cu_seqlens) -> None:
@@ -85,7 +88,7 @@ def chunk_gated_delta_rule(
     check_delta_inputs(q, k, v, beta, g, initial_state, cu_seqlens)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if cu_seqlens is None:
-        return _chunk(q, k, v, beta, g, scale, initial_state, output_final_state, chunk_size)
+        return _segments(q, k, v, beta, g, scale, initial_state, output_final_state, chunk_size)
     bounds = cu_seqlens.tolist()
     spans = list(zip(bounds, bounds[1:]))
     L = max(max(e - s for s, e in spans), 1)
@@ -94,8 +97,23 @@ def chunk_gated_delta_rule(
         return torch.stack([torch.nn.functional.pad(x[0, s:e], (0, 0) * (x.dim() - 2) + (0, L - e + s))
                             for s, e in spans])
 
-    o, final = _chunk(*(rows(x) for x in (q, k, v, beta, g)), scale, initial_state, output_final_state, chunk_size)
+    o, final = _segments(*(rows(x) for x in (q, k, v, beta, g)), scale, initial_state, output_final_state, chunk_size)
     return torch.cat([o[n, : e - s] for n, (s, e) in enumerate(spans)])[None], final
+
+
+def _segments(q, k, v, beta, g, scale, initial_state, output_final_state, C):
+    """Long inputs in segments of whole chunks that carry the state, so the [C, C] temporaries
+    (about C * (2 + G) floats per token and KV head) stay near `_SEGMENT_ELEMENTS`."""
+    B, T, H, _ = q.shape
+    per_token = B * k.shape[2] * C * (2 + H // k.shape[2])
+    span = max(1, _SEGMENT_ELEMENTS // (per_token * C)) * C
+    if T <= span:
+        return _chunk(q, k, v, beta, g, scale, initial_state, output_final_state, C)
+    outs, state = [], initial_state
+    for pieces in zip(*(x.split(span, dim=1) for x in (q, k, v, beta, g))):
+        o, state = _chunk(*pieces, scale, state, True, C)
+        outs.append(o)
+    return torch.cat(outs, dim=1), (state if output_final_state else None)
 
 
 def _chunk(q, k, v, beta, g, scale, initial_state, output_final_state, C):

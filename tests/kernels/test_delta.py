@@ -99,6 +99,16 @@ def test_varlen_matches_reference_and_separate_sequences():
         assert rel(o[:, a:b], on) < 1e-6 and rel(s[n:n + 1], sn) < 1e-6
 
 
+def test_long_inputs_in_segments_carry_the_state(monkeypatch):
+    """Segments of whole chunks (forced small here) give the same outputs, state and gradients,
+    padded batches and packed sequences alike."""
+    import linearize.kernels.delta.chunk as chunk
+
+    monkeypatch.setattr(chunk, "_SEGMENT_ELEMENTS", 1)  # one chunk per segment
+    assert_small(compare(make_inputs(2, 150, 4, 2, 8, 6), chunk_size=16))
+    assert_small(compare(make_inputs(1, 70, 2, 1, 8, 6, N=2), cu_seqlens=torch.tensor([0, 33, 70]), chunk_size=16))
+
+
 def test_recurrent_step_matches_reference_with_gradients():
     assert_small(compare(make_inputs(2, 9, 4, 2, 8, 6), fn=recurrent_step))
 
