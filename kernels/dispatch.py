@@ -126,7 +126,8 @@ def gated_delta_rule(
     q: [B, T, H, K]; k: [B, T, HKV, K] (both usually L2-normalised); v: [B, T, HKV, V];
     beta, g: [B, T, HKV] (g log decay <= 0); scale None: K ** -0.5; initial_state
     [N, HKV, K, V]. Returns o [B, T, H, V] and the final state [N, HKV, K, V] fp32 (or None).
-    Backends: `naive` (fp64 loop) and `torch` (chunked, WY form); `triton` runs the torch path.
+    Backends: `naive` (fp64 loop) and `torch` (chunked, WY form); `triton` runs the torch path
+    (no chunked Triton kernel yet: it works on CUDA tensors, at PyTorch speed).
     """
     backend = backend or select_backend(q)
     kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
@@ -145,9 +146,15 @@ def gated_delta_rule(
 def recurrent_gated_delta_rule(q, k, v, beta, g, *, scale=None, initial_state=None, output_final_state=False,
                                backend=None):
     """The gated delta rule token by token against a carried state (decoding); shapes as
-    `gated_delta_rule` (initial_state [B, HKV, K, V]). `naive` forces the fp64 reference."""
+    `gated_delta_rule` (initial_state [B, HKV, K, V]). The fused Triton kernel on CUDA (forward
+    only), the PyTorch loop elsewhere; `naive` forces the fp64 reference."""
     kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
-    if (backend or select_backend(q)) == "naive":
+    backend = backend or select_backend(q)
+    if backend == "triton" and not tracks_grad(q, k, v, beta, g, initial_state):
+        from .delta.fused_recurrent import fused_recurrent_gated_delta_rule
+
+        return fused_recurrent_gated_delta_rule(q, k, v, beta, g, **kwargs)
+    if backend == "naive":
         from .delta.naive import naive_gated_delta_rule
 
         return naive_gated_delta_rule(q, k, v, beta, g, **kwargs)

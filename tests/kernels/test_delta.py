@@ -45,7 +45,7 @@ def compare(inputs, *, fn=chunk_gated_delta_rule, scale=None, cu_seqlens=None, w
     state and the gradient of every input (a random linear loss on both outputs)."""
     *xs, h0 = inputs
     h0 = h0 if with_state else None
-    ref = [x.detach().to(F64).requires_grad_() for x in xs] + ([h0.detach().to(F64).requires_grad_()] if with_state else [])
+    ref = [x.detach().to(F64).requires_grad_() for x in xs + ([h0] if with_state else [])]
     o_ref, s_ref = naive_gated_delta_rule(*ref[:5], scale=scale, initial_state=ref[5] if with_state else None,
                                           output_final_state=True, cu_seqlens=cu_seqlens)
     gen = torch.Generator().manual_seed(1)
