@@ -183,7 +183,7 @@ def hybrid_attention(
     o = w_win * window + w_lin * gla (Liger Attention); mode "shared": LoLCATs' shared
     denominator with per-head weight c. Keyword arguments as in `naive_hybrid_attention`
     (num_sink_tokens, sink_logits, scale_win, scale_lin, w_win, w_lin, c, key_mask,
-    cu_seqlens, initial_state, output_final_state). Returns o [B, T, H, V] and the final
+    cu_seqlens, initial_state, output_final_state, softcap). Returns o [B, T, H, V] and the final
     state ([N, HKV, K, V], or V + 1 columns in shared mode) or None.
     """
     backend = backend or select_backend(q_win)
@@ -211,6 +211,7 @@ def sliding_window_attention(
     cu_seqlens: torch.LongTensor | None = None,
     backend: str | None = None,
     need_lse: bool = True,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sliding-window softmax attention with sink tokens and sink logits.
 
@@ -218,10 +219,11 @@ def sliding_window_attention(
     key_mask: [B, T] (False = padding). Returns o [B, T, H, Dv] and lse [B, T, H] (fp32),
     the log of each row's full softmax denominator (sink logits included). need_lse=False
     tells the op that lse is not used: the CPU path may then return None for it and run faster.
+    softcap: c caps the scaled scores to c * tanh(s / c) before the softmax (Gemma-2); None = no cap.
     """
     backend = backend or select_backend(q)
     kwargs = dict(window=window, num_sink_tokens=num_sink_tokens, sink_logits=sink_logits, scale=scale,
-                  key_mask=key_mask, cu_seqlens=cu_seqlens)
+                  key_mask=key_mask, cu_seqlens=cu_seqlens, softcap=softcap)
     if backend == "naive":
         from .window.naive import naive_window_attention
 
@@ -249,8 +251,10 @@ def window_max_score(
     key_mask: torch.Tensor | None = None,
     cu_seqlens: torch.LongTensor | None = None,
     backend: str | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Each query's largest score over the keys the window op lets it attend.
+    """Each query's largest score over the keys the window op lets it attend (soft-capped
+    scores when `softcap` is given).
 
     q: [B, T, H, D]; k: [B, T, HKV, D]. Returns m [B, T, H] fp32 (-inf for a query that sees
     nothing), differentiable. `naive` is the dense fp64-capable reference; every other backend
@@ -258,7 +262,7 @@ def window_max_score(
     """
     backend = backend or select_backend(q)
     kwargs = dict(window=window, num_sink_tokens=num_sink_tokens, scale=scale, key_mask=key_mask,
-                  cu_seqlens=cu_seqlens)
+                  cu_seqlens=cu_seqlens, softcap=softcap)
     if backend == "naive":
         from .window.naive import naive_window_max_score
 
@@ -284,13 +288,14 @@ def past_window_attention(
     key_mask: torch.Tensor | None = None,
     cu_seqlens: torch.LongTensor | None = None,
     backend: str | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """LoLCATs' hybrid as published, for whole sequences (see `kernels.hybrid.past_window`).
 
     q_win [B, T, H, D], k_win [B, T, HKV, D] (after RoPE); v [B, T, HKV, V]; q_lin [B, T, H, F];
     k_lin [B, T, H or HKV, F] feature-mapped keys; g log decay [B, T, H or HKV(, F)] or None;
-    window_factor (gamma) and linear_factor (lam): [H] or scalars. Returns o [B, T, H, V]
-    (fp32). The window op, its row max and the GLA over keys delayed by `window` are the
+    window_factor (gamma) and linear_factor (lam): [H] or scalars; softcap: the window scores'
+    cap (None = none). Returns o [B, T, H, V] (fp32). The window op, its row max and the GLA over keys delayed by `window` are the
     dispatcher's ops; `naive` forces the dense reference.
     """
     backend = backend or select_backend(q_win)
@@ -300,9 +305,10 @@ def past_window_attention(
         return naive_past_window_attention(q_win, k_win, v, q_lin, k_lin, g, window=window,
                                            num_sink_tokens=num_sink_tokens, scale=scale,
                                            window_factor=window_factor, linear_factor=linear_factor,
-                                           key_mask=key_mask, cu_seqlens=cu_seqlens)
+                                           key_mask=key_mask, cu_seqlens=cu_seqlens, softcap=softcap)
     B, T = q_win.shape[:2]
-    win = dict(window=window, num_sink_tokens=num_sink_tokens, scale=scale, key_mask=key_mask, cu_seqlens=cu_seqlens)
+    win = dict(window=window, num_sink_tokens=num_sink_tokens, scale=scale, key_mask=key_mask, cu_seqlens=cu_seqlens,
+               softcap=softcap)
     o_win, lse = sliding_window_attention(q_win, k_win, v, backend=backend, need_lse=True, **win)
     m = window_max_score(q_win, k_win, backend=backend, **win)
     keep = linear_key_mask(B, T, num_sink_tokens, key_mask, cu_seqlens, device=q_win.device)

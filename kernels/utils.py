@@ -70,3 +70,16 @@ def check_window_inputs(q, k, v, window, num_sink_tokens, sink_logits, key_mask,
     check_cu_seqlens(B, T, cu_seqlens)
     if cu_seqlens is not None and key_mask is not None:
         raise ValueError("use either cu_seqlens (packed) or key_mask (padded), not both")
+
+
+def soft_cap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Gemma-2's attention logit soft-cap c * tanh(s / c) on scaled scores (any shape);
+    None returns `scores` itself. Differentiable through tanh."""
+    if softcap is None:
+        return scores
+    return torch.tanh(scores / softcap) * softcap
+
+
+def check_softcap(softcap: float | None) -> None:
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be positive (or None), got {softcap}")

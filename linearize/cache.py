@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
+from .kernels.utils import soft_cap
 from .state import linearize_state
 
 
@@ -144,19 +145,20 @@ class LinearizedLayerCache(CacheLayerMixin):
         self.win_sink = _cat(self.win_sink, is_sink)[:, -keep:] if keep else is_sink[:, :0]
         self.valid_seen = self.valid_seen + valid.long().sum(-1)
 
-    def window_attention(self, q, k, v, key_mask, *, window: int, num_sink_tokens: int, sink_logits, scale: float):
+    def window_attention(self, q, k, v, key_mask, *, window: int, num_sink_tokens: int, sink_logits, scale: float,
+                         softcap: float | None = None):
         """Softmax of new queries [B, T, H, D] over sinks, the cached window and the new keys.
 
         Queries go in blocks of `QUERY_BLOCK`: a block sees the sinks, the cached window and
         only the new keys within `window` of it (plus new sink tokens), so a long chunk costs
         O(T * (window + block)), not O(T^2). Returns o [B, T, H, D], lse [B, T, H] (fp32) and
         each row's largest score m [B, T, H] (fp32, sink logits excluded), then stores the new
-        keys/values.
+        keys/values. softcap: scores capped to c * tanh(s / c) before the softmax (Gemma-2).
         """
         B, T = q.shape[:2]
         if T == 1 and key_mask is None and (num_sink_tokens == 0 or self.valid_seen is not None and bool(
                 (self.valid_seen >= num_sink_tokens).all())):
-            out = self._attend_one(q, k, v, sink_logits, scale)
+            out = self._attend_one(q, k, v, sink_logits, scale, softcap)
             self.store_window(k, v, None, window=window, num_sink_tokens=num_sink_tokens)
             return out
         valid, rank = self._new_ranks(B, T, key_mask, k.device)
@@ -168,7 +170,7 @@ class LinearizedLayerCache(CacheLayerMixin):
             lo = max(0, t0 - window + 1)
             cols = torch.cat([torch.arange(min(sink_end, lo), device=q.device), torch.arange(lo, t1, device=q.device)])
             blocks.append(self._attend(q[:, t0:t1], torch.arange(t0, t1, device=q.device), cols, k, v, valid, new_sink,
-                                       window, sink_logits, scale))
+                                       window, sink_logits, scale, softcap))
         self.store_window(k, v, key_mask, window=window, num_sink_tokens=num_sink_tokens)
         return tuple(torch.cat(parts, dim=1) for parts in zip(*blocks))
 
@@ -189,7 +191,7 @@ class LinearizedLayerCache(CacheLayerMixin):
             masks.append(self.win_valid & ~self.win_sink)
         return keys, values, masks
 
-    def _attend_one(self, q, k, v, sink_logits, scale):
+    def _attend_one(self, q, k, v, sink_logits, scale, softcap=None):
         """One new, valid, non-sink token (the decode step): q [B, 1, H, D] against the sinks, the
         cached window (all within reach of it) and its own key, in a handful of ops. Returns o
         [B, 1, H, Dv] (q's dtype), lse and the row max [B, 1, H] fp32."""
@@ -203,7 +205,7 @@ class LinearizedLayerCache(CacheLayerMixin):
         K = torch.cat(keys, dim=1).float().permute(0, 2, 3, 1)  # [B, HKV, D, N]
         V = torch.cat(values, dim=1).float().transpose(1, 2)  # [B, HKV, N, Dv]
         N = V.shape[2]
-        scores = torch.matmul(q.float().view(B, HKV, G, D), K).mul_(scale)  # [B, HKV, G, N]
+        scores = soft_cap(torch.matmul(q.float().view(B, HKV, G, D), K).mul_(scale), softcap)  # [B, HKV, G, N]
         scores.masked_fill_(~torch.cat(masks, dim=1)[:, None, None, :], float("-inf"))
         row_max = scores.amax(-1)
         if sink_logits is not None:
@@ -214,7 +216,7 @@ class LinearizedLayerCache(CacheLayerMixin):
         o = torch.matmul(probs, V)  # [B, HKV, G, Dv]
         return o.reshape(B, 1, H, -1).to(q.dtype), lse.reshape(B, 1, H), row_max.reshape(B, 1, H)
 
-    def _attend(self, q, rows, cols, k, v, valid, new_sink, window, sink_logits, scale):
+    def _attend(self, q, rows, cols, k, v, valid, new_sink, window, sink_logits, scale, softcap=None):
         """Queries q [B, R, H, D] at new positions `rows` against the sinks, the cached window and
         the new keys at positions `cols`; returns o [B, R, H, Dv] (q's dtype), lse and the row max
         [B, R, H] fp32."""
@@ -236,7 +238,7 @@ class LinearizedLayerCache(CacheLayerMixin):
         V = torch.cat([x.to(v.dtype) for x in values], dim=1).float()
         allowed = torch.cat(masks, dim=-1)  # [B, R, S]
         G = H // HKV
-        scores = torch.einsum("bthgd,bshd->bhgts", q.float().view(B, R, HKV, G, D), K) * scale
+        scores = soft_cap(torch.einsum("bthgd,bshd->bhgts", q.float().view(B, R, HKV, G, D), K) * scale, softcap)
         scores = scores.reshape(B, H, R, -1).masked_fill(~allowed[:, None], float("-inf"))
         row_max = scores.amax(-1)  # [B, H, R]
         if sink_logits is not None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..gla.naive import naive_gla
-from ..utils import sequence_spans
+from ..utils import sequence_spans, soft_cap
 from ..window.naive import naive_window_attention
 
 MODES = ("mix", "shared")
@@ -106,6 +106,7 @@ def naive_hybrid_attention(
     cu_seqlens: torch.LongTensor | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Window softmax + gated linear attention of one layer, from the two naive references.
 
@@ -121,6 +122,8 @@ def naive_hybrid_attention(
         key_mask: [B, T] bool, False = padding, invisible to both branches.
         cu_seqlens: [N + 1] packed sequences (B == 1).
         initial_state: [N, HKV, K, V] (mix) or [N, HKV, K, V + 1] (shared: S, then z).
+        softcap: the window scores' cap c * tanh(s / c) (Gemma-2); the linear branch has no
+            scores and is not capped. None = no cap.
 
     Returns:
         o: [B, T, H, V] in q_win's dtype; final_state like initial_state (fp32/fp64) or None.
@@ -128,19 +131,21 @@ def naive_hybrid_attention(
     return compose_hybrid(naive_window_attention, naive_gla, q_win, k_win, v, q_lin, k_lin, g, window=window,
                           mode=mode, num_sink_tokens=num_sink_tokens, sink_logits=sink_logits, scale_win=scale_win,
                           scale_lin=scale_lin, w_win=w_win, w_lin=w_lin, c=c, key_mask=key_mask,
-                          cu_seqlens=cu_seqlens, initial_state=initial_state, output_final_state=output_final_state)
+                          cu_seqlens=cu_seqlens, initial_state=initial_state, output_final_state=output_final_state,
+                          softcap=softcap)
 
 
 def compose_hybrid(window_op, gla_op, q_win, k_win, v, q_lin, k_lin, g, *, window, mode="mix", num_sink_tokens=0,
                    sink_logits=None, scale_win=None, scale_lin=1.0, w_win=None, w_lin=None, c=None, key_mask=None,
-                   cu_seqlens=None, initial_state=None, output_final_state=False):
+                   cu_seqlens=None, initial_state=None, output_final_state=False, softcap=None):
     """The hybrid from one window op and one GLA op of the same signature (naive or chunked);
     arguments and results as in `naive_hybrid_attention`."""
     check_hybrid_inputs(q_win, k_win, v, q_lin, k_lin, g, mode)
     H = q_win.shape[2]
     acc = torch.float64 if q_win.dtype == torch.float64 else torch.float32
     o_win, lse = window_op(q_win, k_win, v, window=window, num_sink_tokens=num_sink_tokens, sink_logits=sink_logits,
-                           scale=scale_win, key_mask=key_mask, cu_seqlens=cu_seqlens)
+                           scale=scale_win, key_mask=key_mask, cu_seqlens=cu_seqlens,
+                           **({} if softcap is None else dict(softcap=softcap)))
     k_lin, g = mask_linear_inputs(k_lin, g, key_mask)
     v_lin = v if mode == "mix" else torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
     o_lin, final_state = gla_op(q_lin, k_lin, v_lin, g, scale=scale_lin, initial_state=initial_state,
@@ -167,13 +172,15 @@ def naive_past_window_attention(
     linear_factor: torch.Tensor | float = 1.0,
     key_mask: torch.Tensor | None = None,
     cu_seqlens: torch.LongTensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """LoLCATs as published, one query at a time from its equation (the fp64 reference).
 
     o_i = (gamma sum_{W(i)} e^(s_ij - m_i) v_j + lam sum_{L(i)} d_ij phi(q_i).phi(k_j) v_j)
           / (gamma sum_{W(i)} e^(s_ij - m_i) + lam sum_{L(i)} d_ij phi(q_i).phi(k_j)),
     W(i): real keys j <= i with i - j < window or among the first num_sink_tokens of the
-    sequence; L(i): the other real keys j <= i; s_ij = scale q_i.k_j; m_i = max over W(i);
+    sequence; L(i): the other real keys j <= i; s_ij = scale q_i.k_j (then c tanh(s_ij / c) with
+    softcap c); m_i = max over W(i);
     d_ij = exp(sum of g over steps j + window + 1 .. i) (1 without a gate).
 
     q_win [B, T, H, D], k_win [B, T, HKV, D], v [B, T, HKV, V], q_lin [B, T, H, F],
@@ -192,12 +199,12 @@ def naive_past_window_attention(
         for i in range(end - start):
             for h in range(H):
                 o[b, start + i, h] = _one_query(q_win, k_win, v, q_lin, k_lin, g, b, start, i, h, valid, rank,
-                                                window, num_sink_tokens, scale, gam[h], lam[h], acc)
+                                                window, num_sink_tokens, scale, gam[h], lam[h], acc, softcap)
     return o.to(q_win.dtype)
 
 
 def _one_query(q_win, k_win, v, q_lin, k_lin, g, b, start, i, h, valid, rank, window, num_sink_tokens, scale,
-               gam, lam, acc):
+               gam, lam, acc, softcap=None):
     H = q_win.shape[2]
     kv_head = h // (H // k_win.shape[2])
     lin_head = h // (H // k_lin.shape[2])
@@ -210,6 +217,7 @@ def _one_query(q_win, k_win, v, q_lin, k_lin, g, b, start, i, h, valid, rank, wi
     den = torch.zeros((), dtype=acc)
     if win:
         s = torch.stack([(q_win[b, start + i, h].to(acc) @ k_win[b, start + j, kv_head].to(acc)) * scale for j in win])
+        s = soft_cap(s, softcap)
         w = gam * torch.exp(s - s.max())
         num = num + sum(wj * v[b, start + j, kv_head].to(acc) for wj, j in zip(w, win))
         den = den + w.sum()
@@ -241,6 +249,7 @@ def naive_sparse_past_window_attention(
     window_factor: torch.Tensor,
     linear_factor: torch.Tensor | float = 1.0,
     key_mask: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """LoLA's sparse cache on LoLCATs' hybrid, from its definition (the fp64 reference): the
     sets of exact and linear tokens are kept as lists and every sum is written out.
@@ -256,7 +265,8 @@ def naive_sparse_past_window_attention(
           / (gamma sum_E e^(s_tj - m_t) + lam sum_state a_ti), a_ti = phi(q_t).(d_ti phi(k_i)).
 
     Shapes as `naive_past_window_attention` (k_lin [B, T, Hs, F] with Hs = H or HKV; g
-    [B, T, HKV or Hs(, F)]). Returns o [B, T, H, V] in q_win's dtype (0 at padding).
+    [B, T, HKV or Hs(, F)]); softcap caps the exact scores s_tj as c tanh(s_tj / c).
+    Returns o [B, T, H, V] in q_win's dtype (0 at padding).
     """
     B, T, H, D = q_win.shape
     acc = torch.float64 if q_win.dtype == torch.float64 else torch.float32
@@ -294,7 +304,7 @@ def naive_sparse_past_window_attention(
                         in_state += ranked[budget:]
                         placed.update(pending)
                 exact = [j for j in range(t + 1) if j < num_sink_tokens or j in cached or j not in placed]
-                sc = torch.stack([(q_win[b, pos[t], h].to(acc) @ key(j)) * scale for j in exact])
+                sc = soft_cap(torch.stack([(q_win[b, pos[t], h].to(acc) @ key(j)) * scale for j in exact]), softcap)
                 w = gam[h] * torch.exp(sc - sc.max())
                 num = sum(wj * val(j) for wj, j in zip(w, exact))
                 den = w.sum()

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import torch
 
+from ..utils import soft_cap
 from .past_window import combine_past_window
 
 _LAST = torch.iinfo(torch.long).max
@@ -47,7 +48,7 @@ _LAST = torch.iinfo(torch.long).max
 
 def sparse_past_window_attention(q, k, v, fq, fk, g, *, window: int, num_sink_tokens: int, budget: int, block: int,
                                  scale: float, window_factor, linear_factor=1.0, key_mask=None, cu_seqlens=None,
-                                 state: dict | None = None):
+                                 state: dict | None = None, softcap: float | None = None):
     """The past-window hybrid with a sparse cache of `budget` exact pairs per state head.
 
     q: [B, T, H, D] and k: [B, T, HKV, D] RoPE'd, for the softmax; v: [B, T, HKV, Dv];
@@ -55,7 +56,8 @@ def sparse_past_window_attention(q, k, v, fq, fk, g, *, window: int, num_sink_to
     g: [B, T, HKV or Hs] or [B, T, HKV or Hs, F] log gates <= 0; window_factor (gamma),
     linear_factor (lam): [H] or scalars. key_mask: [B, T] real tokens (padding is skipped);
     cu_seqlens: packed sequences (B = 1), each with a fresh state (no `state` then).
-    state: the previous call's state dict or None for fresh sequences.
+    state: the previous call's state dict or None for fresh sequences. softcap: the exact
+    scores' cap c * tanh(s / c) (Gemma-2), None = none.
     Returns o [B, T, H, Dv] (fp32, fp64 stays; 0 at padding) and the new state dict.
     """
     B, T, H, _ = q.shape
@@ -70,7 +72,7 @@ def sparse_past_window_attention(q, k, v, fq, fk, g, *, window: int, num_sink_to
     if g.dim() == 3:
         g = g[..., None]
     g = g.repeat_interleave(Hs // g.shape[2], dim=2)
-    spec = dict(window=window, sinks=num_sink_tokens, budget=budget, block=block, scale=scale,
+    spec = dict(window=window, sinks=num_sink_tokens, budget=budget, block=block, scale=scale, softcap=softcap,
                 gamma=window_factor, lam=linear_factor, H=H, Hs=Hs)
     o = q.new_zeros(B, T, H, v.shape[-1], dtype=acc)
     if cu_seqlens is not None:
@@ -211,7 +213,7 @@ def _attend(st, a, q, fq, L, spec):
     rec_rank = start + torch.arange(st["recent_k"].shape[0], device=q.device)
     rec_ok = (rec_rank[None, :] <= qpos[:, None])[:, None, :].expand(n, H, -1)
     allowed = torch.cat([sink_ok, sel_ok, rec_ok], dim=-1)  # [n, H, N]
-    scores = torch.einsum("qhd,nhd->qhn", q.to(acc), keys) * spec["scale"]
+    scores = soft_cap(torch.einsum("qhd,nhd->qhn", q.to(acc), keys) * spec["scale"], spec.get("softcap"))
     scores = scores.masked_fill(~allowed, float("-inf"))
     m = scores.amax(-1)
     lse = torch.logsumexp(scores, dim=-1)

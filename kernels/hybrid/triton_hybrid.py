@@ -175,6 +175,7 @@ def triton_hybrid_attention(
     cu_seqlens: torch.LongTensor | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Window softmax + gated linear attention of one layer, fused forward (Triton).
 
@@ -184,8 +185,20 @@ def triton_hybrid_attention(
     or [H]) or "shared" (c: float or [H] >= 0); initial_state [N, HKV, K, V] (mix) or
     [N, HKV, K, V + 1] (shared). Returns o [B, T, H, V] in q_win's dtype and the fp32 final
     state or None. Differentiable in every tensor argument (backward by recomputation
-    through the separate window and GLA kernels).
+    through the separate window and GLA kernels). With `softcap` (Gemma-2's capped window
+    scores) nothing is fused yet: the blocked PyTorch window op and `triton_chunk_gla` run
+    one after the other and are combined as in `compose_hybrid`.
     """
+    if softcap is not None:
+        from ..gla.triton_chunk import triton_chunk_gla
+        from ..window.chunk import chunk_window_attention
+        from .naive import compose_hybrid
+
+        return compose_hybrid(chunk_window_attention, triton_chunk_gla, q_win, k_win, v, q_lin, k_lin, g,
+                              window=window, mode=mode, num_sink_tokens=num_sink_tokens, sink_logits=sink_logits,
+                              scale_win=scale_win, scale_lin=scale_lin, w_win=w_win, w_lin=w_lin, c=c,
+                              key_mask=key_mask, cu_seqlens=cu_seqlens, initial_state=initial_state,
+                              output_final_state=output_final_state, softcap=softcap)
     check_hybrid_inputs(q_win, k_win, v, q_lin, k_lin, g, mode)
     check_window_inputs(q_win, k_win, v, window, num_sink_tokens, sink_logits, key_mask, cu_seqlens)
     v_lin = v if mode == "mix" else torch.empty(*v.shape[:-1], v.shape[-1] + 1, device="meta")

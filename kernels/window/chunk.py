@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..utils import check_window_inputs, sequence_spans, tracks_grad
+from ..utils import check_softcap, check_window_inputs, sequence_spans, tracks_grad
 
 _GROUP_BUDGET = 1 << 22  # score elements per group of query blocks
 
@@ -33,6 +33,7 @@ def chunk_window_attention(
     cu_seqlens: torch.LongTensor | None = None,
     block_size: int = 64,
     need_lse: bool = True,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sliding-window softmax attention with sink tokens and sink logits, blocked.
 
@@ -52,6 +53,9 @@ def chunk_window_attention(
             inputs without padding take `sdpa_band_attention` (PyTorch's fused CPU attention
             kernel over the same band; packed sequences one at a time when they average at
             least a window in length).
+        softcap: c > 0 caps each scaled score s to c * tanh(s / c) before masking and the
+            softmax (Gemma-2; the gradient goes through tanh); None = no cap. Capped inputs
+            always take the general blocked path.
 
     Returns:
         o: [B, T, H, Dv] in q's dtype (zeros for a query that sees nothing);
@@ -61,7 +65,8 @@ def chunk_window_attention(
     check_window_inputs(q, k, v, window, num_sink_tokens, sink_logits, key_mask, cu_seqlens)
     if block_size < 1:
         raise ValueError(f"block_size must be positive, got {block_size}")
-    if _fused_band_applies(q, k, v, window, sink_logits, key_mask, cu_seqlens, need_lse):
+    check_softcap(softcap)
+    if softcap is None and _fused_band_applies(q, k, v, window, sink_logits, key_mask, cu_seqlens, need_lse):
         band = dict(window=window, num_sink_tokens=num_sink_tokens, sink_logits=sink_logits, scale=scale,
                     need_lse=need_lse)
         if cu_seqlens is None:
@@ -136,7 +141,7 @@ def chunk_window_attention(
             vx = vt[:, :, sidx].reshape(B, HKV, NB, Bq, M, Dv)
 
     sinks = None if sink_logits is None else sink_logits.to(acc).reshape(HKV, G, -1)
-    plan = _Plan(B, H, NB, Bq, W, nb, P, valid, seq_k, seq_q, sidx, svalid, cu_seqlens is not None)
+    plan = _Plan(B, H, NB, Bq, W, nb, P, valid, seq_k, seq_q, sidx, svalid, cu_seqlens is not None, softcap)
     o, lse = _BandAttention.apply(qa, kp, vp, kx, vx, sinks, plan)
     o = o.permute(0, 2, 3, 1, 4, 5).reshape(B, Tq, H, Dv)[:, :T]
     lse = lse.permute(0, 2, 3, 1, 4).reshape(B, Tq, H)[:, :T]
@@ -272,8 +277,9 @@ def sdpa_band_attention(q, k, v, *, window: int, num_sink_tokens: int = 0, sink_
 class _Plan:
     """Static description of the band: query-block groups and their masks."""
 
-    def __init__(self, B, H, NB, Bq, W, nb, P, valid, seq_k, seq_q, sidx, svalid, per_row):
+    def __init__(self, B, H, NB, Bq, W, nb, P, valid, seq_k, seq_q, sidx, svalid, per_row, softcap=None):
         self.Bq, self.W, self.nb, self.P = Bq, W, nb, P
+        self.softcap = softcap
         self.valid, self.seq_k, self.seq_q = valid, seq_k, seq_q
         self.sidx, self.svalid, self.per_row = sidx, svalid, per_row
         self.groups = []
@@ -320,7 +326,7 @@ def _group_scores(plan, i0, i1, nbg, qa, kp, kx):
     L = idx.shape[1]
     qg = qa[:, :, i0:i1].reshape(B, HKV, n, Bq * G, D)
     kb = kp.index_select(2, idx.flatten()).view(B, HKV, n, L, D)
-    s = torch.matmul(qg, kb.transpose(-1, -2)).view(B, HKV, n, Bq, G, L)
+    s = _cap_(torch.matmul(qg, kb.transpose(-1, -2)).view(B, HKV, n, Bq, G, L), plan.softcap)
     s.masked_fill_(~mask[:, None, :, :, None, :], float("-inf"))
     sx = None
     if kx is not None:
@@ -328,8 +334,23 @@ def _group_scores(plan, i0, i1, nbg, qa, kp, kx):
             sx = torch.matmul(qa[:, :, i0:i1], kx[:, :, i0:i1].transpose(-1, -2))  # [B, HKV, n, Bq, G, M]
         else:
             sx = torch.matmul(qg, kx.unsqueeze(2).transpose(-1, -2)).view(B, HKV, n, Bq, G, -1)
+        sx = _cap_(sx, plan.softcap)
         sx.masked_fill_(~plan.extra(i0, i1)[:, None, :, :, None, :], float("-inf"))
     return s, sx, idx, kb
+
+
+def _cap_(s: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """c * tanh(s / c) in place (s itself when softcap is None)."""
+    return s if softcap is None else s.div_(softcap).tanh_().mul_(softcap)
+
+
+def _cap_slope(s: torch.Tensor, softcap: float | None) -> torch.Tensor | None:
+    """d capped / d raw = 1 - (s / c)^2 from capped, masked scores s (1 where s = -inf); None
+    without a cap."""
+    if softcap is None:
+        return None
+    t = (s / softcap).nan_to_num_(0.0, 0.0, 0.0)
+    return t.mul_(t).neg_().add_(1.0)
 
 
 class _BandAttention(torch.autograd.Function):
@@ -387,6 +408,7 @@ class _BandAttention(torch.autograd.Function):
         for i0, i1, nbg in plan.groups:
             n = i1 - i0
             s, sx, idx, kb = _group_scores(plan, i0, i1, nbg, qa, kp, kx)
+            slope, slope_x = _cap_slope(s, plan.softcap), None if sx is None else _cap_slope(sx, plan.softcap)
             L = idx.shape[1]
             ls = lse_safe[:, :, i0:i1].unsqueeze(-1)
             p = s.sub_(ls).exp_().view(B, HKV, n, Bq * G, L)
@@ -396,6 +418,8 @@ class _BandAttention(torch.autograd.Function):
             dog = dog.reshape(B, HKV, n, Bq * G, Dv)
             vb = vp.index_select(2, idx.flatten()).view(B, HKV, n, L, Dv)
             ds = torch.matmul(dog, vb.transpose(-1, -2)).view(B, HKV, n, Bq, G, L).sub_(shift).mul_(p.view(B, HKV, n, Bq, G, L))
+            if slope is not None:
+                ds.mul_(slope)
             ds = ds.view(B, HKV, n, Bq * G, L)
             qg = qa[:, :, i0:i1].reshape(B, HKV, n, Bq * G, D)
             dq = torch.matmul(ds, kb)
@@ -405,13 +429,18 @@ class _BandAttention(torch.autograd.Function):
                 px = sx.sub_(ls).exp_()  # [B, HKV, n, Bq, G, M]
                 if plan.per_row:
                     dsx = torch.matmul(do[:, :, i0:i1], vx[:, :, i0:i1].transpose(-1, -2)).sub_(shift).mul_(px)
+                    if slope_x is not None:
+                        dsx.mul_(slope_x)
                     dq = dq + torch.matmul(dsx, kx[:, :, i0:i1]).view(B, HKV, n, Bq * G, D)
                     dkx[:, :, i0:i1] = torch.matmul(dsx.transpose(-1, -2), qa[:, :, i0:i1])
                     dvx[:, :, i0:i1] = torch.matmul(px.transpose(-1, -2), do[:, :, i0:i1])
                 else:
                     Mx = kx.shape[2]
                     dsx = torch.matmul(dog, vx.unsqueeze(2).transpose(-1, -2)).view(B, HKV, n, Bq, G, Mx)
-                    dsx = dsx.sub_(shift).mul_(px).view(B, HKV, n * Bq * G, Mx)
+                    dsx = dsx.sub_(shift).mul_(px)
+                    if slope_x is not None:
+                        dsx.mul_(slope_x)
+                    dsx = dsx.view(B, HKV, n * Bq * G, Mx)
                     dq = dq + torch.matmul(dsx, kx).view(B, HKV, n, Bq * G, D)
                     dkx += torch.matmul(dsx.transpose(-1, -2), qg.reshape(B, HKV, n * Bq * G, D))
                     dvx += torch.matmul(px.view(B, HKV, n * Bq * G, Mx).transpose(-1, -2),

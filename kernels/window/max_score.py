@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..utils import check_window_inputs, sequence_spans
+from ..utils import check_softcap, check_window_inputs, sequence_spans, soft_cap
 
 
 def band_max_score(
@@ -21,14 +21,17 @@ def band_max_score(
     key_mask: torch.Tensor | None = None,
     cu_seqlens: torch.LongTensor | None = None,
     block_size: int = 64,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Each query's largest score over the keys it attends (same rule as the window op).
 
     q: [B, T, H, D]; k: [B, T, HKV, D]; key_mask: [B, T] (False = padding); cu_seqlens:
     [N + 1] packed bounds (B == 1). Returns m [B, T, H] fp32 (fp64 for fp64 inputs), -inf
-    for a query that sees no key; differentiable (torch.amax splits ties evenly).
+    for a query that sees no key; differentiable (torch.amax splits ties evenly). softcap:
+    scores capped to c * tanh(s / c) as in the window op (None = none).
     """
     check_window_inputs(q, k, k, window, num_sink_tokens, None, key_mask, cu_seqlens)
+    check_softcap(softcap)
     B, T, H, D = q.shape
     scale = D ** -0.5 if scale is None else scale
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -37,14 +40,14 @@ def band_max_score(
         rows = slice(None) if cu_seqlens is None else slice(b, b + 1)
         qs, ks = q[rows, start:end].to(acc), k[rows, start:end].to(acc)
         km = None if key_mask is None else key_mask[rows, start:end].bool()
-        parts.append(_span_max(qs, ks, km, window, num_sink_tokens, scale, block_size))
+        parts.append(_span_max(qs, ks, km, window, num_sink_tokens, scale, block_size, softcap))
         if cu_seqlens is None:
             break
     m = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
     return m.reshape(B, T, H)
 
 
-def _span_max(q, k, key_mask, window, num_sink_tokens, scale, block_size):
+def _span_max(q, k, key_mask, window, num_sink_tokens, scale, block_size, softcap=None):
     """One sequence per row: q [B, L, H, D], k [B, L, HKV, D] -> m [B, L, H]."""
     B, L, H, D = q.shape
     HKV = k.shape[2]
@@ -64,6 +67,7 @@ def _span_max(q, k, key_mask, window, num_sink_tokens, scale, block_size):
         near = (rows[:, None] - cols[None, :]) < reach
         allowed = (cols[None, :] <= rows[:, None])[None] & valid[:, None, cols] & (near[None] | sink[:, None, cols])
         scores = torch.einsum("bphgd,bchd->bphgc", q[:, t0:t1].reshape(B, t1 - t0, HKV, G, D), k[:, cols]) * scale
+        scores = soft_cap(scores, softcap)
         scores = scores.masked_fill(~allowed[:, :, None, None, :], float("-inf"))
         outs.append(scores.amax(-1).reshape(B, t1 - t0, H))
     return torch.cat(outs, dim=1)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..utils import check_window_inputs, sequence_spans
+from ..utils import check_softcap, check_window_inputs, sequence_spans, soft_cap
 
 
 def window_mask(
@@ -48,6 +48,7 @@ def naive_window_attention(
     scale: float | None = None,
     key_mask: torch.Tensor | None = None,
     cu_seqlens: torch.LongTensor | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sliding-window softmax attention computed densely, one sequence at a time.
 
@@ -59,12 +60,15 @@ def naive_window_attention(
         scale: score scale, default D ** -0.5.
         key_mask: [B, T] bool, False marks padding (never attended, not a sink).
         cu_seqlens: [N + 1] packed sequence bounds (B == 1); attention never crosses them.
+        softcap: c > 0 replaces each scaled score s by c * tanh(s / c) before masking and the
+            softmax (Gemma-2); None leaves scores as they are. Sink logits are not capped.
 
     Returns:
         o: [B, T, H, Dv] in q's dtype (zeros for a query that sees nothing);
         lse: [B, T, H] fp32/fp64 log of the full softmax denominator (-inf when empty).
     """
     check_window_inputs(q, k, v, window, num_sink_tokens, sink_logits, key_mask, cu_seqlens)
+    check_softcap(softcap)
     B, T, H, D = q.shape
     HKV = k.shape[2]
     G = H // HKV
@@ -84,7 +88,7 @@ def naive_window_attention(
         vs = v[b, start:end].to(acc).repeat_interleave(G, dim=1)
         km = None if key_mask is None else key_mask[b : b + 1, start:end]
         allowed = window_mask(L, window, num_sink_tokens, km, q.device)[0]  # [L, L]
-        scores = torch.einsum("thd,shd->hts", qs, ks) * scale
+        scores = soft_cap(torch.einsum("thd,shd->hts", qs, ks) * scale, softcap)
         scores = scores.masked_fill(~allowed, float("-inf"))
         if sinks is not None:
             scores = torch.cat([scores, sinks[:, None, :].expand(H, L, sinks.shape[-1])], dim=-1)
@@ -104,10 +108,11 @@ def naive_window_max_score(
     scale: float | None = None,
     key_mask: torch.Tensor | None = None,
     cu_seqlens: torch.LongTensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Each query's largest score over the keys it attends (window and sink tokens), densely.
 
-    q: [B, T, H, D]; k: [B, T, HKV, D]. Returns m [B, T, H] (fp32, fp64 for fp64 inputs),
+    q: [B, T, H, D]; k: [B, T, HKV, D]; softcap: scores soft-capped as in the window op. Returns m [B, T, H] (fp32, fp64 for fp64 inputs),
     -inf for a query that sees no key. LoLCATs weighs its window by e^(s - m).
     """
     check_window_inputs(q, k, k, window, num_sink_tokens, None, key_mask, cu_seqlens)
@@ -123,6 +128,6 @@ def naive_window_max_score(
         ks = k[b, start:end].to(acc).repeat_interleave(G, dim=1)
         km = None if key_mask is None else key_mask[b : b + 1, start:end]
         allowed = window_mask(L, window, num_sink_tokens, km, q.device)[0]
-        scores = torch.einsum("thd,shd->hts", q[b, start:end].to(acc), ks) * scale
+        scores = soft_cap(torch.einsum("thd,shd->hts", q[b, start:end].to(acc), ks) * scale, softcap)
         m[b, start:end] = scores.masked_fill(~allowed, float("-inf")).amax(-1).transpose(0, 1)
     return m

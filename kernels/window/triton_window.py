@@ -394,6 +394,7 @@ def triton_window_attention(
     scale: float | None = None,
     key_mask: torch.Tensor | None = None,
     cu_seqlens: torch.LongTensor | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sliding-window softmax attention (Triton), differentiable in q, k, v and sink_logits.
 
@@ -405,12 +406,20 @@ def triton_window_attention(
         scale: score scale, default D ** -0.5.
         key_mask: [B, T] bool, False marks padding (never attended, not a sink).
         cu_seqlens: [N + 1] packed sequence bounds (B == 1); attention never crosses them.
+        softcap: Gemma-2's c * tanh(s / c) on the scaled scores. The kernels have no cap yet:
+            a capped call runs `chunk_window_attention` (blocked PyTorch, on the same device).
 
     Returns:
         o: [B, T, H, Dv] in q's dtype (zeros for a query that sees nothing);
         lse: [B, T, H] fp32 log of the full softmax denominator (-inf when empty). Gradients
         flow through both outputs.
     """
+    if softcap is not None:
+        from .chunk import chunk_window_attention
+
+        return chunk_window_attention(q, k, v, window=window, num_sink_tokens=num_sink_tokens,
+                                      sink_logits=sink_logits, scale=scale, key_mask=key_mask,
+                                      cu_seqlens=cu_seqlens, softcap=softcap)
     return window_autograd(q, k, v, window=window, num_sink_tokens=num_sink_tokens, sink_logits=sink_logits,
                            scale=scale, key_mask=key_mask, cu_seqlens=cu_seqlens, out_dtype=q.dtype)
 
