@@ -40,12 +40,26 @@ What each family does differently, and how it is handled:
   local layer gets the mixer's window in place of its own (set `window` to
   `config.sliding_window` to keep its reach) and keeps its own RoPE base. Embeddings are
   tied and scaled by sqrt(hidden) outside attention. Configs with `attn_logit_softcapping`
-  (see Gemma-2) or bidirectional attention are refused.
+  are refused (transformers applies that cap under eager attention only, not under sdpa, so
+  the teacher would depend on the attention implementation; checkpoints ship without it), and
+  so is bidirectional attention.
+- **gemma2**: Gemma-3's layout without q/k norms (scale `query_pre_attn_scalar ** -0.5`,
+  interleaved `sliding_attention` / `full_attention` layers handled as for gemma3_text: only
+  the global layers by default, one RoPE base for both kinds), plus attention logit
+  soft-capping: the teacher replaces each scaled score s by c * tanh(s / c),
+  c = `config.attn_logit_softcapping` (the module's `attn_logit_softcapping`), before the mask
+  and the softmax. The mixers read the cap from the module and pass it as `softcap` to every
+  window softmax (prefill, decode cache, LoLCATs' row max, the sparse cache), so a window that
+  covers the sequence reproduces the teacher. The linear branch has no scores to cap: its
+  feature maps see the raw q, k as in every other family. That is a deliberate deviation:
+  the cap bounds what one key can weigh against the others, and the recurrence (whose
+  weights phi(q).phi(k) are trained to stand in for the softmax beyond the window) gets no
+  such bound. The final logit soft-capping (`final_logit_softcapping`) acts on the LM head's
+  output, outside attention, and stays as it is. With the Triton backend a capped window
+  runs the blocked PyTorch op (no capped Triton kernel yet).
 
-Not supported yet (`NOT_SUPPORTED`, refused by `convert` with the reason): Gemma-2, whose
-attention soft-caps its logits (tanh(s / c) * c) before the softmax: the window branch would
-have to apply that cap inside the sliding-window softmax kernel to reproduce the teacher, and
-the kernels do not have it yet.
+Not supported yet (`NOT_SUPPORTED`, refused by `convert` with the reason): the multimodal
+Gemma-3 (model_type "gemma3").
 """
 from __future__ import annotations
 
@@ -115,16 +129,15 @@ def _check_phi3(config) -> None:
 def _check_gemma3(config) -> None:
     if getattr(config, "attn_logit_softcapping", None) is not None:
         raise UnsupportedArchitectureError(
-            f"gemma3_text with attn_logit_softcapping={config.attn_logit_softcapping} is not supported yet: "
-            f"{GEMMA2_REASON} Set attn_logit_softcapping=None (Gemma-3 checkpoints ship without it).")
+            f"gemma3_text with attn_logit_softcapping={config.attn_logit_softcapping} is not supported: Gemma-3's "
+            "attention soft-caps the logits only under attn_implementation='eager' (its sdpa path ignores the cap), "
+            "so there is no one teacher to reproduce. Set attn_logit_softcapping=None (Gemma-3 checkpoints ship "
+            "without it).")
     if getattr(config, "use_bidirectional_attention", False):
         raise UnsupportedArchitectureError(
             "gemma3_text with use_bidirectional_attention=True (an encoder, e.g. EmbeddingGemma) cannot be "
             "linearized: the mixers are causal recurrences. Use a causal Gemma-3 checkpoint.")
 
-
-GEMMA2_REASON = ("its attention soft-caps the logits (tanh(s / c) * c) before the softmax, and the sliding-window "
-                 "softmax kernel does not apply that cap yet, so the window branch could not reproduce the teacher.")
 
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", examples=("meta-llama/Llama-3.2-1B", "HuggingFaceTB/SmolLM2-135M-Instruct"),
@@ -149,11 +162,15 @@ FAMILIES: dict[str, Family] = {
                           examples=("google/gemma-3-1b-it", "google/gemma-3-270m"),
                           special="per-head q/k norms, query_pre_attn_scalar scale; converts the global layers, "
                                   "local sliding layers (own RoPE base) only when named in layers"),
+    "gemma2": Family("gemma2", local_layer_type="sliding_attention",
+                     examples=("google/gemma-2-2b-it", "google/gemma-2-9b"),
+                     special="attention logits soft-capped (c tanh(s / c), applied in the window softmax; the "
+                             "linear branch has no scores to cap), query_pre_attn_scalar scale; converts the "
+                             "global layers, local sliding layers only when named in layers"),
 }
 
 # model_type -> why it cannot be linearized yet (convert refuses it with this reason).
 NOT_SUPPORTED: dict[str, str] = {
-    "gemma2": GEMMA2_REASON,
     "gemma3": ("this is the multimodal Gemma-3 (vision tower + language model); only text-only gemma3_text "
                "checkpoints (gemma-3-1b, gemma-3-270m) are supported yet."),
 }

@@ -78,6 +78,9 @@ class LinearizedAttention(nn.Module):
         self.num_heads = attn.config.num_attention_heads
         self.num_kv_heads = attn.config.num_key_value_heads
         self.scaling = attn.scaling
+        # Gemma-2's attention logit cap c * tanh(s / c) (None elsewhere): the window branch applies
+        # it to its scores; the linear branch has no scores to cap (see linearize.families).
+        self.softcap = getattr(attn, "attn_logit_softcapping", None)
         self.is_causal = True
         self.projection_names = family.projection_names
         for name in self.projection_names:
@@ -221,11 +224,12 @@ class LinearizedAttention(nn.Module):
         sink_logits = getattr(self, "linearize_sink_logits", None)
         if state is not None and state.has_window_past():
             o, lse, _ = state.window_attention(q, k, v, key_mask, window=cfg.window, num_sink_tokens=cfg.num_sink_tokens,
-                                               sink_logits=sink_logits, scale=self.scaling)
+                                               sink_logits=sink_logits, scale=self.scaling, softcap=self.softcap)
             return o, lse
         o, lse = sliding_window_attention(q, k, v, window=cfg.window, num_sink_tokens=cfg.num_sink_tokens,
                                           sink_logits=sink_logits, scale=self.scaling, key_mask=key_mask,
-                                          cu_seqlens=cu_seqlens, need_lse=cfg.mixing == "shared-denominator")
+                                          cu_seqlens=cu_seqlens, need_lse=cfg.mixing == "shared-denominator",
+                                          softcap=self.softcap)
         if state is not None:
             state.store_window(k, v, key_mask, window=cfg.window, num_sink_tokens=cfg.num_sink_tokens)
         return o, lse
@@ -270,7 +274,7 @@ class LinearizedAttention(nn.Module):
                                     num_sink_tokens=cfg.num_sink_tokens,
                                     sink_logits=getattr(self, "linearize_sink_logits", None), scale_win=self.scaling,
                                     scale_lin=1.0, key_mask=key_mask, cu_seqlens=cu_seqlens,
-                                    output_final_state=state is not None, **weights)
+                                    output_final_state=state is not None, softcap=self.softcap, **weights)
         if state is not None:
             state.recurrent = final
             state.store_window(k_rot, v, key_mask, window=cfg.window, num_sink_tokens=cfg.num_sink_tokens)

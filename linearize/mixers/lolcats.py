@@ -103,7 +103,8 @@ class LolcatsAttention(LinearizedAttention):
         o, new = sparse_past_window_attention(
             q_rot, k_rot, v, fq, fk, g, window=cfg.window, num_sink_tokens=cfg.num_sink_tokens,
             budget=cfg.sparse_cache, block=cfg.sparse_block, scale=self.scaling, window_factor=self.window_factor(),
-            linear_factor=self.linear_factor(), key_mask=key_mask, cu_seqlens=cu_seqlens, state=previous)
+            linear_factor=self.linear_factor(), key_mask=key_mask, cu_seqlens=cu_seqlens, state=previous,
+            softcap=self.softcap)
         if state is not None:
             state.sparse = new
         return o
@@ -133,10 +134,12 @@ class LolcatsAttention(LinearizedAttention):
         cfg = self.lconfig
         win = dict(window=cfg.window, num_sink_tokens=cfg.num_sink_tokens)
         if state is not None and state.has_window_past():
-            return state.window_attention(q, k, v, key_mask, sink_logits=None, scale=self.scaling, **win)
+            return state.window_attention(q, k, v, key_mask, sink_logits=None, scale=self.scaling,
+                                          softcap=self.softcap, **win)
         o, lse = sliding_window_attention(q, k, v, scale=self.scaling, key_mask=key_mask, cu_seqlens=cu_seqlens,
-                                          need_lse=True, **win)
-        m = window_max_score(q, k, scale=self.scaling, key_mask=key_mask, cu_seqlens=cu_seqlens, **win)
+                                          need_lse=True, softcap=self.softcap, **win)
+        m = window_max_score(q, k, scale=self.scaling, key_mask=key_mask, cu_seqlens=cu_seqlens,
+                             softcap=self.softcap, **win)
         if state is not None:
             state.store_window(k, v, key_mask, **win)
         return o, lse, m

@@ -30,6 +30,11 @@ TINY_CONFIGS = {
     "gemma3_text": dict(query_pre_attn_scalar=24, sliding_window=6, rope_local_base_freq=100.0,
                         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                         tie_word_embeddings=True),
+    # A cap of 1 with weights drawn at 0.2 (not 0.02): the scores reach several units, so the cap
+    # changes the teacher's logits by ~40% (a missing cap cannot pass).
+    "gemma2": dict(query_pre_attn_scalar=24, sliding_window=6, attn_logit_softcapping=1.0,
+                   final_logit_softcapping=5.0, initializer_range=0.2, tie_word_embeddings=True,
+                   layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
 }
 NEEDS_NO_PARAMS = ("window-sinks", "liger-gla")
 
@@ -193,9 +198,53 @@ def test_phi3_lora_on_the_fused_projection_reaches_student_and_teacher():
     assert rel(student[valid], teacher[valid]) < 1e-5
 
 
+def uncap(model):
+    """The same model with attention soft-capping switched off in the teacher and every mixer."""
+    model.config.attn_logit_softcapping = None
+    for layer in model.model.layers:
+        layer.self_attn.attn_logit_softcapping = None
+    for m in linearize.mixers(model):
+        m.softcap = None
+        m._teacher_attention.attn_logit_softcapping = None
+    return model
+
+
+def test_gemma2_cap_reaches_every_window_and_matters():
+    """The mixers read the module's cap; without it the tiny config's logits move far more than
+    the suite's tolerance, so the conformance tests above do check the cap."""
+    model = tiny_model("gemma2")
+    ids, mask, pos = padded_batch()
+    ref = logits(model, ids, mask, pos)
+    linearize.convert(model, method="window-sinks", window=T)
+    assert [m.layer_idx for m in linearize.mixers(model)] == [1]
+    assert all(m.softcap == 1.0 for m in linearize.mixers(model))
+    valid = mask.bool()
+    assert rel(logits(model, ids, mask, pos)[valid], ref[valid]) < 1e-5
+    assert rel(logits(uncap(model), ids, mask, pos)[valid], ref[valid]) > 1e-2
+
+
+def test_gemma2_local_layers_converted_with_their_window_reproduce_the_teacher():
+    """Local layers converted with window = sliding_window and no sinks: the capped teacher
+    exactly, through prefill and through cached decode (the cache's own window softmax)."""
+    family = "gemma2"
+    model = tiny_model(family)
+    ids, mask, pos = padded_batch()
+    ref = logits(model, ids, mask, pos)
+    linearize.convert(model, method="window-sinks", window=model.config.sliding_window, num_sink_tokens=0,
+                      layers=local_layers(model.config, FAMILIES[family]))
+    valid = mask.bool()
+    assert rel(logits(model, ids, mask, pos)[valid], ref[valid]) < 1e-5
+    with torch.no_grad():
+        cache = LinearizeCache(model)
+        outs = [model(ids[:, :5], attention_mask=mask[:, :5], position_ids=pos[:, :5], cache=cache).logits]
+        for t in range(5, T):
+            outs.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=pos[:, t:t + 1],
+                              cache=cache).logits)
+    assert rel(torch.cat(outs, 1)[valid], ref[valid]) < 1e-4
+
+
 @pytest.mark.parametrize("model_type, overrides, reason", [
-    ("gemma2", dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=6), "soft-caps the logits"),
-    ("gemma3_text", dict(head_dim=16, attn_logit_softcapping=50.0), "soft-caps the logits"),
+    ("gemma3_text", dict(head_dim=16, attn_logit_softcapping=50.0), "soft-caps the logits only under"),
     ("phi3", dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, partial_rotary_factor=0.5), "partial_rotary_factor"),
 ])
 def test_unsupported_settings_are_refused_with_the_reason(model_type, overrides, reason):
