@@ -62,7 +62,7 @@ def _hybrid_fwd_kernel(
     for i in range(0, tl.cdiv(tl.minimum(eos - cs, BT), BR)):
         r0 = cs + i * BR
         b_ow, b_lse = window_rows(qw, kw, v, km, sp, sl, r0, bos, eos, i_n, i_h, i_hk, window, qk_scale,
-                                  H, HKV, D, V, BR, BN, BD, BV, NS, BS, M, BSL, HAS_KM, DOT)
+                                  H, HKV, D, V, BR, BN, BD, BV, NS, BS, M, BSL, HAS_KM, DOT, 1.0, False)
         b_ol, b_den = gla_out_rows(ql, kl, v, gc, b_h, b_z, r0, cs, eos, i_h, i_hk, 0, scale_lin,
                                    H, HKV, K, V, BT, BR, BK, BV, SCALAR_G, SHARED, DOT)
         if SHARED:
@@ -186,15 +186,15 @@ def triton_hybrid_attention(
     [N, HKV, K, V + 1] (shared). Returns o [B, T, H, V] in q_win's dtype and the fp32 final
     state or None. Differentiable in every tensor argument (backward by recomputation
     through the separate window and GLA kernels). With `softcap` (Gemma-2's capped window
-    scores) nothing is fused yet: the blocked PyTorch window op and `triton_chunk_gla` run
-    one after the other and are combined as in `compose_hybrid`.
+    scores) the fused kernel is not used yet: `triton_window_attention` (capped) and
+    `triton_chunk_gla` run one after the other and are combined as in `compose_hybrid`.
     """
     if softcap is not None:
         from ..gla.triton_chunk import triton_chunk_gla
-        from ..window.chunk import chunk_window_attention
+        from ..window.triton_window import triton_window_attention
         from .naive import compose_hybrid
 
-        return compose_hybrid(chunk_window_attention, triton_chunk_gla, q_win, k_win, v, q_lin, k_lin, g,
+        return compose_hybrid(triton_window_attention, triton_chunk_gla, q_win, k_win, v, q_lin, k_lin, g,
                               window=window, mode=mode, num_sink_tokens=num_sink_tokens, sink_logits=sink_logits,
                               scale_win=scale_win, scale_lin=scale_lin, w_win=w_win, w_lin=w_lin, c=c,
                               key_mask=key_mask, cu_seqlens=cu_seqlens, initial_state=initial_state,

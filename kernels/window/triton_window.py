@@ -22,12 +22,20 @@ import triton
 import triton.language as tl
 
 from ..gla.triton_chunk import INTERPRET, SeqInfo, _dot, block, dot_dtype, tuned
-from ..utils import check_window_inputs
+from ..utils import check_softcap, check_window_inputs
 
 BLOCK_M = 16 if INTERPRET else 64
 BLOCK_N_BWD = 16 if INTERPRET else 32
 MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _cap(sc, cap2, CAP: tl.constexpr):
+    # scores in log2 units; with CAP, cap2 * tanh(sc / cap2) (cap2 = softcap * log2(e))
+    if CAP:
+        sc = cap2 * (2. * tl.sigmoid(2. * sc / cap2) - 1.)
+    return sc
 
 
 @triton.jit
@@ -48,11 +56,12 @@ def window_rows(
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BR: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
     NS: tl.constexpr, BS: tl.constexpr, M: tl.constexpr, BSL: tl.constexpr,
-    HAS_KM: tl.constexpr, DOT: tl.constexpr,
+    HAS_KM: tl.constexpr, DOT: tl.constexpr, cap2, CAP: tl.constexpr,
 ):
     """Window attention for query rows [t0, t0 + BR) of the sequence [bos, eos).
 
-    qk_scale is the score scale times log2(e). Returns (o [BR, BDV] fp32, lse [BR] fp32,
+    qk_scale is the score scale times log2(e); with CAP the scores are soft-capped at cap2
+    (the cap times log2(e)). Returns (o [BR, BDV] fp32, lse [BR] fp32,
     natural log; -inf and o = 0 for a row that sees nothing).
     """
     od = tl.arange(0, BD)
@@ -72,7 +81,7 @@ def window_rows(
         b_vs = tl.load(v + (b_sp[:, None] * HKV + i_hk) * DV + odv[None, :], mask=mj[:, None] & mdv[None, :],
                        other=0.)
         far = mj[None, :] & (b_sp[None, :] <= t[:, None]) & (t[:, None] - b_sp[None, :] >= window)
-        sc_far = tl.where(far, _dot(b_q, tl.trans(b_ks), DOT) * qk_scale, float("-inf"))
+        sc_far = tl.where(far, _cap(_dot(b_q, tl.trans(b_ks), DOT) * qk_scale, cap2, CAP), float("-inf"))
         m_i, l_i, acc = _online_update(m_i, l_i, acc, sc_far, b_vs, DOT)
     lo = tl.maximum(t0 - window + 1, bos)
     hi = tl.minimum(t0 + BR, eos)
@@ -84,7 +93,7 @@ def window_rows(
         b_k = tl.load(k + (s[:, None] * HKV + i_hk) * D + od[None, :], mask=ms[:, None] & md[None, :], other=0.)
         b_v = tl.load(v + (s[:, None] * HKV + i_hk) * DV + odv[None, :], mask=ms[:, None] & mdv[None, :], other=0.)
         near = ms[None, :] & (s[None, :] <= t[:, None]) & (t[:, None] - s[None, :] < window)
-        sc = tl.where(near, _dot(b_q, tl.trans(b_k), DOT) * qk_scale, float("-inf"))
+        sc = tl.where(near, _cap(_dot(b_q, tl.trans(b_k), DOT) * qk_scale, cap2, CAP), float("-inf"))
         m_i, l_i, acc = _online_update(m_i, l_i, acc, sc, b_v, DOT)
     if M > 0:
         om = tl.arange(0, BSL)
@@ -99,14 +108,14 @@ def window_rows(
     return b_o, lse
 
 
-@tuned(key=["H", "HKV", "D", "DV", "BM", "NS", "M", "HAS_KM", "DOT"])
+@tuned(key=["H", "HKV", "D", "DV", "BM", "NS", "M", "HAS_KM", "DOT", "CAP"])
 @triton.jit
 def _window_fwd_kernel(
-    q, k, v, km, sp, sl, o, lse, cu, blocks, window, qk_scale,
+    q, k, v, km, sp, sl, o, lse, cu, blocks, window, qk_scale, cap2,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BM: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
     NS: tl.constexpr, BS: tl.constexpr, M: tl.constexpr, BSL: tl.constexpr,
-    HAS_KM: tl.constexpr, DOT: tl.constexpr,
+    HAS_KM: tl.constexpr, DOT: tl.constexpr, CAP: tl.constexpr,
 ):
     i_b, i_h = tl.program_id(0), tl.program_id(1)
     i_hk = i_h // (H // HKV)
@@ -115,7 +124,7 @@ def _window_fwd_kernel(
     bos = tl.load(cu + i_n).to(tl.int64)
     eos = tl.load(cu + i_n + 1).to(tl.int64)
     b_o, b_lse = window_rows(q, k, v, km, sp, sl, t0, bos, eos, i_n, i_h, i_hk, window, qk_scale,
-                             H, HKV, D, DV, BM, BM, BD, BDV, NS, BS, M, BSL, HAS_KM, DOT)
+                             H, HKV, D, DV, BM, BM, BD, BDV, NS, BS, M, BSL, HAS_KM, DOT, cap2, CAP)
     t = t0 + tl.arange(0, BM)
     mt = t < eos
     odv = tl.arange(0, BDV)
@@ -125,21 +134,27 @@ def _window_fwd_kernel(
 
 
 @triton.jit
-def _ds_block(b_q, b_do, b_lse2, b_delta, b_k, b_v, allowed, qk_scale, DOT: tl.constexpr):
-    # p and dS = p * (dP - delta) for one [BM, BN] tile (natural-log gradient of the scores)
-    sc = _dot(b_q, tl.trans(b_k), DOT) * qk_scale
+def _ds_block(b_q, b_do, b_lse2, b_delta, b_k, b_v, allowed, qk_scale, DOT: tl.constexpr, cap2,
+              CAP: tl.constexpr):
+    # p and dS = p * (dP - delta) for one [BM, BN] tile (natural-log gradient of the scores
+    # before the cap: times 1 - tanh^2 with CAP)
+    sc = _cap(_dot(b_q, tl.trans(b_k), DOT) * qk_scale, cap2, CAP)
     p = tl.where(allowed, tl.exp2(sc - b_lse2[:, None]), 0.)
     dp = _dot(b_do, tl.trans(b_v), DOT)
-    return p, p * (dp - b_delta[:, None])
+    ds = p * (dp - b_delta[:, None])
+    if CAP:
+        th = sc / cap2
+        ds = ds * (1. - th * th)
+    return p, ds
 
 
-@tuned(key=["H", "HKV", "D", "DV", "BM", "NS", "HAS_KM", "DOT"])
+@tuned(key=["H", "HKV", "D", "DV", "BM", "NS", "HAS_KM", "DOT", "CAP"])
 @triton.jit
 def _window_dq_kernel(
-    q, k, v, km, sp, do, lse, delta, dq, cu, blocks, window, qk_scale, scale,
+    q, k, v, km, sp, do, lse, delta, dq, cu, blocks, window, qk_scale, scale, cap2,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, NS: tl.constexpr, BS: tl.constexpr,
-    HAS_KM: tl.constexpr, DOT: tl.constexpr,
+    HAS_KM: tl.constexpr, DOT: tl.constexpr, CAP: tl.constexpr,
 ):
     i_b, i_h = tl.program_id(0), tl.program_id(1)
     i_hk = i_h // (H // HKV)
@@ -165,7 +180,7 @@ def _window_dq_kernel(
         b_vs = tl.load(v + (b_sp[:, None] * HKV + i_hk) * DV + odv[None, :], mask=mj[:, None] & mdv[None, :],
                        other=0.)
         far = mj[None, :] & (b_sp[None, :] <= t[:, None]) & (t[:, None] - b_sp[None, :] >= window)
-        p_far, ds_far = _ds_block(b_q, b_do, b_lse2, b_delta, b_ks, b_vs, far, qk_scale, DOT)
+        p_far, ds_far = _ds_block(b_q, b_do, b_lse2, b_delta, b_ks, b_vs, far, qk_scale, DOT, cap2, CAP)
         b_dq += _dot(ds_far, b_ks, DOT)
     lo = tl.maximum(t0 - window + 1, bos)
     hi = tl.minimum(t0 + BM, eos)
@@ -177,19 +192,19 @@ def _window_dq_kernel(
         b_k = tl.load(k + (s[:, None] * HKV + i_hk) * D + od[None, :], mask=ms[:, None] & md[None, :], other=0.)
         b_v = tl.load(v + (s[:, None] * HKV + i_hk) * DV + odv[None, :], mask=ms[:, None] & mdv[None, :], other=0.)
         near = ms[None, :] & (s[None, :] <= t[:, None]) & (t[:, None] - s[None, :] < window)
-        _, ds = _ds_block(b_q, b_do, b_lse2, b_delta, b_k, b_v, near, qk_scale, DOT)
+        _, ds = _ds_block(b_q, b_do, b_lse2, b_delta, b_k, b_v, near, qk_scale, DOT, cap2, CAP)
         b_dq += _dot(ds, b_k, DOT)
     tl.store(dq + (t[:, None] * H + i_h) * D + od[None, :], (b_dq * scale).to(dq.dtype.element_ty),
              mask=mt[:, None] & md[None, :])
 
 
-@tuned(key=["H", "HKV", "D", "DV", "BM", "HAS_KM", "DOT"])
+@tuned(key=["H", "HKV", "D", "DV", "BM", "HAS_KM", "DOT", "CAP"])
 @triton.jit
 def _window_dkv_kernel(
-    q, k, v, km, do, lse, delta, dk, dv, cu, blocks, window, qk_scale, scale,
+    q, k, v, km, do, lse, delta, dk, dv, cu, blocks, window, qk_scale, scale, cap2,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, HAS_KM: tl.constexpr,
-    DOT: tl.constexpr,
+    DOT: tl.constexpr, CAP: tl.constexpr,
 ):
     # dk, dv of one key block from the queries whose band (t - s < window) contains it
     i_b, i_hk = tl.program_id(0), tl.program_id(1)
@@ -221,7 +236,7 @@ def _window_dkv_kernel(
             b_lse2 = tl.where(b_lse == float("-inf"), 0., b_lse * 1.4426950408889634)
             b_delta = tl.load(delta + t * H + i_h, mask=mt, other=0.)
             near = ms[None, :] & mt[:, None] & (s[None, :] <= t[:, None]) & (t[:, None] - s[None, :] < window)
-            p, ds = _ds_block(b_q, b_do, b_lse2, b_delta, b_k, b_v, near, qk_scale, DOT)
+            p, ds = _ds_block(b_q, b_do, b_lse2, b_delta, b_k, b_v, near, qk_scale, DOT, cap2, CAP)
             b_dv += _dot(tl.trans(p), b_do, DOT)
             b_dk += _dot(tl.trans(ds), b_q, DOT)
     tl.store(dk + (s[:, None] * HKV + i_hk) * D + od[None, :], (b_dk * scale).to(dk.dtype.element_ty),
@@ -230,13 +245,13 @@ def _window_dkv_kernel(
              mask=(s < eos)[:, None] & mdv[None, :])
 
 
-@tuned(key=["H", "HKV", "D", "DV", "BN", "NS", "DOT"])
+@tuned(key=["H", "HKV", "D", "DV", "BN", "NS", "DOT", "CAP"])
 @triton.jit
 def _window_sink_dkv_kernel(
-    q, k, v, sp, do, lse, delta, dks, dvs, cu, window, qk_scale, scale,
+    q, k, v, sp, do, lse, delta, dks, dvs, cu, window, qk_scale, scale, cap2,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, NS: tl.constexpr, BS: tl.constexpr,
-    DOT: tl.constexpr,
+    DOT: tl.constexpr, CAP: tl.constexpr,
 ):
     # dk, dv of the sink keys from the queries that see them outside the band (t - s >= window)
     i_n, i_hk = tl.program_id(0), tl.program_id(1)
@@ -264,7 +279,7 @@ def _window_sink_dkv_kernel(
             b_lse2 = tl.where(b_lse == float("-inf"), 0., b_lse * 1.4426950408889634)
             b_delta = tl.load(delta + t * H + i_h, mask=mt, other=0.)
             far = mj[None, :] & mt[:, None] & (t[:, None] - b_sp[None, :] >= window)
-            p, ds = _ds_block(b_q, b_do, b_lse2, b_delta, b_k, b_v, far, qk_scale, DOT)
+            p, ds = _ds_block(b_q, b_do, b_lse2, b_delta, b_k, b_v, far, qk_scale, DOT, cap2, CAP)
             b_dv += _dot(tl.trans(p), b_do, DOT)
             b_dk += _dot(tl.trans(ds), b_q, DOT)
     base = (i_n * HKV + i_hk) * BS + oj[:, None]
@@ -301,27 +316,34 @@ class WindowLayout:
                 self.sink_pos = pos[:, :NS].to(torch.int32).contiguous()
 
 
-def _window_forward(q, k, v, sl, scale, lay: WindowLayout, out_dtype):
+def _cap_args(softcap):
+    """(cap2, CAP): the cap in log2 units and whether there is one."""
+    return (float(softcap) * LOG2E, True) if softcap is not None else (1.0, False)
+
+
+def _window_forward(q, k, v, sl, scale, lay: WindowLayout, out_dtype, softcap=None):
     TT, H, D = q.shape
     HKV, DV = k.shape[1], v.shape[-1]
     info = lay.info
     o = torch.empty(TT, H, DV, dtype=out_dtype, device=q.device)
     lse = torch.empty(TT, H, dtype=torch.float32, device=q.device)
     M = sl.shape[-1] if sl is not None else 0
+    cap2, CAP = _cap_args(softcap)
     if info.num_chunks:
         _window_fwd_kernel[(info.num_chunks, H)](
             q, k, v, lay.key_mask if lay.key_mask is not None else o,
             lay.sink_pos if lay.sink_pos is not None else info.cu, sl if sl is not None else lse, o, lse,
-            info.cu, info.chunks, lay.window, scale * LOG2E,
+            info.cu, info.chunks, lay.window, scale * LOG2E, cap2,
             H=H, HKV=HKV, D=D, DV=DV, BM=lay.block_m, BD=block(D), BDV=block(DV),
             NS=lay.num_sinks, BS=block(lay.num_sinks), M=M, BSL=triton.next_power_of_2(max(M, 1)),
-            HAS_KM=lay.key_mask is not None, DOT=dot_dtype(q.dtype),
+            HAS_KM=lay.key_mask is not None, DOT=dot_dtype(q.dtype), CAP=CAP,
         )
     return o, lse
 
 
-def _window_backward(q, k, v, o, lse, sl, do, dlse, scale, lay: WindowLayout):
+def _window_backward(q, k, v, o, lse, sl, do, dlse, scale, lay: WindowLayout, softcap=None):
     TT, H, D = q.shape
+    cap2, CAP = _cap_args(softcap)
     HKV, DV = k.shape[1], v.shape[-1]
     info = lay.info
     DOT = dot_dtype(q.dtype)
@@ -335,14 +357,14 @@ def _window_backward(q, k, v, o, lse, sl, do, dlse, scale, lay: WindowLayout):
     if info.num_chunks:
         sp = lay.sink_pos if lay.sink_pos is not None else info.cu
         _window_dq_kernel[(info.num_chunks, H)](
-            q, k, v, km, sp, do, lse, delta, dq, info.cu, info.chunks, lay.window, scale * LOG2E, scale,
+            q, k, v, km, sp, do, lse, delta, dq, info.cu, info.chunks, lay.window, scale * LOG2E, scale, cap2,
             H=H, HKV=HKV, D=D, DV=DV, BM=BM, BN=BLOCK_N_BWD, BD=BD, BDV=BDV, NS=lay.num_sinks,
-            BS=block(lay.num_sinks), HAS_KM=lay.key_mask is not None, DOT=DOT,
+            BS=block(lay.num_sinks), HAS_KM=lay.key_mask is not None, DOT=DOT, CAP=CAP,
         )
         _window_dkv_kernel[(info.num_chunks, HKV)](
-            q, k, v, km, do, lse, delta, dk, dv, info.cu, info.chunks, lay.window, scale * LOG2E, scale,
+            q, k, v, km, do, lse, delta, dk, dv, info.cu, info.chunks, lay.window, scale * LOG2E, scale, cap2,
             H=H, HKV=HKV, D=D, DV=DV, BM=BM, BN=BLOCK_N_BWD, BD=BD, BDV=BDV, HAS_KM=lay.key_mask is not None,
-            DOT=DOT,
+            DOT=DOT, CAP=CAP,
         )
     else:
         dq.zero_(), dk.zero_(), dv.zero_()
@@ -351,8 +373,8 @@ def _window_backward(q, k, v, o, lse, sl, do, dlse, scale, lay: WindowLayout):
         dks = torch.empty(info.N, HKV, BS, BD, dtype=torch.float32, device=q.device)
         dvs = torch.empty(info.N, HKV, BS, BDV, dtype=torch.float32, device=q.device)
         _window_sink_dkv_kernel[(info.N, HKV)](
-            q, k, v, lay.sink_pos, do, lse, delta, dks, dvs, info.cu, lay.window, scale * LOG2E, scale,
-            H=H, HKV=HKV, D=D, DV=DV, BN=BLOCK_N_BWD, BD=BD, BDV=BDV, NS=lay.num_sinks, BS=BS, DOT=DOT,
+            q, k, v, lay.sink_pos, do, lse, delta, dks, dvs, info.cu, lay.window, scale * LOG2E, scale, cap2,
+            H=H, HKV=HKV, D=D, DV=DV, BN=BLOCK_N_BWD, BD=BD, BDV=BDV, NS=lay.num_sinks, BS=BS, DOT=DOT, CAP=CAP,
         )
         pos = lay.sink_pos.long()
         valid = pos >= 0
@@ -368,19 +390,20 @@ def _window_backward(q, k, v, o, lse, sl, do, dlse, scale, lay: WindowLayout):
 
 class TritonWindowAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, sl, scale, lay, out_dtype):
-        o, lse = _window_forward(q, k, v, sl, scale, lay, out_dtype)
+    def forward(ctx, q, k, v, sl, scale, lay, out_dtype, softcap=None):
+        o, lse = _window_forward(q, k, v, sl, scale, lay, out_dtype, softcap)
         ctx.save_for_backward(q, k, v, o, lse, sl)
-        ctx.scale, ctx.lay = scale, lay
+        ctx.scale, ctx.lay, ctx.softcap = scale, lay, softcap
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse, sl = ctx.saved_tensors
-        dq, dk, dv, dsl = _window_backward(q, k, v, o, lse, sl, do.contiguous(), dlse, ctx.scale, ctx.lay)
+        dq, dk, dv, dsl = _window_backward(q, k, v, o, lse, sl, do.contiguous(), dlse, ctx.scale, ctx.lay,
+                                           ctx.softcap)
         if dsl is not None:
             dsl = dsl.to(sl.dtype)
-        return dq, dk, dv, dsl, None, None, None
+        return dq, dk, dv, dsl, None, None, None, None
 
 
 def triton_window_attention(
@@ -406,27 +429,23 @@ def triton_window_attention(
         scale: score scale, default D ** -0.5.
         key_mask: [B, T] bool, False marks padding (never attended, not a sink).
         cu_seqlens: [N + 1] packed sequence bounds (B == 1); attention never crosses them.
-        softcap: Gemma-2's c * tanh(s / c) on the scaled scores. The kernels have no cap yet:
-            a capped call runs `chunk_window_attention` (blocked PyTorch, on the same device).
+        softcap: c > 0 caps the scaled scores to c * tanh(s / c) before the softmax (Gemma-2),
+            in the kernels (backward through tanh); None = no cap.
 
     Returns:
         o: [B, T, H, Dv] in q's dtype (zeros for a query that sees nothing);
         lse: [B, T, H] fp32 log of the full softmax denominator (-inf when empty). Gradients
         flow through both outputs.
     """
-    if softcap is not None:
-        from .chunk import chunk_window_attention
-
-        return chunk_window_attention(q, k, v, window=window, num_sink_tokens=num_sink_tokens,
-                                      sink_logits=sink_logits, scale=scale, key_mask=key_mask,
-                                      cu_seqlens=cu_seqlens, softcap=softcap)
     return window_autograd(q, k, v, window=window, num_sink_tokens=num_sink_tokens, sink_logits=sink_logits,
-                           scale=scale, key_mask=key_mask, cu_seqlens=cu_seqlens, out_dtype=q.dtype)
+                           scale=scale, key_mask=key_mask, cu_seqlens=cu_seqlens, out_dtype=q.dtype, softcap=softcap)
 
 
-def window_autograd(q, k, v, *, window, num_sink_tokens, sink_logits, scale, key_mask, cu_seqlens, out_dtype):
+def window_autograd(q, k, v, *, window, num_sink_tokens, sink_logits, scale, key_mask, cu_seqlens, out_dtype,
+                    softcap=None):
     """`triton_window_attention` with the output dtype chosen (fp32 keeps a 16-bit run's o unrounded)."""
     check_window_inputs(q, k, v, window, num_sink_tokens, sink_logits, key_mask, cu_seqlens)
+    check_softcap(softcap)
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or x.dtype != q.dtype:
             raise TypeError(f"triton_window_attention needs q, k, v in one of fp32/bf16/fp16, got {name}.dtype={x.dtype}")
@@ -437,5 +456,6 @@ def window_autograd(q, k, v, *, window, num_sink_tokens, sink_logits, scale, key
     lay = WindowLayout(q, window, num_sink_tokens, key_mask, cu_seqlens, BLOCK_M)
     sl = sink_logits.reshape(H, -1).contiguous() if sink_logits is not None else None
     flat = lambda x: x.reshape(B * T, *x.shape[2:]).contiguous()
-    o, lse = TritonWindowAttention.apply(flat(q), flat(k), flat(v), sl, scale, lay, out_dtype)
+    o, lse = TritonWindowAttention.apply(flat(q), flat(k), flat(v), sl, scale, lay, out_dtype,
+                                         None if softcap is None else float(softcap))
     return o.view(B, T, H, v.shape[-1]), lse.view(B, T, H)

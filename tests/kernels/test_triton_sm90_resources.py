@@ -21,7 +21,8 @@ SCRIPT = textwrap.dedent("""
 
     LIMIT = 227 * 1024
     TYPES = {"cu": "*i32", "chunks": "*i32", "soff": "*i32", "sp": "*i32", "blocks": "*i32", "km": "*i8",
-             "window": "i32", "NTOT": "i32", "scale": "fp32", "qk_scale": "fp32", "scale_lin": "fp32"}
+             "window": "i32", "NTOT": "i32", "scale": "fp32", "qk_scale": "fp32", "scale_lin": "fp32",
+             "cap2": "fp32"}
     TYPES.update({n: "*bf16" for n in ("q", "k", "v", "g", "o", "do", "dq", "dk", "dv", "qw", "kw", "ql", "kl")})
 
     def compile_(name, kernel, consts):
@@ -51,11 +52,14 @@ SCRIPT = textwrap.dedent("""
             compile_(f"hybrid {scalar} {shared}", h._hybrid_fwd_kernel, dict(H=32, HKV=8, D=D, K=K, V=V, BT=BT,
                      BC=BC, BN=w.BLOCK_M, BD=g.block(D), BK=g.block(K), BV=g.block(V), NS=4, BS=16, M=2, BSL=2,
                      HAS_KM=True, SCALAR_G=scalar, SHARED=shared, DOT=bf))
-    wb = dict(H=32, HKV=8, D=D, DV=V, BD=g.block(D), BDV=g.block(V), DOT=bf)
-    compile_("window fwd", w._window_fwd_kernel, dict(wb, BM=w.BLOCK_M, NS=4, BS=16, M=2, BSL=2, HAS_KM=True))
-    compile_("window dq", w._window_dq_kernel, dict(wb, BM=w.BLOCK_M, BN=w.BLOCK_N_BWD, NS=4, BS=16, HAS_KM=True))
-    compile_("window dkv", w._window_dkv_kernel, dict(wb, BM=w.BLOCK_M, BN=w.BLOCK_N_BWD, HAS_KM=True))
-    compile_("window sink dkv", w._window_sink_dkv_kernel, dict(wb, BN=w.BLOCK_N_BWD, NS=4, BS=16))
+    for cap in (False, True):
+        wb = dict(H=32, HKV=8, D=D, DV=V, BD=g.block(D), BDV=g.block(V), DOT=bf, CAP=cap)
+        compile_(f"window fwd {cap}", w._window_fwd_kernel, dict(wb, BM=w.BLOCK_M, NS=4, BS=16, M=2, BSL=2,
+                 HAS_KM=True))
+        compile_(f"window dq {cap}", w._window_dq_kernel, dict(wb, BM=w.BLOCK_M, BN=w.BLOCK_N_BWD, NS=4, BS=16,
+                 HAS_KM=True))
+        compile_(f"window dkv {cap}", w._window_dkv_kernel, dict(wb, BM=w.BLOCK_M, BN=w.BLOCK_N_BWD, HAS_KM=True))
+        compile_(f"window sink dkv {cap}", w._window_sink_dkv_kernel, dict(wb, BN=w.BLOCK_N_BWD, NS=4, BS=16))
     print("all fit")
 """)
 

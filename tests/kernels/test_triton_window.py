@@ -173,17 +173,18 @@ def test_kernels_compile_for_sm90():
             while not isinstance(fn, triton.runtime.jit.JITFunction):
                 fn = fn.fn
             types = {"cu": "*i32", "blocks": "*i32", "sp": "*i32", "km": "*i8", "window": "i32",
-                     "qk_scale": "fp32", "scale": "fp32"}
+                     "qk_scale": "fp32", "scale": "fp32", "cap2": "fp32"}
             types.update({n: "*bf16" for n in ("q", "k", "v", "o", "do", "dq", "dk", "dv")})
             sig = {n: "constexpr" if n in consts else types.get(n, "*fp32") for n in fn.arg_names}
             triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts),
                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=1))
 
-        base = dict(H=2, HKV=1, D=32, DV=32, BD=32, BDV=32, DOT=tl.bfloat16)
-        compile_(w._window_fwd_kernel, dict(base, BM=32, NS=4, BS=16, M=2, BSL=2, HAS_KM=True))
-        compile_(w._window_dq_kernel, dict(base, BM=32, BN=16, NS=4, BS=16, HAS_KM=True))
-        compile_(w._window_dkv_kernel, dict(base, BM=32, BN=16, HAS_KM=True))
-        compile_(w._window_sink_dkv_kernel, dict(base, BN=16, NS=4, BS=16))
+        for cap in (False, True):  # CAP: Gemma-2's soft-capped scores
+            base = dict(H=2, HKV=1, D=32, DV=32, BD=32, BDV=32, DOT=tl.bfloat16, CAP=cap)
+            compile_(w._window_fwd_kernel, dict(base, BM=32, NS=4, BS=16, M=2, BSL=2, HAS_KM=True))
+            compile_(w._window_dq_kernel, dict(base, BM=32, BN=16, NS=4, BS=16, HAS_KM=True))
+            compile_(w._window_dkv_kernel, dict(base, BM=32, BN=16, HAS_KM=True))
+            compile_(w._window_sink_dkv_kernel, dict(base, BN=16, NS=4, BS=16))
         print("compiled")
     """)
     try:
