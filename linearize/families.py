@@ -55,8 +55,9 @@ What each family does differently, and how it is handled:
   the cap bounds what one key can weigh against the others, and the recurrence (whose
   weights phi(q).phi(k) are trained to stand in for the softmax beyond the window) gets no
   such bound. The final logit soft-capping (`final_logit_softcapping`) acts on the LM head's
-  output, outside attention, and stays as it is. With the Triton backend a capped window
-  runs the blocked PyTorch op (no capped Triton kernel yet).
+  output, outside attention, and stays as it is. The Triton window kernels cap in place; the
+  fused hybrid kernel does not yet, so a capped fixed-mix or shared-denominator layer runs
+  the capped window kernel and the GLA kernel one after the other.
 
 Not supported yet (`NOT_SUPPORTED`, refused by `convert` with the reason): the multimodal
 Gemma-3 (model_type "gemma3").
