@@ -144,8 +144,7 @@ def compose_hybrid(window_op, gla_op, q_win, k_win, v, q_lin, k_lin, g, *, windo
     H = q_win.shape[2]
     acc = torch.float64 if q_win.dtype == torch.float64 else torch.float32
     o_win, lse = window_op(q_win, k_win, v, window=window, num_sink_tokens=num_sink_tokens, sink_logits=sink_logits,
-                           scale=scale_win, key_mask=key_mask, cu_seqlens=cu_seqlens,
-                           **({} if softcap is None else dict(softcap=softcap)))
+                           scale=scale_win, key_mask=key_mask, cu_seqlens=cu_seqlens, softcap=softcap)
     k_lin, g = mask_linear_inputs(k_lin, g, key_mask)
     v_lin = v if mode == "mix" else torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
     o_lin, final_state = gla_op(q_lin, k_lin, v_lin, g, scale=scale_lin, initial_state=initial_state,

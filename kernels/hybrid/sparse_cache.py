@@ -213,7 +213,7 @@ def _attend(st, a, q, fq, L, spec):
     rec_rank = start + torch.arange(st["recent_k"].shape[0], device=q.device)
     rec_ok = (rec_rank[None, :] <= qpos[:, None])[:, None, :].expand(n, H, -1)
     allowed = torch.cat([sink_ok, sel_ok, rec_ok], dim=-1)  # [n, H, N]
-    scores = soft_cap(torch.einsum("qhd,nhd->qhn", q.to(acc), keys) * spec["scale"], spec.get("softcap"))
+    scores = soft_cap(torch.einsum("qhd,nhd->qhn", q.to(acc), keys) * spec["scale"], spec["softcap"])
     scores = scores.masked_fill(~allowed, float("-inf"))
     m = scores.amax(-1)
     lse = torch.logsumexp(scores, dim=-1)
