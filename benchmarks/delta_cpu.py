@@ -17,9 +17,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from linearize.kernels.delta.chunk import chunk_gated_delta_rule
+from linearize.kernels.delta.torch_chunk import chunk_gated_delta_rule
 from linearize.kernels.delta.naive import naive_gated_delta_rule
-from linearize.kernels.delta.recurrent import recurrent_gated_delta_rule
+from linearize.kernels.delta.torch_recurrent import recurrent_gated_delta_rule
 
 
 def inputs(T: int, H: int, HKV: int, D: int):

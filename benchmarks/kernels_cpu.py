@@ -25,9 +25,9 @@ import torch
 
 from linearize.eval.bench.common import (fmt, machine_info, markdown_table, median, target, target_lines, timed,
                                          write_report)
-from linearize.kernels.gla.chunk import chunk_gla
+from linearize.kernels.gla.torch_chunk import chunk_gla
 from linearize.kernels.gla.naive import naive_gla
-from linearize.kernels.window.chunk import chunk_window_attention
+from linearize.kernels.window.torch_chunk import chunk_window_attention
 from linearize.kernels.window.naive import naive_window_attention
 from linearize.plots import log2_axis, log_y, new_figure, save_figure
 

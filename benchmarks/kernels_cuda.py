@@ -89,8 +89,8 @@ def make_inputs(B, T, H, D, seed=0, device="cuda", dtype=torch.bfloat16) -> dict
 def calls(x: dict) -> dict:
     """name -> (function of the inputs dict returning output tensors, input names it differentiates)."""
     from linearize.kernels.gla.triton_chunk import triton_chunk_gla
-    from linearize.kernels.hybrid.triton_hybrid import triton_hybrid_attention
-    from linearize.kernels.window.triton_window import triton_window_attention
+    from linearize.kernels.hybrid.triton_chunk import triton_hybrid_attention
+    from linearize.kernels.window.triton_chunk import triton_window_attention
 
     def sdpa(a):
         o = F.scaled_dot_product_attention(a["q"].transpose(1, 2), a["k"].transpose(1, 2), a["v"].transpose(1, 2),

@@ -66,7 +66,7 @@ def gated_linear_attention(
 
         return naive_gla(q, k, v, g, **kwargs)
     if backend == "torch":
-        from .gla.chunk import chunk_gla
+        from .gla.torch_chunk import chunk_gla
 
         return chunk_gla(q, k, v, g, **kwargs)
     if backend == "triton":
@@ -96,14 +96,14 @@ def recurrent_gated_linear_attention(
     backend = backend or select_backend(q)
     kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
     if backend == "triton" and not tracks_grad(q, k, v, g):
-        from .gla.fused_recurrent import fused_recurrent_gla
+        from .gla.triton_recurrent import fused_recurrent_gla
 
         return fused_recurrent_gla(q, k, v, g, **kwargs)
     if backend == "naive":
         from .gla.naive import naive_gla
 
         return naive_gla(q, k, v, g, **kwargs)
-    from .gla.recurrent import recurrent_gla
+    from .gla.torch_recurrent import recurrent_gla
 
     return recurrent_gla(q, k, v, g, **kwargs)
 
@@ -138,7 +138,7 @@ def gated_delta_rule(
         return naive_gated_delta_rule(q, k, v, beta, g, **kwargs)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    from .delta.chunk import chunk_gated_delta_rule
+    from .delta.torch_chunk import chunk_gated_delta_rule
 
     return chunk_gated_delta_rule(q, k, v, beta, g, **kwargs)
 
@@ -151,14 +151,14 @@ def recurrent_gated_delta_rule(q, k, v, beta, g, *, scale=None, initial_state=No
     kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
     backend = backend or select_backend(q)
     if backend == "triton" and not tracks_grad(q, k, v, beta, g, initial_state):
-        from .delta.fused_recurrent import fused_recurrent_gated_delta_rule
+        from .delta.triton_recurrent import fused_recurrent_gated_delta_rule
 
         return fused_recurrent_gated_delta_rule(q, k, v, beta, g, **kwargs)
     if backend == "naive":
         from .delta.naive import naive_gated_delta_rule
 
         return naive_gated_delta_rule(q, k, v, beta, g, **kwargs)
-    from .delta.recurrent import recurrent_gated_delta_rule as step
+    from .delta.torch_recurrent import recurrent_gated_delta_rule as step
 
     return step(q, k, v, beta, g, **kwargs)
 
@@ -190,9 +190,9 @@ def hybrid_attention(
     if backend == "naive":
         from .hybrid.naive import naive_hybrid_attention as fn
     elif backend == "torch":
-        from .hybrid.chunk import chunk_hybrid_attention as fn
+        from .hybrid.torch_chunk import chunk_hybrid_attention as fn
     elif backend == "triton":
-        from .hybrid.triton_hybrid import triton_hybrid_attention as fn
+        from .hybrid.triton_chunk import triton_hybrid_attention as fn
     else:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     return fn(q_win, k_win, v, q_lin, k_lin, g, window=window, mode=mode, **kwargs)
@@ -229,11 +229,11 @@ def sliding_window_attention(
 
         return naive_window_attention(q, k, v, **kwargs)
     if backend == "torch":
-        from .window.chunk import chunk_window_attention
+        from .window.torch_chunk import chunk_window_attention
 
         return chunk_window_attention(q, k, v, need_lse=need_lse, **kwargs)
     if backend == "triton":
-        from .window.triton_window import triton_window_attention
+        from .window.triton_chunk import triton_window_attention
 
         return triton_window_attention(q, k, v, **kwargs)
     raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

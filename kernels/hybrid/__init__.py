@@ -6,7 +6,7 @@ from .naive import MODES, combine_hybrid, naive_hybrid_attention
 
 def __getattr__(name):
     if name == "triton_hybrid_attention":
-        from .triton_hybrid import triton_hybrid_attention
+        from .triton_chunk import triton_hybrid_attention
 
         return triton_hybrid_attention
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,7 +12,7 @@ from linearize.eval.bench.decode import TARGET_CONTEXT, decode_summary, decode_t
 @pytest.fixture(autouse=True)
 def cpu_kernels(monkeypatch):
     """The chunked torch kernels where they exist, else the reference ones (small shapes only)."""
-    if importlib.util.find_spec("linearize.kernels.window.chunk") is None:
+    if importlib.util.find_spec("linearize.kernels.window.torch_chunk") is None:
         monkeypatch.setenv("LINEARIZE_KERNEL_BACKEND", "naive")
 
 

@@ -14,7 +14,7 @@ from linearize.eval.bench.prefill import TARGET_LENGTH, prefill_summary, prefill
 @pytest.fixture(autouse=True)
 def cpu_kernels(monkeypatch):
     """The chunked torch kernels where they exist, else the reference ones (small shapes only)."""
-    if importlib.util.find_spec("linearize.kernels.window.chunk") is None:
+    if importlib.util.find_spec("linearize.kernels.window.torch_chunk") is None:
         monkeypatch.setenv("LINEARIZE_KERNEL_BACKEND", "naive")
 
 

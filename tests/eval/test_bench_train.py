@@ -15,7 +15,7 @@ from linearize.eval.bench.train import TARGET_LENGTH, run_train, train_summary, 
 @pytest.fixture(autouse=True)
 def cpu_kernels(monkeypatch):
     """The chunked torch kernels where they exist, else the reference ones (small shapes only)."""
-    if importlib.util.find_spec("linearize.kernels.window.chunk") is None:
+    if importlib.util.find_spec("linearize.kernels.window.torch_chunk") is None:
         monkeypatch.setenv("LINEARIZE_KERNEL_BACKEND", "naive")
 
 

@@ -4,9 +4,9 @@ import torch
 import torch.nn.functional as F
 
 from linearize.kernels import gated_delta_rule, recurrent_gated_delta_rule
-from linearize.kernels.delta.chunk import chunk_gated_delta_rule
+from linearize.kernels.delta.torch_chunk import chunk_gated_delta_rule
 from linearize.kernels.delta.naive import naive_gated_delta_rule
-from linearize.kernels.delta.recurrent import recurrent_gated_delta_rule as recurrent_step
+from linearize.kernels.delta.torch_recurrent import recurrent_gated_delta_rule as recurrent_step
 from helpers.threads import one_thread  # noqa: F401  (autouse, module scope)
 
 F64 = torch.float64
@@ -102,7 +102,7 @@ def test_varlen_matches_reference_and_separate_sequences():
 def test_long_inputs_in_segments_carry_the_state(monkeypatch):
     """Segments of whole chunks (forced small here) give the same outputs, state and gradients,
     padded batches and packed sequences alike."""
-    import linearize.kernels.delta.chunk as chunk
+    import linearize.kernels.delta.torch_chunk as chunk
 
     monkeypatch.setattr(chunk, "_SEGMENT_ELEMENTS", 1)  # one chunk per segment
     assert_small(compare(make_inputs(2, 150, 4, 2, 8, 6), chunk_size=16))

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from linearize.kernels import ENV_VAR, gated_linear_attention, select_backend
-from linearize.kernels.gla.chunk import chunk_gla
+from linearize.kernels.gla.torch_chunk import chunk_gla
 from linearize.kernels.gla.naive import naive_gla
 from helpers.threads import one_thread  # noqa: F401  (autouse, module scope)
 
@@ -204,7 +204,7 @@ def test_dispatcher_bad_backend(monkeypatch):
 def fallback_chunks(monkeypatch):
     """Counts the chunks (over all batch rows and KV heads) that chunk_gla hands to its exact
     fallback, one entry per call of the fallback."""
-    import linearize.kernels.gla.chunk as chunk_mod
+    import linearize.kernels.gla.torch_chunk as chunk_mod
 
     calls = []
     exact = chunk_mod._exact_terms
@@ -256,7 +256,7 @@ def test_long_sequences_in_segments(monkeypatch, grad):
     """A sequence longer than the segment budget goes in segments that carry the state (with
     autograd, and without it, writing into one output): the same result and gradients as
     the reference, T not a multiple of the chunk or the segment, bf16 output dtype kept."""
-    import linearize.kernels.gla.chunk as chunk_module
+    import linearize.kernels.gla.torch_chunk as chunk_module
 
     B, T, H, HKV, K, V = 2, 150, 4, 2, 12, 10
     monkeypatch.setattr(chunk_module, "_SEGMENT_ELEMENTS", B * 40 * H * K)  # 4 segments of 48 tokens

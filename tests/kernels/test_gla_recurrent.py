@@ -5,7 +5,7 @@ import torch
 
 from linearize.kernels import ENV_VAR, recurrent_gated_linear_attention
 from linearize.kernels.gla.naive import naive_gla
-from linearize.kernels.gla.recurrent import recurrent_gla
+from linearize.kernels.gla.torch_recurrent import recurrent_gla
 
 from test_gla import F64, make_inputs, rel  # the same random inputs and error measure
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from linearize.kernels.gla.chunk import chunk_gla
+from linearize.kernels.gla.torch_chunk import chunk_gla
 from helpers.threads import one_thread  # noqa: F401  (autouse, module scope)
 
 T = 32768

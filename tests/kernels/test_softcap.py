@@ -9,7 +9,7 @@ from linearize.kernels import (hybrid_attention, past_window_attention, sliding_
                                window_max_score)
 from linearize.kernels.hybrid.naive import naive_past_window_attention, naive_sparse_past_window_attention
 from linearize.kernels.hybrid.sparse_cache import sparse_past_window_attention
-from linearize.kernels.window.chunk import chunk_window_attention
+from linearize.kernels.window.torch_chunk import chunk_window_attention
 from linearize.kernels.window.naive import naive_window_attention, naive_window_max_score
 from helpers.threads import one_thread  # noqa: F401  (autouse, module scope)
 

@@ -17,7 +17,7 @@ if not INTERPRET and not torch.cuda.is_available():
     pytest.skip("TRITON_INTERPRET=0 needs a CUDA device", allow_module_level=True)
 DEVICE = "cpu" if INTERPRET else "cuda"
 
-from linearize.kernels.delta.fused_recurrent import fused_recurrent_gated_delta_rule  # noqa: E402
+from linearize.kernels.delta.triton_recurrent import fused_recurrent_gated_delta_rule  # noqa: E402
 from linearize.kernels.delta.naive import naive_gated_delta_rule  # noqa: E402
 
 

@@ -27,7 +27,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from linearize.kernels import gated_linear_attention  # noqa: E402
-from linearize.kernels.gla.fused_recurrent import fused_recurrent_gla  # noqa: E402
+from linearize.kernels.gla.triton_recurrent import fused_recurrent_gla  # noqa: E402
 from linearize.kernels.gla.naive import naive_gla  # noqa: E402
 from linearize.kernels.gla.triton_chunk import CHUNK_SIZE, triton_chunk_gla  # noqa: E402
 
@@ -202,7 +202,7 @@ def test_kernels_compile_for_sm90():
         import triton, triton.language as tl
         from triton.backends.compiler import GPUTarget
         from linearize.kernels.gla import triton_chunk as m
-        from linearize.kernels.gla import fused_recurrent as fr
+        from linearize.kernels.gla import triton_recurrent as fr
 
         def compile_(kernel, consts):
             fn = kernel

@@ -229,7 +229,7 @@ def test_kernel_compiles_for_sm90():
     script = textwrap.dedent("""
         import triton, triton.language as tl
         from triton.backends.compiler import GPUTarget
-        from linearize.kernels.hybrid import triton_hybrid as m
+        from linearize.kernels.hybrid import triton_chunk as m
 
         fn = m._hybrid_fwd_kernel
         while not isinstance(fn, triton.runtime.jit.JITFunction):

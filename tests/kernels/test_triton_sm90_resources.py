@@ -15,9 +15,9 @@ pytest.importorskip("triton")
 SCRIPT = textwrap.dedent("""
     import triton, triton.language as tl
     from triton.backends.compiler import GPUTarget
-    from linearize.kernels.gla import triton_chunk as g, fused_recurrent as fr
-    from linearize.kernels.window import triton_window as w
-    from linearize.kernels.hybrid import triton_hybrid as h
+    from linearize.kernels.gla import triton_chunk as g, triton_recurrent as fr
+    from linearize.kernels.window import triton_chunk as w
+    from linearize.kernels.hybrid import triton_chunk as h
 
     LIMIT = 227 * 1024
     TYPES = {"cu": "*i32", "chunks": "*i32", "soff": "*i32", "sp": "*i32", "blocks": "*i32", "km": "*i8",

@@ -18,9 +18,9 @@ if not INTERPRET and not torch.cuda.is_available():
 DEVICE = "cpu" if INTERPRET else "cuda"
 
 from linearize.kernels.hybrid import naive_hybrid_attention  # noqa: E402
-from linearize.kernels.hybrid.triton_hybrid import triton_hybrid_attention  # noqa: E402
+from linearize.kernels.hybrid.triton_chunk import triton_hybrid_attention  # noqa: E402
 from linearize.kernels.window.naive import naive_window_attention  # noqa: E402
-from linearize.kernels.window.triton_window import triton_window_attention  # noqa: E402
+from linearize.kernels.window.triton_chunk import triton_window_attention  # noqa: E402
 
 CAP = 1.5
 

@@ -26,7 +26,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from linearize.kernels import sliding_window_attention  # noqa: E402
 from linearize.kernels.window.naive import naive_window_attention  # noqa: E402
-from linearize.kernels.window.triton_window import BLOCK_M, triton_window_attention  # noqa: E402
+from linearize.kernels.window.triton_chunk import BLOCK_M, triton_window_attention  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
@@ -166,7 +166,7 @@ def test_kernels_compile_for_sm90():
     script = textwrap.dedent("""
         import triton, triton.language as tl
         from triton.backends.compiler import GPUTarget
-        from linearize.kernels.window import triton_window as w
+        from linearize.kernels.window import triton_chunk as w
 
         def compile_(kernel, consts):
             fn = kernel

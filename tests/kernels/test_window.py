@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from linearize.kernels import ENV_VAR, select_backend, sliding_window_attention
-from linearize.kernels.window.chunk import chunk_window_attention
+from linearize.kernels.window.torch_chunk import chunk_window_attention
 from linearize.kernels.window.naive import naive_window_attention
 from helpers.threads import one_thread  # noqa: F401  (autouse, module scope)
 
@@ -132,7 +132,7 @@ def test_empty_rows_are_zero_with_nan_free_gradients():
 
 def test_small_window_cost_is_banded():
     # the band holds window + block keys per query block, never the whole sequence
-    import linearize.kernels.window.chunk as wc
+    import linearize.kernels.window.torch_chunk as wc
 
     seen = []
     orig = wc._group_scores
@@ -253,7 +253,7 @@ def test_dispatcher_bad_backend(monkeypatch):
     (500, 5, 2, None, 1, 2, 1),       # tiny window, many band blocks
 ])
 def test_fused_band_matches_reference(T, window, sinks, sinks_shape, B, H, HKV):
-    from linearize.kernels.window.chunk import sdpa_band_attention
+    from linearize.kernels.window.torch_chunk import sdpa_band_attention
 
     q, k, v, sl = make_inputs(B, T, H, HKV, 16, 12, sinks_shape=sinks_shape)
     o_ref, lse_ref = naive_window_attention(q.to(F64), k.to(F64), v.to(F64), window=window, num_sink_tokens=sinks,

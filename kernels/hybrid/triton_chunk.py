@@ -24,7 +24,7 @@ import triton.language as tl
 from ..gla.triton_chunk import (CHUNK_SIZE, MAX_HEAD_DIM, SUB_CHUNK_SIZE, SeqInfo, _flatten, block,
                                 chunk_gla_autograd, dot_dtype, gla_out_rows, gla_states, tuned)
 from ..utils import check_gla_inputs, check_window_inputs
-from ..window.triton_window import BLOCK_M, LOG2E, WindowLayout, window_autograd, window_rows
+from ..window.triton_chunk import BLOCK_M, LOG2E, WindowLayout, window_autograd, window_rows
 from .naive import check_hybrid_inputs, combine_hybrid, head_weights, mask_linear_inputs
 
 SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
@@ -191,7 +191,7 @@ def triton_hybrid_attention(
     """
     if softcap is not None:
         from ..gla.triton_chunk import triton_chunk_gla
-        from ..window.triton_window import triton_window_attention
+        from ..window.triton_chunk import triton_window_attention
         from .naive import compose_hybrid
 
         return compose_hybrid(triton_window_attention, triton_chunk_gla, q_win, k_win, v, q_lin, k_lin, g,

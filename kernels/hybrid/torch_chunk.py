@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import functools
 
-from ..gla.chunk import chunk_gla
-from ..window.chunk import chunk_window_attention
+from ..gla.torch_chunk import chunk_gla
+from ..window.torch_chunk import chunk_window_attention
 from .naive import compose_hybrid
 
 

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from ..gla.triton_chunk import MAX_BLOCK, MAX_HEAD_DIM, block
 from ..utils import tracks_grad
-from .chunk import check_delta_inputs
+from .torch_chunk import check_delta_inputs
 
 
 @triton.jit
