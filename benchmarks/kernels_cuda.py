@@ -151,7 +151,7 @@ def check_shape(x: dict, check_tokens: int) -> dict:
     """Relative errors of every Triton kernel at this shape (forward: full length; forward and
     gradients: the first check_tokens tokens), against fp64 references without Triton."""
     from linearize.kernels.gla.naive import naive_gla
-    from linearize.kernels.hybrid.naive import combine_hybrid, naive_hybrid_attention
+    from linearize.kernels.hybrid import combine_hybrid, naive_hybrid_attention
     from linearize.kernels.window.naive import naive_window_attention
 
     ours = calls(x)

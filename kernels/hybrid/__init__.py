@@ -1,7 +1,8 @@
 """Intra-layer hybrid: window softmax and gated linear attention of one layer, mixed or with a
 shared denominator. `naive_hybrid_attention` is the reference; `triton_hybrid_attention` (the
 fused GPU kernel) is imported on first use so that importing this package needs no Triton."""
-from .naive import MODES, combine_hybrid, naive_hybrid_attention
+from .combine import MODES, combine_hybrid
+from .naive import naive_hybrid_attention
 
 
 def __getattr__(name):

@@ -5,7 +5,7 @@ import functools
 
 from ..gla.torch_chunk import chunk_gla
 from ..window.torch_chunk import chunk_window_attention
-from .naive import compose_hybrid
+from .combine import compose_hybrid
 
 
 def chunk_hybrid_attention(*args, mode: str = "mix", **kwargs):

@@ -22,10 +22,10 @@ import triton
 import triton.language as tl
 
 from ..gla.triton_chunk import (CHUNK_SIZE, MAX_HEAD_DIM, SUB_CHUNK_SIZE, SeqInfo, _flatten, block,
-                                chunk_gla_autograd, dot_dtype, gla_out_rows, gla_states, tuned)
+                                chunk_gla_autograd, dot_dtype, gla_out_rows, gla_states, triton_chunk_gla, tuned)
 from ..utils import check_gla_inputs, check_window_inputs
-from ..window.triton_chunk import BLOCK_M, LOG2E, WindowLayout, window_autograd, window_rows
-from .naive import check_hybrid_inputs, combine_hybrid, head_weights, mask_linear_inputs
+from ..window.triton_chunk import BLOCK_M, LOG2E, WindowLayout, triton_window_attention, window_autograd, window_rows
+from .combine import check_hybrid_inputs, combine_hybrid, compose_hybrid, head_weights, mask_linear_inputs
 
 SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -190,10 +190,6 @@ def triton_hybrid_attention(
     `triton_chunk_gla` run one after the other and are combined as in `compose_hybrid`.
     """
     if softcap is not None:
-        from ..gla.triton_chunk import triton_chunk_gla
-        from ..window.triton_chunk import triton_window_attention
-        from .naive import compose_hybrid
-
         return compose_hybrid(triton_window_attention, triton_chunk_gla, q_win, k_win, v, q_lin, k_lin, g,
                               window=window, mode=mode, num_sink_tokens=num_sink_tokens, sink_logits=sink_logits,
                               scale_win=scale_win, scale_lin=scale_lin, w_win=w_win, w_lin=w_lin, c=c,
