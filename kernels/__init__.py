@@ -1,6 +1,9 @@
 """Kernels behind every mixer (`linearize.kernels`): one signature per op, a dispatcher that
-picks the backend per call (see `dispatch`), and per op folder the fp64 `naive` reference,
-the chunked PyTorch path and the Triton path.
+picks the backend per call (see `dispatch`), and per op folder (gla, delta, window, hybrid)
+one file per implementation: `naive.py` (the fp64 reference), `torch_chunk.py` (chunked
+PyTorch, the CPU path), `torch_recurrent.py` (PyTorch token loop for decoding),
+`triton_chunk.py` (the GPU path) and `triton_recurrent.py` (fused Triton decode), where the op
+has one; files with another role are named for it (`hybrid/combine.py`, `window/max_score.py`).
 
 This folder is installed as `linearize.kernels`. Run from the repository root, Python can
 also find it as a top-level `kernels`, the name of the PyPI package that transformers
