@@ -25,14 +25,14 @@ if __name__ == "kernels":
     sys.modules["kernels"] = _module
     _spec.loader.exec_module(_module)
 else:
-    from .dispatch import (BACKENDS, ENV_VAR, combine_past_window, delay_into_state, gated_delta_rule,
-                           gated_linear_attention, hybrid_attention, linear_key_mask, linear_recurrence,
-                           past_window_attention, recurrent_gated_delta_rule, recurrent_gated_linear_attention,
-                           select_backend, sliding_window_attention, sparse_past_window_attention, triton_available,
-                           window_max_score)
+    from .dispatch import (BACKENDS, ENV_VAR, cached_window_attention, combine_past_window, delay_into_state,
+                           gated_delta_rule, gated_linear_attention, hybrid_attention, linear_key_mask,
+                           linear_recurrence, past_window_attention, recurrent_gated_delta_rule,
+                           recurrent_gated_linear_attention, select_backend, sliding_window_attention,
+                           sparse_past_window_attention, triton_available, window_max_score)
 
-    __all__ = ["BACKENDS", "ENV_VAR", "combine_past_window", "delay_into_state", "gated_delta_rule",
-               "gated_linear_attention", "hybrid_attention", "linear_key_mask", "linear_recurrence",
-               "past_window_attention", "recurrent_gated_delta_rule", "recurrent_gated_linear_attention",
-               "select_backend", "sliding_window_attention", "sparse_past_window_attention", "triton_available",
-               "window_max_score"]
+    __all__ = ["BACKENDS", "ENV_VAR", "cached_window_attention", "combine_past_window", "delay_into_state",
+               "gated_delta_rule", "gated_linear_attention", "hybrid_attention", "linear_key_mask",
+               "linear_recurrence", "past_window_attention", "recurrent_gated_delta_rule",
+               "recurrent_gated_linear_attention", "select_backend", "sliding_window_attention",
+               "sparse_past_window_attention", "triton_available", "window_max_score"]

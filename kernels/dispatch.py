@@ -14,6 +14,7 @@ import torch
 from .hybrid.past_window import combine_past_window, delay_into_state, linear_key_mask
 from .hybrid.sparse_cache import sparse_past_window_attention  # one PyTorch path, any device
 from .utils import tracks_grad
+from .window.cached import cached_window_attention as _cached_window_attention  # one PyTorch path, any device
 
 BACKENDS = ("naive", "torch", "triton")
 ENV_VAR = "LINEARIZE_KERNEL_BACKEND"
@@ -239,6 +240,45 @@ def sliding_window_attention(
     raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
+def cached_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    window: int,
+    num_sink_tokens: int = 0,
+    sink_k: torch.Tensor | None = None,
+    sink_v: torch.Tensor | None = None,
+    sink_mask: torch.Tensor | None = None,
+    win_k: torch.Tensor | None = None,
+    win_v: torch.Tensor | None = None,
+    win_mask: torch.Tensor | None = None,
+    seen: torch.Tensor | None = None,
+    sink_logits: torch.Tensor | None = None,
+    scale: float | None = None,
+    key_mask: torch.Tensor | None = None,
+    softcap: float | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Window softmax of new tokens over a decode cache's sinks and window and their own keys.
+
+    q [B, T, H, D], k [B, T, HKV, D], v [B, T, HKV, Dv]; sink_k/sink_v [B, S, HKV, D / Dv] with
+    sink_mask [B, S]; win_k/win_v [B, L, HKV, D / Dv] (the L positions before the chunk) with
+    win_mask [B, L]; seen [B] real tokens before the chunk (see `kernels.window.cached`).
+    Returns o [B, T, H, Dv], lse and the row max m [B, T, H] (fp32). `naive` forces the
+    per-query reference; every other backend runs the PyTorch op, on any device.
+    """
+    backend = backend or select_backend(q)
+    kwargs = dict(window=window, num_sink_tokens=num_sink_tokens, sink_k=sink_k, sink_v=sink_v, sink_mask=sink_mask,
+                  win_k=win_k, win_v=win_v, win_mask=win_mask, seen=seen, sink_logits=sink_logits, scale=scale,
+                  key_mask=key_mask, softcap=softcap)
+    if backend == "naive":
+        from .window.naive import naive_cached_window_attention
+
+        return naive_cached_window_attention(q, k, v, **kwargs)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return _cached_window_attention(q, k, v, **kwargs)
 
 
 def window_max_score(
@@ -350,4 +390,4 @@ def linear_recurrence(q, k, v, g, *, keep=None, key_mask=None, normalize=True, c
     return o[..., :-1], o[..., -1].to(torch.promote_types(o.dtype, torch.float32)), final
 
 
-__all__ = ["sparse_past_window_attention", "combine_past_window", "delay_into_state", "linear_key_mask", "window_max_score", "past_window_attention", "linear_recurrence", "gated_linear_attention", "gated_delta_rule", "recurrent_gated_delta_rule", "hybrid_attention", "recurrent_gated_linear_attention", "sliding_window_attention", "select_backend", "BACKENDS", "ENV_VAR"]
+__all__ = ["cached_window_attention", "sparse_past_window_attention", "combine_past_window", "delay_into_state", "linear_key_mask", "window_max_score", "past_window_attention", "linear_recurrence", "gated_linear_attention", "gated_delta_rule", "recurrent_gated_delta_rule", "hybrid_attention", "recurrent_gated_linear_attention", "sliding_window_attention", "select_backend", "BACKENDS", "ENV_VAR"]

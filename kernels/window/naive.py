@@ -131,3 +131,61 @@ def naive_window_max_score(
         scores = soft_cap(torch.einsum("thd,shd->hts", q[b, start:end].to(acc), ks) * scale, softcap)
         m[b, start:end] = scores.masked_fill(~allowed, float("-inf")).amax(-1).transpose(0, 1)
     return m
+
+
+def naive_cached_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    window: int,
+    num_sink_tokens: int = 0,
+    sink_k: torch.Tensor | None = None,
+    sink_v: torch.Tensor | None = None,
+    sink_mask: torch.Tensor | None = None,
+    win_k: torch.Tensor | None = None,
+    win_v: torch.Tensor | None = None,
+    win_mask: torch.Tensor | None = None,
+    seen: torch.Tensor | None = None,
+    sink_logits: torch.Tensor | None = None,
+    scale: float | None = None,
+    key_mask: torch.Tensor | None = None,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A new chunk over a cached past, one query and one allowed key at a time (the reference
+    of `cached_window_attention`; arguments and keys seen as documented there).
+
+    Returns o [B, T, H, Dv] in q's dtype (zeros for a query that sees nothing), lse and the row
+    max m [B, T, H] (fp32, fp64 for fp64 inputs; -inf when empty).
+    """
+    B, T, H, D = q.shape
+    G = H // k.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    L = 0 if win_k is None else win_k.shape[1]
+    o = torch.zeros(B, T, H, v.shape[-1], dtype=acc, device=q.device)
+    lse = torch.full((B, T, H), float("-inf"), dtype=acc, device=q.device)
+    m = torch.full((B, T, H), float("-inf"), dtype=acc, device=q.device)
+    extra = None if sink_logits is None else sink_logits.to(acc).reshape(H, -1)
+    for b in range(B):
+        valid = [key_mask is None or bool(key_mask[b, c]) for c in range(T)]
+        before = 0 if seen is None else int(seen[b])
+        rank = [before + sum(valid[: c + 1]) - 1 for c in range(T)]
+        for r in range(T):
+            seen_keys = []  # (key [HKV, D], value [HKV, Dv]) pairs query r attends
+            if sink_k is not None:
+                seen_keys += [(sink_k[b, i], sink_v[b, i]) for i in range(sink_k.shape[1]) if sink_mask[b, i]]
+            seen_keys += [(win_k[b, j], win_v[b, j]) for j in range(L) if win_mask[b, j] and (L - j) + r < window]
+            seen_keys += [(k[b, c], v[b, c]) for c in range(r + 1)
+                          if valid[c] and (r - c < window or rank[c] < num_sink_tokens)]
+            for h in range(H):
+                s = [soft_cap(scale * (q[b, r, h].to(acc) @ key[h // G].to(acc)), softcap) for key, _ in seen_keys]
+                logits = s + ([] if extra is None else list(extra[h]))
+                if not logits:
+                    continue
+                lse[b, r, h] = torch.logsumexp(torch.stack(logits), dim=0)
+                if s:
+                    m[b, r, h] = torch.stack(s).max()
+                for sj, (_, val) in zip(s, seen_keys):
+                    o[b, r, h] += torch.exp(sj - lse[b, r, h]) * val[h // G].to(acc)
+    return o.to(q.dtype), lse, m
