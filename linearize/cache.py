@@ -10,16 +10,12 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
-from .kernels.utils import soft_cap
+from .kernels import cached_window_attention
 from .state import linearize_state
 
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
     return b if a is None else torch.cat([a, b], dim=1)
-
-
-# New queries per block when a chunk meets a cached window (bounds the score matrix).
-QUERY_BLOCK = 256
 
 
 class LinearizedLayerCache(CacheLayerMixin):
@@ -147,107 +143,16 @@ class LinearizedLayerCache(CacheLayerMixin):
 
     def window_attention(self, q, k, v, key_mask, *, window: int, num_sink_tokens: int, sink_logits, scale: float,
                          softcap: float | None = None):
-        """Softmax of new queries [B, T, H, D] over sinks, the cached window and the new keys.
-
-        Queries go in blocks of `QUERY_BLOCK`: a block sees the sinks, the cached window and
-        only the new keys within `window` of it (plus new sink tokens), so a long chunk costs
-        O(T * (window + block)), not O(T^2). Returns o [B, T, H, D], lse [B, T, H] (fp32) and
-        each row's largest score m [B, T, H] (fp32, sink logits excluded), then stores the new
-        keys/values. softcap: scores capped to c * tanh(s / c) before the softmax (Gemma-2).
-        """
-        B, T = q.shape[:2]
-        if T == 1 and key_mask is None and (num_sink_tokens == 0 or self.valid_seen is not None and bool(
-                (self.valid_seen >= num_sink_tokens).all())):
-            out = self._attend_one(q, k, v, sink_logits, scale, softcap)
-            self.store_window(k, v, None, window=window, num_sink_tokens=num_sink_tokens)
-            return out
-        valid, rank = self._new_ranks(B, T, key_mask, k.device)
-        new_sink = valid & (rank < num_sink_tokens)
-        sink_end = int(new_sink.any(0).nonzero().max()) + 1 if bool(new_sink.any()) else 0
-        blocks = []
-        for t0 in range(0, T, QUERY_BLOCK):
-            t1 = min(T, t0 + QUERY_BLOCK)
-            lo = max(0, t0 - window + 1)
-            cols = torch.cat([torch.arange(min(sink_end, lo), device=q.device), torch.arange(lo, t1, device=q.device)])
-            blocks.append(self._attend(q[:, t0:t1], torch.arange(t0, t1, device=q.device), cols, k, v, valid, new_sink,
-                                       window, sink_logits, scale, softcap))
+        """Softmax of new queries [B, T, H, D] over the cached sinks and window and the new keys
+        (`kernels.cached_window_attention`), then stores the new keys/values. Returns o
+        [B, T, H, D], lse [B, T, H] (fp32) and each row's largest score m [B, T, H] (fp32)."""
+        win_mask = None if self.win_k is None else self.win_valid & ~self.win_sink
+        out = cached_window_attention(q, k, v, window=window, num_sink_tokens=num_sink_tokens, sink_k=self.sink_k,
+                                      sink_v=self.sink_v, sink_mask=self.sink_valid, win_k=self.win_k,
+                                      win_v=self.win_v, win_mask=win_mask, seen=self.valid_seen,
+                                      sink_logits=sink_logits, scale=scale, key_mask=key_mask, softcap=softcap)
         self.store_window(k, v, key_mask, window=window, num_sink_tokens=num_sink_tokens)
-        return tuple(torch.cat(parts, dim=1) for parts in zip(*blocks))
-
-    def _has_window_keys(self) -> bool:
-        return self.win_k is not None and self.win_k.shape[1] > 0
-
-    def _cached_keys(self) -> tuple[list, list, list]:
-        """Keys and values [B, S, HKV, D] of the sinks, then the cached window, and which of them
-        a query may see ([B, S] bool: valid, and window entries that are not also sinks)."""
-        keys, values, masks = [], [], []
-        if self.sink_k is not None:
-            keys.append(self.sink_k)
-            values.append(self.sink_v)
-            masks.append(self.sink_valid)
-        if self._has_window_keys():
-            keys.append(self.win_k)
-            values.append(self.win_v)
-            masks.append(self.win_valid & ~self.win_sink)
-        return keys, values, masks
-
-    def _attend_one(self, q, k, v, sink_logits, scale, softcap=None):
-        """One new, valid, non-sink token (the decode step): q [B, 1, H, D] against the sinks, the
-        cached window (all within reach of it) and its own key, in a handful of ops. Returns o
-        [B, 1, H, Dv] (q's dtype), lse and the row max [B, 1, H] fp32."""
-        B, _, H, D = q.shape
-        HKV = k.shape[2]
-        G = H // HKV
-        keys, values, masks = self._cached_keys()
-        keys.append(k)
-        values.append(v)
-        masks.append(torch.ones(B, 1, dtype=torch.bool, device=q.device))
-        K = torch.cat(keys, dim=1).float().permute(0, 2, 3, 1)  # [B, HKV, D, N]
-        V = torch.cat(values, dim=1).float().transpose(1, 2)  # [B, HKV, N, Dv]
-        N = V.shape[2]
-        scores = soft_cap(torch.matmul(q.float().view(B, HKV, G, D), K).mul_(scale), softcap)  # [B, HKV, G, N]
-        scores.masked_fill_(~torch.cat(masks, dim=1)[:, None, None, :], float("-inf"))
-        row_max = scores.amax(-1)
-        if sink_logits is not None:
-            extra = sink_logits.float().reshape(HKV, G, -1)[None].expand(B, HKV, G, -1)
-            scores = torch.cat([scores, extra], dim=-1)
-        lse = torch.logsumexp(scores, dim=-1)  # finite: the token's own key is always allowed
-        probs = scores.sub_(lse.unsqueeze(-1)).exp_()[..., :N]
-        o = torch.matmul(probs, V)  # [B, HKV, G, Dv]
-        return o.reshape(B, 1, H, -1).to(q.dtype), lse.reshape(B, 1, H), row_max.reshape(B, 1, H)
-
-    def _attend(self, q, rows, cols, k, v, valid, new_sink, window, sink_logits, scale, softcap=None):
-        """Queries q [B, R, H, D] at new positions `rows` against the sinks, the cached window and
-        the new keys at positions `cols`; returns o [B, R, H, Dv] (q's dtype), lse and the row max
-        [B, R, H] fp32."""
-        B, R, H, D = q.shape
-        HKV = k.shape[2]
-        k, v, valid, new_sink = k[:, cols], v[:, cols], valid[:, cols], new_sink[:, cols]
-        new_allowed = valid[:, None, :] & (cols[None, None, :] <= rows[None, :, None]) & (
-            ((rows[:, None] - cols[None, :]) < window)[None] | new_sink[:, None, :])
-        keys, values, cached = self._cached_keys()
-        masks = [m[:, None, :].expand(B, R, -1) for m in cached]
-        if self._has_window_keys():
-            L = self.win_k.shape[1]
-            dist = (L - torch.arange(L, device=q.device))[None, :] + rows[:, None]  # [R, L]
-            masks[-1] = masks[-1] & (dist < window)[None]
-        keys.append(k)
-        values.append(v)
-        masks.append(new_allowed)
-        K = torch.cat([x.to(q.dtype) for x in keys], dim=1).float()
-        V = torch.cat([x.to(v.dtype) for x in values], dim=1).float()
-        allowed = torch.cat(masks, dim=-1)  # [B, R, S]
-        G = H // HKV
-        scores = soft_cap(torch.einsum("bthgd,bshd->bhgts", q.float().view(B, R, HKV, G, D), K) * scale, softcap)
-        scores = scores.reshape(B, H, R, -1).masked_fill(~allowed[:, None], float("-inf"))
-        row_max = scores.amax(-1)  # [B, H, R]
-        if sink_logits is not None:
-            extra = sink_logits.float().reshape(H, -1)[None, :, None, :].expand(B, H, R, -1)
-            scores = torch.cat([scores, extra], dim=-1)
-        lse = torch.logsumexp(scores, dim=-1)  # [B, H, R]
-        probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)[..., : K.shape[1]]
-        o = torch.einsum("bhgts,bshd->bthgd", probs.view(B, HKV, G, R, -1), V).reshape(B, R, H, -1)
-        return o.to(q.dtype), lse.transpose(1, 2), row_max.transpose(1, 2)
+        return out
 
 
 class LinearizeCache(Cache):

@@ -76,9 +76,9 @@ def test_prefill_then_decode_equals_full_forward(make_tiny_model, case):
 def test_prefill_in_pieces_equals_prefill_at_once(make_tiny_model, case, query_block, monkeypatch):
     """query_block 3: a piece meeting a cached window goes in blocks of 3 queries, each seeing only
     its own window of the new keys (plus sinks), and still equals the one-piece prefill."""
-    import linearize.cache
+    import linearize.kernels.window.cached
 
-    monkeypatch.setattr(linearize.cache, "QUERY_BLOCK", query_block)
+    monkeypatch.setattr(linearize.kernels.window.cached, "QUERY_BLOCK", query_block)
     model = convert(make_tiny_model, case)
     ids, mask = padded_batch(T=30)
     pos = positions(mask)
