@@ -88,6 +88,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                              "beside the window (0 = off; default: as saved)")
     parser.add_argument("--sparse-block", type=int, default=None, metavar="C",
                         help="the sparse cache's selection runs every C tokens (default: as saved)")
+    parser.add_argument("--allow-nonfinite", action="store_true",
+                        help="load weights that hold NaN or inf instead of refusing them (for inspecting a "
+                             "broken model)")
     return parser
 
 
@@ -105,7 +108,7 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         long_doc_documents=args.long_doc_documents, long_lengths=args.long_lengths,
         long_passkey_depths=args.long_passkey_depths, long_min_distance=args.long_min_distance,
         long_mqar_pairs=args.long_mqar_pairs, long_mqar_samples=args.long_mqar_samples, seed=args.seed,
-        sparse_cache=args.sparse_cache, sparse_block=args.sparse_block,
+        sparse_cache=args.sparse_cache, sparse_block=args.sparse_block, allow_nonfinite=args.allow_nonfinite,
     )
 
 

@@ -3,8 +3,9 @@
     lm_eval.simple_evaluate(model="linearize", model_args="pretrained=DIR,adapter=LORA_DIR", ...)
 
 Model args beyond HFLM's: ``adapter`` (a peft LoRA folder applied on top; ``peft`` is
-accepted as an alias) and ``teacher`` (``True`` scores the original softmax attention of
-the same weights: ``linearize.teacher`` with any LoRA adapter disabled). Everything else (batch_size, device,
+accepted as an alias), ``teacher`` (``True`` scores the original softmax attention of
+the same weights: ``linearize.teacher`` with any LoRA adapter disabled) and
+``allow_nonfinite`` (``True`` loads weights holding NaN or inf instead of refusing them). Everything else (batch_size, device,
 dtype, max_length, tokenizer, ...) means what it means for ``hf``.
 """
 
@@ -72,11 +73,11 @@ def check_checkpoint(pretrained, adapter=None) -> tuple[Path, Path | None]:
     return path, adapter_path
 
 
-def load_checkpoint(path, *, dtype=None, device=None, adapter=None):
+def load_checkpoint(path, *, dtype=None, device=None, adapter=None, allow_nonfinite=False):
     """``linearize.load`` with the dtype keyword it accepts (``dtype`` or ``torch_dtype``)."""
     import linearize
 
-    kwargs = {"device": device, "adapter": adapter}
+    kwargs = {"device": device, "adapter": adapter, "allow_nonfinite": allow_nonfinite}
     if dtype is not None:
         params = inspect.signature(linearize.load).parameters
         kwargs["torch_dtype" if "torch_dtype" in params else "dtype"] = dtype
@@ -87,8 +88,9 @@ def load_checkpoint(path, *, dtype=None, device=None, adapter=None):
 class LinearizeLM(HFLM):
     """lm-eval model over a linearized checkpoint (see the module docstring)."""
 
-    def __init__(self, pretrained=None, adapter=None, teacher=False, **kwargs):
+    def __init__(self, pretrained=None, adapter=None, teacher=False, allow_nonfinite=False, **kwargs):
         adapter = adapter or kwargs.pop("peft", None)
+        self._allow_nonfinite = _truthy(allow_nonfinite)
         path, adapter_path = check_checkpoint(pretrained, adapter)
         self._adapter_path = adapter_path
         self._load_dtype = kwargs.get("dtype", "auto")
@@ -102,7 +104,8 @@ class LinearizeLM(HFLM):
     def _get_config(self, pretrained, **kwargs) -> None:
         dtype = parse_dtype(self._load_dtype)
         self._model = load_checkpoint(
-            pretrained, dtype=dtype, device=self._device, adapter=self._adapter_path
+            pretrained, dtype=dtype, device=self._device, adapter=self._adapter_path,
+            allow_nonfinite=self._allow_nonfinite,
         )
         self._config = self._model.config
 

@@ -62,6 +62,7 @@ class EvalSettings:
     seed: int = 0
     sparse_cache: int | None = None  # LoLA's sparse cache for a LoLCATs model (None: as saved)
     sparse_block: int | None = None
+    allow_nonfinite: bool = False  # load weights holding NaN or inf instead of refusing them
 
 
 def check_tasks(tasks: list[str], tm) -> None:
@@ -295,12 +296,12 @@ def run_evaluation(settings: EvalSettings, out_dir: str | Path, log=print) -> di
         log(notes[-1])
         s = dataclasses.replace(s, teacher=False, metrics=[m for m in s.metrics if m != "agreement"])
 
-    out = Path(out_dir)
-    (out / "plots").mkdir(parents=True, exist_ok=True)
     device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.time()
     lm = LinearizeLM(pretrained=s.checkpoint, adapter=delta or s.adapter, batch_size=s.batch_size,
-                     device=device, dtype=s.dtype)
+                     device=device, dtype=s.dtype, allow_nonfinite=s.allow_nonfinite)
+    out = Path(out_dir)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
     model, tok = lm.model, lm.tokenizer
     if s.sparse_cache is not None or s.sparse_block is not None:
         from linearize import set_sparse_cache

@@ -107,15 +107,17 @@ def nonfinite_tensors(model: torch.nn.Module) -> list[tuple[str, int, int]]:
     return bad
 
 
-def check_finite(model: torch.nn.Module, path: Path) -> None:
-    """CheckpointError naming the tensors of `model` (loaded from `path`) that hold NaN or inf."""
+def check_finite(model: torch.nn.Module, path: Path,
+                 opt_out: str = "allow_nonfinite=True (CLI: --allow-nonfinite)") -> None:
+    """CheckpointError naming the tensors of `model` (loaded from `path`) that hold NaN or inf,
+    and `opt_out`, the way to load it anyway."""
     bad = nonfinite_tensors(model)
     if not bad:
         return
     names = ", ".join(f"{n} ({c:,} of {size:,})" for n, c, size in bad[:8]) + (" ..." if len(bad) > 8 else "")
     raise CheckpointError(f"{path}: {len(bad)} weight tensor(s) hold NaN or inf values: {names}. The weight file is "
                           "corrupt or the model diverged: re-save or re-convert it, or load it anyway with "
-                          "allow_nonfinite=True (CLI: --allow-nonfinite)")
+                          f"{opt_out}")
 
 
 def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,

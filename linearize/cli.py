@@ -181,6 +181,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     check_convert_arguments(args, config, source, name, out)
     t0 = time.perf_counter()
     model, tokenizer, name = load_model_from(source, name, args.dtype)
+    if not args.allow_nonfinite:
+        from .checkpoint import check_finite
+
+        check_finite(model, Path(source))
     t1 = time.perf_counter()
     convert(model, config)
     t2 = time.perf_counter()
@@ -244,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="load and save in this dtype")
     p.add_argument("--list-families", action="store_true",
                    help="print the supported model families (and those refused, with why) and exit")
+    p.add_argument("--allow-nonfinite", action="store_true", help=NONFINITE_HELP)
     add_conversion_arguments(p)
     p.set_defaults(func=cmd_convert)
 

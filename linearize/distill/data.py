@@ -182,6 +182,28 @@ def _read(data: DataSection):
     return _from_builder(data, data.source, data.name)
 
 
+def check_source(data: DataSection) -> None:
+    """DataError when data.source names local files that are not there (or that `datasets`
+    cannot read) or the embedded text is missing: the check before the model loads. Hub ids
+    and folders are read later, by `load_documents`."""
+    if data.source is None:
+        from ..assets import MissingAssetError, training_texts
+
+        try:
+            training_texts()
+        except MissingAssetError as e:
+            raise DataError(f"data.source is null (the embedded Wikipedia summaries) but {e}; "
+                            "or set data.source") from e
+        return
+    items = data.source if isinstance(data.source, list) else [data.source]
+    if not items:
+        raise DataError("data.source is an empty list: name a hub data set, a file, a folder or a glob")
+    if len(items) == 1 and Path(items[0]).expanduser().is_dir():
+        return
+    if _looks_local(data.source):
+        _local_files(items)
+
+
 def load_documents(data: DataSection):
     """The records of data.split as a `datasets.Dataset` (hub id, local files or folders, a
     `save_to_disk` folder, or the embedded text); DataError names the source and the fix."""

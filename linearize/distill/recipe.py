@@ -7,6 +7,8 @@ schema and returns a `Recipe`. Mistakes raise `RecipeError` with the key and the
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,10 +27,12 @@ class RecipeError(ValueError):
 @dataclass
 class ModelSection:
     """path: local HF folder or hub id (None: the embedded default model).
-    dtype: weights' dtype when loading (float32, bfloat16, float16)."""
+    dtype: weights' dtype when loading (float32, bfloat16, float16).
+    allow_nonfinite: train from weights holding NaN or inf instead of refusing them."""
 
     path: str | None = None
     dtype: str = "float32"
+    allow_nonfinite: bool = False
 
 
 @dataclass
@@ -299,7 +303,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise RecipeError(f"unknown recipe key(s) {', '.join(prefix + k for k in unknown)}; "
+        raise RecipeError(f"unknown recipe key(s) {', '.join(prefix + k + _close_keys(k, fields) for k in unknown)}; "
                           f"known keys in {where}: {', '.join(fields)}")
     kwargs = {}
     for name, value in data.items():
@@ -342,7 +346,8 @@ def apply_override(tree: dict, path: list[str], value: Any) -> None:
             continue
         fields = {f.name: f for f in dataclasses.fields(cls)}
         if part not in fields:
-            raise RecipeError(f"unknown recipe key {dotted}; known keys here: {', '.join(fields)}")
+            raise RecipeError(f"unknown recipe key {dotted}{_close_keys(part, fields)}; known keys here: "
+                              f"{', '.join(fields)}")
         tp = typing.get_type_hints(cls)[part]
         if last:
             node[part] = value
@@ -390,16 +395,42 @@ def _validate_guard(g: GuardSection) -> None:
         raise RecipeError(f"guard.max_grad_norm must be > 0 or null (off), got {g.max_grad_norm}")
 
 
+def _check_finite(section: Any, prefix: str = "") -> None:
+    """RecipeError naming the first number in the recipe tree that is NaN or infinite."""
+    for f in dataclasses.fields(section):
+        value, key = getattr(section, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, key + ".")
+            continue
+        for i, v in enumerate(value if isinstance(value, list) else [value]):
+            if isinstance(v, float) and not math.isfinite(v):
+                where = f"{key}[{i}]" if isinstance(value, list) else key
+                raise RecipeError(f"recipe key {where} must be a finite number, got {v}: set a finite value"
+                                  + (" (or null to turn it off)" if _nullable(type(section), f.name) else ""))
+
+
+def _nullable(cls: type, name: str) -> bool:
+    return type(None) in typing.get_args(typing.get_type_hints(cls)[name])
+
+
+def _close_keys(unknown: str, known) -> str:
+    """' (did you mean x?)' for a mistyped key, else ''."""
+    close = difflib.get_close_matches(unknown, list(known), n=2)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
 def validate(recipe: Recipe) -> Recipe:
     """Value checks that do not need the model or the data (those run at the start of a run)."""
+    _check_finite(recipe)
     _check_choice("model.dtype", recipe.model.dtype, DTYPES)
     _check_choice("data.format", recipe.data.format, FORMATS)
     _check_choice("data.boundaries", recipe.data.boundaries, BOUNDARIES)
-    for name in ("seq_len", "batch_size", "gradient_accumulation_steps", "keep_checkpoints", "log_every"):
+    for name in ("batch_size", "gradient_accumulation_steps", "keep_checkpoints", "log_every"):
         if getattr(recipe, name) < 1:
             raise RecipeError(f"recipe key {name} must be >= 1, got {getattr(recipe, name)}")
     if recipe.seq_len < 2:
-        raise RecipeError("seq_len must be at least 2 tokens")
+        raise RecipeError(f"recipe key seq_len must be at least 2 tokens (the length of a training row), got "
+                          f"{recipe.seq_len}: e.g. seq_len=1024")
     if recipe.checkpoint_every < 0:
         raise RecipeError(f"checkpoint_every must be >= 0 (0: only at the end of each stage), got {recipe.checkpoint_every}")
     if recipe.data.boundaries == "positions" and recipe.batch_size != 1:
@@ -410,9 +441,11 @@ def validate(recipe: Recipe) -> Recipe:
     for sname in ("stage1", "stage2"):
         stage = getattr(recipe, sname)
         if stage.max_tokens < 1:
-            raise RecipeError(f"{sname}.max_tokens must be >= 1, got {stage.max_tokens}")
+            raise RecipeError(f"{sname}.max_tokens must be >= 1 (training tokens of the stage), got {stage.max_tokens}: "
+                              f"set a positive budget, or {sname}.enabled=false to skip the stage")
         if stage.max_steps is not None and stage.max_steps < 1:
-            raise RecipeError(f"{sname}.max_steps must be >= 1 or null, got {stage.max_steps}")
+            raise RecipeError(f"{sname}.max_steps must be >= 1 or null (max_tokens decides), got {stage.max_steps}: "
+                              f"set a positive number of steps, or {sname}.enabled=false to skip the stage")
         opt = stage.optimizer
         _check_choice(f"{sname}.optimizer.scheduler", opt.scheduler, SCHEDULERS)
         if not opt.lr > 0:
@@ -429,6 +462,8 @@ def validate(recipe: Recipe) -> Recipe:
         raise RecipeError(f"stage2.kd_ratio must be in [0, 1] (0: cross-entropy only, 1: KL only), got {s2.kd_ratio}")
     if not s2.temperature > 0:
         raise RecipeError(f"stage2.temperature must be > 0, got {s2.temperature}")
+    if not 0 <= s2.lora.dropout < 1:
+        raise RecipeError(f"stage2.lora.dropout must be in [0, 1), got {s2.lora.dropout}")
     if s2.lora.r < 1 or not s2.lora.target_modules:
         raise RecipeError("stage2.lora needs r >= 1 and at least one target module (e.g. [q_proj, k_proj, v_proj])")
     if not (recipe.stage1.enabled or recipe.stage2.enabled):

@@ -37,7 +37,8 @@ from ..sparse_cache import set_sparse_cache
 from .checkpointing import (CheckpointMissingError, TrainerState, all_finite, checkpoint_name, clean_partial,
                             fsync_tree, last_good_checkpoint, latest_checkpoint, point_latest, read_checkpoint,
                             save_checkpoint, usable_checkpoint, write_atomic)
-from .data import IGNORE_INDEX, build_rows
+from .data import IGNORE_INDEX, build_rows, check_source
+from .lock import OutputLock, OutputLockedError
 from .metrics import HeldoutPerplexity, MetricsLog, layer_mse_summary, plot_losses
 from .recipe import OptimizerSection, Recipe, RecipeError, load_recipe
 
@@ -147,6 +148,16 @@ def source_sparse_cache(path: str) -> tuple[int, int] | None:
     return (spec["sparse_cache"], spec.get("sparse_block", 64)) if spec.get("sparse_cache") else None
 
 
+def check_source_finite(model, path: str) -> None:
+    """DistillError naming the tensors of the loaded source model that hold NaN or inf."""
+    from ..checkpoint import CheckpointError, check_finite
+
+    try:
+        check_finite(model, Path(path), opt_out="model.allow_nonfinite=true in the recipe")
+    except CheckpointError as e:
+        raise DistillError(str(e)) from e
+
+
 def build_model(recipe: Recipe, path: str):
     """Load the model and linearize it (unless the folder already is), ready for training.
 
@@ -161,6 +172,8 @@ def build_model(recipe: Recipe, path: str):
     except Exception as e:
         raise DistillError(f"could not load the model {path}: {type(e).__name__}: {e}. Without hub access, "
                            "set model.path to a local Hugging Face folder (or null for the embedded default)") from e
+    if not recipe.model.allow_nonfinite:
+        check_source_finite(model, path)
     already = is_linearized(model)
     if already and recipe.linearize is not None:
         raise RecipeError(f"{path} is already linearized ({config.linearize.get('method')}): set linearize: null "
@@ -377,6 +390,7 @@ class Run:
         from accelerate.utils import set_seed
 
         check_writable(self.out)  # before anything loads: a read-only output costs a second
+        check_source(recipe.data)
         resume_from = self.check_resume()
         if acc.is_main_process:
             with writing("recipe.yaml", self.out):
@@ -810,6 +824,13 @@ def distill(recipe: Recipe) -> Path:
     """Run the recipe's stages and return the final model folder (`output_dir/final`).
 
     Launch under `accelerate launch -m linearize.distill RECIPE` for DDP / FSDP; in a plain
-    process it runs on one device.
+    process it runs on one device. The main process holds `output_dir/distill.lock` while it
+    runs, so a second run on the same folder is refused (see `lock`).
     """
-    return Run(recipe).run()
+    run = Run(recipe)
+    check_writable(run.out)  # before the lock creates output_dir
+    try:
+        with OutputLock(run.out, run.say, enabled=run.accelerator.is_main_process):
+            return run.run()
+    except OutputLockedError as e:
+        raise DistillError(str(e)) from e

@@ -163,6 +163,100 @@ def build_cases(src: Path, conv: Path, root: Path) -> dict[str, Case]:
     return cases
 
 
+def write_recipe(d: Path, name: str = "recipe.yaml", **tree) -> Path:
+    """A small distill recipe in case folder d: tiny model, lizard, text file, 1 step per stage."""
+    import yaml
+
+    base = {"output_dir": str(d / "run"), "model": {"path": str(d.parent.parent / "tiny")},
+            "linearize": {"method": "lizard", "window": 4}, "data": {"source": str(d.parent.parent / "docs.txt")},
+            "seq_len": 16, "stage1": {"max_steps": 1}, "stage2": {"max_steps": 1}, "progress": False}
+    base.update(tree)
+    (d / name).write_text(yaml.safe_dump(base))
+    return d / name
+
+
+def poisoned_copy(src: Path, d: Path) -> Path:
+    """src with junk weights: a command that loads the model fails with 'could not load'."""
+    folder = Path(shutil.copytree(src, d / "poisoned"))
+    (folder / "model.safetensors").write_bytes(b"not a safetensors file")
+    return folder
+
+
+def build_distill_cases(src: Path, conv: Path, root: Path, done_run: Path) -> dict[str, Case]:
+    """distill and eval cases; every refusal names the key and the fix before any model loads
+    (the recipes point at a model with junk weights, so a load would say 'could not load')."""
+    cases = {}
+    early = ["could not load", "Loading"]
+
+    def folder(name):
+        d = root / name
+        d.mkdir()
+        return d
+
+    bad = {
+        "distill_unknown_key": ({"stage1": {"max_tokenz": 5}}, ["unknown recipe key", "stage1.max_tokenz",
+                                                                "did you mean max_tokens"]),
+        "distill_negative_budget": ({"stage2": {"max_tokens": -100}}, ["stage2.max_tokens must be >= 1",
+                                                                       "stage2.enabled=false"]),
+        "distill_seq_len_zero": ({"seq_len": 0}, ["seq_len must be at least 2 tokens", "got 0"]),
+        "distill_lr_nonfinite": ({"stage1": {"max_steps": 1, "optimizer": {"lr": "inf"}}},
+                                 ["stage1.optimizer.lr must be a finite number", "set a finite value"]),
+        "distill_lora_dropout": ({"stage2": {"lora": {"dropout": 1.5}}}, ["stage2.lora.dropout", "[0, 1)"]),
+        "distill_missing_data": ({"data": {"source": "/nonexistent/docs.jsonl"}},
+                                 ["/nonexistent/docs.jsonl", "does not exist", "fix data.source"]),
+        "distill_data_glob_matches_nothing": ({"data": {"source": "/nonexistent/*.parquet"}},
+                                              ["matches no files", "fix data.source"]),
+    }
+    for name, (tree, words) in bad.items():
+        d = folder(name)
+        recipe = write_recipe(d, **{"model": {"path": str(poisoned_copy(src, d))}, **tree})
+        cases[name] = Case(["distill", recipe], words=words, absent=early, keep=[d])
+    d = folder("distill_override_typo")
+    cases[d.name] = Case(["distill", write_recipe(d, model={"path": str(poisoned_copy(src, d))}),
+                          "stage2.optimizer.lrr=1e-3"], words=["stage2.optimizer.lrr", "did you mean lr"],
+                         absent=early, keep=[d])
+    d = folder("distill_resume_changed_model")
+    run = Path(shutil.copytree(done_run, d / "run"))
+    recipe = write_recipe(d, linearize={"method": "lizard", "window": 8}, resume=True)
+    cases[d.name] = Case(["distill", recipe], words=["the recipe changed", "linearize", "window",
+                                                    "Resume with the original values"], absent=early + ["[distill]"],
+                         keep=[d])
+    d = folder("distill_output_in_use")
+    (d / "run").mkdir()
+    (d / "run" / "distill.lock").write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename,
+                                                        "started": "now"}))
+    cases[d.name] = Case(["distill", write_recipe(d, model={"path": str(poisoned_copy(src, d))})],
+                         words=["in use by another linearize distill", f"pid {os.getpid()}", "another output_dir"],
+                         absent=early, keep=[d])
+    nan_words = ["NaN or inf", "model.layers.0.mlp.up_proj.weight", "lm_head.weight"]
+    d = folder("distill_nonfinite_source")
+    broken = nonfinite_copy(src, d)
+    cases[d.name] = Case(["distill", write_recipe(d, model={"path": str(broken)})],
+                         words=nan_words + ["model.allow_nonfinite=true"])
+    eval_args = ["--tasks", "none", "--metrics", "ppl", "--ppl-texts", "1", "--max-length", "32", "--stride", "16"]
+    d = folder("eval_nonfinite")
+    cases[d.name] = Case(["eval", nonfinite_copy(conv, d), *eval_args, "--out", d / "out"],
+                         words=nan_words + ["--allow-nonfinite"], keep=[d])
+    d = folder("eval_allow_nonfinite")
+    cases[d.name] = Case(["eval", nonfinite_copy(conv, d), *eval_args, "--out", d / "out", "--allow-nonfinite"],
+                         rc=0, words=["results.json"])
+    d = folder("convert_nonfinite_source")
+    cases[d.name] = Case(["convert", nonfinite_copy(src, d), "--out", d / "x"], words=nan_words + ["--allow-nonfinite"],
+                         keep=[d])
+    return cases
+
+
+def finished_run(root: Path) -> Path:
+    """A distill run folder (1 step per stage) that resume cases copy."""
+    from linearize.distill import distill
+    from linearize.distill.recipe import load_recipe
+
+    d = root / "done"
+    d.mkdir(parents=True)
+    distill(load_recipe(write_recipe(d)))
+    return d / "run"
+
+
 def run_cli(args, cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
@@ -181,9 +275,12 @@ def battery(tmp_path_factory):
     model.save_pretrained(conv)
     shutil.copy(src / "tokenizer.json", conv)
     shutil.copy(src / "tokenizer_config.json", conv)
+    (root / "docs.txt").write_text("\n\n".join(f"document {i}: " + "the quick brown fox jumps. " * 4
+                                                for i in range(40)))
     cases_root = root / "cases"
     cases_root.mkdir()
-    cases = build_cases(src, conv, cases_root)
+    cases = {**build_cases(src, conv, cases_root),
+             **build_distill_cases(src, conv, cases_root, finished_run(root / "prepared"))}
     shared_before = (tree(src), tree(conv))
     before = {name: tree(cases_root / name) for name in cases}
     with ThreadPoolExecutor(max_workers=max(4, os.cpu_count() or 1)) as pool:
@@ -204,6 +301,10 @@ CASE_NAMES = [
     "softmax_layers_cover_all", "convert_a_linearized_model", "info_nonfinite", "generate_nonfinite",
     "info_allow_nonfinite", "generate_allow_nonfinite", "config_without_linearize_key", "config_bad_linearize_field",
     "config_hidden_size_edited",
+    "distill_unknown_key", "distill_negative_budget", "distill_seq_len_zero", "distill_lr_nonfinite",
+    "distill_lora_dropout", "distill_missing_data", "distill_data_glob_matches_nothing", "distill_override_typo",
+    "distill_resume_changed_model", "distill_output_in_use", "distill_nonfinite_source", "eval_nonfinite",
+    "eval_allow_nonfinite", "convert_nonfinite_source",
 ]
 
 
