@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 import linearize
 
+from .progress import bar
+
 
 def teacher_context(model, active: bool = True):
     """`linearize.teacher(model)` when ``active`` (softmax attention on, peft adapters off),
@@ -44,7 +46,7 @@ def teacher_agreement(
     match_bins = torch.zeros(nbins, dtype=torch.float64)
     kl_bins = torch.zeros(nbins, dtype=torch.float64)
     count_bins = torch.zeros(nbins, dtype=torch.float64)
-    for b in range(0, len(encoded), batch_size):
+    for b in bar(range(0, len(encoded), batch_size), desc="agreement", unit="batch"):
         chunk = encoded[b : b + batch_size]
         width = len(chunk[-1])
         ids = torch.zeros(len(chunk), width, dtype=torch.long)

@@ -88,6 +88,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                              "beside the window (0 = off; default: as saved)")
     parser.add_argument("--sparse-block", type=int, default=None, metavar="C",
                         help="the sparse cache's selection runs every C tokens (default: as saved)")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars and no progress lines on stderr (bars are drawn only on a "
+                             "terminal anyway); the tables are still printed")
     parser.add_argument("--allow-nonfinite", action="store_true",
                         help="load weights that hold NaN or inf instead of refusing them (for inspecting a "
                              "broken model)")
@@ -109,6 +112,7 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         long_passkey_depths=args.long_passkey_depths, long_min_distance=args.long_min_distance,
         long_mqar_pairs=args.long_mqar_pairs, long_mqar_samples=args.long_mqar_samples, seed=args.seed,
         sparse_cache=args.sparse_cache, sparse_block=args.sparse_block, allow_nonfinite=args.allow_nonfinite,
+        progress=not args.quiet,
     )
 
 
@@ -121,7 +125,8 @@ def run_eval(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     out = Path(args.out) if args.out else (
         Path("runs") / "eval" / f"{Path(args.checkpoint).name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    log = lambda msg: print(f"[linearize eval] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    log = (lambda msg: None) if args.quiet else (  # noqa: E731
+        lambda msg: print(f"[linearize eval] {msg}", file=sys.stderr, flush=True))
     try:
         check_writable(out, 0)  # before the model loads
         results = run_evaluation(settings, out, log=log)

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from linearize.assets import package_file
 
 from .perplexity import DEFAULT_BUCKET_EDGES, bucket_sums, bucket_table, token_nll
+from .progress import bar
 
 PACKAGE, PIP_NAME = "pyperformance", "pyperformance"
 DATA_DIR = "data-files/benchmarks"
@@ -112,7 +112,7 @@ def long_document_perplexity(
     documents=None,
     n_tokens: int = 4096,
     edges=DEFAULT_BUCKET_EDGES,
-    progress: bool = True,
+    progress: bool | None = None,
     desc: str = "long-doc",
 ) -> dict:
     """Next-token NLL over each document's first ``n_tokens`` tokens, bucketed by position.
@@ -124,7 +124,8 @@ def long_document_perplexity(
 
     Returns ``{"n_tokens", "edges", "buckets": [{start, end, tokens, mean_nll, perplexity}],
     "overall": {tokens, mean_nll, perplexity}, "documents": [{title, tokens, mean_nll,
-    perplexity}]}``.
+    perplexity}]}``. ``progress``: a bar per document (None: as the surrounding
+    :func:`~linearize.eval.progress.progress_bars` block says; drawn on a terminal only).
     """
     if n_tokens < 2:
         raise ValueError(f"n_tokens must be at least 2, got {n_tokens}")
@@ -133,7 +134,7 @@ def long_document_perplexity(
     pairs = [(d.title, d.text) if isinstance(d, LongDocument) else tuple(d) for d in docs]
     device = next(model.parameters()).device
     sums, counts, per_doc = [0.0] * (len(edges) - 1), [0] * (len(edges) - 1), []
-    for title, text in tqdm(pairs, desc=desc, unit="doc", disable=not progress):
+    for title, text in bar(pairs, desc=desc, unit="doc", enabled=progress):
         ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :n_tokens].to(device)
         if ids.shape[1] < 2:
             raise ValueError(f"document {title!r} has fewer than two tokens")

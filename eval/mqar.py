@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .passkey import FILLER, special_prefix
+from .progress import bar
 
 KEY_WORDS = (
     "apple chair river stone cloud table horse paper glass music garden window bottle "
@@ -167,6 +168,7 @@ def mqar_accuracy(
     """
     device = next(model.parameters()).device
     accs, gaps = [], []
+    progress = bar(total=len(num_pairs) * num_samples, desc="MQAR", unit="sample")
     for n in num_pairs:
         samples = [
             make_mqar_sample(tokenizer, n, seed=seed * 100_003 + n * 1_009 + i,
@@ -183,7 +185,9 @@ def mqar_accuracy(
                 pred = logits[row, s.answer_positions.to(device) - 1].argmax(-1).cpu()
                 correct += int((pred == s.answers).sum())
                 total += len(s.answers)
+            progress.update(len(chunk))
         accs.append(100.0 * correct / total)
+    progress.close()
     return {
         "num_pairs": list(num_pairs),
         "accuracy": accs,

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .progress import bar
+
 PREAMBLE = (
     "There is an important info hidden inside a lot of irrelevant text. "
     "Find it and memorize it. I will quiz you about the important information there."
@@ -147,6 +149,7 @@ def passkey_retrieval(
             + ", ".join(f"length {L} depth {d} ({n} tokens)" for L, d, n in close)
             + ": use smaller depths or longer lengths")
     grid, outputs = [], []
+    progress = bar(total=len(samples), desc="passkey", unit="prompt")
     for L in lengths:
         row = []
         for d in depths:
@@ -159,8 +162,10 @@ def passkey_retrieval(
                 hits += bool(m and m.group(0) == s.passkey)
                 outputs.append({"length": L, "depth": d, "passkey": s.passkey, "distance": s.distance,
                                 "output": text})
+                progress.update(1)
             row.append(100.0 * hits / trials)
         grid.append(row)
+    progress.close()
     flat = [a for r in grid for a in r]
     return {
         "lengths": list(lengths),

@@ -8,6 +8,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .progress import bar
+
 
 def sliding_windows(n: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
     """Windows over a sequence of ``n`` tokens as ``(start, end, first_target)``.
@@ -106,7 +108,7 @@ def perplexity(
             jobs.append((ids[start:end], first - start))
     jobs.sort(key=lambda j: len(j[0]))
     total_nll, total_tokens = 0.0, 0
-    for b in range(0, len(jobs), batch_size):
+    for b in bar(range(0, len(jobs), batch_size), desc="perplexity", unit="batch"):
         chunk = jobs[b : b + batch_size]
         width = max(len(w) for w, _ in chunk)
         ids = torch.zeros(len(chunk), width, dtype=torch.long)

@@ -63,6 +63,7 @@ class EvalSettings:
     sparse_cache: int | None = None  # LoLA's sparse cache for a LoLCATs model (None: as saved)
     sparse_block: int | None = None
     allow_nonfinite: bool = False  # load weights holding NaN or inf instead of refusing them
+    progress: bool = True  # bars with ETA on our own metrics (drawn only when stderr is a terminal)
 
 
 def check_tasks(tasks: list[str], tm) -> None:
@@ -270,6 +271,7 @@ def run_evaluation(settings: EvalSettings, out_dir: str | Path, log=print) -> di
     from .passkey import passkey_retrieval
     from .perplexity import perplexity
     from .plots import plot_agreement, plot_mqar, plot_passkey, plot_tasks
+    from .progress import progress_bars
 
     s = settings
     check_settings(s)
@@ -335,7 +337,7 @@ def run_evaluation(settings: EvalSettings, out_dir: str | Path, log=print) -> di
             if role == "teacher" and not distinct:
                 res[role] = res["student"]
                 continue
-            with teacher_context(model, role == "teacher"):
+            with teacher_context(model, role == "teacher"), progress_bars(s.progress, label=role):
                 res[role] = fn(role)
         return res
 
@@ -403,8 +405,9 @@ def run_evaluation(settings: EvalSettings, out_dir: str | Path, log=print) -> di
     if "agreement" in s.metrics:
         t = time.time()
         if distinct:
-            agr = teacher_agreement(model, None, tok, texts, max_length=s.agreement_length,
-                                    batch_size=s.batch_size)
+            with progress_bars(s.progress):
+                agr = teacher_agreement(model, None, tok, texts, max_length=s.agreement_length,
+                                        batch_size=s.batch_size)
             results["metrics"]["agreement"] = agr
             results["plots"]["agreement"] = str(
                 plot_agreement({"student": agr}, out / "plots" / "agreement.png").relative_to(out))
@@ -431,7 +434,7 @@ def run_evaluation(settings: EvalSettings, out_dir: str | Path, log=print) -> di
     if "long-doc" in s.metrics:
         t = time.time()
         res = for_roles(lambda role: long_document_perplexity(
-            model, tok, long_docs, s.long_doc_tokens, s.long_doc_buckets, desc=f"long-doc {role}"))
+            model, tok, long_docs, s.long_doc_tokens, s.long_doc_buckets))
         if s.teacher:
             res["recovery"] = recovery(res["teacher"]["overall"]["perplexity"], res["student"]["overall"]["perplexity"])
         results["metrics"]["long_doc"] = res
