@@ -24,6 +24,7 @@ class MetricsLog:
     def __init__(self, path: Path, enabled: bool = True):
         self.path = path
         self.enabled = enabled
+        self.sinks: list = []  # called with each record logged (the experiment trackers)
 
     def records(self) -> list[dict]:
         if not self.path.is_file():
@@ -58,6 +59,8 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
+        for sink in self.sinks:
+            sink(record)
 
 
 # -- held-out perplexity ----------------------------------------------------------------------

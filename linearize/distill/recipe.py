@@ -192,6 +192,9 @@ class Recipe:
     save_adapter: keep LoRA as a peft adapter (output_dir/final/adapter) instead of merging.
     eval: held-out perplexity during training (off by default).
     guard: the divergence guard (loss above loss_ratio x its running median stops the run).
+    log_with: experiment trackers fed the same metrics as metrics.jsonl (`tensorboard`,
+        `wandb`; each needs its package), writing under output_dir/trackers.
+    tracker_project: the trackers' project (tensorboard: the folder under output_dir/trackers).
     """
 
     output_dir: str = "runs/distill"
@@ -212,6 +215,8 @@ class Recipe:
     seed: int = 0
     log_every: int = 1
     progress: bool = True
+    log_with: list[str] = field(default_factory=list)
+    tracker_project: str = "linearize-distill"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -224,6 +229,7 @@ FORMATS = ("auto", "text", "alpaca", "chat")
 BOUNDARIES = ("auto", "positions", "eos")
 DTYPES = ("float32", "bfloat16", "float16")
 LOSS_REDUCTIONS = ("sum", "mean")
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # log_with name -> the module it needs
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 
 
@@ -419,9 +425,22 @@ def _close_keys(unknown: str, known) -> str:
     return f" (did you mean {' or '.join(close)}?)" if close else ""
 
 
+def _validate_trackers(recipe: Recipe) -> None:
+    import importlib.util
+
+    for name in recipe.log_with:
+        _check_choice("log_with", name, tuple(TRACKERS))
+        if importlib.util.find_spec(TRACKERS[name]) is None:
+            raise RecipeError(f"recipe key log_with names {name}, which is not installed: pip install {TRACKERS[name]} "
+                              f"(or drop {name} from log_with; metrics.jsonl is written either way)")
+    if not recipe.tracker_project.strip():
+        raise RecipeError("recipe key tracker_project must not be empty (e.g. linearize-distill)")
+
+
 def validate(recipe: Recipe) -> Recipe:
     """Value checks that do not need the model or the data (those run at the start of a run)."""
     _check_finite(recipe)
+    _validate_trackers(recipe)
     _check_choice("model.dtype", recipe.model.dtype, DTYPES)
     _check_choice("data.format", recipe.data.format, FORMATS)
     _check_choice("data.boundaries", recipe.data.boundaries, BOUNDARIES)

@@ -41,13 +41,14 @@ from .data import IGNORE_INDEX, build_rows, check_source
 from .lock import OutputLock, OutputLockedError
 from .metrics import HeldoutPerplexity, MetricsLog, layer_mse_summary, plot_losses
 from .recipe import OptimizerSection, Recipe, RecipeError, load_recipe
+from .tracking import Trackers, accelerator_kwargs
 
 LORA_MARK = "lora_"
 NEW_MARK = "linearize_"
 PEFT_PREFIX = "base_model.model."
 # recipe keys (and sections) a resumed run may change: the optimizer, the budget, eval, logging
 # and checkpointing; any other change would alter the model, the loss or the data order
-RESUME_MUTABLE = ("resume", "progress", "log_every", "checkpoint_every", "keep_checkpoints", "save_adapter", "output_dir",
+RESUME_MUTABLE = ("resume", "progress", "log_every", "log_with", "tracker_project", "checkpoint_every", "keep_checkpoints", "save_adapter", "output_dir",
                   "eval", "guard", "stage1.optimizer", "stage2.optimizer", "stage1.max_tokens", "stage1.max_steps",
                   "stage2.max_tokens", "stage2.max_steps")
 # where a merged final keeps its LoRA delta (a peft adapter), so the original weights can be had
@@ -306,7 +307,7 @@ class Run:
         from accelerate import Accelerator
 
         self.recipe = recipe
-        self.accelerator = Accelerator()
+        self.accelerator = Accelerator(**accelerator_kwargs(recipe))
         acc = self.accelerator
         # optimizer and RNG state come from accelerate; the kept parameters from our own file
         acc.register_save_state_pre_hook(lambda models, weights, output_dir: weights.clear())
@@ -318,6 +319,8 @@ class Run:
         self.global_batch = recipe.batch_size * recipe.gradient_accumulation_steps * self.world
         self.tokens_per_step = self.global_batch * recipe.seq_len
         self.metrics = MetricsLog(self.out / "metrics.jsonl", enabled=acc.is_main_process)
+        self.trackers = Trackers(acc, recipe)
+        self.metrics.sinks.append(self.trackers.log)
         self.resume_changes: dict[str, tuple] = {}
 
     def say(self, msg: str) -> None:
@@ -396,6 +399,7 @@ class Run:
             with writing("recipe.yaml", self.out):
                 self.out.mkdir(parents=True, exist_ok=True)
                 write_atomic(self.out / "recipe.yaml", recipe.to_yaml())
+        self.trackers.start()
         with acc.main_process_first():  # the embedded model is built once, by the main process
             self.model_path = resolve_model_path(recipe)
         check_free_space(self.out, final_size_estimate(self.model_path, recipe.model.dtype))
@@ -417,6 +421,7 @@ class Run:
             raise RecipeError(f"nothing to train: {method} has no new parameters for stage 1 and stage 2 is disabled; "
                               "set stage2.enabled=true")
         plans = [p for p in (StagePlan(1, s1, 0), StagePlan(2, s2, s1 * self.global_batch)) if p.steps]
+        self.trackers.offsets[2] = s1
         with acc.main_process_first():  # datasets' cache is written once, then read by the others
             self.rows = build_rows(recipe.data, self.tokenizer, recipe.seq_len, recipe.batch_size,
                                    (s1 + s2) * self.global_batch, recipe.seed)
@@ -831,6 +836,9 @@ def distill(recipe: Recipe) -> Path:
     check_writable(run.out)  # before the lock creates output_dir
     try:
         with OutputLock(run.out, run.say, enabled=run.accelerator.is_main_process):
-            return run.run()
+            try:
+                return run.run()
+            finally:
+                run.trackers.end()
     except OutputLockedError as e:
         raise DistillError(str(e)) from e
