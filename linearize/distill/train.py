@@ -72,9 +72,8 @@ class StagePlan:
 def resolve_model_path(recipe: Recipe) -> str:
     """The recipe's model folder or hub id, or the embedded default's folder."""
     if recipe.model.path is not None:
+        check_model_path(recipe)
         p = Path(recipe.model.path).expanduser()
-        if p.exists() and not (p / "config.json").is_file():
-            raise RecipeError(f"model.path {p} has no config.json: point it at a Hugging Face model folder")
         return str(p) if p.exists() else recipe.model.path
     from ..assets import MissingAssetError, default_model_dir
 
@@ -82,6 +81,18 @@ def resolve_model_path(recipe: Recipe) -> str:
         return str(default_model_dir())
     except MissingAssetError as e:
         raise DistillError(f"model.path is null (the embedded SmolLM2) but {e}; or set model.path") from e
+
+
+def check_model_path(recipe: Recipe) -> None:
+    """RecipeError for a model.path that names a local folder which is missing or has no config.json."""
+    if recipe.model.path is None:
+        return
+    p = Path(recipe.model.path).expanduser()
+    if p.exists() and not (p / "config.json").is_file():
+        raise RecipeError(f"model.path {p} has no config.json: point it at a Hugging Face model folder")
+    if not p.exists() and recipe.model.path.startswith((".", "/", "~")):
+        raise RecipeError(f"model.path {p} does not exist: point it at a local Hugging Face folder, give a hub "
+                          "id (org/name), or null for the embedded default")
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -215,6 +226,19 @@ def apply_lora(model, recipe: Recipe):
             if NEW_MARK in name:
                 p.requires_grad_(True)
     return peft_model
+
+
+def check_lora_targets(model, recipe: Recipe) -> None:
+    """RecipeError naming the stage2.lora.target_modules that no module name of `model` ends
+    with, as peft matches them (checked when the model is built, not after stage 1 has trained)."""
+    if not recipe.stage2.enabled:
+        return
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in recipe.stage2.lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise RecipeError(f"stage2.lora.target_modules {missing}: the model has no such module; use names of its "
+                          f"linear layers: {', '.join(linear)}")
 
 
 def canonical(name: str) -> str:
@@ -393,6 +417,7 @@ class Run:
         from accelerate.utils import set_seed
 
         check_writable(self.out)  # before anything loads: a read-only output costs a second
+        check_model_path(recipe)
         check_source(recipe.data)
         resume_from = self.check_resume()
         if acc.is_main_process:
@@ -409,6 +434,7 @@ class Run:
             self.heldout.texts()  # a bad eval.source fails now, not after a stage of training
         set_seed(recipe.seed)
         model = build_model(recipe, self.model_path)
+        check_lora_targets(model, recipe)
         self.check_eval_length(model)
         method = model.config.linearize["method"]
         has_new = bool(new_parameters(model))

@@ -211,6 +211,12 @@ def build_distill_cases(src: Path, conv: Path, root: Path, done_run: Path) -> di
         d = folder(name)
         recipe = write_recipe(d, **{"model": {"path": str(poisoned_copy(src, d))}, **tree})
         cases[name] = Case(["distill", recipe], words=words, absent=early, keep=[d])
+    d = folder("distill_model_path_missing")
+    cases[d.name] = Case(["distill", write_recipe(d, model={"path": str(d / "nope")})],
+                         words=["model.path", "does not exist", "hub id"], absent=early, keep=[d])
+    d = folder("distill_lora_target_missing")
+    cases[d.name] = Case(["distill", write_recipe(d, stage2={"max_steps": 1, "lora": {"target_modules": ["qproj"]}})],
+                         words=["stage2.lora.target_modules ['qproj']", "q_proj"])
     d = folder("distill_override_typo")
     cases[d.name] = Case(["distill", write_recipe(d, model={"path": str(poisoned_copy(src, d))}),
                           "stage2.optimizer.lrr=1e-3"], words=["stage2.optimizer.lrr", "did you mean lr"],
@@ -303,7 +309,7 @@ CASE_NAMES = [
     "config_hidden_size_edited",
     "distill_unknown_key", "distill_negative_budget", "distill_seq_len_zero", "distill_lr_nonfinite",
     "distill_lora_dropout", "distill_missing_data", "distill_data_glob_matches_nothing", "distill_override_typo",
-    "distill_resume_changed_model", "distill_output_in_use", "distill_nonfinite_source", "eval_nonfinite",
+    "distill_resume_changed_model", "distill_model_path_missing", "distill_lora_target_missing", "distill_output_in_use", "distill_nonfinite_source", "eval_nonfinite",
     "eval_allow_nonfinite", "convert_nonfinite_source",
 ]
 
