@@ -460,8 +460,8 @@ def validate(recipe: Recipe) -> Recipe:
     for sname in ("stage1", "stage2"):
         stage = getattr(recipe, sname)
         if stage.max_tokens < 1:
-            raise RecipeError(f"{sname}.max_tokens must be >= 1 (training tokens of the stage), got {stage.max_tokens}: "
-                              f"set a positive budget, or {sname}.enabled=false to skip the stage")
+            raise RecipeError(f"{sname}.max_tokens must be >= 1 (training tokens of the stage), got "
+                              f"{stage.max_tokens}: set a positive budget, or {sname}.enabled=false to skip the stage")
         if stage.max_steps is not None and stage.max_steps < 1:
             raise RecipeError(f"{sname}.max_steps must be >= 1 or null (max_tokens decides), got {stage.max_steps}: "
                               f"set a positive number of steps, or {sname}.enabled=false to skip the stage")

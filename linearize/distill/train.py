@@ -48,9 +48,9 @@ NEW_MARK = "linearize_"
 PEFT_PREFIX = "base_model.model."
 # recipe keys (and sections) a resumed run may change: the optimizer, the budget, eval, logging
 # and checkpointing; any other change would alter the model, the loss or the data order
-RESUME_MUTABLE = ("resume", "progress", "log_every", "log_with", "tracker_project", "checkpoint_every", "keep_checkpoints", "save_adapter", "output_dir",
+RESUME_MUTABLE = ("resume", "progress", "log_every", "checkpoint_every", "keep_checkpoints", "save_adapter", "output_dir",
                   "eval", "guard", "stage1.optimizer", "stage2.optimizer", "stage1.max_tokens", "stage1.max_steps",
-                  "stage2.max_tokens", "stage2.max_steps")
+                  "stage2.max_tokens", "stage2.max_steps", "log_with", "tracker_project")
 # where a merged final keeps its LoRA delta (a peft adapter), so the original weights can be had
 LORA_DELTA_DIR = "lora-delta"
 
@@ -72,7 +72,6 @@ class StagePlan:
 def resolve_model_path(recipe: Recipe) -> str:
     """The recipe's model folder or hub id, or the embedded default's folder."""
     if recipe.model.path is not None:
-        check_model_path(recipe)
         p = Path(recipe.model.path).expanduser()
         return str(p) if p.exists() else recipe.model.path
     from ..assets import MissingAssetError, default_model_dir

@@ -309,7 +309,8 @@ CASE_NAMES = [
     "config_hidden_size_edited",
     "distill_unknown_key", "distill_negative_budget", "distill_seq_len_zero", "distill_lr_nonfinite",
     "distill_lora_dropout", "distill_missing_data", "distill_data_glob_matches_nothing", "distill_override_typo",
-    "distill_resume_changed_model", "distill_model_path_missing", "distill_lora_target_missing", "distill_output_in_use", "distill_nonfinite_source", "eval_nonfinite",
+    "distill_resume_changed_model", "distill_model_path_missing", "distill_lora_target_missing",
+    "distill_output_in_use", "distill_nonfinite_source", "eval_nonfinite",
     "eval_allow_nonfinite", "convert_nonfinite_source",
 ]
 
