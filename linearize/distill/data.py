@@ -212,6 +212,10 @@ def load_documents(data: DataSection):
     if data.source is None:
         from ..assets import MissingAssetError, training_texts
 
+        if data.split != "train":
+            raise DataError(f"data.split={data.split}: the embedded Wikipedia summaries (data.source null) have one "
+                            "split, train; set data.split=train (data.max_documents bounds how many are used) or "
+                            "set data.source")
         try:
             return datasets.Dataset.from_dict({"text": training_texts()})
         except MissingAssetError as e:
@@ -461,9 +465,10 @@ def _pad(docs, T: int, pad: int, rows_needed: int) -> tuple[list, list, list, in
     return ids_rows, lab_rows, mask_rows, n_docs
 
 
-def build_rows(data: DataSection, tokenizer, seq_len: int, batch_size: int, rows_needed: int, seed: int) -> TokenRows:
-    """Tokenize documents (shuffled with `seed`) until `rows_needed` rows of `seq_len` exist
-    or the data ends (later passes reuse the rows in a new order)."""
+def records(data: DataSection, tokenizer):
+    """(records, format, field) of data.split, checked against the tokenizer: DataError for a
+    missing split or field, chat records without a chat template, a tokenizer without EOS.
+    Cheap to call again (`datasets` caches what it read), so runs call it before the model loads."""
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token, which separates documents: set tokenizer.eos_token")
     ds = load_documents(data)
@@ -471,6 +476,13 @@ def build_rows(data: DataSection, tokenizer, seq_len: int, batch_size: int, rows
     if fmt == "chat" and not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{describe(data)} holds chat records ({field!r}) but the tokenizer has no chat template: "
                         "use a chat model (its tokenizer has one) or data.format=text with a text field")
+    return ds, fmt, field
+
+
+def build_rows(data: DataSection, tokenizer, seq_len: int, batch_size: int, rows_needed: int, seed: int) -> TokenRows:
+    """Tokenize documents (shuffled with `seed`) until `rows_needed` rows of `seq_len` exist
+    or the data ends (later passes reuse the rows in a new order)."""
+    ds, fmt, field = records(data, tokenizer)
     if data.shuffle:
         ds = ds.shuffle(seed=seed, keep_in_memory=True)
     if data.max_documents is not None:

@@ -37,7 +37,7 @@ from ..sparse_cache import set_sparse_cache
 from .checkpointing import (CheckpointMissingError, TrainerState, all_finite, checkpoint_name, clean_partial,
                             fsync_tree, last_good_checkpoint, latest_checkpoint, point_latest, read_checkpoint,
                             save_checkpoint, usable_checkpoint, write_atomic)
-from .data import IGNORE_INDEX, build_rows, check_source
+from .data import IGNORE_INDEX, build_rows, check_source, records
 from .lock import OutputLock, OutputLockedError
 from .metrics import HeldoutPerplexity, MetricsLog, layer_mse_summary, plot_losses
 from .recipe import OptimizerSection, Recipe, RecipeError, load_recipe
@@ -419,11 +419,6 @@ class Run:
         check_model_path(recipe)
         check_source(recipe.data)
         resume_from = self.check_resume()
-        if acc.is_main_process:
-            with writing("recipe.yaml", self.out):
-                self.out.mkdir(parents=True, exist_ok=True)
-                write_atomic(self.out / "recipe.yaml", recipe.to_yaml())
-        self.trackers.start()
         with acc.main_process_first():  # the embedded model is built once, by the main process
             self.model_path = resolve_model_path(recipe)
         check_free_space(self.out, final_size_estimate(self.model_path, recipe.model.dtype))
@@ -431,6 +426,13 @@ class Run:
         self.heldout = HeldoutPerplexity(recipe.eval, self.tokenizer, recipe.seq_len)
         if recipe.eval.every_tokens is not None:
             self.heldout.texts()  # a bad eval.source fails now, not after a stage of training
+        with acc.main_process_first():  # a missing split or field fails now, before the model loads
+            records(recipe.data, self.tokenizer)
+        if acc.is_main_process:  # every check that needs no model passed: the run starts here
+            with writing("recipe.yaml", self.out):
+                self.out.mkdir(parents=True, exist_ok=True)
+                write_atomic(self.out / "recipe.yaml", recipe.to_yaml())
+        self.trackers.start()
         set_seed(recipe.seed)
         model = build_model(recipe, self.model_path)
         check_lora_targets(model, recipe)

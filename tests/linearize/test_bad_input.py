@@ -187,6 +187,7 @@ def build_distill_cases(src: Path, conv: Path, root: Path, done_run: Path) -> di
     (the recipes point at a model with junk weights, so a load would say 'could not load')."""
     cases = {}
     early = ["could not load", "Loading"]
+    docs = root.parent / "docs.txt"
 
     def folder(name):
         d = root / name
@@ -206,6 +207,12 @@ def build_distill_cases(src: Path, conv: Path, root: Path, done_run: Path) -> di
                                  ["/nonexistent/docs.jsonl", "does not exist", "fix data.source"]),
         "distill_data_glob_matches_nothing": ({"data": {"source": "/nonexistent/*.parquet"}},
                                               ["matches no files", "fix data.source"]),
+        "distill_data_split_missing": ({"data": {"source": str(docs), "split": "validation"}},
+                                       ["no split 'validation'", "splits: train", "set data.split"]),
+        "distill_embedded_data_split": ({"data": {"split": "train[:10%]"}},
+                                        ["data.split=train[:10%]", "one split, train", "data.max_documents"]),
+        "distill_data_field_missing": ({"data": {"source": str(docs), "text_field": "body"}},
+                                       ["'body' is not a field", "fields: text", "set data.text_field"]),
     }
     for name, (tree, words) in bad.items():
         d = folder(name)
@@ -309,6 +316,7 @@ CASE_NAMES = [
     "config_hidden_size_edited",
     "distill_unknown_key", "distill_negative_budget", "distill_seq_len_zero", "distill_lr_nonfinite",
     "distill_lora_dropout", "distill_missing_data", "distill_data_glob_matches_nothing", "distill_override_typo",
+    "distill_data_split_missing", "distill_data_field_missing", "distill_embedded_data_split",
     "distill_resume_changed_model", "distill_model_path_missing", "distill_lora_target_missing",
     "distill_output_in_use", "distill_nonfinite_source", "eval_nonfinite",
     "eval_allow_nonfinite", "convert_nonfinite_source",
