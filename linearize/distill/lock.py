@@ -2,7 +2,10 @@
 
 The lock file is created with O_EXCL and holds the owner's pid, host and start time. A second
 run on the same folder is refused with the owner named. A lock whose process is gone (killed,
-crashed) is stale: it is taken over with a warning. Only the main process of a launch locks.
+crashed) is stale: it is taken over with a warning. Only the main process of a launch locks. A lock
+written on another host is always held (its pid cannot be checked from here). Two runs that
+find the same stale lock at the same instant may both take it over: the window is the time
+between reading the lock and creating the new one.
 """
 from __future__ import annotations
 

@@ -3,7 +3,9 @@
 One tiny random Llama (with a character tokenizer) is saved once per module; every case gets
 its own folder, and all cases run concurrently (each process spends seconds importing torch).
 Each asserts the exit code, a message naming the problem, no traceback, and that its inputs,
-the shared model and everything outside its folder are unchanged.
+the shared model and everything outside its folder are unchanged. Distill cases whose recipe
+should be refused before the model loads point at a copy with junk weights, so a check that
+ran after the load would read "could not load" instead.
 """
 import hashlib
 import json
