@@ -98,7 +98,9 @@ class LinearizedLayerCache(CacheLayerMixin):
     def has_window_past(self) -> bool:
         return self.win_k is not None or self.sink_k is not None
 
-    def advance(self, T: int, key_mask: torch.Tensor | None) -> None:
+    def advance(self, T: int) -> None:
+        """Count T new positions, padded ones included (`get_seq_length`, transformers' mask
+        sizes); the real tokens are counted in `valid_seen` as the window stores them."""
         self.seen += T
 
     @property
@@ -164,8 +166,8 @@ class LinearizeCache(Cache):
         if model is not None:
             st = linearize_state(model)
             num_layers = st.num_layers
-            layer_specs = {i: (st.config.window if st.config.mixing != "linear-only" else 0, st.config.num_sink_tokens)
-                           for i in st.layers}
+            window = st.config.window if st.config.has_window_branch else 0
+            layer_specs = {i: (window, st.config.num_sink_tokens) for i in st.layers}
         if num_layers is None or layer_specs is None:
             raise ValueError("LinearizeCache needs a linearized model (or num_layers and layer_specs)")
         layers = [LinearizedLayerCache(*layer_specs[i]) if i in layer_specs else DynamicLayer()

@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-METHODS = ("liger-gla", "liger-hgrn2", "lizard", "lolcats", "gated-deltanet", "window-sinks")
+from .methods import REGISTRY, Method, MethodDefaults
+
+METHODS = tuple(REGISTRY)
 GATES = ("liger", "scalar", "mamba2", "none")
 FEATURE_MAPS = ("softmax", "hedgehog", "l2", "none")
 MIXINGS = ("fixed", "learned", "shared-denominator", "lolcats", "window-only", "linear-only")
@@ -16,43 +18,8 @@ INITS = ("paper", "baseline")
 
 CONFIG_NAME = "linearize_config.json"
 
-
-@dataclass(frozen=True)
-class MethodDefaults:
-    window: int
-    gate: str
-    feature_map: str
-    mixing: str
-    normalize: bool
-    linear_rope: bool
-    num_sink_tokens: int = 0
-    num_sink_logits: int = 0
-    allowed_gates: tuple[str, ...] = ("none",)
-    share_state: bool = True
-    init: str = "paper"
-
-
-METHOD_DEFAULTS: dict[str, MethodDefaults] = {
-    # Liger: parameter-free softmax feature maps and gates pooled from the key; Liger Attention
-    # mixes a 64-token window with the recurrence 0.5/0.5.
-    "liger-gla": MethodDefaults(64, "liger", "softmax", "fixed", False, False,
-                                allowed_gates=("liger", "scalar", "mamba2")),
-    "liger-hgrn2": MethodDefaults(64, "liger", "softmax", "fixed", False, False, allowed_gates=("liger",)),
-    # Lizard: Hedgehog maps, a scalar gate per token and head, normalized recurrence, a 128-token
-    # window with 4 meta-memory sink logits; learned per-head branch weights.
-    "lizard": MethodDefaults(128, "scalar", "hedgehog", "learned", True, False, num_sink_logits=4,
-                             allowed_gates=("scalar", "mamba2", "liger")),
-    # LoLCATs as published: a 64-token softmax window and Hedgehog linear attention over the
-    # keys that left it, under one denominator; one key map (and state) per query head.
-    "lolcats": MethodDefaults(64, "none", "hedgehog", "lolcats", True, True,
-                              allowed_gates=("none", "scalar", "mamba2"), share_state=False),
-    # Gated DeltaNet: the gated delta rule on L2-normalised raw q, k (beta = sigmoid(x W_beta),
-    # Mamba2 decay) beside a 64-token window with 4 sink tokens; learned per-head branch weights.
-    "gated-deltanet": MethodDefaults(64, "mamba2", "l2", "learned", False, False, num_sink_tokens=4,
-                                     allowed_gates=("mamba2", "scalar", "none")),
-    # Zero-training baseline: softmax over 4 sink tokens and the last 64 tokens.
-    "window-sinks": MethodDefaults(64, "none", "none", "window-only", False, True, num_sink_tokens=4),
-}
+# Each method's preset, read from the registry (`linearize.methods`).
+METHOD_DEFAULTS: dict[str, MethodDefaults] = {name: method.preset for name, method in REGISTRY.items()}
 
 
 # What `linearize convert` makes when no --method is given (`LinearizeConfig.recommended()`):
@@ -146,7 +113,7 @@ class LinearizeConfig:
 
     def resolved(self) -> "LinearizeConfig":
         """A copy with every method default filled in."""
-        d = METHOD_DEFAULTS[self.method]
+        d = self.method_class().preset
         out = dataclasses.replace(self)
         out.window = d.window if self.window is None else self.window
         out.gate = d.gate if self.gate is None else self.gate
@@ -184,9 +151,9 @@ class LinearizeConfig:
 
     def _start_at_baseline(self, given: "LinearizeConfig") -> None:
         """Fields for init='baseline': the linear branch weighs 0 under a learned weight."""
-        if self.mixing in ("window-only",):
+        if not self.has_linear_branch:
             return
-        if self.window == 0 or self.mixing == "linear-only":
+        if not self.has_window_branch:
             raise ConfigError("init='baseline' needs a window branch (window >= 1): the baseline is window + sinks")
         if self.mixing == "shared-denominator":
             raise ConfigError("init='baseline' supports mixing fixed, learned and lolcats; shared-denominator's "
@@ -196,43 +163,44 @@ class LinearizeConfig:
         if self.mixing in ("fixed", "learned"):
             self.mixing, self.window_weight, self.linear_weight = "learned", 1.0, 0.0
 
+    def method_class(self) -> type[Method]:
+        """The `Method` this config names (its preset and rules)."""
+        return REGISTRY[self.method]
+
+    @property
+    def has_window_branch(self) -> bool:
+        """Whether the resolved config keeps a softmax window (sinks included)."""
+        return self.window > 0 and self.mixing != "linear-only"
+
+    @property
+    def has_linear_branch(self) -> bool:
+        """Whether the resolved config keeps a recurrent branch."""
+        return self.mixing != "window-only"
+
     def validate(self) -> None:
+        """ConfigError for a value no method takes, then for one this config's method refuses
+        (`Method.problem`)."""
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
-        d = METHOD_DEFAULTS[self.method]
-        if self.window is not None:
-            if not _is_int(self.window) or self.window < 0:
-                raise ConfigError(f"window must be an integer >= 1 (or 0 for the pure recurrent form), got {self.window!r}")
-            if self.window == 0 and self.method == "window-sinks":
-                raise ConfigError("window-sinks has no recurrent branch: its window must be >= 1 (default 64)")
+        if self.window is not None and (not _is_int(self.window) or self.window < 0):
+            raise ConfigError(f"window must be an integer >= 1 (or 0 for the pure recurrent form), got {self.window!r}")
         for name in ("num_sink_tokens", "num_sink_logits", "feature_dim"):
             val = getattr(self, name)
             if val is not None and (not _is_int(val) or val < (1 if name == "feature_dim" else 0)):
                 raise ConfigError(f"{name} must be a {'positive' if name == 'feature_dim' else 'non-negative'} integer, got {val!r}")
-        if self.gate is not None:
-            if self.gate not in GATES:
-                raise ConfigError(f"unknown gate {self.gate!r}; choose one of: {', '.join(GATES)}")
-            if self.gate not in d.allowed_gates:
-                raise ConfigError(f"method {self.method} supports gate in ({', '.join(d.allowed_gates)}), got {self.gate!r}")
-        if self.feature_map is not None and self.feature_map not in FEATURE_MAPS:
-            raise ConfigError(f"unknown feature_map {self.feature_map!r}; choose one of: {', '.join(FEATURE_MAPS)}")
-        if self.method == "window-sinks" and self.feature_map not in (None, "none"):
-            raise ConfigError("window-sinks has no linear branch: leave feature_map unset")
-        if self.method != "window-sinks" and self.feature_map == "none":
-            raise ConfigError(f"{self.method} needs a feature map: softmax or hedgehog")
-        if (self.feature_map == "l2") != (self.method == "gated-deltanet") and self.feature_map is not None:
-            raise ConfigError("feature_map 'l2' is gated-deltanet's own (the delta rule on L2-normalised q, k), and "
-                              f"gated-deltanet takes no other: method {self.method} with {self.feature_map!r}")
-        if self.method == "gated-deltanet" and (self.normalize or self.mixing == "shared-denominator"):
-            raise ConfigError("gated-deltanet's delta rule has no normalizer: leave normalize off and use mixing "
-                              "fixed or learned")
-        if self.mixing is not None:
-            if self.mixing not in MIXINGS:
-                raise ConfigError(f"unknown mixing {self.mixing!r}; choose one of: {', '.join(MIXINGS)}")
-            if self.method == "window-sinks" and self.mixing != "window-only":
-                raise ConfigError("window-sinks only supports mixing='window-only'")
-            if self.window == 0 and self.mixing != "linear-only":
-                raise ConfigError(f"window=0 has no window branch: mixing must be linear-only, got {self.mixing!r}")
+        for name, choices in (("gate", GATES), ("feature_map", FEATURE_MAPS), ("mixing", MIXINGS), ("init", INITS)):
+            val = getattr(self, name)
+            if val is not None and val not in choices:
+                raise ConfigError(f"unknown {name} {val!r}; choose one of: {', '.join(choices)}")
+        if self.window == 0 and self.mixing not in (None, "linear-only"):
+            raise ConfigError(f"window=0 has no window branch: mixing must be linear-only, got {self.mixing!r}")
+        self._validate_numbers()
+        problem = self.method_class().problem(self)
+        if problem:
+            raise ConfigError(problem)
+        self._validate_layers()
+
+    def _validate_numbers(self) -> None:
         for name in ("window_weight", "linear_weight", "gate_normalizer"):
             val = getattr(self, name)
             if not isinstance(val, (int, float)) or isinstance(val, bool) or not math.isfinite(val):
@@ -249,10 +217,8 @@ class LinearizeConfig:
             val = getattr(self, name)
             if not _is_int(val) or val < low:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {val!r}")
-        if self.init is not None and self.init not in INITS:
-            raise ConfigError(f"unknown init {self.init!r}; choose one of: {', '.join(INITS)}")
-        if self.mixing == "lolcats" and self.method != "lolcats":
-            raise ConfigError(f"mixing='lolcats' is LoLCATs' own rule; method {self.method} cannot use it")
+
+    def _validate_layers(self) -> None:
         for name in ("layers", "softmax_layers"):
             val = getattr(self, name)
             if val is None:

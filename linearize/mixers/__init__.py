@@ -1,4 +1,5 @@
-"""Mixers: one module per method, all built on `LinearizedAttention`."""
+"""Mixers: one module per method, all built on `LinearizedAttention`; `MIXERS` maps each
+method of `linearize.methods.REGISTRY` to its attention layer."""
 from .base import NEW_PARAMETER_PREFIX, AttentionTransfer, LinearizedAttention
 from .deltanet import GatedDeltaNetAttention
 from .liger import LigerGLAAttention, LigerHGRN2Attention
@@ -7,7 +8,7 @@ from .lolcats import LolcatsAttention
 from .window_sinks import WindowSinksAttention
 
 MIXERS: dict[str, type[LinearizedAttention]] = {
-    cls.method: cls
+    cls.method.name: cls
     for cls in (LigerGLAAttention, LigerHGRN2Attention, LizardAttention, LolcatsAttention, GatedDeltaNetAttention,
                 WindowSinksAttention)
 }

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from ..config import LinearizeConfig
 from ..families import Family
 from ..kernels import hybrid_attention, linear_recurrence, sliding_window_attention
+from ..methods import Method
 from .context import ForwardContext
 from .feature_maps import build_feature_map
 from .gates import build_gate
@@ -60,9 +61,11 @@ class AttentionTransfer:
 
 
 class LinearizedAttention(nn.Module):
-    """Base mixer. Subclasses choose feature maps and gates through `LinearizeConfig`."""
+    """Base mixer. Subclasses name the `Method` they implement (its preset and rules) and
+    override the branches, feature maps or whole `attention` where the method computes
+    otherwise; feature maps and gates come from `LinearizeConfig`."""
 
-    method: str = ""
+    method: type[Method] = Method
     # Stage 1 compares the outputs after o_proj, MSE as is; a method may compare the per-head
     # outputs before o_proj and scale the MSE, as its paper does.
     transfer_on_heads: bool = False
@@ -102,8 +105,8 @@ class LinearizedAttention(nn.Module):
     def _build_branches(self) -> None:
         cfg = self.lconfig
         hidden = self.config.hidden_size
-        self.has_linear = cfg.mixing != "window-only"
-        self.has_window = cfg.window > 0 and cfg.mixing != "linear-only"
+        self.has_linear = cfg.has_linear_branch
+        self.has_window = cfg.has_window_branch
         state_heads = self.num_kv_heads if cfg.share_state_across_group else self.num_heads
         self.state_heads = state_heads
         if self.has_linear:
@@ -199,7 +202,7 @@ class LinearizedAttention(nn.Module):
         state = cache.linear_layer(self.layer_idx) if cache is not None and hasattr(cache, "linear_layer") else None
         o = self.attention(hidden_states, q, k, v, q_rot, k_rot, key_mask, cu_seqlens, state)
         if state is not None:
-            state.advance(T, key_mask)
+            state.advance(T)
         return o, self.o_proj(o.reshape(B, T, -1).to(hidden_states.dtype))
 
     def attention(self, hidden, q, k, v, q_rot, k_rot, key_mask, cu_seqlens, state) -> torch.Tensor:
@@ -252,9 +255,12 @@ class LinearizedAttention(nn.Module):
         return fq, fk.to(fq.dtype), g
 
     def fused_mode(self) -> str | None:
-        """The hybrid kernel's mode when both branches can run in one call, else None."""
+        """The hybrid kernel's mode when both branches can run in one call, else None: the
+        method's linear branch is the kernel's GLA recurrence (`Method.fused_kernel`), the state
+        is per KV head, and the mixing is fixed without a normalizer or shared-denominator."""
         cfg = self.lconfig
-        if not (self.has_window and self.has_linear) or self.state_heads != self.num_kv_heads:
+        both = self.has_window and self.has_linear and self.method.fused_kernel
+        if not both or self.state_heads != self.num_kv_heads:
             return None
         if cfg.mixing == "fixed" and not cfg.normalize:
             return "mix"
@@ -296,32 +302,46 @@ class LinearizedAttention(nn.Module):
 
     # -- mixing ----------------------------------------------------------------------------
     def mix(self, o_win, lse, o_lin, den) -> torch.Tensor:
-        mixing = self.lconfig.mixing
-        if mixing == "window-only":
-            return o_win
+        """The window's output o_win [B, T, H, V] (and its lse) and the recurrence's o_lin (and
+        normalizer den) combined by the config's mixing rule, looked up in `MIXING_RULES`."""
+        rule = self.MIXING_RULES.get(self.lconfig.mixing)
+        if rule is None:
+            raise ValueError(f"unknown mixing {self.lconfig.mixing!r}")
         if o_lin is not None and den is not None:
-            lin_normalized = o_lin.float() / den.clamp_min(1e-6).unsqueeze(-1)
-        else:
-            lin_normalized = None if o_lin is None else o_lin.float()
-        if mixing == "linear-only":
-            return lin_normalized
-        if mixing == "fixed":
-            return self.lconfig.window_weight * o_win.float() + self.lconfig.linear_weight * lin_normalized
-        if mixing == "learned":
-            w_win = self.linearize_window_weight.float()[:, None]
-            w_lin = self.linearize_linear_weight.float()[:, None]
-            return w_win * o_win.float() + w_lin * lin_normalized
-        if mixing == "shared-denominator":
-            # (e^lse o_win + c num) / (e^lse + c den) as a convex combination, stable for any lse.
-            log_c = F.logsigmoid(self.linearize_linear_logit.float())
-            beta = torch.sigmoid(log_c + torch.log(den.clamp_min(1e-30)) - lse.float())
-            beta = torch.where(torch.isneginf(lse), torch.ones_like(beta), beta).unsqueeze(-1)
-            return (1 - beta) * o_win.float() + beta * lin_normalized
-        raise ValueError(f"unknown mixing {mixing!r}")
+            o_lin = o_lin.float() / den.clamp_min(1e-6).unsqueeze(-1)
+        elif o_lin is not None:
+            o_lin = o_lin.float()
+        return rule(self, o_win, lse, o_lin, den)
+
+    def _window_only(self, o_win, lse, lin, den):
+        return o_win
+
+    def _linear_only(self, o_win, lse, lin, den):
+        return lin
+
+    def _fixed(self, o_win, lse, lin, den):
+        return self.lconfig.window_weight * o_win.float() + self.lconfig.linear_weight * lin
+
+    def _learned(self, o_win, lse, lin, den):
+        w_win = self.linearize_window_weight.float()[:, None]
+        w_lin = self.linearize_linear_weight.float()[:, None]
+        return w_win * o_win.float() + w_lin * lin
+
+    def _shared_denominator(self, o_win, lse, lin, den):
+        """(e^lse o_win + c num) / (e^lse + c den) as a convex combination, stable for any lse."""
+        log_c = F.logsigmoid(self.linearize_linear_logit.float())
+        beta = torch.sigmoid(log_c + torch.log(den.clamp_min(1e-30)) - lse.float())
+        beta = torch.where(torch.isneginf(lse), torch.ones_like(beta), beta).unsqueeze(-1)
+        return (1 - beta) * o_win.float() + beta * lin
+
+    # Mixing name -> rule (o_win, lse, normalized o_lin in fp32, den) -> o. LoLCATs' rule needs
+    # the window's row max and the delayed keys, so `LolcatsAttention.attention` computes it whole.
+    MIXING_RULES = {"window-only": _window_only, "linear-only": _linear_only, "fixed": _fixed, "learned": _learned,
+                    "shared-denominator": _shared_denominator}
 
     def extra_repr(self) -> str:
         c = self.lconfig
-        return (f"method={self.method}, layer={self.layer_idx}, window={c.window}, gate={c.gate}, "
+        return (f"method={self.method.name}, layer={self.layer_idx}, window={c.window}, gate={c.gate}, "
                 f"feature_map={c.feature_map}, mixing={c.mixing}")
 
     def extra_state_bytes(self) -> int:

@@ -24,20 +24,18 @@ import torch
 import torch.nn as nn
 
 from ..kernels import gated_delta_rule, recurrent_gated_delta_rule
+from ..methods import GatedDeltaNet
 from .base import DECODE_STEP_TOKENS, LinearizedAttention
 
 
 class GatedDeltaNetAttention(LinearizedAttention):
-    method = "gated-deltanet"
+    method = GatedDeltaNet
 
     def _build_method_parameters(self) -> None:
         if self.has_linear:
             self.linearize_beta = nn.Linear(self.config.hidden_size, self.num_kv_heads)
             nn.init.zeros_(self.linearize_beta.weight)
             nn.init.zeros_(self.linearize_beta.bias)
-
-    def fused_mode(self) -> str | None:
-        return None  # the fused hybrid kernel runs GLA, not the delta rule
 
     def linear_branch(self, hidden, q, k, k_raw, v, key_mask, cu_seqlens, state):
         """The delta-rule recurrence. Returns o [B, T, H, V] and None (no normalizer)."""

@@ -17,15 +17,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..methods import LigerGLA, LigerHGRN2
 from .base import LinearizedAttention
 
 
 class LigerGLAAttention(LinearizedAttention):
-    method = "liger-gla"
+    method = LigerGLA
 
 
 class LigerHGRN2Attention(LinearizedAttention):
-    method = "liger-hgrn2"
+    method = LigerHGRN2
 
     def feature_maps(self, q: torch.Tensor, k: torch.Tensor, k_raw: torch.Tensor):
         fq = self.linearize_feature_map_q(q)

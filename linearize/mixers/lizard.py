@@ -9,8 +9,9 @@ linear weight; learning both lets stage 1 pick the balance).
 """
 from __future__ import annotations
 
+from ..methods import Lizard
 from .base import LinearizedAttention
 
 
 class LizardAttention(LinearizedAttention):
-    method = "lizard"
+    method = Lizard

@@ -37,11 +37,12 @@ import torch.nn as nn
 
 from ..kernels import (combine_past_window, delay_into_state, linear_key_mask, linear_recurrence,
                        sliding_window_attention, sparse_past_window_attention, window_max_score)
+from ..methods import Lolcats
 from .base import DECODE_STEP_TOKENS, LinearizedAttention
 
 
 class LolcatsAttention(LinearizedAttention):
-    method = "lolcats"
+    method = Lolcats
     transfer_on_heads = True
     transfer_scale = 1000.0
 

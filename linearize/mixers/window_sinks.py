@@ -5,8 +5,9 @@ as the sequence it is exactly the teacher.
 """
 from __future__ import annotations
 
+from ..methods import WindowSinks
 from .base import LinearizedAttention
 
 
 class WindowSinksAttention(LinearizedAttention):
-    method = "window-sinks"
+    method = WindowSinks
