@@ -4,7 +4,7 @@ Layout of `output_dir/checkpoints/`:
 
     stage1-step0000020/     params.safetensors (new + LoRA parameters, unwrapped names),
                             trainer.pt (scheduler, counters), trainer.json (readable copy),
-                            optimizer / RNG files from `accelerator.save_state`
+                            optimizer.bin / random_states_<rank>.pkl (`sharding.save_state`)
     latest                  the name of the newest complete checkpoint, replaced last
 
 A checkpoint is written under `.tmp-<name>`, fsynced, renamed into place, and only then is
@@ -31,7 +31,7 @@ LATEST = "latest"
 PARAMS_FILE = "params.safetensors"
 TRAINER_FILE = "trainer.pt"
 TRAINER_JSON = "trainer.json"
-# what accelerator.save_state writes for one process (optimizer, RNG); checked on resume
+# what sharding.save_state writes for one process (optimizer, RNG); checked on resume
 ACCELERATE_FILES = ("optimizer.bin", "random_states_0.pkl")
 
 
@@ -119,10 +119,12 @@ def clean_partial(ckdir: Path) -> None:
 
 
 def save_checkpoint(accelerator, ckdir: Path, state: TrainerState, params: dict[str, torch.Tensor] | None,
-                    scheduler_state: dict, keep: int) -> Path:
+                    scheduler_state: dict, keep: int, write_state) -> Path:
     """Write a checkpoint of the prepared objects (every process calls this).
 
     params: {name: tensor} of the parameters to keep (new + LoRA), on the main process.
+    write_state(folder): writes the optimizer and RNG state (`sharding.save_state`, which
+    keeps every frozen weight out under every mode).
     """
     name = checkpoint_name(state.stage, state.step)
     tmp, final = ckdir / f".tmp-{name}", ckdir / name
@@ -132,7 +134,7 @@ def save_checkpoint(accelerator, ckdir: Path, state: TrainerState, params: dict[
         tmp.mkdir()
     accelerator.wait_for_everyone()
     try:
-        accelerator.save_state(str(tmp))
+        write_state(tmp)
         if accelerator.is_main_process:
             save_file({k: v.detach().cpu().contiguous() for k, v in (params or {}).items()}, str(tmp / PARAMS_FILE))
             torch.save({"trainer": asdict(state), "scheduler": scheduler_state}, tmp / TRAINER_FILE)

@@ -41,6 +41,8 @@ from .data import IGNORE_INDEX, build_rows, check_source, records
 from .lock import OutputLock, OutputLockedError
 from .metrics import HeldoutPerplexity, MetricsLog, layer_mse_summary, plot_losses
 from .recipe import OptimizerSection, Recipe, RecipeError, load_recipe
+from .sharding import (ShardingError, check_mode, is_fsdp, keep_new_parameters_fp32, load_state, save_state,
+                       trainable_state)
 from .tracking import Trackers, accelerator_kwargs
 
 LORA_MARK = "lora_"
@@ -266,11 +268,12 @@ def load_params(model, params: dict[str, torch.Tensor]) -> None:
 
 
 def collect_params(accelerator, model) -> dict[str, torch.Tensor] | None:
-    """The kept parameters with canonical names, on the main process (None elsewhere)."""
-    from accelerate.utils import DistributedType
+    """The kept parameters with canonical names, on the main process (None elsewhere).
 
-    if accelerator.distributed_type == DistributedType.FSDP:
-        state = accelerator.get_state_dict(model)  # collective: every process must call it
+    Under FSDP only the trainable parameters are gathered (collective: every process calls it).
+    """
+    if is_fsdp(accelerator):
+        state = trainable_state(accelerator, model)
     else:
         state = dict(accelerator.unwrap_model(model).named_parameters()) if accelerator.is_main_process else None
     if not accelerator.is_main_process:
@@ -332,9 +335,6 @@ class Run:
         self.recipe = recipe
         self.accelerator = Accelerator(**accelerator_kwargs(recipe))
         acc = self.accelerator
-        # optimizer and RNG state come from accelerate; the kept parameters from our own file
-        acc.register_save_state_pre_hook(lambda models, weights, output_dir: weights.clear())
-        acc.register_load_state_pre_hook(lambda models, input_dir: models.clear())
         self.out = Path(recipe.output_dir)
         self.ckdir = self.out / "checkpoints"
         self.world = acc.num_processes
@@ -419,6 +419,7 @@ class Run:
         check_model_path(recipe)
         check_source(recipe.data)
         resume_from = self.check_resume()
+        self.check_accelerate_mode(resume_from)
         with acc.main_process_first():  # the embedded model is built once, by the main process
             self.model_path = resolve_model_path(recipe)
         check_free_space(self.out, final_size_estimate(self.model_path, recipe.model.dtype))
@@ -489,6 +490,19 @@ class Run:
         acc.wait_for_everyone()
         return final if final is not None else self.out / "final"
 
+    def check_accelerate_mode(self, resume_from: Path | None) -> None:
+        """DistillError, before the model loads, for an accelerate mode or FSDP setting distill
+        cannot train or checkpoint right (see `sharding.check_mode`); stage 1 counts when it
+        still has steps to run."""
+        stage1 = self.recipe.stage1.enabled
+        if stage1 and resume_from is not None:
+            done, _, _ = read_checkpoint(resume_from)
+            stage1 = done.stage == 1 and done.step < self.stage_steps(1)
+        try:
+            check_mode(self.accelerator, self.recipe.model.dtype, stage1)
+        except ShardingError as e:
+            raise DistillError(str(e)) from e
+
     def check_eval_length(self, model) -> None:
         """Softmax layers cannot score a perplexity window past the model's positions."""
         if self.recipe.eval.every_tokens is None:
@@ -503,6 +517,7 @@ class Run:
         acc, recipe = self.accelerator, self.recipe
         from transformers import get_scheduler
 
+        keep_new_parameters_fp32(model)
         start_state = None
         latest = latest_checkpoint(self.ckdir)
         if latest is not None:
@@ -535,7 +550,7 @@ class Run:
         model, optimizer = acc.prepare(model, optimizer)
         step, tokens, elapsed0 = 0, 0, 0.0
         if resume_from is not None:
-            acc.load_state(str(resume_from))
+            load_state(acc, model, optimizer, resume_from)
             state, scheduler_state, _ = read_checkpoint(resume_from)
             scheduler.load_state_dict(scheduler_state)
             apply_optimizer_settings(optimizer, scheduler, opt_cfg)
@@ -614,7 +629,8 @@ class Run:
                                      elapsed0 + time.perf_counter() - t0, loss=loss_value,
                                      finite=params is None or all_finite(params))
                 with writing(f"checkpoint {checkpoint_name(plan.stage, step)}", self.ckdir):
-                    save_checkpoint(acc, self.ckdir, state, params, scheduler.state_dict(), recipe.keep_checkpoints)
+                    save_checkpoint(acc, self.ckdir, state, params, scheduler.state_dict(), recipe.keep_checkpoints,
+                                    write_state=lambda folder: save_state(acc, model, optimizer, folder))
                 if acc.is_main_process:
                     plot_losses(self.metrics.records(), self.out / "loss.png")
         bar.close()
