@@ -37,6 +37,8 @@ RUNS = {
     "lolcats-paper": (dict(method="lolcats"), True, False),
     "lolcats-baseline": (dict(method="lolcats", init="baseline"), True, True),
     "lolcats-baseline-gate": (dict(method="lolcats", init="baseline", gate="mamba2"), True, True),
+    "lolcats-baseline-gate-norope": (dict(method="lolcats", init="baseline", gate="mamba2", linear_rope=False), True,
+                                    True),
     "liger-gla-baseline": (dict(method="liger-gla", init="baseline"), True, True),
     "lizard-baseline": (dict(method="lizard", init="baseline"), True, True),
 }
@@ -49,6 +51,7 @@ SPARSE = {
     "lolcats-baseline-gate+lola64": ("lolcats-baseline-gate", 64),
     "lolcats-baseline-gate-untrained+lola64": ("lolcats-baseline-gate-untrained", 64),
     "lolcats-baseline-gate+lola256": ("lolcats-baseline-gate", 256),
+    "lolcats-baseline-gate-norope+lola64": ("lolcats-baseline-gate-norope", 64),
 }
 RUNS["lolcats-baseline-untrained"] = (dict(method="lolcats", init="baseline"), None, None)
 RUNS["lolcats-baseline-gate-untrained"] = (dict(method="lolcats", init="baseline", gate="mamba2"), None, None)
@@ -160,6 +163,7 @@ LABELS = {
     "lolcats-paper": "LoLCATs as published (init paper)",
     "lolcats-baseline": "LoLCATs, init baseline",
     "lolcats-baseline-gate": "LoLCATs + Mamba2 decay gate, init baseline",
+    "lolcats-baseline-gate-norope": "LoLCATs + Mamba2 gate, init baseline, feature maps before RoPE",
     "liger-gla-baseline": "Liger Attention, init baseline",
     "lizard-baseline": "Lizard (window 128, not 64), init baseline",
     "lolcats-baseline-untrained": "LoLCATs, init baseline, untrained (= window + sinks)",
@@ -169,6 +173,7 @@ LABELS = {
     "lolcats-baseline-gate+lola64": "LoLCATs + Mamba2 gate, init baseline + LoLA sparse cache 64",
     "lolcats-baseline-gate-untrained+lola64": "LoLCATs + Mamba2 gate, init baseline, untrained + LoLA sparse cache 64",
     "lolcats-baseline-gate+lola256": "LoLCATs + Mamba2 gate, init baseline + LoLA sparse cache 256",
+    "lolcats-baseline-gate-norope+lola64": "LoLCATs + Mamba2 gate, init baseline, feature maps before RoPE + LoLA 64",
 }
 
 
