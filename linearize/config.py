@@ -64,7 +64,9 @@ class LinearizeConfig:
         learned per-head weight, 4 sink tokens unless set, no sink logits unless set), so
         training starts at the baseline's quality and the recurrence can only add to it.
     normalize: divide the recurrence by its normalizer phi(q) z_t.
-    linear_rope: feed RoPE-rotated q and k to the feature maps.
+    linear_rope: feed RoPE-rotated q and k to the feature maps (LoLCATs as published). Such
+        maps see rotation angles only up to the training length: past it a distilled model's
+        linear mass grows with the position alone (`scripts/linear_mass_by_position.py`).
     gate_normalizer: Liger divides the log gate by this (16).
     layers: layer indices to linearize (None: every layer not in softmax_layers).
     softmax_layers: layer indices that keep softmax attention (inter-layer hybrid).
