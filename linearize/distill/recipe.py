@@ -321,6 +321,17 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def flatten_sections(tree: dict, prefix: str = "") -> dict:
+    """A recipe dict as flat `section.key` entries; the `linearize` section stays one value."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and k != "linearize":
+            out.update(flatten_sections(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`"stage1.optimizer.lr=1e-2"` -> (["stage1", "optimizer", "lr"], 0.01); values are YAML."""
     if "=" not in text:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .recipe import Recipe
+from .recipe import Recipe, flatten_sections
 
 TRACKER_DIR = "trackers"
 
@@ -25,16 +25,8 @@ def accelerator_kwargs(recipe: Recipe) -> dict:
 
 def tracker_config(recipe: Recipe) -> dict[str, bool | int | float | str]:
     """The recipe as flat `section.key` scalars (lists, mappings and null as JSON text)."""
-    def flat(tree: dict, prefix: str = "") -> dict:
-        out = {}
-        for k, v in tree.items():
-            if isinstance(v, dict) and k != "linearize":
-                out.update(flat(v, f"{prefix}{k}."))
-            else:
-                out[prefix + k] = v if isinstance(v, (bool, int, float, str)) else json.dumps(v)
-        return out
-
-    return flat(recipe.to_dict())
+    flat = flatten_sections(recipe.to_dict())
+    return {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in flat.items()}
 
 
 def tracker_values(record: dict) -> dict[str, float]:

@@ -40,7 +40,7 @@ from .checkpointing import (CheckpointMissingError, TrainerState, all_finite, ch
 from .data import IGNORE_INDEX, build_rows, check_source, records
 from .lock import OutputLock, OutputLockedError
 from .metrics import HeldoutPerplexity, MetricsLog, layer_mse_summary, plot_losses
-from .recipe import OptimizerSection, Recipe, RecipeError, load_recipe
+from .recipe import OptimizerSection, Recipe, RecipeError, flatten_sections, load_recipe
 from .sharding import (ShardingError, check_mode, is_fsdp, keep_new_parameters_fp32, load_state, save_state,
                        trainable_state)
 from .tracking import Trackers, accelerator_kwargs
@@ -393,8 +393,8 @@ class Run:
         that would alter the model, the loss or the data order (see RESUME_MUTABLE)."""
         # keys added to the schema after the run started read as their defaults
         raw = yaml.safe_load(saved.read_text()) or {}
-        before = {**_flatten(Recipe().to_dict()), **_flatten(raw)}
-        now = _flatten(self.recipe.to_dict())
+        before = {**flatten_sections(Recipe().to_dict()), **flatten_sections(raw)}
+        now = flatten_sections(self.recipe.to_dict())
         changed = {k: (before.get(k), now.get(k)) for k in sorted(set(before) | set(now))
                    if before.get(k) != now.get(k) and k != "resume"}
         fixed = [k for k in changed if not any(k == m or k.startswith(m + ".") for m in RESUME_MUTABLE)]
@@ -856,16 +856,6 @@ def writing(what: str, where: Path):
 def latest_checkpoint_name(ckdir: Path) -> str | None:
     pointer = ckdir / "latest"
     return pointer.read_text().strip() if pointer.is_file() else None
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and k != "linearize":
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def distill(recipe: Recipe) -> Path:
