@@ -13,7 +13,7 @@ from .config import LinearizeConfig
 from .families import decoder_layers
 from .hf_classes import auto_map, linearized_classes
 from .mixers import LinearizedAttention
-from .state import STATE_ATTR, is_linearized, linearize_state
+from .state import STATE_ATTR, is_linearized, is_new_parameter, linearize_state
 from .surgery import linearize_modules
 
 __all__ = ["convert", "unconvert", "teacher", "mixers", "new_parameters", "is_linearized", "linearize_state"]
@@ -97,4 +97,4 @@ def teacher(model: nn.Module):
 
 def new_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """(name, parameter) of every parameter that conversion added (stage-1 trainables)."""
-    return [(n, p) for n, p in model.named_parameters() if ".linearize_" in n or n.startswith("linearize_")]
+    return [(n, p) for n, p in model.named_parameters() if is_new_parameter(n)]

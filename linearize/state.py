@@ -3,16 +3,26 @@ forward-context hook and the original classes (for `unconvert` and the decode ca
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch.nn as nn
+if TYPE_CHECKING:  # annotations only: every module may import this one
+    import torch.nn as nn
 
-from .config import LinearizeConfig
-from .families import Family
-from .mixers.context import ForwardContext
+    from .config import LinearizeConfig
+    from .families import Family
+    from .mixers.context import ForwardContext
 
 STATE_ATTR = "_linearize_state"
 # On a Linearized<Base> class: the class it was made from (what unconvert restores).
 BASE_CLASS_ATTR = "_linearize_base_class"
+# Every parameter conversion adds has a name part starting with this (peft's "lora_"), so
+# checkpoints, optimizers and dtype rules find them by name.
+NEW_PARAMETER_PREFIX = "linearize_"
+
+
+def is_new_parameter(name: str) -> bool:
+    """Whether a parameter name (dotted, any wrapper prefix) is one that conversion added."""
+    return any(part.startswith(NEW_PARAMETER_PREFIX) for part in name.split("."))
 
 
 @dataclass

@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..state import is_new_parameter
+
 OPTIMIZER_FILE = "optimizer.bin"
-NEW_MARK = "linearize_"
 
 
 class ShardingError(RuntimeError):
@@ -152,7 +153,7 @@ def keep_new_parameters_fp32(model: nn.Module) -> int:
     for name, module in model.named_modules():
         here = 0
         for pname, p in module.named_parameters(recurse=False):
-            if NEW_MARK in f"{name}.{pname}" and p.is_floating_point() and p.dtype.itemsize < 4:
+            if is_new_parameter(f"{name}.{pname}") and p.is_floating_point() and p.dtype.itemsize < 4:
                 p.data = p.data.float()
                 here += 1
         if here and isinstance(module, nn.Linear) and not getattr(module, "_linearize_fp32", False):

@@ -34,6 +34,7 @@ from ..config import LinearizeConfig
 from ..mixers import AttentionTransfer
 from ..model_card import write_model_card
 from ..sparse_cache import set_sparse_cache
+from ..state import is_new_parameter
 from .checkpointing import (CheckpointMissingError, TrainerState, all_finite, checkpoint_name, clean_partial,
                             fsync_tree, last_good_checkpoint, latest_checkpoint, point_latest, read_checkpoint,
                             save_checkpoint, usable_checkpoint, write_atomic)
@@ -46,7 +47,6 @@ from .sharding import (ShardingError, check_mode, is_fsdp, keep_new_parameters_f
 from .tracking import Trackers, accelerator_kwargs
 
 LORA_MARK = "lora_"
-NEW_MARK = "linearize_"
 PEFT_PREFIX = "base_model.model."
 # recipe keys (and sections) a resumed run may change: the optimizer, the budget, eval, logging
 # and checkpointing; any other change would alter the model, the loss or the data order
@@ -224,7 +224,7 @@ def apply_lora(model, recipe: Recipe):
                           "such as q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj") from e
     if recipe.stage2.train_new_parameters:
         for name, p in peft_model.named_parameters():
-            if NEW_MARK in name:
+            if is_new_parameter(name):
                 p.requires_grad_(True)
     return peft_model
 
@@ -249,7 +249,7 @@ def canonical(name: str) -> str:
 
 def kept_parameter(name: str) -> bool:
     """Parameters a checkpoint keeps: the mixers' new ones and LoRA's."""
-    return NEW_MARK in name or LORA_MARK in name
+    return is_new_parameter(name) or LORA_MARK in name
 
 
 def load_params(model, params: dict[str, torch.Tensor]) -> None:

@@ -1,6 +1,7 @@
 """Mixers: one module per method, all built on `LinearizedAttention`; `MIXERS` maps each
 method of `linearize.methods.REGISTRY` to its attention layer."""
-from .base import NEW_PARAMETER_PREFIX, AttentionTransfer, LinearizedAttention
+from ..state import NEW_PARAMETER_PREFIX
+from .base import AttentionTransfer, LinearizedAttention
 from .deltanet import GatedDeltaNetAttention
 from .liger import LigerGLAAttention, LigerHGRN2Attention
 from .lizard import LizardAttention

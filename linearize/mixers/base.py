@@ -18,11 +18,11 @@ from ..config import LinearizeConfig
 from ..families import Family
 from ..kernels import hybrid_attention, linear_recurrence, sliding_window_attention
 from ..methods import Method
+from ..state import is_new_parameter
 from .context import ForwardContext
 from .feature_maps import build_feature_map
 from .gates import build_gate
 
-NEW_PARAMETER_PREFIX = "linearize_"
 # Up to this many new tokens against a carried state take the step-by-step recurrence
 # (decoding); longer inputs take the chunked kernels.
 DECODE_STEP_TOKENS = 4
@@ -350,4 +350,4 @@ class LinearizedAttention(nn.Module):
 
     def new_parameters(self):
         """(name, parameter) pairs of the parameters this mixer added to the model."""
-        return [(n, p) for n, p in self.named_parameters() if n.startswith(NEW_PARAMETER_PREFIX)]
+        return [(n, p) for n, p in self.named_parameters() if is_new_parameter(n)]
