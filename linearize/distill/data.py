@@ -182,10 +182,43 @@ def _read(data: DataSection):
     return _from_builder(data, data.source, data.name)
 
 
+def _hub_error(data: DataSection, e: Exception) -> DataError:
+    """The DataError for a hub id that `datasets` could not resolve: offline, one missing from
+    the datasets cache; online, an unreachable hub or a missing data set or config."""
+    import datasets
+
+    cfg = datasets.config
+    get = f"python -c \"import datasets; datasets.load_dataset({data.source!r}{f', {data.name!r}' if data.name else ''})\""
+    local = ("or set data.source to local files (a .jsonl/.parquet/.csv/.txt file, a glob, a folder laid out "
+             "as on the hub, or a save_to_disk folder)")
+    if cfg.HF_HUB_OFFLINE:
+        return DataError(f"hub data set {data.source!r}{f' (config {data.name})' if data.name else ''} is not in the "
+                         f"datasets cache ({cfg.HF_DATASETS_CACHE}) and the hub is off (HF_HUB_OFFLINE / "
+                         f"HF_DATASETS_OFFLINE is set): cache it once with hub access ({get}), point "
+                         f"HF_DATASETS_CACHE at the cache that holds it, {local}")
+    if isinstance(e, ConnectionError):
+        return DataError(f"could not reach the hub for data set {data.source!r} ({e}): check the network, set "
+                         f"HF_HUB_OFFLINE=1 to read it from the datasets cache ({cfg.HF_DATASETS_CACHE}), {local}")
+    return DataError(f"could not load hub data set {describe(data)}: {type(e).__name__}: {e}; fix data.source "
+                     f"(a hub id org/name) or data.name, {local}")
+
+
+def check_hub_id(data: DataSection) -> None:
+    """DataError unless `datasets` resolves the hub id data.source (and data.name): offline,
+    from the datasets cache alone (fast); online, from the hub (no data is downloaded)."""
+    import datasets
+
+    try:
+        datasets.load_dataset_builder(data.source, data.name)
+    except Exception as e:  # datasets raises many types for unreachable hubs and unknown names
+        raise _hub_error(data, e) from e
+
+
 def check_source(data: DataSection) -> None:
     """DataError when data.source names local files that are not there (or that `datasets`
-    cannot read) or the embedded text is missing: the check before the model loads. Hub ids
-    and folders are read later, by `load_documents`."""
+    cannot read), a hub id `datasets` cannot resolve (offline: not in its cache) or the
+    embedded text is missing: the check before the model loads. Folders are read later, by
+    `load_documents`."""
     if data.source is None:
         from ..assets import MissingAssetError, training_texts
 
@@ -202,6 +235,8 @@ def check_source(data: DataSection) -> None:
         return
     if _looks_local(data.source):
         _local_files(items)
+    else:
+        check_hub_id(data)
 
 
 def load_documents(data: DataSection):

@@ -85,12 +85,31 @@ def load_eval_texts(section: EvalSection) -> list[str]:
         ds = load_documents(data)
         _, field = detect_format(ds.column_names, data)
     except DataError as e:
-        raise DataError(f"eval.source: {e}".replace("data.source", "eval.source")
-                        .replace("data.text_field", "eval.text_field")) from e
+        raise _eval_error(e) from e
     texts = [t for t in ds[field] if isinstance(t, str) and t.strip()][:section.texts]
     if not texts:
         raise DataError(f"eval.source {section.source} holds no text in field {field!r}")
     return texts
+
+
+def _eval_error(e: Exception):
+    from .data import DataError
+
+    return DataError(f"eval.source: {e}".replace("data.source", "eval.source").replace("data.name", "eval.source")
+                     .replace("data.text_field", "eval.text_field"))
+
+
+def check_eval_source(section: EvalSection) -> None:
+    """`data.check_source` for eval.source (local files there, a hub id resolvable, offline from
+    the cache), before the tokenizer or the model loads; the embedded text is checked later."""
+    from .data import DataError, check_source
+
+    if section.source is None:
+        return
+    try:
+        check_source(DataSection(source=section.source, format="text", text_field=section.text_field))
+    except DataError as e:
+        raise _eval_error(e) from e
 
 
 class HeldoutPerplexity:

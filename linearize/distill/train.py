@@ -40,7 +40,7 @@ from .checkpointing import (CheckpointMissingError, TrainerState, all_finite, ch
                             save_checkpoint, usable_checkpoint, write_atomic)
 from .data import IGNORE_INDEX, build_rows, check_source, records
 from .lock import OutputLock, OutputLockedError
-from .metrics import HeldoutPerplexity, MetricsLog, layer_mse_summary, plot_losses
+from .metrics import HeldoutPerplexity, MetricsLog, check_eval_source, layer_mse_summary, plot_losses
 from .recipe import OptimizerSection, Recipe, RecipeError, flatten_sections, load_recipe
 from .sharding import (ShardingError, check_mode, is_fsdp, keep_new_parameters_fp32, load_state, save_state,
                        trainable_state)
@@ -418,6 +418,8 @@ class Run:
         check_writable(self.out)  # before anything loads: a read-only output costs a second
         check_model_path(recipe)
         check_source(recipe.data)
+        if recipe.eval.every_tokens is not None:
+            check_eval_source(recipe.eval)
         resume_from = self.check_resume()
         self.check_accelerate_mode(resume_from)
         with acc.main_process_first():  # the embedded model is built once, by the main process
