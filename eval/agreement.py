@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
 import linearize
 
 from .progress import bar
-
-
-def teacher_context(model, active: bool = True):
-    """`linearize.teacher(model)` when ``active`` (softmax attention on, peft adapters off),
-    else a no-op: the switch for code that runs one role or the other."""
-    return linearize.teacher(model) if active else contextlib.nullcontext(model)
 
 
 @torch.no_grad()

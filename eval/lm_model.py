@@ -11,7 +11,6 @@ dtype, max_length, tokenizer, ...) means what it means for ``hf``.
 
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 
@@ -19,7 +18,10 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from .agreement import teacher_context
+import linearize
+from linearize import teacher
+from linearize.checkpoint import resolve_model_folder
+
 
 
 def parse_dtype(value) -> torch.dtype | None:
@@ -53,8 +55,6 @@ def check_checkpoint(pretrained, adapter=None) -> tuple[Path, Path | None]:
                 "checkpoint the adapter was trained on) as well as adapter=DIR"
             )
         raise ValueError("no checkpoint given: pass pretrained=DIR")
-    from linearize.checkpoint import resolve_model_folder
-
     path = resolve_model_folder(pretrained)
     if path.is_dir() and not (path / "config.json").is_file() and (path / "adapter_config.json").is_file():
         base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
@@ -71,17 +71,6 @@ def check_checkpoint(pretrained, adapter=None) -> tuple[Path, Path | None]:
         if not (adapter_path / "adapter_config.json").is_file():
             raise ValueError(f"{adapter_path} is not a peft adapter folder (no adapter_config.json)")
     return path, adapter_path
-
-
-def load_checkpoint(path, *, dtype=None, device=None, adapter=None, allow_nonfinite=False):
-    """``linearize.load`` with the dtype keyword it accepts (``dtype`` or ``torch_dtype``)."""
-    import linearize
-
-    kwargs = {"device": device, "adapter": adapter, "allow_nonfinite": allow_nonfinite}
-    if dtype is not None:
-        params = inspect.signature(linearize.load).parameters
-        kwargs["torch_dtype" if "torch_dtype" in params else "dtype"] = dtype
-    return linearize.load(path, **kwargs)
 
 
 @register_model("linearize")
@@ -103,7 +92,7 @@ class LinearizeLM(HFLM):
 
     def _get_config(self, pretrained, **kwargs) -> None:
         dtype = parse_dtype(self._load_dtype)
-        self._model = load_checkpoint(
+        self._model = linearize.load(
             pretrained, dtype=dtype, device=self._device, adapter=self._adapter_path,
             allow_nonfinite=self._allow_nonfinite,
         )
@@ -115,16 +104,14 @@ class LinearizeLM(HFLM):
 
     @property
     def is_linearized(self) -> bool:
-        import linearize
-
         return linearize.is_linearized(self.model)
 
     def _model_call(self, inps, attn_mask=None, labels=None):
-        with teacher_context(self.model, self.use_teacher):
+        with teacher(self.model, self.use_teacher):
             return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
 
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
-        with teacher_context(self.model, self.use_teacher):
+        with teacher(self.model, self.use_teacher):
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
     def get_model_info(self) -> dict:

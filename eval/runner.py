@@ -262,8 +262,9 @@ def run_evaluation(settings: EvalSettings, out_dir: str | Path, log=print) -> di
     import torch
 
     import linearize.eval as le
+    from linearize import teacher
 
-    from .agreement import teacher_agreement, teacher_context
+    from .agreement import teacher_agreement
     from .heldout import heldout_texts
     from .lm_model import LinearizeLM, check_checkpoint
     from .long_documents import long_document_perplexity, long_documents
@@ -337,7 +338,7 @@ def run_evaluation(settings: EvalSettings, out_dir: str | Path, log=print) -> di
             if role == "teacher" and not distinct:
                 res[role] = res["student"]
                 continue
-            with teacher_context(model, role == "teacher"), progress_bars(s.progress, label=role):
+            with teacher(model, role == "teacher"), progress_bars(s.progress, label=role):
                 res[role] = fn(role)
         return res
 

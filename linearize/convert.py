@@ -68,17 +68,18 @@ def unconvert(model: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
-def teacher(model: nn.Module):
+def teacher(model: nn.Module, active: bool = True):
     """Run `model` as its original inside the block: softmax attention back on in every
     converted layer and, on a peft `PeftModel`, its adapters disabled.
 
     No weights are copied: the mixers route to the original modules, which share the same
-    projections. On a model that is neither converted nor a peft model this does nothing.
+    projections. On a model that is neither converted nor a peft model this does nothing, and
+    so does `active=False` (for code that runs one role or the other: `teacher(m, role == "teacher")`).
     """
-    is_peft = hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
+    is_peft = active and hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
     with model.disable_adapter() if is_peft else contextlib.nullcontext():
         base = model.get_base_model() if is_peft else model
-        if not is_linearized(base):
+        if not (active and is_linearized(base)):
             yield model
             return
         st = linearize_state(base)

@@ -333,17 +333,6 @@ def write_report(out_dir: str | Path, name: str, report: dict, table: str, title
     return report
 
 
-def role_context(model: torch.nn.Module, role: str):
-    """`linearize.teacher(model)` for the teacher, nothing for the student (same weights)."""
-    import contextlib
-
-    from linearize import teacher
-
-    if role not in ROLES:
-        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
-    return teacher(model) if role == "teacher" else contextlib.nullcontext(model)
-
-
 def require_linearized(model: torch.nn.Module) -> None:
     from linearize import is_linearized
 

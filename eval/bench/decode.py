@@ -12,11 +12,12 @@ from pathlib import Path
 
 import torch
 
+from linearize import teacher
 from linearize.generate import cache_nbytes
 from linearize.plots import ROLE_STYLE, log2_axis, log_y, new_figure, save_figure
 
 from .common import (ROLES, fmt, human_bytes, machine_info, markdown_table, mib, model_device, model_info, progress,
-                     random_ids, require_linearized, role_context, spread, target, timed, write_report)
+                     random_ids, require_linearized, spread, target, timed, write_report)
 
 DEFAULT_CONTEXTS = (1024, 4096, 16384)
 TARGET_CONTEXT, TARGET_SPEEDUP, TARGET_CACHE_RATIO = 16384, 3.0, 100.0
@@ -34,7 +35,7 @@ def new_cache(model: torch.nn.Module, role: str):
 def prefill_cache(model: torch.nn.Module, ids: torch.Tensor, role: str, chunk: int = 2048):
     """Fill a new cache with ids [B, C], `chunk` tokens per forward. Returns the cache."""
     cache = new_cache(model, role)
-    with torch.no_grad(), role_context(model, role):
+    with torch.no_grad(), teacher(model, role == "teacher"):
         for a in range(0, ids.shape[1], chunk):
             model(input_ids=ids[:, a:a + chunk], cache=cache, use_cache=True, logits_to_keep=1)
     return cache
@@ -42,7 +43,7 @@ def prefill_cache(model: torch.nn.Module, ids: torch.Tensor, role: str, chunk: i
 
 def decode_step(model: torch.nn.Module, token: torch.Tensor, cache, role: str) -> torch.Tensor:
     """One generation step: token [B, 1] -> next-token logits [B, 1, V]; the cache grows by one."""
-    with torch.no_grad(), role_context(model, role):
+    with torch.no_grad(), teacher(model, role == "teacher"):
         return model(input_ids=token, cache=cache, use_cache=True).logits
 
 

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
+from linearize import teacher
 from linearize.plots import ROLE_STYLE, log2_axis, log_y, new_figure, save_figure
 
 from .common import (ROLES, PeakMemory, fmt, machine_info, markdown_table, median, mib, model_device, model_info,
-                     ordered_roles, progress, random_ids, require_linearized, role_context, spread, target, timed,
+                     ordered_roles, progress, random_ids, require_linearized, spread, target, timed,
                      write_report)
 
 DEFAULT_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
@@ -24,7 +25,7 @@ TARGET_LENGTH, TARGET_SPEEDUP = 16384, 3.0
 
 def prefill_forward(model: torch.nn.Module, ids: torch.Tensor, role: str) -> torch.Tensor:
     """Logits of the last position [B, 1, V] for ids [B, T], as teacher or student."""
-    with torch.no_grad(), role_context(model, role):
+    with torch.no_grad(), teacher(model, role == "teacher"):
         return model(input_ids=ids, use_cache=False, logits_to_keep=1).logits
 
 

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 
-from linearize import mixers
+from linearize import mixers, teacher
 from linearize.peft_quiet import peft_quietly
 from linearize.plots import ROLE_STYLE, log2_axis, new_figure, save_figure
 
 from .common import (ROLES, PeakMemory, fmt, machine_info, markdown_table, median, mib, model_device, model_info,
-                     ordered_roles, progress, random_ids, require_linearized, role_context, spread, target, timed,
+                     ordered_roles, progress, random_ids, require_linearized, spread, target, timed,
                      write_report)
 
 DEFAULT_LENGTHS = (512, 2048)
@@ -52,7 +52,7 @@ def bench_train(model: torch.nn.Module, lengths=DEFAULT_LENGTHS, repeats: int = 
         peft_model.train()
 
         def step(ids: torch.Tensor, role: str) -> float:
-            with role_context(model, role):
+            with teacher(model, role == "teacher"):
                 loss = peft_model(input_ids=ids, labels=ids, use_cache=False).loss
                 loss.backward()
             optimizer.step()

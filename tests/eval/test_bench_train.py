@@ -8,7 +8,6 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import linearize
-from linearize.eval.bench.common import role_context
 from linearize.eval.bench.train import TARGET_LENGTH, run_train, train_summary, train_table
 
 
@@ -57,7 +56,7 @@ def test_teacher_role_trains_the_same_adapters(make_tiny_model):
     peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj"]))
     ids = torch.randint(0, 128, (1, 12))
     for role in ("teacher", "student"):
-        with role_context(model, role):
+        with linearize.teacher(model, role == "teacher"):
             peft_model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
         grads = [p.grad for n, p in peft_model.named_parameters() if "lora_B" in n]
         assert len(grads) == 6 and all(g is not None and g.abs().sum() > 0 for g in grads), role

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 import linearize
 from linearize.assets import DEFAULT_MODEL_NAME, GGUF_FILE, GGUF_PACKAGE, MissingAssetError, cache_dir, package_file
 from linearize.eval import long_documents as ld
-from linearize.eval.agreement import teacher_context
 from linearize.eval.cli_commands import add_eval_arguments, run_eval
 from linearize.eval.long_documents import long_document_perplexity, long_documents, write_jsonl
 from linearize.eval.perplexity import bucket_sums
@@ -101,7 +100,7 @@ def test_teacher_and_student_both_score(eval_model, eval_tokenizer):
     model = linearize.convert(copy.deepcopy(eval_model), linearize.LinearizeConfig(method="window-sinks"))
     docs = long_documents("heldout")[:1]
     kw = dict(n_tokens=160, edges=[0, 64, 160], progress=False)
-    with teacher_context(model):
+    with linearize.teacher(model):
         teacher = long_document_perplexity(model, eval_tokenizer, docs, **kw)
     student = long_document_perplexity(model, eval_tokenizer, docs, **kw)
     assert teacher["buckets"][0]["mean_nll"] == pytest.approx(student["buckets"][0]["mean_nll"], rel=1e-4)
