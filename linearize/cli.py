@@ -32,15 +32,20 @@ def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
                         "recurrence, 0.5/0.5); lizard: Hedgehog maps, scalar gate, window 128 with 4 sink logits; "
                         "lolcats: Hedgehog linear attention over the keys past a 64-token window, one denominator "
                         "(as published); gated-deltanet: the gated delta rule beside a 64-token window + 4 sinks; "
+                        "lightning: Liger Attention with Lightning's fixed per-head decay, window 64 + 4 sinks; "
+                        "based: Based's Taylor feature map (16 -> 273 features) beside a 64-token window + 4 sinks; "
                         "window-sinks: softmax over 4 sink tokens + last 64 (no training). "
                         "Default: the recommended conversion, lolcats --init baseline --gate mamba2 --sparse-cache 64 "
                         "(the best measured; README, docs/quality-at-length.md)")
     g.add_argument("--window", type=int, help="sliding-window size of the softmax branch; 0 = pure recurrent form")
     g.add_argument("--sinks", dest="num_sink_tokens", type=int, help="number of sink tokens always attended")
     g.add_argument("--sink-logits", dest="num_sink_logits", type=int, help="learned meta-memory logits per head (Lizard)")
-    g.add_argument("--gate", choices=GATES, help="liger (pooled key), scalar (learned sigmoid), mamba2, none")
-    g.add_argument("--feature-map", choices=FEATURE_MAPS, help="softmax (Liger), hedgehog (learned), l2 (gated-deltanet)")
-    g.add_argument("--feature-dim", type=int, help="Hedgehog projection width (default: head dim)")
+    g.add_argument("--gate", choices=GATES,
+                   help="liger (pooled key), scalar (learned sigmoid), mamba2, lightning (fixed per-head decay), none")
+    g.add_argument("--feature-map", choices=FEATURE_MAPS,
+                   help="softmax (Liger), hedgehog (learned), taylor (Based), l2 (gated-deltanet)")
+    g.add_argument("--feature-dim", type=int,
+                   help="learned projection width: Hedgehog's (default: head dim) or Taylor's (default 16)")
     g.add_argument("--mixing", choices=MIXINGS, help="how the window and recurrent branches combine")
     g.add_argument("--softmax-layers", type=_int_list, default=[], help="layers that keep softmax attention, e.g. 0,15")
     g.add_argument("--layers", type=_layer_selection, help="only linearize these layers (default: all but --softmax-layers)")

@@ -11,8 +11,8 @@ from typing import Any
 from .methods import REGISTRY, Method, MethodDefaults
 
 METHODS = tuple(REGISTRY)
-GATES = ("liger", "scalar", "mamba2", "none")
-FEATURE_MAPS = ("softmax", "hedgehog", "l2", "none")
+GATES = ("liger", "scalar", "mamba2", "lightning", "none")
+FEATURE_MAPS = ("softmax", "hedgehog", "taylor", "l2", "none")
 MIXINGS = ("fixed", "learned", "shared-denominator", "lolcats", "window-only", "linear-only")
 INITS = ("paper", "baseline")
 
@@ -48,11 +48,15 @@ class LinearizeConfig:
     num_sink_logits: learned per-head logits that only enter the window's softmax
         denominator (Lizard's meta-memory, 4).
     gate: `liger` (pooled key, per channel), `scalar` (sigmoid of a learned projection, per
-        token and head), `mamba2` (-exp(A) softplus(dt)), or `none`.
+        token and head), `mamba2` (-exp(A) softplus(dt)), `lightning` (a constant decay per state
+        head from ALiBi slopes scaled by depth, no parameters: Lightning Attention / MiniMax-01),
+        or `none`.
     feature_map: `softmax` (over the head dimension, Liger), `hedgehog` (learned, LoLCATs and
-        Lizard), `l2` (L2 normalisation per head, gated-deltanet only) or `none` (window-only methods).
-    feature_dim: width of the Hedgehog projection (None: the head dimension); the feature
-        map outputs twice this many features.
+        Lizard), `taylor` (Based's 2nd-order Taylor map of exp on a learned projection), `l2`
+        (L2 normalisation per head, gated-deltanet only) or `none` (window-only methods).
+    feature_dim: width of the learned projection: Hedgehog's (None: the head dimension; the map
+        outputs twice this many features) or Taylor's d (None: 16; the map outputs 1 + d + d^2
+        features, the state's key width, so memory grows with d^2).
     mixing: `fixed` (window_weight, linear_weight), `learned` (per-head weights initialised
         to window_weight, linear_weight), `lolcats` (LoLCATs as published: gamma-weighted
         max-shifted window terms and linear terms over the keys past the window, one

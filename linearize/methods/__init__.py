@@ -7,7 +7,9 @@ Adding a method: a `Method` subclass here (its preset and rules), its attention 
 from __future__ import annotations
 
 from .base import Method, MethodDefaults
+from .based import Based
 from .deltanet import GatedDeltaNet
+from .lightning import Lightning
 from .liger import LigerGLA, LigerHGRN2
 from .lizard import Lizard
 from .lolcats import Lolcats
@@ -15,8 +17,8 @@ from .window_sinks import WindowSinks
 
 # Method name -> Method, in the order the CLI and the docs list them.
 REGISTRY: dict[str, type[Method]] = {
-    m.name: m for m in (LigerGLA, LigerHGRN2, Lizard, Lolcats, GatedDeltaNet, WindowSinks)
+    m.name: m for m in (LigerGLA, LigerHGRN2, Lizard, Lolcats, GatedDeltaNet, Lightning, Based, WindowSinks)
 }
 
-__all__ = ["REGISTRY", "Method", "MethodDefaults", "GatedDeltaNet", "LigerGLA", "LigerHGRN2", "Lizard", "Lolcats",
-           "WindowSinks"]
+__all__ = ["REGISTRY", "Method", "MethodDefaults", "Based", "GatedDeltaNet", "LigerGLA", "LigerHGRN2", "Lightning",
+           "Lizard", "Lolcats", "WindowSinks"]

@@ -62,7 +62,7 @@ class Method:
     @classmethod
     def feature_map_problem(cls, cfg: Any) -> str | None:
         if cfg.feature_map == "none":
-            return f"{cls.name} needs a feature map: softmax or hedgehog"
+            return f"{cls.name} needs a feature map: softmax, hedgehog or taylor"
         if cfg.feature_map == "l2":
             return l2_problem(cls.name, cfg.feature_map)
         return None

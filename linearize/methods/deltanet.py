@@ -19,7 +19,7 @@ class GatedDeltaNet(Method):
     @classmethod
     def feature_map_problem(cls, cfg: Any) -> str | None:
         if cfg.feature_map == "none":
-            return f"{cls.name} needs a feature map: softmax or hedgehog"
+            return f"{cls.name} needs a feature map: l2 (its own)"
         if cfg.feature_map not in (None, "l2"):
             return l2_problem(cls.name, cfg.feature_map)
         return None

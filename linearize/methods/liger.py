@@ -9,7 +9,8 @@ class LigerGLA(Method):
     """Liger-GLA: softmax maps on q and k, a per-channel gate from the key (or scalar, mamba2)."""
 
     name = "liger-gla"
-    preset = MethodDefaults(64, "liger", "softmax", "fixed", False, False, allowed_gates=("liger", "scalar", "mamba2"))
+    preset = MethodDefaults(64, "liger", "softmax", "fixed", False, False,
+                            allowed_gates=("liger", "scalar", "mamba2", "lightning"))
 
 
 class LigerHGRN2(Method):

@@ -10,4 +10,4 @@ class Lizard(Method):
 
     name = "lizard"
     preset = MethodDefaults(128, "scalar", "hedgehog", "learned", True, False, num_sink_logits=4,
-                            allowed_gates=("scalar", "mamba2", "liger"))
+                            allowed_gates=("scalar", "mamba2", "liger", "lightning"))

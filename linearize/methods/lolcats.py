@@ -12,8 +12,8 @@ class Lolcats(Method):
     (and state) per query head."""
 
     name = "lolcats"
-    preset = MethodDefaults(64, "none", "hedgehog", "lolcats", True, True, allowed_gates=("none", "scalar", "mamba2"),
-                            share_state=False)
+    preset = MethodDefaults(64, "none", "hedgehog", "lolcats", True, True,
+                            allowed_gates=("none", "scalar", "mamba2", "lightning"), share_state=False)
 
     @classmethod
     def mixing_problem(cls, cfg: Any) -> str | None:

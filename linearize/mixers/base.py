@@ -117,7 +117,9 @@ class LinearizedAttention(nn.Module):
                 raise ValueError(f"the liger gate works per channel of the key: feature width {feat} must be a "
                                  f"multiple of head_dim {self.head_dim} (set feature_dim to head_dim)")
             self.linearize_gate = build_gate(cfg.gate, hidden_size=hidden, num_kv_heads=self.num_kv_heads,
-                                             normalizer=cfg.gate_normalizer, repeat=max(feat // self.head_dim, 1))
+                                             normalizer=cfg.gate_normalizer, repeat=max(feat // self.head_dim, 1),
+                                             num_state_heads=state_heads, layer_idx=self.layer_idx,
+                                             num_layers=self.config.num_hidden_layers)
         if self.has_window and cfg.num_sink_logits:
             # Meta-memory logits start low (exp(-5) each): the window is then almost exactly the
             # teacher's softmax, and training raises them where attention needs a sink.

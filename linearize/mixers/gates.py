@@ -1,4 +1,4 @@
-"""Forget gates of the recurrence, all returned as log decay (<= 0) per KV head."""
+"""Forget gates of the recurrence, all returned as log decay (<= 0) per KV head (Lightning's per state head)."""
 from __future__ import annotations
 
 import math
@@ -65,7 +65,52 @@ class Mamba2Gate(nn.Module):
         return -torch.exp(self.A_log.float()) * dt
 
 
-def build_gate(kind: str, *, hidden_size: int, num_kv_heads: int, normalizer: float, repeat: int) -> nn.Module | None:
+def alibi_slopes(n: int) -> list[float]:
+    """ALiBi's per-head slopes for n heads (Press et al.): 2^(-8 i / n), i = 1..n, for n a power
+    of two; otherwise those of the power of two below n, then every other slope of twice that
+    power. Lightning Attention uses them as its per-head decay rates."""
+    def power_of_two(m: int) -> list[float]:
+        start = 2.0 ** (-8.0 / m)
+        return [start ** (i + 1) for i in range(m)]
+
+    if n & (n - 1) == 0:
+        return power_of_two(n)
+    below = 1 << (n.bit_length() - 1)
+    return power_of_two(below) + alibi_slopes(2 * below)[0::2][: n - below]
+
+
+def lightning_log_decay(num_heads: int, layer_idx: int, num_layers: int) -> list[float]:
+    """Lightning Attention's data-independent log decay per head, -s_h (1 - l / (L - 1) + 1e-5):
+    ALiBi slopes s_h scaled down with depth as TransNormerLLM and MiniMax-01 do, so the first
+    layer forgets fastest and the last almost never (a single-layer model keeps s_h (1 + 1e-5))."""
+    depth = 1.0 if num_layers <= 1 else 1.0 - layer_idx / (num_layers - 1)
+    return [-s * (depth + 1e-5) for s in alibi_slopes(num_heads)]
+
+
+class LightningGate(nn.Module):
+    """Lightning Attention's decay (TransNormerLLM, Lightning Attention-2, MiniMax-01): a constant
+    log a = -s_h per state head, no parameters. hidden: [B, T, C] -> [B, T, Hs], at least fp32.
+
+    Deviation: the published models are multi-head with one slope per head; with GQA sharing the
+    state lives per KV head, so the slopes are those of Hs = H_kv heads (one per state head).
+    """
+
+    def __init__(self, num_state_heads: int, layer_idx: int, num_layers: int):
+        super().__init__()
+        self.log_decay = tuple(lightning_log_decay(num_state_heads, layer_idx, num_layers))
+
+    def forward(self, hidden: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        g = torch.tensor(self.log_decay, dtype=dtype, device=hidden.device)
+        return g.expand(*hidden.shape[:2], len(self.log_decay)).contiguous()
+
+    def extra_repr(self) -> str:
+        return "log_decay=[" + ", ".join(f"{x:.3g}" for x in self.log_decay) + "]"
+
+
+def build_gate(kind: str, *, hidden_size: int, num_kv_heads: int, normalizer: float, repeat: int,
+               num_state_heads: int | None = None, layer_idx: int = 0, num_layers: int = 1) -> nn.Module | None:
+    """The gate `kind` for one layer; `lightning` needs the state's heads and the layer's depth."""
     if kind == "none":
         return None
     if kind == "liger":
@@ -74,4 +119,6 @@ def build_gate(kind: str, *, hidden_size: int, num_kv_heads: int, normalizer: fl
         return ScalarGate(hidden_size, num_kv_heads)
     if kind == "mamba2":
         return Mamba2Gate(hidden_size, num_kv_heads)
+    if kind == "lightning":
+        return LightningGate(num_state_heads or num_kv_heads, layer_idx, num_layers)
     raise ValueError(f"no gate {kind!r}")
