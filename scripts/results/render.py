@@ -17,6 +17,7 @@ import transformers
 
 from linearize.eval.bench.common import machine_info, markdown_table
 from linearize.eval.runner import pct
+from linearize.kernels.tolerances import TOLERANCES
 from linearize.plots import new_figure, save_figure
 
 from .rows import extra_rows, method_rows, num
@@ -214,12 +215,22 @@ def _bench_sections(bench: dict, img: Path, doc_dir: Path) -> list[str]:
                 "benchmarks/kernels_cuda.py --out DIR` checks every Triton kernel against its reference at "
                 "the benchmark shapes and times it against SDPA and flash-linear-attention's `chunk_gla`; "
                 "`linearize bench kernels` (and this script) run it automatically when CUDA is present.", ""]
-    out += ["## Correctness", "",
-            "Not benchmarks but tests (`python3 -m pytest -q`): every kernel against its fp64 reference on random "
-            "inputs, forward and every gradient, with relative-error bounds (fp32 1e-5, bf16 2e-2), including "
-            "Triton under `TRITON_INTERPRET=1`; window >= sequence length reproduces the teacher; prefill plus "
-            "step-by-step decoding reproduces the full forward for every method with a left-padded batch.", ""]
-    return out
+    return out + _correctness()
+
+
+def _correctness() -> list[str]:
+    """What the tests check, with the error bounds the kernel tests assert (read from
+    `linearize.kernels.tolerances`, the table those tests import)."""
+    exp = lambda x: f"{x:.0e}".replace("e-0", "e-")  # 2e-5, not 2e-05 or 0.00002
+    rows = [[op, backend, dtype, exp(b.forward), exp(b.gradients)] for (op, backend, dtype), b in TOLERANCES.items()]
+    return ["## Correctness", "",
+            "Not benchmarks but tests (`python3 -m pytest -q`): every kernel backend against its fp64 reference "
+            "(`naive.py`) on random inputs, the output and the gradient of every input, within these bounds on "
+            "the relative error ||out - ref|| / ||ref|| (`kernels/tolerances.py`; `torch` is the chunked "
+            "PyTorch path, `triton` runs on the CPU under `TRITON_INTERPRET=1`):", "",
+            markdown_table(["op", "backend", "inputs", "output", "gradients"], rows, "lllrr"), "",
+            "On whole models: window >= sequence length reproduces the teacher; prefill plus step-by-step "
+            "decoding reproduces the full forward for every method with a left-padded batch.", ""]
 
 
 def _table_only(markdown: str) -> str:

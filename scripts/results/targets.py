@@ -47,8 +47,7 @@ def quality_targets(rows: list[dict], settings: ResultsSettings) -> list[str]:
 
 
 MISSED_NOTES = {
-    "quality": "Quality: the budgets here are a few hundred thousand tokens at most, 2 CPU cores at ~100-150 "
-               "training tokens/s; the papers recover with 20-40M tokens on GPUs. The loss curves are still "
+    "quality": "Quality: the budgets here are {budget}; the papers recover with 20-40M tokens on GPUs. The loss curves are still "
                "falling when the budgets end, so these rows are lower bounds for each method's recipe, not its "
                "ceiling; a converted model also starts far from the teacher when its form keeps no softmax "
                "normalisation (Liger-GLA) and closest when it keeps the window's softmax denominator "
@@ -58,17 +57,34 @@ MISSED_NOTES = {
                 "window; a trained method has to recover everything its recurrence changed before it can add "
                 "long-range information. Passkey retrieval and the long-document perplexity show where the "
                 "recurrence helps.",
-    "prefill": "Prefill: both models run the same MLP and projection matrices, which on SmolLM2 (576 "
-               "hidden, 30 layers) take most of the teacher's time up to 16k tokens; the student only "
-               "removes the quadratic part, so its speedup is bounded by that fixed share. The ratio grows "
-               "with length (see the table) and with the model's head count per hidden size.",
+    "prefill": "Prefill: both models run the same MLP and projection matrices, which on {model} take most of "
+               "the teacher's time up to 16k tokens; the student only removes the quadratic part, so its speedup "
+               "is bounded by that fixed share. The ratio grows with length (see the table) and with the model's "
+               "head count per hidden size.",
     "kernels": "Kernels: the chunked form trades the loop's per-token op overhead (tens of microseconds per "
-               "step) for small matrix products: at T=4096, H=9, D=64 about 0.70 GFLOP (intra-chunk scores and "
-               "values, state increments, and the inter-chunk q S, 0.30 GFLOP alone) against the loop's 0.45. "
-               "One core runs these shapes at ~150 GFLOP/s, so the products alone take ~4.5 ms, and per-channel "
-               "gates add fp64 cumulative sums, exponentials and gate-scaled copies of q and k; the rest is "
-               "memory passes between eager PyTorch ops, which only a fused (compiled) CPU kernel would remove.",
+               "step) for small matrix products (intra-chunk scores and values, state increments and the "
+               "inter-chunk q S), which at these head sizes count more floating-point operations than the loop; "
+               "per-channel gates add fp64 cumulative sums, exponentials and gate-scaled copies of q and k, and "
+               "the rest is memory passes between eager PyTorch ops, which only a fused (compiled) CPU kernel "
+               "would remove.",
 }
+
+
+def _budget(trained: list[dict]) -> str:
+    """The largest training budget among the rows, and the training speed measured on its runs."""
+    stages = [list(((r.get("training") or {}).get("stages") or {}).values()) for r in trained]
+    tokens = max(r.get("tokens") or sum(st["tokens"] for st in sts) for r, sts in zip(trained, stages))
+    done = [st for sts in stages for st in sts]
+    seconds = sum(st["seconds"] for st in done)
+    rate = f" at {sum(st['tokens'] for st in done) / seconds:,.0f} training tokens/s here" if seconds else ""
+    return f"{tokens:,} tokens at most{rate}"
+
+
+def _model_shape(report: dict) -> str:
+    """The benchmarked model as "<name> (<hidden> hidden, <layers> layers)", from its report."""
+    m = report.get("model") or {}
+    name = str(m.get("name") or "the model").rstrip("/").rsplit("/", 1)[-1]
+    return f"{name} ({m['hidden_size']} hidden, {m['layers']} layers)" if "hidden_size" in m else name
 
 
 def prefill_bound(rows: list[dict]) -> str:
@@ -102,7 +118,7 @@ def missed_target_notes(rows: list[dict], bench: dict) -> list[str]:
     notes = []
     trained = [r for r in rows[1:] if r.get("trained")]
     if trained and min(r["ppl_ratio"] for r in trained) > 1.10:
-        notes.append(MISSED_NOTES["quality"])
+        notes.append(MISSED_NOTES["quality"].format(budget=_budget(trained)))
     base = next((r for r in rows[1:] if r["name"] == "window-sinks"), None)
     if base is not None and any(r["ppl"] >= base["ppl"] for r in trained if not r.get("extra")):
         notes.append(MISSED_NOTES["baseline"])
@@ -110,7 +126,7 @@ def missed_target_notes(rows: list[dict], bench: dict) -> list[str]:
         report = bench.get(name) or {}
         if any(t.get("met") is False for t in report.get("targets", [])):
             extra = {"prefill": prefill_bound, "kernels": kernels_contrast}[name](report["rows"])
-            notes.append(MISSED_NOTES[name] + extra)
+            notes.append(MISSED_NOTES[name].format(model=_model_shape(report)) + extra)
     if not notes:
         return []
     return ["Why the missed targets are missed:", ""] + [f"- {n}" for n in notes] + [""]

@@ -15,7 +15,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))  # scri
 
 from make_results import main  # noqa: E402
 from results.run import ResultsRun  # noqa: E402
-from results.settings import METHOD_ENTRIES, ResultsSettings  # noqa: E402
+from results.rows import num  # noqa: E402
+from results.settings import ENTRY_BY_NAME, METHOD_ENTRIES, ResultsSettings  # noqa: E402
+
+from linearize.kernels.tolerances import TOLERANCES  # noqa: E402
 
 
 def toy_settings(model_dir, tmp_path, methods) -> ResultsSettings:
@@ -26,6 +29,43 @@ def toy_settings(model_dir, tmp_path, methods) -> ResultsSettings:
         speed_length=64, decode_steps=2, prefill_lengths=[32, 64], decode_contexts=[32],
         train_lengths=[32], kernel_lengths=[64], bench_repeats=1, progress=False,
     )
+
+
+def table_under(text: str, heading: str) -> list[list[str]]:
+    """The cells of the first markdown table after `heading`, header and rule rows left out."""
+    lines = text.split(heading, 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
+
+
+def assert_tables_match_json(text: str, work: Path, methods: list[str]) -> None:
+    """Every number of the main table and the correctness table is the one in the file it came from."""
+    rows = {r[0]: r for r in table_under(text, "## Every method, same budget")}
+    teacher = json.loads((work / "teacher" / "eval" / "results.json").read_text())
+    t_ppl = teacher["metrics"]["perplexity"]["student"]["perplexity"]
+    assert rows["teacher (softmax attention)"][2] == num(t_ppl)
+    for name in methods:
+        row = rows[ENTRY_BY_NAME[name].title]
+        ev = json.loads((work / name / "eval" / "results.json").read_text())
+        untrained = json.loads((work / name / "untrained.json").read_text())
+        speed = json.loads((work / name / "speed.json").read_text())
+        long = json.loads((work / name / "long_ppl.json").read_text())
+        ppl = ev["metrics"]["perplexity"]["student"]["perplexity"]
+        assert row[1] == num(untrained["perplexity"]["perplexity"])
+        assert row[2] == num(ppl) and row[3] == f"{ppl / t_ppl:.2f}"
+        assert row[4].endswith(f"→ {num(long['perplexity'])}")
+        assert row[5] == num(ev["metrics"]["agreement"]["top1_agreement"], 1)
+        assert row[9] == f"{speed['prefill_ratio']['speedup']:.2f}x"
+        assert row[10] == f"{speed['decode_ratio']['speedup']:.2f}x"
+        assert row[11] == f"{speed['decode_ratio']['cache_ratio']:.0f}x"
+    bounds = {(op, backend, dtype): (float(fwd), float(grad))
+              for op, backend, dtype, fwd, grad in table_under(text, "## Correctness")}
+    assert bounds == {k: tuple(b) for k, b in TOLERANCES.items()}
 
 
 def test_results_pipeline_toy(eval_model_dir, tmp_path):
@@ -57,6 +97,7 @@ def test_results_pipeline_toy(eval_model_dir, tmp_path):
         speed = json.loads((work / name / "speed.json").read_text())
         assert speed["prefill_ratio"]["speedup"] > 0 and speed["decode_ratio"]["cache_ratio"] > 0
     assert not (work / "window-sinks" / "run").exists()  # the baseline is never trained
+    assert_tables_match_json(text, work, s.methods)
 
     before = {p: p.stat().st_mtime_ns for p in work.rglob("*.json") if p.name != "settings.json"}
     ResultsRun(s, log=lambda m: None).run()
@@ -90,6 +131,19 @@ def test_every_entry_is_a_valid_conversion():
 
     for entry in METHOD_ENTRIES:
         LinearizeConfig.from_dict(entry.resolved_config(30)).resolved()
+
+
+def test_missed_target_notes_name_this_run():
+    """The notes on missed targets take the model's shape and the training speed from this run's files."""
+    from results.targets import missed_target_notes
+
+    rows = [{"name": "teacher", "ppl": 10.0}, {"name": "x", "ppl": 20.0, "ppl_ratio": 2.0, "trained": True,
+                                                "training": {"stages": {"2": {"tokens": 3000, "seconds": 10.0}}}}]
+    bench = {"prefill": {"targets": [{"met": False}], "rows": [],
+                         "model": {"name": "/m/Tiny-7", "hidden_size": 96, "layers": 3}}}
+    text = "\n".join(missed_target_notes(rows, bench))
+    assert "3,000 tokens at most at 300 training tokens/s here" in text
+    assert "on Tiny-7 (96 hidden, 3 layers)" in text and "576" not in text
 
 
 def test_prefill_bound_from_teacher_rows():

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from linearize.kernels import ENV_VAR, gated_linear_attention, select_backend
 from linearize.kernels.gla.torch_chunk import chunk_gla
 from linearize.kernels.gla.naive import naive_gla
+from linearize.kernels.tolerances import tolerance
 from helpers.threads import one_thread  # noqa: F401  (autouse, module scope)
 
 F64 = torch.float64
@@ -63,6 +64,9 @@ def compare(inputs, *, scale=0.5, cu_seqlens=None, chunk_size=64, with_state=Tru
     return out
 
 
+FP64, FP32, BF16 = (tolerance("gla", "torch", dt).forward for dt in ("float64", "float32", "bfloat16"))
+
+
 def assert_below(errors: dict, tol: float):
     bad = {k: v for k, v in errors.items() if not v < tol}
     assert not bad, f"relative errors above {tol}: {bad} (all: {errors})"
@@ -73,25 +77,25 @@ def assert_below(errors: dict, tol: float):
 def test_fp32_matches_reference(scalar, gate):
     # T not a multiple of the chunk, D not a power of two, grouped-query heads, B > 1
     errors = compare(make_inputs(2, 100, 4, 2, 48, 80, scalar=scalar, gate=gate))
-    assert_below(errors, 2e-5)
+    assert_below(errors, FP32)
 
 
 @pytest.mark.parametrize("scalar", [False, True], ids=["per-channel", "scalar"])
 def test_fp64_is_exact(scalar):
     errors = compare(make_inputs(1, 70, 3, 1, 20, 12, scalar=scalar, dtype=F64), chunk_size=32)
-    assert_below(errors, 1e-10)
+    assert_below(errors, FP64)
 
 
 @pytest.mark.parametrize("scalar", [False, True], ids=["per-channel", "scalar"])
 def test_bf16_inputs(scalar):
     errors = compare(make_inputs(1, 90, 4, 2, 32, 32, scalar=scalar, dtype=torch.bfloat16))
-    assert_below(errors, 1e-2)
+    assert_below(errors, BF16)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 8, 20, 24, 128])
 def test_chunk_sizes(chunk_size):
     # 20 leaves sub-chunks of 4, 24 of 8; 128 > T is a single padded chunk
-    assert_below(compare(make_inputs(1, 45, 2, 2, 16, 16), chunk_size=chunk_size), 2e-5)
+    assert_below(compare(make_inputs(1, 45, 2, 2, 16, 16), chunk_size=chunk_size), FP32)
 
 
 @pytest.mark.parametrize("scalar", [False, True], ids=["per-channel", "scalar"])
@@ -99,8 +103,8 @@ def test_varlen_restarts_state(scalar):
     # a length-1 sequence, an empty one, one shorter and one longer than a chunk
     cu = torch.tensor([0, 1, 1, 30, 120])
     inputs = make_inputs(1, 120, 4, 2, 24, 40, scalar=scalar, N=4)
-    assert_below(compare(inputs, cu_seqlens=cu, chunk_size=32), 2e-5)
-    assert_below(compare(inputs, cu_seqlens=cu, chunk_size=32, with_state=False), 2e-5)
+    assert_below(compare(inputs, cu_seqlens=cu, chunk_size=32), FP32)
+    assert_below(compare(inputs, cu_seqlens=cu, chunk_size=32, with_state=False), FP32)
 
 
 def test_varlen_equals_separate_calls():
@@ -137,7 +141,7 @@ def test_non_contiguous_inputs():
     q, k, v, g, h0 = make_inputs(2, 64, 4, 2, 8, 8)
     q, k, v, g = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v, g))
     assert not q.is_contiguous()
-    assert_below(compare([q, k, v, g, h0], chunk_size=32), 2e-5)
+    assert_below(compare([q, k, v, g, h0], chunk_size=32), FP32)
 
 
 def test_rejects_bad_shapes():
@@ -234,7 +238,7 @@ def test_mixed_fast_and_fallback_chunks(fallback_chunks, scalar, dtype):
     inputs = [x.to(dtype) for x in (q, k, v, g)] + [h0 if dtype == F64 else h0.float()]
     errors = compare(inputs, chunk_size=C)
     assert fallback_chunks == [2 + 2 + 1], fallback_chunks  # of 2 rows x 2 KV heads x 8 chunks = 32
-    assert_below(errors, 2e-5 if dtype == torch.float32 else 1e-10)
+    assert_below(errors, FP32 if dtype == torch.float32 else FP64)
 
 
 @pytest.mark.parametrize("scalar", [False, True], ids=["per-channel", "scalar"])
@@ -248,7 +252,7 @@ def test_path_selection(fallback_chunks, scalar, gate):
         assert len(fallback_chunks) == 1 and fallback_chunks[0] >= 4 * 3, fallback_chunks  # 4 rows x 3 full chunks
     elif gate == "zero":
         assert fallback_chunks == []
-    assert_below(errors, 2e-5)
+    assert_below(errors, FP32)
 
 
 @pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no-grad"])
@@ -265,7 +269,7 @@ def test_long_sequences_in_segments(monkeypatch, grad):
     monkeypatch.setattr(chunk_module, "_chunk_gla", lambda q, *a, **kw: calls.append(q.shape[1]) or one_piece(q, *a, **kw))
     inputs = make_inputs(B, T, H, HKV, K, V)
     if grad:
-        assert_below(compare(inputs, chunk_size=16), 2e-5)
+        assert_below(compare(inputs, chunk_size=16), FP32)
     else:
         q, k, v, g, h0 = inputs
         o_ref, s_ref = naive_gla(*(x.to(F64) for x in (q, k, v, g)), scale=0.5, initial_state=h0.to(F64),
@@ -273,7 +277,7 @@ def test_long_sequences_in_segments(monkeypatch, grad):
         with torch.no_grad():
             o, s = chunk_gla(q, k, v, g, scale=0.5, initial_state=h0, output_final_state=True, chunk_size=16)
             o16, _ = chunk_gla(q.bfloat16(), k.bfloat16(), v.bfloat16(), g, scale=0.5, chunk_size=16)
-        assert_below({"o": rel(o, o_ref), "state": rel(s, s_ref)}, 2e-5)
+        assert_below({"o": rel(o, o_ref), "state": rel(s, s_ref)}, FP32)
         assert o16.dtype == torch.bfloat16 and o16.shape == o.shape
     assert calls[:4] == [48, 48, 48, 6], calls
 
@@ -291,4 +295,4 @@ def test_gate_gradient_of_a_strongly_decaying_chunk(fallback_chunks, scalar, T, 
     g = torch.full_like(g, gate) - torch.rand(g.shape, generator=torch.Generator().manual_seed(1))
     errors = compare([q, k, v, g, h0], chunk_size=8)
     assert bool(fallback_chunks) == (gate * T < -60)
-    assert_below(errors, 2e-5)
+    assert_below(errors, FP32)

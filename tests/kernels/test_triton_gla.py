@@ -30,8 +30,9 @@ from linearize.kernels import gated_linear_attention  # noqa: E402
 from linearize.kernels.gla.triton_recurrent import fused_recurrent_gla  # noqa: E402
 from linearize.kernels.gla.naive import naive_gla  # noqa: E402
 from linearize.kernels.gla.triton_chunk import CHUNK_SIZE, triton_chunk_gla  # noqa: E402
+from linearize.kernels.tolerances import tolerance  # noqa: E402
 
-TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+TOL = {dt: tolerance("gla", "triton", dt).forward for dt in (torch.float32, torch.bfloat16)}
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

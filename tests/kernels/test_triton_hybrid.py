@@ -19,8 +19,9 @@ import torch.nn.functional as F  # noqa: E402
 from linearize.kernels.gla.naive import naive_gla  # noqa: E402
 from linearize.kernels.hybrid import naive_hybrid_attention  # noqa: E402
 from linearize.kernels.window.naive import naive_window_attention, window_mask  # noqa: E402
+from linearize.kernels.tolerances import tolerance  # noqa: E402
 
-TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+TOL = {dt: tolerance("hybrid", "triton", dt).forward for dt in (torch.float32, torch.bfloat16)}
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -27,8 +27,9 @@ from hypothesis import strategies as st  # noqa: E402
 from linearize.kernels import sliding_window_attention  # noqa: E402
 from linearize.kernels.window.naive import naive_window_attention  # noqa: E402
 from linearize.kernels.window.triton_chunk import BLOCK_M, triton_window_attention  # noqa: E402
+from linearize.kernels.tolerances import tolerance  # noqa: E402
 
-TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+TOL = {dt: tolerance("window", "triton", dt).forward for dt in (torch.float32, torch.bfloat16)}
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from linearize.kernels import ENV_VAR, select_backend, sliding_window_attention
 from linearize.kernels.window.torch_chunk import chunk_window_attention
+from linearize.kernels.tolerances import tolerance
 from linearize.kernels.window.naive import naive_window_attention
 from helpers.threads import one_thread  # noqa: F401  (autouse, module scope)
 
@@ -59,6 +60,9 @@ def compare(inputs, *, block_size=16, **kw):
     return out
 
 
+FP32 = tolerance("window", "torch", "float32").forward
+
+
 def assert_below(errors: dict, tol: float):
     bad = {k: v for k, v in errors.items() if not v < tol}
     assert not bad, f"relative errors above {tol}: {bad} (all: {errors})"
@@ -79,20 +83,20 @@ def padding_mask(B, T, seed=0):
 def test_fp32_matches_reference(window, sinks, sinks_shape):
     # T not a multiple of the block, D and Dv not powers of two, H != HKV
     inputs = make_inputs(2, 100, 4, 2, 48, 80, sinks_shape=sinks_shape)
-    assert_below(compare(inputs, window=window, num_sink_tokens=sinks), 1e-5)
+    assert_below(compare(inputs, window=window, num_sink_tokens=sinks), FP32)
 
 
 @pytest.mark.parametrize("window, sinks, sinks_shape", [(20, 3, (6, 2)), (None, 0, None), (5, 0, None)])
 def test_padding_mask(window, sinks, sinks_shape):
     inputs = make_inputs(2, 90, 6, 3, 16, 24, sinks_shape=sinks_shape)
-    assert_below(compare(inputs, window=window, num_sink_tokens=sinks, key_mask=padding_mask(2, 90)), 1e-5)
+    assert_below(compare(inputs, window=window, num_sink_tokens=sinks, key_mask=padding_mask(2, 90)), FP32)
 
 
 @pytest.mark.parametrize("window, sinks, sinks_shape", [(10, 2, (4,)), (None, 0, None), (3, 4, None)])
 def test_varlen(window, sinks, sinks_shape):
     cu = torch.tensor([0, 1, 1, 40, 47, 150])  # a length-1 and an empty sequence
     inputs = make_inputs(1, 150, 4, 1, 16, 8, sinks_shape=sinks_shape)
-    assert_below(compare(inputs, window=window, num_sink_tokens=sinks, cu_seqlens=cu), 1e-5)
+    assert_below(compare(inputs, window=window, num_sink_tokens=sinks, cu_seqlens=cu), FP32)
 
 
 def test_fp64_is_exact():
@@ -109,7 +113,7 @@ def test_bf16_inputs(window):
 @pytest.mark.parametrize("block_size", [1, 5, 64, 256])
 def test_block_sizes(block_size):
     inputs = make_inputs(1, 60, 2, 2, 8, 8, sinks_shape=(2,))
-    assert_below(compare(inputs, window=13, num_sink_tokens=2, block_size=block_size), 1e-5)
+    assert_below(compare(inputs, window=13, num_sink_tokens=2, block_size=block_size), FP32)
 
 
 def test_empty_rows_are_zero_with_nan_free_gradients():
@@ -172,7 +176,7 @@ def test_non_contiguous_inputs():
     q, k, v, sl = make_inputs(2, 64, 4, 2, 8, 8, sinks_shape=(4,))
     q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
     assert not q.is_contiguous()
-    assert_below(compare([q, k, v, sl], window=10, num_sink_tokens=2, block_size=32), 1e-5)
+    assert_below(compare([q, k, v, sl], window=10, num_sink_tokens=2, block_size=32), FP32)
 
 
 def test_rejects_bad_arguments():
