@@ -13,6 +13,7 @@ the weights that imports the installed linearize and hands transformers these cl
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -93,6 +94,17 @@ class LinearizedModelMixin:
         return (model, info) if want_info else model
 
 
+def _forward_with_signature(base_model: type):
+    """`LinearizedModelMixin.forward` under the base model's forward signature: `generate` reads
+    the signature to decide whether to pass position_ids, and without them a left-padded row's
+    positions would start at its padding (LoLCATs' RoPE'd feature maps then see shifted positions)."""
+    @functools.wraps(base_model.forward)
+    def forward(self, *args, **kwargs):
+        return LinearizedModelMixin.forward(self, *args, **kwargs)
+
+    return forward
+
+
 def linearized_classes(model_type: str, model_cls: type, config_cls: type) -> tuple[type, type]:
     """The (model class, config class) pair a converted model of `model_cls` becomes."""
     base_model = getattr(model_cls, BASE_CLASS_ATTR, model_cls)
@@ -103,7 +115,8 @@ def linearized_classes(model_type: str, model_cls: type, config_cls: type) -> tu
         cfg = type(f"Linearized{base_config.__name__}", (base_config,),
                    {"model_type": new_type, BASE_CLASS_ATTR: base_config, "__module__": __name__})
         mdl = type(f"Linearized{base_model.__name__}", (LinearizedModelMixin, base_model),
-                   {"config_class": cfg, BASE_CLASS_ATTR: base_model, "__module__": __name__})
+                   {"config_class": cfg, BASE_CLASS_ATTR: base_model, "__module__": __name__,
+                    "forward": _forward_with_signature(base_model)})
         _CLASSES[key] = (mdl, cfg)
     return _CLASSES[key]
 
