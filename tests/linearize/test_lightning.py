@@ -79,17 +79,17 @@ def reference(x, W, H, Hkv, D, theta, window, sinks, log_decay, w_win, w_lin, no
     return torch.stack(rows) @ W["o"].T
 
 
-@pytest.mark.parametrize("fields", [{}, dict(mixing="learned", normalize=True)],
-                         ids=["preset-fused", "learned-normalized"])
+@pytest.mark.parametrize("fields", [{}, dict(normalize=False), dict(mixing="learned")],
+                         ids=["preset", "unnormalized-fused", "learned"])
 def test_layer_matches_fp64_reference_forward_and_gradients(make_tiny_model, fields):
     """T=29, window 8 + 4 sinks, GQA 4 over 2 heads, the middle layer of 3 (decay at half the
-    slopes): output and the gradients of the hidden states and q/k/v/o weights. The preset
-    runs the fused hybrid op, the learned/normalized variant the separate branches."""
+    slopes): output and the gradients of the hidden states and q/k/v/o weights. The
+    unnormalized variant runs the fused hybrid op, the others the separate branches."""
     model = make_tiny_model("llama", num_hidden_layers=3, initializer_range=0.1)
     linearize.convert(model, method="lightning", window=WINDOW, **fields)
     layer, cfg = model.model.layers[1].self_attn, model.config
     H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    if fields:
+    if "mixing" in fields:
         perturb(model, 0)
         w_win = layer.linearize_window_weight.detach().double()
         w_lin = layer.linearize_linear_weight.detach().double()
@@ -108,8 +108,9 @@ def test_layer_matches_fp64_reference_forward_and_gradients(make_tiny_model, fie
     projections = {n: getattr(layer, f"{n}_proj").weight for n in "qkvo"}
     xr = x64.clone().requires_grad_(True)
     W = {n: w.detach().double().requires_grad_(True) for n, w in projections.items()}
-    ref = torch.stack([reference(xr[b], W, H, Hkv, D, theta, WINDOW, SINKS, log_decay, w_win, w_lin,
-                                 bool(fields)) for b in range(BATCH)])
+    normalize = fields.get("normalize", True)
+    ref = torch.stack([reference(xr[b], W, H, Hkv, D, theta, WINDOW, SINKS, log_decay, w_win, w_lin, normalize)
+                       for b in range(BATCH)])
     (ref * weight).sum().backward()
     assert rel(out32, ref) < 1e-5
     assert rel(x32.grad, xr.grad) < 1e-5
@@ -190,7 +191,7 @@ def test_per_query_head_state_takes_the_query_heads_slopes(make_tiny_model):
 def test_config_defaults_and_refusals():
     c = LinearizeConfig(method="lightning").resolved()
     assert (c.window, c.num_sink_tokens, c.gate, c.feature_map, c.mixing, c.normalize, c.linear_rope) == (
-        64, 4, "lightning", "softmax", "fixed", False, False)
+        64, 4, "lightning", "softmax", "fixed", True, False)
     b = LinearizeConfig(method="lightning", init="baseline").resolved()
     assert (b.mixing, b.window_weight, b.linear_weight) == ("learned", 1.0, 0.0)
     for ok in ("liger-gla", "lizard", "lolcats"):
@@ -211,14 +212,14 @@ def re_escape(text: str) -> str:
 
 
 def test_info_bytes_equal_the_cache(make_tiny_model):
-    """`linearize info`'s decode-state bytes: per layer the fp32 state Hkv x D x D (no
-    normalizer, no gate state: the decay is a constant) and the window's and sinks' keys and
-    values; equal to what the cache holds after a prompt longer than the window."""
+    """`linearize info`'s decode-state bytes: per layer the fp32 state and normalizer
+    Hkv x D x (D + 1) (no gate state: the decay is a constant) and the window's and sinks' keys
+    and values; equal to what the cache holds after a prompt longer than the window."""
     model = linearize.convert(make_tiny_model("llama", num_hidden_layers=3), method="lightning", window=6,
                               num_sink_tokens=2)
     cfg = model.config
     Hkv, D = cfg.num_key_value_heads, cfg.head_dim
-    expected = 3 * (Hkv * D * D * 4 + (6 - 1 + 2) * 2 * Hkv * D * 4)
+    expected = 3 * (Hkv * D * (D + 1) * 4 + (6 - 1 + 2) * 2 * Hkv * D * 4)
     assert summarize(model, contexts=(40,)).state_bytes[40] == expected
     cache = LinearizeCache(model)
     with torch.no_grad():
