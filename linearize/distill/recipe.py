@@ -184,7 +184,8 @@ class Recipe:
     """A whole distillation run. Batch sizes are per process: a step sees
     batch_size * gradient_accumulation_steps * num_processes rows of seq_len tokens.
 
-    linearize: a `LinearizeConfig` as a dict; None when `model.path` is already linearized.
+    linearize: the conversion (`LinearizeConfig` fields; unset ones take the method's
+        defaults); null when `model.path` is already linearized.
     checkpoint_every: save a resumable checkpoint every this many optimizer steps (0: only
         at the end of each stage); keep_checkpoints: how many to keep.
     resume: continue from output_dir/checkpoints/latest (same data order, optimizer,
@@ -199,7 +200,7 @@ class Recipe:
 
     output_dir: str = "runs/distill"
     model: ModelSection = field(default_factory=ModelSection)
-    linearize: dict | None = field(default_factory=lambda: {"method": "liger-gla"})
+    linearize: LinearizeConfig | None = field(default_factory=lambda: LinearizeConfig(method="liger-gla"))
     data: DataSection = field(default_factory=DataSection)
     stage1: Stage1Section = field(default_factory=Stage1Section)
     stage2: Stage2Section = field(default_factory=Stage2Section)
@@ -262,10 +263,6 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             else:
                 raise RecipeError(f"recipe key {key} must be a list of {_type_name(inner)}, got {value!r}")
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise RecipeError(f"recipe key {key} must be a mapping, got {value!r}")
-        return value
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -313,23 +310,41 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
                           f"known keys in {where}: {', '.join(fields)}")
     kwargs = {}
     for name, value in data.items():
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        section = _section_type(hints[name])
+        if section is not None and not (value is None and _nullable(cls, name)):
+            kwargs[name] = _build(section, value, f"{prefix}{name}.")
         else:
-            kwargs[name] = _coerce(value, tp, prefix + name)
-    return cls(**kwargs)
+            kwargs[name] = _coerce(value, hints[name], prefix + name)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:  # LinearizeConfig checks its own fields
+        raise RecipeError(f"recipe key {where}: {e}") from e
+
+
+def _section_type(tp: Any) -> type | None:
+    """The dataclass a field holds (`X` or `X | None`), or None for a plain value."""
+    inner = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+    return inner[0] if len(inner) == 1 and dataclasses.is_dataclass(inner[0]) else None
 
 
 def flatten_sections(tree: dict, prefix: str = "") -> dict:
-    """A recipe dict as flat `section.key` entries; the `linearize` section stays one value."""
+    """A recipe dict as flat `section.key` entries (a null section stays one entry)."""
     out = {}
     for k, v in tree.items():
-        if isinstance(v, dict) and k != "linearize":
+        if isinstance(v, dict):
             out.update(flatten_sections(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def flatten_with_defaults(tree: dict) -> dict:
+    """A recipe mapping as written (recipe.yaml of an earlier run) as flat `section.key` entries;
+    keys it lacks read as their defaults, except under a section it sets to null."""
+    given = flatten_sections(tree)
+    nulled = tuple(k + "." for k, v in given.items() if v is None)
+    defaults = {k: v for k, v in flatten_sections(Recipe().to_dict()).items() if not (nulled and k.startswith(nulled))}
+    return {**defaults, **given}
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -354,13 +369,6 @@ def apply_override(tree: dict, path: list[str], value: Any) -> None:
     for depth, part in enumerate(path):
         dotted = ".".join(path[: depth + 1])
         last = depth == len(path) - 1
-        if cls is dict:
-            # inside a free mapping (linearize: ...): its own validation runs later
-            if last:
-                node[part] = value
-            else:
-                node = node.setdefault(part, {})
-            continue
         fields = {f.name: f for f in dataclasses.fields(cls)}
         if part not in fields:
             raise RecipeError(f"unknown recipe key {dotted}{_close_keys(part, fields)}; known keys here: "
@@ -369,14 +377,13 @@ def apply_override(tree: dict, path: list[str], value: Any) -> None:
         if last:
             node[part] = value
             return
-        inner = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
-        nxt = inner[0]
-        if not (dataclasses.is_dataclass(nxt) or nxt is dict or typing.get_origin(nxt) is dict):
+        section = _section_type(tp)
+        if section is None:
             raise RecipeError(f"recipe key {dotted} is a value, not a section: cannot set {'.'.join(path)}")
         if node.get(part) is None:
             node[part] = {}
         node = node[part]
-        cls = nxt if dataclasses.is_dataclass(nxt) else dict
+        cls = section
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -500,8 +507,8 @@ def validate(recipe: Recipe) -> Recipe:
         raise RecipeError("both stages are disabled: set stage1.enabled=true and/or stage2.enabled=true")
     if recipe.linearize is not None:
         try:
-            config = LinearizeConfig.from_dict(dict(recipe.linearize)).resolved()
-        except (ConfigError, TypeError) as e:
+            config = recipe.linearize.resolved()
+        except ConfigError as e:
             raise RecipeError(f"recipe key linearize: {e}") from e
         if config.sparse_cache:
             raise RecipeError("recipe key linearize.sparse_cache: LoLA's sparse cache is inference-only (its selection "

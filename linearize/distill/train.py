@@ -30,7 +30,6 @@ import torch.nn.functional as F
 import yaml
 
 from ..convert import convert, is_linearized, mixers, new_parameters, teacher
-from ..config import LinearizeConfig
 from ..mixers import AttentionTransfer
 from ..model_card import write_model_card
 from ..sparse_cache import set_sparse_cache
@@ -41,7 +40,7 @@ from .checkpointing import (CheckpointMissingError, TrainerState, all_finite, ch
 from .data import IGNORE_INDEX, build_rows, check_source, records
 from .lock import OutputLock, OutputLockedError
 from .metrics import HeldoutPerplexity, MetricsLog, check_eval_source, layer_mse_summary, plot_losses
-from .recipe import OptimizerSection, Recipe, RecipeError, flatten_sections, load_recipe
+from .recipe import OptimizerSection, Recipe, RecipeError, flatten_sections, flatten_with_defaults, load_recipe
 from .sharding import (ShardingError, check_mode, is_fsdp, keep_new_parameters_fp32, load_state, save_state,
                        trainable_state)
 from .tracking import Trackers, accelerator_kwargs
@@ -194,7 +193,7 @@ def build_model(recipe: Recipe, path: str):
     if not already:
         if recipe.linearize is None:
             raise RecipeError(f"{path} is not linearized: give a linearize config (e.g. linearize: {{method: lizard}})")
-        convert(model, LinearizeConfig.from_dict(dict(recipe.linearize)))
+        convert(model, recipe.linearize)
     if already and model.config.linearize.get("sparse_cache"):
         set_sparse_cache(model, 0)  # inference-only (no gradient); `final` gets it back (write_final)
     model.config.use_cache = False
@@ -391,9 +390,7 @@ class Run:
     def recipe_changes(self, saved: Path, done: TrainerState) -> dict[str, tuple]:
         """{key: (before, now)} of the recipe keys a resume changes; DistillError for a change
         that would alter the model, the loss or the data order (see RESUME_MUTABLE)."""
-        # keys added to the schema after the run started read as their defaults
-        raw = yaml.safe_load(saved.read_text()) or {}
-        before = {**flatten_sections(Recipe().to_dict()), **flatten_sections(raw)}
+        before = flatten_with_defaults(yaml.safe_load(saved.read_text()) or {})
         now = flatten_sections(self.recipe.to_dict())
         changed = {k: (before.get(k), now.get(k)) for k in sorted(set(before) | set(now))
                    if before.get(k) != now.get(k) and k != "resume"}

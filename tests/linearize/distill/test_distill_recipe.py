@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from linearize import LinearizeConfig
 from linearize.distill import Recipe, RecipeError, load_recipe
+from linearize.distill.recipe import flatten_sections, flatten_with_defaults
 
 RECIPES = Path(__file__).resolve().parents[3] / "recipes"
 
@@ -21,9 +23,21 @@ def test_defaults_and_overrides_are_typed(tmp_path):
     assert r.seq_len == 64 and r.batch_size == 2
     assert r.stage1.optimizer.lr == pytest.approx(1e-2) and r.stage2.optimizer.lr == pytest.approx(1e-4)
     assert r.stage2.lora.target_modules == ["q_proj", "v_proj"]
-    assert r.linearize == {"method": "lolcats", "window": 16}
+    assert r.linearize == LinearizeConfig(method="lolcats", window=16)
     assert r.model.path is None and r.stage2.kd_ratio == 1.0
     assert load_recipe(None).stage2.lora.r == 8 and load_recipe(None).stage2.lora.alpha == 16
+
+
+def test_a_saved_recipe_reads_as_the_typed_one():
+    """A recipe.yaml that names only some linearize fields (as runs before the section was typed
+    saved it) flattens to what the typed recipe does, so a resume sees no change; a null section
+    keeps none of its defaults."""
+    typed = flatten_sections(load_recipe(None, ["linearize.method=lizard", "seq_len=64"]).to_dict())
+    assert flatten_with_defaults({"linearize": {"method": "lizard"}, "seq_len": 64}) == typed
+    assert typed["linearize.window"] is None and typed["linearize.method"] == "lizard"
+    bare = flatten_with_defaults({"linearize": None})
+    assert bare["linearize"] is None and not any(k.startswith("linearize.") for k in bare)
+    assert bare == flatten_sections(load_recipe(None, ["linearize=null"]).to_dict())
 
 
 @pytest.mark.parametrize("override, message", [
@@ -35,7 +49,7 @@ def test_defaults_and_overrides_are_typed(tmp_path):
     ("stage2.kd_ratio=2", "kd_ratio must be in [0, 1]"),
     ("data.format=csv", "data.format must be one of"),
     ("linearize.method=mamba", "unknown method 'mamba'"),
-    ("linearize.windw=3", "unknown linearize config field"),
+    ("linearize.windw=3", "unknown recipe key linearize.windw \\(did you mean window\\?\\)"),
     ("data.boundaries=positions", "needs batch_size=1"),
     ("noequals", "is not key=value"),
 ])
