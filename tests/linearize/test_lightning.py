@@ -148,6 +148,8 @@ DECODE_CASES = {
     "liger-gla-lightning": dict(method="liger-gla", window=6, gate="lightning"),
     "lizard-lightning": dict(method="lizard", window=5, gate="lightning"),
     "lolcats-lightning": dict(method="lolcats", window=5, gate="lightning", init="baseline"),
+    "lolcats-lightning-sparse-cache": dict(method="lolcats", window=4, num_sink_tokens=1, gate="lightning",
+                                           init="baseline", sparse_cache=3, sparse_block=4),
 }
 
 
