@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib.pyplot as plt
-
-from linearize.plots import ROLE_STYLE, save_figure
+from linearize.plots import ROLE_STYLE, log2_axis, new_figure, save_figure
 
 
 def plot_passkey(results: dict[str, dict], path: str | Path) -> Path:
@@ -16,9 +14,8 @@ def plot_passkey(results: dict[str, dict], path: str | Path) -> Path:
     results: ``{role: passkey_retrieval(...) output}``.
     """
     roles = list(results)
-    fig, axes = plt.subplots(1, len(roles), figsize=(4.4 * len(roles) + 1, 3.8), squeeze=False,
-                             layout="constrained")
-    for k, (ax, role) in enumerate(zip(axes[0], roles)):
+    fig, axes = new_figure(len(roles), width=4.4, height=3.8, layout="constrained", extra_width=1)
+    for k, (ax, role) in enumerate(zip(axes, roles)):
         r = results[role]
         grid = [[r["accuracy"][i][j] for i in range(len(r["lengths"]))] for j in range(len(r["depths"]))]
         im = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto", origin="upper")
@@ -31,7 +28,7 @@ def plot_passkey(results: dict[str, dict], path: str | Path) -> Path:
         for j, row in enumerate(grid):
             for i, v in enumerate(row):
                 ax.text(i, j, f"{v:.0f}", ha="center", va="center", fontsize=8)
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy %")
+    fig.colorbar(im, ax=axes, shrink=0.8, label="accuracy %")
     return save_figure(fig, path)  # constrained layout: saved as laid out
 
 
@@ -40,25 +37,21 @@ def plot_mqar(curves: dict[str, dict], path: str | Path) -> Path:
 
     curves: ``{label: mqar_accuracy(...) output}``; labels "teacher"/"student" get fixed styles.
     """
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, (ax,) = new_figure(1, width=5.5, height=3.8)
     for label, r in curves.items():
         ax.plot(r["num_pairs"], r["accuracy"], label=label, **ROLE_STYLE.get(label, dict(marker="o")))
-    ax.set_xscale("log", base=2)
-    ticks = sorted({n for r in curves.values() for n in r["num_pairs"]})
-    ax.set_xticks(ticks, [str(n) for n in ticks])
-    ax.minorticks_off()
+    log2_axis(ax, sorted({n for r in curves.values() for n in r["num_pairs"]}))
     ax.set_ylim(-2, 102)
     ax.set_xlabel("key-value pairs in context")
     ax.set_ylabel("recall accuracy %")
     ax.set_title("MQAR associative recall")
-    ax.grid(alpha=0.3)
     ax.legend()
     return save_figure(fig, path)
 
 
 def plot_agreement(agreements: dict[str, dict], path: str | Path) -> Path:
     """Top-1 agreement and KL to the teacher vs token position, one line per run."""
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (a1, a2) = new_figure(2, width=5, height=3.6)
     for label, r in agreements.items():
         xs = [(i + 0.5) * r["bin_size"] for i in range(len(r["kl_by_position"]))]
         a1.plot(xs, r["agreement_by_position"], marker=".", label=label)
@@ -83,7 +76,7 @@ def plot_tasks(rows: dict[str, dict[str, float]], path: str | Path, ylabel: str 
             if s not in series:
                 series.append(s)
     width = 0.8 / max(1, len(series))
-    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(tasks) + 2), 3.8))
+    fig, (ax,) = new_figure(1, width=max(5, 1.3 * len(tasks) + 2), height=3.8)
     for k, s in enumerate(series):
         xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(tasks))]
         ys = [rows[t].get(s, float("nan")) for t in tasks]

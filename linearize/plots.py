@@ -17,10 +17,13 @@ ROLE_STYLE = {"teacher": dict(color="tab:gray", linestyle="--", marker="o"),
               "student": dict(color="tab:blue", linestyle="-", marker="s")}
 
 
-def new_figure(ncols: int, width: float = 5.2, height: float = 3.8, nrows: int = 1):
-    """(figure, axes): `nrows` x `ncols` panels of `width` x `height` inches each, the axes as
-    one flat list in row order."""
-    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False)
+def new_figure(ncols: int, width: float = 5.2, height: float = 3.8, nrows: int = 1, layout: str | None = None,
+               extra_width: float = 0.0):
+    """(figure, axes): `nrows` x `ncols` panels of `width` x `height` inches each (plus
+    `extra_width` inches, e.g. for a colour bar), the axes as one flat list in row order.
+    `layout` is matplotlib's layout engine ("constrained"); None lays out tight when saved."""
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols + extra_width, height * nrows), squeeze=False,
+                             layout=layout)
     return fig, list(axes.flat)
 
 
