@@ -20,6 +20,7 @@ from .config import ConfigError, LinearizeConfig
 from .families import FAMILIES
 from .hf_classes import AUTO_MODULE, register_auto_classes
 from .load_checks import CheckpointError, checked_from_pretrained
+from .progress import bar
 from .state import is_linearized
 
 __all__ = ["CheckpointError", "load", "register_auto_classes", "read_config_json", "check_config_json",
@@ -99,7 +100,7 @@ def check_config_json(config_file: Path, data: dict) -> None:
 def nonfinite_tensors(model: torch.nn.Module) -> list[tuple[str, int, int]]:
     """(name, non-finite count, size) of every floating parameter or buffer holding NaN or inf."""
     bad = []
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+    for name, t in bar([*model.named_parameters(), *model.named_buffers()], desc="checking weights", unit="tensor"):
         if t.is_floating_point() and t.device.type != "meta":
             count = int(t.numel() - torch.isfinite(t).sum())
             if count:

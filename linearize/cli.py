@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -170,10 +171,7 @@ def check_convert_arguments(args: argparse.Namespace, config, source, name: str,
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .checkpoint import save_folder
-    from .convert import convert
-    from .model_card import write_model_card
-    from .summary import summarize
+    from .progress import progress_bars
 
     if args.list_families:
         from .families import family_table
@@ -184,6 +182,31 @@ def cmd_convert(args: argparse.Namespace) -> int:
     out = output_folder(args, config)
     source, name = model_source(args.model)
     check_convert_arguments(args, config, source, name, out)
+    with progress_bars(not args.quiet), no_transformers_bars() if args.quiet else contextlib.nullcontext():
+        return convert_and_save(args, config, source, name, out)
+
+
+@contextlib.contextmanager
+def no_transformers_bars():
+    """transformers' own loading and saving bars off inside the block."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def convert_and_save(args: argparse.Namespace, config, source, name: str, out: Path) -> int:
+    """Load, check, convert and save (the slow part of `convert`), with progress bars where asked."""
+    from .checkpoint import save_folder
+    from .convert import convert
+    from .model_card import write_model_card
+    from .summary import summarize
+
     t0 = time.perf_counter()
     model, tokenizer, name = load_model_from(source, name, args.dtype)
     if not args.allow_nonfinite:
@@ -254,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list-families", action="store_true",
                    help="print the supported model families (and those refused, with why) and exit")
     p.add_argument("--allow-nonfinite", action="store_true", help=NONFINITE_HELP)
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars: transformers' loading and saving bars, and the weight-check and layer bars "
+                        "(those two are drawn only when stderr is a terminal)")
     add_conversion_arguments(p)
     p.set_defaults(func=cmd_convert)
 

@@ -12,6 +12,7 @@ from .config import LinearizeConfig
 from .families import decoder_layers, family_of, get_submodule, layers_to_convert
 from .mixers import MIXERS
 from .mixers.context import ForwardContext
+from .progress import bar
 from .state import BASE_CLASS_ATTR, STATE_ATTR, LinearizeState
 
 
@@ -26,7 +27,7 @@ def linearize_modules(model: nn.Module, config: LinearizeConfig) -> LinearizeSta
     decoder = get_submodule(model, family.decoder_path)
     hook = decoder.register_forward_pre_hook(context.record, with_kwargs=True)
     mixer_cls = MIXERS[resolved.method]
-    for i in indices:
+    for i in bar(indices, desc="linearizing layers", unit="layer"):
         attn = getattr(layers[i], family.attention_name)
         weight = attn.o_proj.weight
         mixer = mixer_cls(attn, resolved, family, i, context)
