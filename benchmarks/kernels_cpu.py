@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-from linearize.eval.bench.common import (fmt, machine_info, markdown_table, median, target, target_lines, timed,
-                                         write_report)
+from linearize.eval.bench.machine import machine_info
+from linearize.eval.bench.report import fmt, markdown_table, target, target_lines, write_report
+from linearize.eval.bench.timing import median, timed
 from linearize.kernels.gla.torch_chunk import chunk_gla
 from linearize.kernels.gla.naive import naive_gla
 from linearize.kernels.window.torch_chunk import chunk_window_attention

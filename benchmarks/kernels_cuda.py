@@ -35,7 +35,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from linearize.eval.bench.common import machine_info, markdown_table, median, target, target_lines, write_report
+from linearize.eval.bench.machine import machine_info
+from linearize.eval.bench.report import markdown_table, target, target_lines, write_report
+from linearize.eval.bench.timing import median
 from linearize.plots import log_y, new_figure, save_figure
 
 SHAPES = ((1, 8192, 32, 128), (4, 4096, 32, 128), (4, 2048, 16, 128), (2, 16384, 16, 128))

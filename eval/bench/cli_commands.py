@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from .report import target_lines
+
 BENCHMARKS = ("prefill", "decode", "train", "kernels")
 CHOICES = BENCHMARKS + ("all",)
 DEFAULT_OUT = Path("outputs") / "bench"
@@ -164,8 +166,6 @@ def run_kernels(lengths: list[int] | None, out_dir: str | Path, repeats: int | N
 
 
 def _print_report(report: dict, table: str) -> None:
-    from .common import target_lines
-
     print(f"\n## {report['benchmark']}\n\n{table}\n")
     for line in target_lines(report["targets"]):
         print(line)
@@ -184,8 +184,6 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     import torch
-
-    from .common import target_lines
 
     if args.repeats is not None and args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")

@@ -16,8 +16,10 @@ from linearize import teacher
 from linearize.generate import cache_nbytes
 from linearize.plots import ROLE_STYLE, log2_axis, log_y, new_figure, save_figure
 
-from .common import (ROLES, fmt, human_bytes, machine_info, markdown_table, mib, model_device, model_info, progress,
-                     random_ids, require_linearized, spread, target, timed, write_report)
+from .machine import machine_info
+from .models import ROLES, model_device, model_info, progress, random_ids, require_linearized
+from .report import fmt, human_bytes, markdown_table, mib, target, write_report
+from .timing import spread, timed
 
 DEFAULT_CONTEXTS = (1024, 4096, 16384)
 TARGET_CONTEXT, TARGET_SPEEDUP, TARGET_CACHE_RATIO = 16384, 3.0, 100.0

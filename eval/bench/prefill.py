@@ -15,9 +15,11 @@ import torch
 from linearize import teacher
 from linearize.plots import ROLE_STYLE, log2_axis, log_y, new_figure, save_figure
 
-from .common import (ROLES, PeakMemory, fmt, machine_info, markdown_table, median, mib, model_device, model_info,
-                     ordered_roles, progress, random_ids, require_linearized, spread, target, timed,
-                     write_report)
+from .machine import machine_info
+from .memory import PeakMemory
+from .models import ROLES, model_device, model_info, ordered_roles, progress, random_ids, require_linearized
+from .report import fmt, markdown_table, mib, target, write_report
+from .timing import median, spread, timed
 
 DEFAULT_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
 TARGET_LENGTH, TARGET_SPEEDUP = 16384, 3.0

@@ -16,9 +16,11 @@ from linearize import mixers, teacher
 from linearize.peft_quiet import peft_quietly
 from linearize.plots import ROLE_STYLE, log2_axis, new_figure, save_figure
 
-from .common import (ROLES, PeakMemory, fmt, machine_info, markdown_table, median, mib, model_device, model_info,
-                     ordered_roles, progress, random_ids, require_linearized, spread, target, timed,
-                     write_report)
+from .machine import machine_info
+from .memory import PeakMemory
+from .models import ROLES, model_device, model_info, ordered_roles, progress, random_ids, require_linearized
+from .report import fmt, markdown_table, mib, target, write_report
+from .timing import median, spread, timed
 
 DEFAULT_LENGTHS = (512, 2048)
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj")

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 import transformers
 
-from linearize.eval.bench.common import machine_info, markdown_table
+from linearize.eval.bench.machine import machine_info
+from linearize.eval.bench.report import markdown_table
 from linearize.eval.runner import pct
 from linearize.kernels.tolerances import TOLERANCES
 from linearize.plots import new_figure, save_figure

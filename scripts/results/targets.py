@@ -4,7 +4,7 @@ is missed (fixed explanations, plus what this run measured)."""
 from __future__ import annotations
 
 from linearize.eval.bench.cli_commands import kernel_benchmark
-from linearize.eval.bench.common import target_lines
+from linearize.eval.bench.report import target_lines
 
 from .rows import num
 from .settings import ResultsSettings

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import linearize
-from linearize.eval.bench import common
+from linearize.eval.bench.memory import PeakMemory
 from linearize.eval.bench.prefill import TARGET_LENGTH, prefill_summary, prefill_table, run_prefill
 
 
@@ -68,8 +68,8 @@ def test_prefill_target_is_judged_at_16k():
 @pytest.mark.parametrize("sampler", [False, True])
 def test_peak_memory_sees_a_transient_allocation(monkeypatch, sampler):
     if sampler:
-        monkeypatch.setattr(common.PeakMemory, "_reset_hwm", lambda self: False)
-    with common.PeakMemory("cpu") as pm:
+        monkeypatch.setattr(PeakMemory, "_reset_hwm", lambda self: False)
+    with PeakMemory("cpu") as pm:
         x = torch.ones(32 * 2**20 // 4)  # 32 MiB, touched
         x.add_(1)
         if sampler:
