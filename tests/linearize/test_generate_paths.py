@@ -48,8 +48,9 @@ BEAM_CASES = {
 @pytest.mark.parametrize("case", list(BEAM_CASES))
 def test_beam_search_on_a_left_padded_batch_equals_each_row_alone(make_tiny_model, case):
     """num_beams=3 over rows padded by 0, 3 and 7 tokens returns, for each row, the sequence
-    that row's prompt returns alone: the cache's reorder (beam_idx) and repeat_interleave
-    carry the padding with each beam, and no beam of one row sees another row. No EOS, so
+    that row's prompt returns alone, and what the batch returns without a cache (every step
+    recomputed): the cache's reorder (beam_idx) and repeat_interleave carry the state and the
+    padding with each beam, and no beam of one row sees another row. No EOS, so
     every hypothesis has the same length and the length penalty cannot reorder them."""
     model = student(make_tiny_model, **BEAM_CASES[case])
     pads = (0, 3, 7)
@@ -57,6 +58,7 @@ def test_beam_search_on_a_left_padded_batch_equals_each_row_alone(make_tiny_mode
     kw = dict(max_new_tokens=7, num_beams=3, do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.no_grad():
         batch = model.generate(ids, attention_mask=mask, **kw)
+        assert torch.equal(batch, model.generate(ids, attention_mask=mask, use_cache=False, **kw))
         for row, p in enumerate(pads):
             alone = model.generate(ids[row:row + 1, p:], **kw)
             assert torch.equal(batch[row, p:], alone[0]), f"row {row} (pad {p}): {batch[row, p:]} vs {alone[0]}"
