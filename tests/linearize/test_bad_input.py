@@ -215,6 +215,9 @@ def build_distill_cases(src: Path, conv: Path, root: Path, done_run: Path) -> di
                                         ["data.split=train[:10%]", "one split, train", "data.max_documents"]),
         "distill_data_field_missing": ({"data": {"source": str(docs), "text_field": "body"}},
                                        ["'body' is not a field", "fields: text", "set data.text_field"]),
+        "distill_data_hub_id_not_cached": ({"data": {"source": "linearize-tests/no-such-data"}},
+                                           ["hub data set 'linearize-tests/no-such-data' is not in the datasets cache",
+                                            "HF_HUB_OFFLINE", "set data.source to local files"]),
     }
     for name, (tree, words) in bad.items():
         d = folder(name)
@@ -318,7 +321,8 @@ CASE_NAMES = [
     "config_hidden_size_edited",
     "distill_unknown_key", "distill_negative_budget", "distill_seq_len_zero", "distill_lr_nonfinite",
     "distill_lora_dropout", "distill_missing_data", "distill_data_glob_matches_nothing", "distill_override_typo",
-    "distill_data_split_missing", "distill_data_field_missing", "distill_embedded_data_split",
+    "distill_data_split_missing", "distill_data_field_missing", "distill_data_hub_id_not_cached",
+    "distill_embedded_data_split",
     "distill_resume_changed_model", "distill_model_path_missing", "distill_lora_target_missing",
     "distill_output_in_use", "distill_nonfinite_source", "eval_nonfinite",
     "eval_allow_nonfinite", "convert_nonfinite_source",
