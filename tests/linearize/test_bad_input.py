@@ -15,6 +15,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,7 @@ class Case:
     absent: list = field(default_factory=list)  # must not appear in stderr
     keep: list = field(default_factory=list)  # paths that must be byte-identical afterwards
     new: list = field(default_factory=list)  # names the command may add to its case folder
+    gone: list = field(default_factory=list)  # paths in the case folder that must not exist afterwards
 
 
 def edit_config(folder: Path, change) -> Path:
@@ -92,15 +94,16 @@ def read_only_target(d: Path) -> Path:
     return Path("/sys/linearize-bad-input-test")
 
 
+def case_folder(root: Path, name: str) -> Path:
+    """A new folder for one case (the case's name), in which its inputs are prepared."""
+    d = root / name
+    d.mkdir()
+    return d
+
+
 def build_cases(src: Path, conv: Path, root: Path) -> dict[str, Case]:
     """Every case, its folder prepared; names say what the user did."""
-    cases = {}
-
-    def folder(name):
-        d = root / name
-        d.mkdir()
-        return d
-
+    cases, folder = {}, partial(case_folder, root)
     d = folder("out_is_a_file")
     (d / "notes.txt").write_text("mine")
     cases[d.name] = Case(["convert", src, "--out", d / "notes.txt"], words=["is an existing file"], keep=[d])
@@ -187,15 +190,9 @@ def poisoned_copy(src: Path, d: Path) -> Path:
 def build_distill_cases(src: Path, conv: Path, root: Path, done_run: Path) -> dict[str, Case]:
     """distill and eval cases; every refusal names the key and the fix before any model loads
     (the recipes point at a model with junk weights, so a load would say 'could not load')."""
-    cases = {}
+    cases, folder = {}, partial(case_folder, root)
     early = ["could not load", "Loading"]
     docs = root.parent / "docs.txt"
-
-    def folder(name):
-        d = root / name
-        d.mkdir()
-        return d
-
     bad = {
         "distill_unknown_key": ({"stage1": {"max_tokenz": 5}}, ["unknown recipe key", "stage1.max_tokenz",
                                                                 "did you mean max_tokens"]),
@@ -264,6 +261,45 @@ def build_distill_cases(src: Path, conv: Path, root: Path, done_run: Path) -> di
     return cases
 
 
+def build_run_and_eval_cases(src: Path, conv: Path, root: Path, done_run: Path) -> dict[str, Case]:
+    """#19 items 4, 8, 9 (distill) and 11 (eval) through the real CLI: a run that diverges, a
+    corrupt latest checkpoint, a read-only output_dir; an eval that cannot run offline or at all."""
+    cases, folder = {}, partial(case_folder, root)
+    d = folder("distill_diverges")
+    cases[d.name] = Case(["distill", write_recipe(d, stage1={"max_steps": 4, "optimizer": {"lr": 1e6}},
+                                                  stage2={"enabled": False})],
+                         words=["Stopped before updating the weights", "final was not exported",
+                                "Lower stage1.optimizer.lr"], gone=["run/final"])
+    d = folder("distill_resume_corrupt_latest")
+    run = Path(shutil.copytree(done_run, d / "run"))
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    params = run / "checkpoints" / latest / "params.safetensors"
+    params.write_bytes(params.read_bytes()[:100])
+    cases[d.name] = Case(["distill", write_recipe(d, resume=True)], rc=0,
+                         words=[f"warning: checkpoint {latest} is unusable", "resuming from stage1-step0000001"])
+    d = folder("distill_output_not_writable")
+    cases[d.name] = Case(["distill", write_recipe(d, output_dir=str(read_only_target(d)),
+                                                  model={"path": str(poisoned_copy(src, d))})],
+                         words=["not writable", "output_dir"], absent=["could not load", "Loading"], keep=[d])
+    d = folder("eval_task_offline")
+    cases[d.name] = Case(["eval", conv, "--tasks", "piqa", "--metrics", "none", "--out", d / "out"],
+                         words=["task piqa: its documents cannot be loaded", "--include-path"], absent=["Loading"],
+                         keep=[d])
+    for name, limit in (("eval_limit_zero", "0"), ("eval_limit_negative", "-1")):
+        d = folder(name)
+        cases[name] = Case(["eval", conv, "--limit", limit, "--out", d / "out"], words=["--limit must be > 0"],
+                           absent=["Loading"], keep=[d])
+    d = folder("eval_folder_without_tokenizer")
+    bare = d / "bare"
+    bare.mkdir()
+    for f in conv.iterdir():
+        if not f.name.startswith("tokenizer"):
+            shutil.copy(f, bare / f.name)
+    cases[d.name] = Case(["eval", bare, "--tasks", "none", "--out", d / "out"],
+                         words=[f"{bare} has no usable tokenizer", "tokenizer.json"], absent=["Loading"], keep=[d])
+    return cases
+
+
 def finished_run(root: Path) -> Path:
     """A distill run folder (1 step per stage) that resume cases copy."""
     from linearize.distill import distill
@@ -297,8 +333,9 @@ def battery(tmp_path_factory):
                                                 for i in range(40)))
     cases_root = root / "cases"
     cases_root.mkdir()
-    cases = {**build_cases(src, conv, cases_root),
-             **build_distill_cases(src, conv, cases_root, finished_run(root / "prepared"))}
+    done_run = finished_run(root / "prepared")
+    cases = {**build_cases(src, conv, cases_root), **build_distill_cases(src, conv, cases_root, done_run),
+             **build_run_and_eval_cases(src, conv, cases_root, done_run)}
     shared_before = (tree(src), tree(conv))
     before = {name: tree(cases_root / name) for name in cases}
     with ThreadPoolExecutor(max_workers=max(4, os.cpu_count() or 1)) as pool:
@@ -306,7 +343,7 @@ def battery(tmp_path_factory):
         results = {name: f.result() for name, f in futures.items()}
     after = {name: tree(cases_root / name) for name in cases}
     yield cases, results, before, after, shared_before, (tree(src), tree(conv))
-    for name in ("out_not_writable", "eval_out_not_writable", "report_out_not_writable"):
+    for name in ("out_not_writable", "eval_out_not_writable", "report_out_not_writable", "distill_output_not_writable"):
         ro = cases_root / name / "ro"
         if ro.exists():
             os.chmod(ro, 0o755)
@@ -326,6 +363,8 @@ CASE_NAMES = [
     "distill_resume_changed_model", "distill_model_path_missing", "distill_lora_target_missing",
     "distill_output_in_use", "distill_nonfinite_source", "eval_nonfinite",
     "eval_allow_nonfinite", "convert_nonfinite_source",
+    "distill_diverges", "distill_resume_corrupt_latest", "distill_output_not_writable", "eval_task_offline",
+    "eval_limit_zero", "eval_limit_negative", "eval_folder_without_tokenizer",
 ]
 
 
@@ -342,6 +381,8 @@ def test_case(battery, name):
     assert shared_after == shared_before, "the shared tiny models changed"
     if case.keep:
         assert after[name] == before[name], f"{name} changed its folder"
+    for path in case.gone:
+        assert not any(p == path or p.startswith(path + "/") for p in after[name]), f"{name} left {path}"
     assert not any(Path(p).name.startswith(".") for p in after[name]), f"staging folder left: {after[name]}"
     assert not Path("/sys/linearize-bad-input-test").exists()
 
