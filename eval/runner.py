@@ -258,203 +258,266 @@ def run_evaluation(settings: EvalSettings, out_dir: str | Path, log=print) -> di
 
     Raises ``ValueError``/``FileNotFoundError`` on bad input before loading anything.
     """
-    import lm_eval
-    import torch
+    run = Evaluation(settings, Path(out_dir), log)
+    run.load()
+    run.tasks()
+    run.perplexity_and_agreement()
+    run.recall_probes()
+    run.long_documents()
+    run.long_recall()
+    return run.write()
 
-    import linearize.eval as le
-    from linearize import teacher
 
-    from .agreement import teacher_agreement
-    from .heldout import heldout_texts
-    from .lm_model import LinearizeLM, check_checkpoint
-    from .long_documents import long_document_perplexity, long_documents
-    from .mqar import mqar_accuracy
-    from .passkey import passkey_retrieval
-    from .perplexity import perplexity
-    from .plots import plot_agreement, plot_mqar, plot_passkey, plot_tasks
-    from .progress import progress_bars
+class Evaluation:
+    """One evaluation run: its inputs checked when made (before anything loads), then one model
+    loaded for both roles (`load`) and each metric added to `results`, results.json's dict."""
 
-    s = settings
-    check_settings(s)
-    check_metrics(s.metrics)
-    path, _ = check_checkpoint(s.checkpoint, s.adapter)  # a hub id becomes its snapshot folder
-    s = dataclasses.replace(s, checkpoint=str(path))
-    check_tokenizer(s.checkpoint)
-    # A missing document package fails here, before the model loads.
-    long_docs = long_documents("heldout")[: s.long_doc_documents] if "long-doc" in s.metrics else []
-    tm = None
-    if s.tasks:
-        # Indexing lm-eval's own ~15k task configs takes seconds: only when a task needs it.
-        tm = le.task_manager(include_path=s.include_path or None, include_defaults=False)
-        if not set(s.tasks) <= set(tm.all_tasks):
-            tm = le.task_manager(include_path=s.include_path or None)
-        check_tasks(s.tasks, tm)
-        check_task_data(s.tasks, tm)
-    notes = []
-    delta, no_teacher = (None, None)
-    if s.teacher or "agreement" in s.metrics:
-        delta, no_teacher = teacher_weights(s)
-    if no_teacher:
-        notes.append(f"No teacher: {no_teacher}. Teacher, recovery and agreement are left out.")
-        log(notes[-1])
-        s = dataclasses.replace(s, teacher=False, metrics=[m for m in s.metrics if m != "agreement"])
+    def __init__(self, settings: EvalSettings, out: Path, log=print):
+        from .lm_model import check_checkpoint
+        from .long_documents import long_documents
 
-    device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    t0 = time.time()
-    lm = LinearizeLM(pretrained=s.checkpoint, adapter=delta or s.adapter, batch_size=s.batch_size,
-                     device=device, dtype=s.dtype, allow_nonfinite=s.allow_nonfinite)
-    out = Path(out_dir)
-    (out / "plots").mkdir(parents=True, exist_ok=True)
-    model, tok = lm.model, lm.tokenizer
-    if s.sparse_cache is not None or s.sparse_block is not None:
-        from linearize import set_sparse_cache
+        s, self.out, self.log = settings, out, log
+        check_settings(s)
+        check_metrics(s.metrics)
+        path, _ = check_checkpoint(s.checkpoint, s.adapter)  # a hub id becomes its snapshot folder
+        s = dataclasses.replace(s, checkpoint=str(path))
+        check_tokenizer(s.checkpoint)
+        # A missing document package fails here, before the model loads.
+        self.long_docs = long_documents("heldout")[: s.long_doc_documents] if "long-doc" in s.metrics else []
+        self.task_manager = task_manager_for(s)
+        self.notes: list[str] = []
+        self.delta, no_teacher = teacher_weights(s) if s.teacher or "agreement" in s.metrics else (None, None)
+        if no_teacher:
+            self.notes.append(f"No teacher: {no_teacher}. Teacher, recovery and agreement are left out.")
+            log(self.notes[-1])
+            s = dataclasses.replace(s, teacher=False, metrics=[m for m in s.metrics if m != "agreement"])
+        self.s = s
 
-        config = set_sparse_cache(model, s.sparse_cache, s.sparse_block).config.linearize
-        notes.append(f"LoLA's sparse cache: {config['sparse_cache']} pairs per layer and head, selected every "
-                     f"{config['sparse_block']} tokens.")
-    if delta is not None:
-        layers = unmerge_lora(model)
-        notes.append(f"The checkpoint's q/k/v hold a merged LoRA: its delta ({delta.name}) was taken back out of "
-                     f"{layers} layers and applied as an adapter, so the teacher runs the original weights.")
-    linearized = lm.is_linearized
-    distinct = linearized or s.adapter is not None  # else the teacher is the student itself
-    roles = ["student"] + (["teacher"] if s.teacher else [])
-    if s.teacher and not distinct:
-        notes.append("The checkpoint is not linearized and has no adapter: the teacher is the "
-                     "same model, so its numbers are the student's (not run twice).")
-    if "passkey" in s.metrics:
-        from .passkey import make_passkey_sample
+    def load(self) -> None:
+        """Load the checkpoint once for both roles and start `results`."""
+        import torch
 
-        for length in s.passkey_lengths:
-            make_passkey_sample(tok, length, 0.0)
-    if "long-recall" in s.metrics:
-        check_long_recall(tok, s)
-    log(f"loaded {s.checkpoint} ({'linearized' if linearized else 'plain HF'}) on {device} "
-        f"in {time.time() - t0:.1f}s")
+        from .lm_model import LinearizeLM
 
-    def for_roles(fn):
+        s = self.s
+        device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.t0 = time.time()
+        self.lm = LinearizeLM(pretrained=s.checkpoint, adapter=self.delta or s.adapter, batch_size=s.batch_size,
+                              device=device, dtype=s.dtype, allow_nonfinite=s.allow_nonfinite)
+        (self.out / "plots").mkdir(parents=True, exist_ok=True)
+        self.model, self.tok = self.lm.model, self.lm.tokenizer
+        self._adjust_model()
+        linearized = self.lm.is_linearized
+        self.distinct = linearized or s.adapter is not None  # else the teacher is the student itself
+        self.roles = ["student"] + (["teacher"] if s.teacher else [])
+        if s.teacher and not self.distinct:
+            self.notes.append("The checkpoint is not linearized and has no adapter: the teacher is the "
+                              "same model, so its numbers are the student's (not run twice).")
+        self._check_probe_lengths()
+        self.log(f"loaded {s.checkpoint} ({'linearized' if linearized else 'plain HF'}) on {device} "
+                 f"in {time.time() - self.t0:.1f}s")
+        self.results = {
+            "format": FORMAT, "checkpoint": str(Path(s.checkpoint).resolve()),
+            "adapter": str(Path(s.adapter).resolve()) if s.adapter else None, "is_linearized": linearized,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "settings": asdict(s),
+            "tasks": {}, "metrics": {}, "plots": {}, "notes": self.notes,
+        }
+
+    def _adjust_model(self) -> None:
+        """The sparse cache the settings ask for, and a merged LoRA's delta taken back out."""
+        s = self.s
+        if s.sparse_cache is not None or s.sparse_block is not None:
+            from linearize import set_sparse_cache
+
+            config = set_sparse_cache(self.model, s.sparse_cache, s.sparse_block).config.linearize
+            self.notes.append(f"LoLA's sparse cache: {config['sparse_cache']} pairs per layer and head, selected "
+                              f"every {config['sparse_block']} tokens.")
+        if self.delta is not None:
+            layers = unmerge_lora(self.model)
+            self.notes.append(f"The checkpoint's q/k/v hold a merged LoRA: its delta ({self.delta.name}) was taken "
+                              f"back out of {layers} layers and applied as an adapter, so the teacher runs the "
+                              "original weights.")
+
+    def _check_probe_lengths(self) -> None:
+        """Passkey and long-recall lengths the tokenizer cannot build fail now, before any metric runs."""
+        if "passkey" in self.s.metrics:
+            from .passkey import make_passkey_sample
+
+            for length in self.s.passkey_lengths:
+                make_passkey_sample(self.tok, length, 0.0)
+        if "long-recall" in self.s.metrics:
+            check_long_recall(self.tok, self.s)
+
+    def for_roles(self, fn, contexts: bool = True) -> dict:
+        """{role: fn(role)}, each role under `linearize.teacher` or not and its progress label
+        (`contexts=False`: fn switches roles itself); a teacher that is the student itself is
+        not run again."""
+        from linearize import teacher
+
+        from .progress import progress_bars
+
         res = {}
-        for role in roles:
-            if role == "teacher" and not distinct:
+        for role in self.roles:
+            if role == "teacher" and not self.distinct:
                 res[role] = res["student"]
                 continue
-            with teacher(model, role == "teacher"), progress_bars(s.progress, label=role):
+            if not contexts:
+                res[role] = fn(role)
+                continue
+            with teacher(self.model, role == "teacher"), progress_bars(self.s.progress, label=role):
                 res[role] = fn(role)
         return res
 
-    results = {
-        "format": FORMAT,
-        "checkpoint": str(Path(s.checkpoint).resolve()),
-        "adapter": str(Path(s.adapter).resolve()) if s.adapter else None,
-        "is_linearized": linearized,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "settings": asdict(s),
-        "tasks": {},
-        "metrics": {},
-        "plots": {},
-        "notes": notes,
-    }
+    def _plot(self, plot, data, name: str) -> str:
+        """Draw `plot(data)` into plots/<name>.png; its path relative to the run folder."""
+        return str(plot(data, self.out / "plots" / f"{name}.png").relative_to(self.out))
 
-    if s.tasks:
-        limit = s.limit
-        if limit is not None and float(limit).is_integer():
-            limit = int(limit)
+    def tasks(self) -> None:
+        """lm-eval's tasks for each role, one row per task, and their bar chart."""
+        from .plots import plot_tasks
 
-        def run_tasks(role):
-            lm.use_teacher = role == "teacher"
-            t = time.time()
-            r = lm_eval.simple_evaluate(
-                model=lm, tasks=s.tasks, task_manager=tm, limit=limit, num_fewshot=s.num_fewshot,
-                log_samples=False, random_seed=s.seed, numpy_random_seed=s.seed,
-                torch_random_seed=s.seed, fewshot_random_seed=s.seed, verbosity="WARNING",
-            )
-            lm.use_teacher = False
-            (out / f"lm_eval_{role}.json").write_text(
-                json.dumps(r, indent=1, default=_json_default, ensure_ascii=False))
-            log(f"lm-eval {role}: {', '.join(s.tasks)} in {time.time() - t:.1f}s")
-            return task_scores(r, s.tasks)
-
-        by_role = {}
-        for role in roles:
-            if role == "teacher" and not distinct:
-                by_role[role] = by_role["student"]
-            else:
-                by_role[role] = run_tasks(role)
+        s = self.s
+        if not s.tasks:
+            return
+        by_role = self.for_roles(self._run_tasks, contexts=False)
         for task in s.tasks:
             st = by_role["student"][task]
             row = {k: st[k] for k in ("metric", "num_fewshot", "samples")}
-            for role in roles:
+            for role in self.roles:
                 row[role] = by_role[role][task]["value"]
                 row[f"{role}_stderr"] = by_role[role][task]["stderr"]
             if s.teacher:
                 row["recovery"] = recovery(row["student"], row["teacher"])
-            results["tasks"][task] = row
+            self.results["tasks"][task] = row
         if s.teacher:
-            bars = {t: {r: results["tasks"][t][r] for r in ("teacher", "student")
-                        if results["tasks"][t][r] is not None} for t in s.tasks}
-            results["plots"]["tasks"] = str(plot_tasks(bars, out / "plots" / "tasks.png").relative_to(out))
+            bars = {t: {r: self.results["tasks"][t][r] for r in ("teacher", "student")
+                        if self.results["tasks"][t][r] is not None} for t in s.tasks}
+            self.results["plots"]["tasks"] = self._plot(plot_tasks, bars, "tasks")
 
-    texts = heldout_texts(s.ppl_texts) if {"ppl", "agreement"} & set(s.metrics) else []
-    if "ppl" in s.metrics:
+    def _run_tasks(self, role: str) -> dict:
+        """lm-eval on one role (`LinearizeLM.use_teacher` switches it); the raw output is kept."""
+        import lm_eval
+
+        s, t = self.s, time.time()
+        limit = int(s.limit) if s.limit is not None and float(s.limit).is_integer() else s.limit
+        self.lm.use_teacher = role == "teacher"
+        r = lm_eval.simple_evaluate(
+            model=self.lm, tasks=s.tasks, task_manager=self.task_manager, limit=limit, num_fewshot=s.num_fewshot,
+            log_samples=False, random_seed=s.seed, numpy_random_seed=s.seed,
+            torch_random_seed=s.seed, fewshot_random_seed=s.seed, verbosity="WARNING",
+        )
+        self.lm.use_teacher = False
+        (self.out / f"lm_eval_{role}.json").write_text(
+            json.dumps(r, indent=1, default=_json_default, ensure_ascii=False))
+        self.log(f"lm-eval {role}: {', '.join(s.tasks)} in {time.time() - t:.1f}s")
+        return task_scores(r, s.tasks)
+
+    def perplexity_and_agreement(self) -> None:
+        """Held-out perplexity per role, and next-token agreement of the student with the teacher."""
+        from .agreement import teacher_agreement
+        from .heldout import heldout_texts
+        from .perplexity import perplexity
+        from .plots import plot_agreement
+        from .progress import progress_bars
+
+        s, model, tok = self.s, self.model, self.tok
+        texts = heldout_texts(s.ppl_texts) if {"ppl", "agreement"} & set(s.metrics) else []
+        if "ppl" in s.metrics:
+            t = time.time()
+            ppl = self.for_roles(lambda role: perplexity(model, tok, texts, s.max_length, s.stride, s.batch_size))
+            if s.teacher:
+                ppl["recovery"] = recovery(ppl["teacher"]["perplexity"], ppl["student"]["perplexity"])
+            self.results["metrics"]["perplexity"] = ppl
+            self.log(f"perplexity in {time.time() - t:.1f}s: "
+                     + ", ".join(f"{r} {ppl[r]['perplexity']:.3f}" for r in self.roles))
+        if "agreement" not in s.metrics:
+            return
+        if not self.distinct:
+            self.notes.append("Agreement skipped: the student is its own teacher (not linearized, no "
+                              "adapter), so agreement is 100% and KL 0.")
+            return
         t = time.time()
-        ppl = for_roles(lambda role: perplexity(model, tok, texts, s.max_length, s.stride, s.batch_size))
-        if s.teacher:
-            ppl["recovery"] = recovery(ppl["teacher"]["perplexity"], ppl["student"]["perplexity"])
-        results["metrics"]["perplexity"] = ppl
-        log(f"perplexity in {time.time() - t:.1f}s: "
-            + ", ".join(f"{r} {ppl[r]['perplexity']:.3f}" for r in roles))
-    if "agreement" in s.metrics:
+        with progress_bars(s.progress):
+            agr = teacher_agreement(model, None, tok, texts, max_length=s.agreement_length, batch_size=s.batch_size)
+        self.results["metrics"]["agreement"] = agr
+        self.results["plots"]["agreement"] = self._plot(plot_agreement, {"student": agr}, "agreement")
+        self.log(f"agreement in {time.time() - t:.1f}s: top-1 {agr['top1_agreement']:.2f}%, KL {agr['kl_mean']:.4f}")
+
+    def recall_probes(self) -> None:
+        """Passkey retrieval and MQAR per role, each with its figure."""
+        from .mqar import mqar_accuracy
+        from .passkey import passkey_retrieval
+        from .plots import plot_mqar, plot_passkey
+
+        s, model, tok = self.s, self.model, self.tok
+        probes = {
+            "passkey": (lambda: passkey_retrieval(model, tok, s.passkey_lengths, s.passkey_depths, s.passkey_trials,
+                                                  s.seed), plot_passkey),
+            "mqar": (lambda: mqar_accuracy(model, tok, s.mqar_pairs, s.mqar_samples, s.seed, s.batch_size),
+                     plot_mqar),
+        }
+        for name, (probe, plot) in probes.items():
+            if name not in s.metrics:
+                continue
+            t = time.time()
+            res = self.for_roles(lambda role: probe())
+            if s.teacher:
+                res["recovery"] = recovery(res["student"]["mean_accuracy"], res["teacher"]["mean_accuracy"])
+            self.results["metrics"][name] = res
+            self.results["plots"][name] = self._plot(plot, {r: res[r] for r in self.roles}, name)
+            self.log(f"{name} in {time.time() - t:.1f}s")
+
+    def long_documents(self) -> None:
+        """Perplexity by position over long held-out documents, per role."""
+        from .long_documents import long_document_perplexity
+
+        s = self.s
+        if "long-doc" not in s.metrics:
+            return
         t = time.time()
-        if distinct:
-            with progress_bars(s.progress):
-                agr = teacher_agreement(model, None, tok, texts, max_length=s.agreement_length,
-                                        batch_size=s.batch_size)
-            results["metrics"]["agreement"] = agr
-            results["plots"]["agreement"] = str(
-                plot_agreement({"student": agr}, out / "plots" / "agreement.png").relative_to(out))
-            log(f"agreement in {time.time() - t:.1f}s: top-1 {agr['top1_agreement']:.2f}%, "
-                f"KL {agr['kl_mean']:.4f}")
-        else:
-            notes.append("Agreement skipped: the student is its own teacher (not linearized, no "
-                         "adapter), so agreement is 100% and KL 0.")
-    recall_probes = {
-        "passkey": (lambda: passkey_retrieval(model, tok, s.passkey_lengths, s.passkey_depths, s.passkey_trials,
-                                              s.seed), plot_passkey),
-        "mqar": (lambda: mqar_accuracy(model, tok, s.mqar_pairs, s.mqar_samples, s.seed, s.batch_size), plot_mqar),
-    }
-    for name, (probe, plot) in recall_probes.items():
-        if name not in s.metrics:
-            continue
-        t = time.time()
-        res = for_roles(lambda role: probe())
-        if s.teacher:
-            res["recovery"] = recovery(res["student"]["mean_accuracy"], res["teacher"]["mean_accuracy"])
-        results["metrics"][name] = res
-        results["plots"][name] = str(plot({r: res[r] for r in roles}, out / "plots" / f"{name}.png").relative_to(out))
-        log(f"{name} in {time.time() - t:.1f}s")
-    if "long-doc" in s.metrics:
-        t = time.time()
-        res = for_roles(lambda role: long_document_perplexity(
-            model, tok, long_docs, s.long_doc_tokens, s.long_doc_buckets))
+        res = self.for_roles(lambda role: long_document_perplexity(
+            self.model, self.tok, self.long_docs, s.long_doc_tokens, s.long_doc_buckets))
         if s.teacher:
             res["recovery"] = recovery(res["teacher"]["overall"]["perplexity"], res["student"]["overall"]["perplexity"])
-        results["metrics"]["long_doc"] = res
-        log(f"long-doc perplexity in {time.time() - t:.1f}s: "
-            + ", ".join(f"{r} {res[r]['overall']['perplexity']:.3f}" for r in roles))
-    if "long-recall" in s.metrics:
+        self.results["metrics"]["long_doc"] = res
+        self.log(f"long-doc perplexity in {time.time() - t:.1f}s: "
+                 + ", ".join(f"{r} {res[r]['overall']['perplexity']:.3f}" for r in self.roles))
+
+    def long_recall(self) -> None:
+        """Passkey and MQAR at long lengths, per role."""
+        s = self.s
+        if "long-recall" not in s.metrics:
+            return
         t = time.time()
-        res = for_roles(lambda role: long_recall(model, tok, s))
+        res = self.for_roles(lambda role: long_recall(self.model, self.tok, s))
         if s.teacher:
             for probe in ("passkey", "mqar"):
                 res[f"{probe}_recovery"] = recovery(res["student"][probe]["mean_accuracy"],
                                                     res["teacher"][probe]["mean_accuracy"])
-        results["metrics"]["long_recall"] = res
-        log(f"long-recall in {time.time() - t:.1f}s")
+        self.results["metrics"]["long_recall"] = res
+        self.log(f"long-recall in {time.time() - t:.1f}s")
 
-    results["seconds"] = time.time() - t0
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))
-    (out / "results.md").write_text(run_markdown(results, title=Path(s.checkpoint).name))
-    return results
+    def write(self) -> dict:
+        """results.json and results.md into the run folder; returns the results."""
+        self.results["seconds"] = time.time() - self.t0
+        (self.out / "results.json").write_text(json.dumps(self.results, indent=1, default=_json_default))
+        (self.out / "results.md").write_text(run_markdown(self.results, title=Path(self.s.checkpoint).name))
+        return self.results
+
+
+def task_manager_for(s: EvalSettings):
+    """lm-eval's task index for `s.tasks` (None without tasks), the tasks and their data checked."""
+    if not s.tasks:
+        return None
+    import linearize.eval as le
+
+    # Indexing lm-eval's own ~15k task configs takes seconds: only when a task needs it.
+    tm = le.task_manager(include_path=s.include_path or None, include_defaults=False)
+    if not set(s.tasks) <= set(tm.all_tasks):
+        tm = le.task_manager(include_path=s.include_path or None)
+    check_tasks(s.tasks, tm)
+    check_task_data(s.tasks, tm)
+    return tm
 
 
 def check_long_recall(tokenizer, s: EvalSettings) -> None:

@@ -67,14 +67,8 @@ def chunk_window_attention(
         raise ValueError(f"block_size must be positive, got {block_size}")
     check_softcap(softcap)
     if softcap is None and _fused_band_applies(q, k, v, window, sink_logits, key_mask, cu_seqlens, need_lse):
-        band = dict(window=window, num_sink_tokens=num_sink_tokens, sink_logits=sink_logits, scale=scale,
-                    need_lse=need_lse)
-        if cu_seqlens is None:
-            return sdpa_band_attention(q, k, v, **band)
-        parts = [sdpa_band_attention(q[:, s:e], k[:, s:e], v[:, s:e], **band)
-                 for _, s, e in sequence_spans(1, q.shape[1], cu_seqlens) if e > s]
-        o = torch.cat([o for o, _ in parts], dim=1)
-        return o, (torch.cat([lse for _, lse in parts], dim=1) if need_lse else None)
+        return _fused_band(q, k, v, cu_seqlens, window=window, num_sink_tokens=num_sink_tokens,
+                           sink_logits=sink_logits, scale=scale, need_lse=need_lse)
     B, T, H, D = q.shape
     HKV, Dv = k.shape[2], v.shape[-1]
     G = H // HKV
@@ -93,59 +87,86 @@ def chunk_window_attention(
     nb = min(math.ceil((W - 1) / Bq), NB - 1)
     P = nb * Bq
 
-    # Key validity and sequence ids on the padded key axis [P + Tq]; query sequence ids on [Tq].
-    valid = torch.zeros(B, P + Tq, dtype=torch.bool, device=dev)
-    valid[:, P : P + T] = True if key_mask is None else key_mask.bool()
-    seq_k = seq_q = None
-    if cu_seqlens is not None:
-        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-        ids = torch.repeat_interleave(torch.arange(len(spans), device=dev), lengths.to(dev))
-        seq_k = torch.full((P + Tq,), -1, dtype=torch.long, device=dev)
-        seq_k[P : P + T] = ids
-        seq_q = torch.full((Tq,), -2, dtype=torch.long, device=dev)
-        seq_q[:T] = ids
-
+    valid, seq_k, seq_q = _key_layout(B, T, P, Tq, key_mask, cu_seqlens, dev)
     qa = F.pad(q.to(acc) * scale, (0, 0, 0, 0, 0, Tq - T)).reshape(B, NB, Bq, HKV, G, D)
     qa = qa.permute(0, 3, 1, 2, 4, 5).contiguous()  # [B, HKV, NB, Bq, G, D]
     kt = k.to(acc).transpose(1, 2)  # [B, HKV, T, D]
     vt = v.to(acc).transpose(1, 2)
     kp = F.pad(kt, (0, 0, P, Tq - T)).contiguous()
     vp = F.pad(vt, (0, 0, P, Tq - T)).contiguous()
-
-    # Sink keys outside the band: shared per row [B, HKV, M, D], or per query for packed sequences.
     kx = vx = sidx = svalid = None
     if M > 0:
-        if cu_seqlens is None:
-            if key_mask is None:
-                sidx = torch.arange(M, device=dev).expand(B, M)
-                svalid = torch.ones(B, M, dtype=torch.bool, device=dev)
-            else:
-                km = key_mask.bool()
-                rank = km.long().cumsum(-1) - 1
-                sel = km & (rank < M)
-                bi, ti = sel.nonzero(as_tuple=True)
-                sidx = torch.zeros(B, M, dtype=torch.long, device=dev)
-                svalid = torch.zeros(B, M, dtype=torch.bool, device=dev)
-                sidx[bi, rank[bi, ti]] = ti
-                svalid[bi, rank[bi, ti]] = True
-            rows = torch.arange(B, device=dev)[:, None]
-            kx = kt.permute(0, 2, 1, 3)[rows, sidx].permute(0, 2, 1, 3)  # [B, HKV, M, D]
-            vx = vt.permute(0, 2, 1, 3)[rows, sidx].permute(0, 2, 1, 3)
-        else:
-            starts = torch.repeat_interleave(cu_seqlens[:-1].to(dev), lengths.to(dev))  # [T]
-            lens = torch.repeat_interleave(lengths.to(dev), lengths.to(dev))
-            m = torch.arange(M, device=dev)
-            svalid = F.pad(m < lens[:, None], (0, 0, 0, Tq - T))  # [Tq, M]
-            sidx = F.pad((starts[:, None] + m).clamp(max=T - 1), (0, 0, 0, Tq - T))
-            kx = kt[:, :, sidx].reshape(B, HKV, NB, Bq, M, D)
-            vx = vt[:, :, sidx].reshape(B, HKV, NB, Bq, M, Dv)
-
+        kx, vx, sidx, svalid = _sink_keys(kt, vt, M, key_mask, cu_seqlens, NB, Bq)
     sinks = None if sink_logits is None else sink_logits.to(acc).reshape(HKV, G, -1)
     plan = _Plan(B, H, NB, Bq, W, nb, P, valid, seq_k, seq_q, sidx, svalid, cu_seqlens is not None, softcap)
     o, lse = _BandAttention.apply(qa, kp, vp, kx, vx, sinks, plan)
     o = o.permute(0, 2, 3, 1, 4, 5).reshape(B, Tq, H, Dv)[:, :T]
     lse = lse.permute(0, 2, 3, 1, 4).reshape(B, Tq, H)[:, :T]
     return o.to(q.dtype), lse
+
+
+def _fused_band(q, k, v, cu_seqlens, **band) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`sdpa_band_attention` over the batch, or over each packed sequence in turn."""
+    if cu_seqlens is None:
+        return sdpa_band_attention(q, k, v, **band)
+    parts = [sdpa_band_attention(q[:, s:e], k[:, s:e], v[:, s:e], **band)
+             for _, s, e in sequence_spans(1, q.shape[1], cu_seqlens) if e > s]
+    o = torch.cat([o for o, _ in parts], dim=1)
+    return o, (torch.cat([lse for _, lse in parts], dim=1) if band["need_lse"] else None)
+
+
+def _key_layout(B: int, T: int, P: int, Tq: int, key_mask, cu_seqlens, dev):
+    """Key validity [B, P + Tq] and sequence ids on the padded key axis [P + Tq] and the query
+    axis [Tq] (None without packed sequences; -1 / -2 on padding, so they never match)."""
+    valid = torch.zeros(B, P + Tq, dtype=torch.bool, device=dev)
+    valid[:, P : P + T] = True if key_mask is None else key_mask.bool()
+    if cu_seqlens is None:
+        return valid, None, None
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    ids = torch.repeat_interleave(torch.arange(len(lengths), device=dev), lengths.to(dev))
+    seq_k = torch.full((P + Tq,), -1, dtype=torch.long, device=dev)
+    seq_k[P : P + T] = ids
+    seq_q = torch.full((Tq,), -2, dtype=torch.long, device=dev)
+    seq_q[:T] = ids
+    return valid, seq_k, seq_q
+
+
+def _sink_keys(kt: torch.Tensor, vt: torch.Tensor, M: int, key_mask, cu_seqlens, NB: int, Bq: int):
+    """The first M valid keys of each row (or of each packed sequence), which stay visible
+    outside the band: (k, v, their positions, their validity).
+
+    kt, vt: [B, HKV, T, D] / [B, HKV, T, Dv]. Per row: k [B, HKV, M, D], positions and validity
+    [B, M]; packed sequences (B == 1) need them per query: k [B, HKV, NB, Bq, M, D], positions
+    and validity [NB * Bq, M].
+    """
+    B, HKV, T, D = kt.shape
+    Dv, dev, Tq = vt.shape[-1], kt.device, NB * Bq
+    if cu_seqlens is None:
+        if key_mask is None:
+            sidx = torch.arange(M, device=dev).expand(B, M)
+            svalid = torch.ones(B, M, dtype=torch.bool, device=dev)
+        else:
+            km = key_mask.bool()
+            rank = km.long().cumsum(-1) - 1
+            sel = km & (rank < M)
+            bi, ti = sel.nonzero(as_tuple=True)
+            sidx = torch.zeros(B, M, dtype=torch.long, device=dev)
+            svalid = torch.zeros(B, M, dtype=torch.bool, device=dev)
+            sidx[bi, rank[bi, ti]] = ti
+            svalid[bi, rank[bi, ti]] = True
+        rows = torch.arange(B, device=dev)[:, None]
+        kx = kt.permute(0, 2, 1, 3)[rows, sidx].permute(0, 2, 1, 3)  # [B, HKV, M, D]
+        vx = vt.permute(0, 2, 1, 3)[rows, sidx].permute(0, 2, 1, 3)
+        return kx, vx, sidx, svalid
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    starts = torch.repeat_interleave(cu_seqlens[:-1].to(dev), lengths.to(dev))  # [T]
+    lens = torch.repeat_interleave(lengths.to(dev), lengths.to(dev))
+    m = torch.arange(M, device=dev)
+    svalid = F.pad(m < lens[:, None], (0, 0, 0, Tq - T))  # [Tq, M]
+    sidx = F.pad((starts[:, None] + m).clamp(max=T - 1), (0, 0, 0, Tq - T))
+    kx = kt[:, :, sidx].reshape(B, HKV, NB, Bq, M, D)
+    vx = vt[:, :, sidx].reshape(B, HKV, NB, Bq, M, Dv)
+    return kx, vx, sidx, svalid
 
 
 _FUSED_BLOCK = 32  # query rows per band block of the fused path
