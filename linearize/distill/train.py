@@ -404,9 +404,43 @@ class Run:
         return changed
 
     def run(self) -> Path:
-        acc, recipe = self.accelerator, self.recipe
+        """Check everything that needs no model, then train each stage with steps left and
+        export `final`; returns its folder."""
         from accelerate.utils import set_seed
 
+        acc, recipe = self.accelerator, self.recipe
+        resume_from = self.prepare()
+        set_seed(recipe.seed)
+        model = build_model(recipe, self.model_path)
+        check_lora_targets(model, recipe)
+        self.check_eval_length(model)
+        plans = self.plan_stages(model)
+        done = self.resume_point(resume_from)
+        for plan in plans:
+            # a resumed budget counts, not the checkpoint's: a raised max_steps continues a finished stage
+            if done is not None and (done.stage > plan.stage or (done.stage == plan.stage and done.step >= plan.steps)):
+                continue
+            if model is None:
+                set_seed(recipe.seed + plan.stage)
+                model = build_model(recipe, self.model_path)
+            resume_here = resume_from if (done is not None and done.stage == plan.stage) else None
+            self.train_stage(plan, model, resume_here)
+            model = None
+            acc.free_memory()
+        final = None
+        if acc.is_main_process:
+            final = self.export_final()
+            plot_losses(self.metrics.records(), self.out / "loss.png")
+            self.say(f"final model: {final} (load it with linearize.load); log: {self.metrics.path}; "
+                     f"curve: {self.out / 'loss.png'}")
+        acc.wait_for_everyone()
+        return final if final is not None else self.out / "final"
+
+    def prepare(self) -> Path | None:
+        """The checks that need no model (output, model path, data, eval source, resume,
+        accelerate mode, free space, tokenizer), then recipe.yaml and the trackers; returns the
+        checkpoint to resume from, if any."""
+        acc, recipe = self.accelerator, self.recipe
         check_writable(self.out)  # before anything loads: a read-only output costs a second
         check_model_path(recipe)
         check_source(recipe.data)
@@ -428,10 +462,12 @@ class Run:
                 self.out.mkdir(parents=True, exist_ok=True)
                 write_atomic(self.out / "recipe.yaml", recipe.to_yaml())
         self.trackers.start()
-        set_seed(recipe.seed)
-        model = build_model(recipe, self.model_path)
-        check_lora_targets(model, recipe)
-        self.check_eval_length(model)
+        return resume_from
+
+    def plan_stages(self, model) -> list[StagePlan]:
+        """The stages with steps to run (stage 1 only when the method adds parameters), the
+        training rows they read, and the line that says so."""
+        acc, recipe = self.accelerator, self.recipe
         method = model.config.linearize["method"]
         has_new = bool(new_parameters(model))
         s1 = self.stage_steps(1) if recipe.stage1.enabled and has_new else 0
@@ -452,37 +488,23 @@ class Run:
                  f"{self.rows.num_documents} documents ({total_rows / len(self.rows):.2f} passes); global batch "
                  f"{self.global_batch} rows = {self.tokens_per_step} tokens/step on {self.world} process(es); "
                  + ", ".join(f"stage {p.stage}: {p.steps} steps ({p.steps * self.tokens_per_step:,} tokens)" for p in plans))
-        done = None
-        if resume_from is not None:
-            done, _, _ = read_checkpoint(resume_from)
-            self.metrics.truncate_after(done.stage, done.step)
-            self.say(f"resuming from {resume_from.name} (stage {done.stage}, step {done.step}/{done.stage_steps})")
-            if self.resume_changes:
-                self.say("resumed with changed settings: " + "; ".join(
-                    f"{k}: {a!r} -> {b!r}" for k, (a, b) in self.resume_changes.items()))
-                self.metrics.log({"stage": done.stage, "step": done.step,
-                                  "resume_changes": {k: list(v) for k, v in self.resume_changes.items()}})
-        else:
+        return plans
+
+    def resume_point(self, resume_from: Path | None) -> TrainerState | None:
+        """The state of the checkpoint to resume from (metrics.jsonl cut back to it and the
+        changed settings logged), or None for a fresh start (metrics.jsonl emptied)."""
+        if resume_from is None:
             self.metrics.reset()
-        for plan in plans:
-            # a resumed budget counts, not the checkpoint's: a raised max_steps continues a finished stage
-            if done is not None and (done.stage > plan.stage or (done.stage == plan.stage and done.step >= plan.steps)):
-                continue
-            if model is None:
-                set_seed(recipe.seed + plan.stage)
-                model = build_model(recipe, self.model_path)
-            resume_here = resume_from if (done is not None and done.stage == plan.stage) else None
-            self.train_stage(plan, model, resume_here)
-            model = None
-            acc.free_memory()
-        final = None
-        if acc.is_main_process:
-            final = self.export_final()
-            plot_losses(self.metrics.records(), self.out / "loss.png")
-            self.say(f"final model: {final} (load it with linearize.load); log: {self.metrics.path}; "
-                     f"curve: {self.out / 'loss.png'}")
-        acc.wait_for_everyone()
-        return final if final is not None else self.out / "final"
+            return None
+        done, _, _ = read_checkpoint(resume_from)
+        self.metrics.truncate_after(done.stage, done.step)
+        self.say(f"resuming from {resume_from.name} (stage {done.stage}, step {done.step}/{done.stage_steps})")
+        if self.resume_changes:
+            self.say("resumed with changed settings: " + "; ".join(
+                f"{k}: {a!r} -> {b!r}" for k, (a, b) in self.resume_changes.items()))
+            self.metrics.log({"stage": done.stage, "step": done.step,
+                              "resume_changes": {k: list(v) for k, v in self.resume_changes.items()}})
+        return done
 
     def check_accelerate_mode(self, resume_from: Path | None) -> None:
         """DistillError, before the model loads, for an accelerate mode or FSDP setting distill
