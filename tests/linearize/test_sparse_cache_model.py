@@ -103,4 +103,4 @@ def test_a_recipe_that_trains_through_it_is_refused_before_loading():
     from linearize.distill.recipe import Recipe, RecipeError, validate
 
     with pytest.raises(RecipeError, match="inference-only"):
-        validate(Recipe(linearize={"method": "lolcats", "sparse_cache": 16}))
+        validate(Recipe(linearize=linearize.LinearizeConfig(method="lolcats", sparse_cache=16)))
