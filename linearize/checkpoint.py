@@ -21,6 +21,8 @@ from .config import ConfigError, LinearizeConfig
 from .families import FAMILIES
 from .hf_classes import AUTO_MODULE, register_auto_classes
 from .load_checks import CheckpointError, checked_from_pretrained
+from .peft_quiet import peft_quietly
+from .sparse_cache import set_sparse_cache
 from .progress import bar
 from .state import is_linearized
 
@@ -147,8 +149,6 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: st
         kwargs["dtype"] = dtype
     model, _ = checked_from_pretrained(AutoModelForCausalLM.from_pretrained, path, **kwargs)
     if sparse_cache is not None or sparse_block is not None:
-        from .sparse_cache import set_sparse_cache
-
         if not is_linearized(model):
             raise CheckpointError(f"{path} is not a linearized model: it has no recurrent state for a sparse cache")
         set_sparse_cache(model, sparse_cache, sparse_block)
@@ -159,8 +159,6 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: st
         if not (adapter / "adapter_config.json").is_file():
             raise CheckpointError(f"{adapter} is not a peft adapter folder (no adapter_config.json)")
         from peft import PeftModel
-
-        from .peft_quiet import peft_quietly
 
         with peft_quietly():
             model = PeftModel.from_pretrained(model, adapter)

@@ -8,6 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
+
+from .cache import LinearizeCache
+from .checkpoint import load, resolve_model_folder
+from .convert import is_linearized
+from .convert import teacher as teacher_mode
 
 
 @dataclass
@@ -45,13 +51,6 @@ def generate_text(model_dir: str | Path, prompt: str, *, max_new_tokens: int = 6
     Weights holding NaN or inf are refused (they would print an empty line) unless allow_nonfinite.
     sparse_cache, sparse_block: LoLA's sparse cache for a LoLCATs model (None: as saved).
     """
-    from transformers import AutoTokenizer
-
-    from .cache import LinearizeCache
-    from .checkpoint import load, resolve_model_folder
-    from .convert import is_linearized
-    from .convert import teacher as teacher_mode
-
     model_dir = resolve_model_folder(model_dir)
     model = load(model_dir, allow_nonfinite=allow_nonfinite, sparse_cache=sparse_cache, sparse_block=sparse_block)
     try:

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
-from linearize import teacher
+from transformers import DynamicCache
+
+from linearize import LinearizeCache, teacher
 from linearize.generate import cache_nbytes
 from linearize.plots import ROLE_STYLE, log2_axis, log_y, new_figure, save_figure
 
@@ -27,10 +29,6 @@ TARGET_CONTEXT, TARGET_SPEEDUP, TARGET_CACHE_RATIO = 16384, 3.0, 100.0
 
 def new_cache(model: torch.nn.Module, role: str):
     """An empty decode cache: `DynamicCache` for the teacher, `LinearizeCache` for the student."""
-    from transformers import DynamicCache
-
-    from linearize import LinearizeCache
-
     return DynamicCache(config=model.config) if role == "teacher" else LinearizeCache(model)
 
 

@@ -29,10 +29,12 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from ..assets import MissingAssetError, default_model_dir
 from ..checkpoint import CheckpointError, check_finite, load
 from ..convert import convert, is_linearized, mixers, new_parameters, teacher
 from ..mixers import AttentionTransfer
 from ..model_card import write_model_card
+from ..peft_quiet import peft_quietly
 from ..sparse_cache import set_sparse_cache
 from ..state import is_new_parameter
 from .checkpointing import (CheckpointMissingError, TrainerState, all_finite, checkpoint_name, clean_partial,
@@ -76,8 +78,6 @@ def resolve_model_path(recipe: Recipe) -> str:
     if recipe.model.path is not None:
         p = Path(recipe.model.path).expanduser()
         return str(p) if p.exists() else recipe.model.path
-    from ..assets import MissingAssetError, default_model_dir
-
     try:
         return str(default_model_dir())
     except MissingAssetError as e:
@@ -204,8 +204,6 @@ def build_model(recipe: Recipe, path: str):
 def apply_lora(model, recipe: Recipe):
     """Wrap `model` in peft LoRA adapters as `stage2.lora` says; returns the PeftModel."""
     from peft import LoraConfig, get_peft_model
-
-    from ..peft_quiet import peft_quietly
 
     lora = recipe.stage2.lora
     cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
