@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import yaml
+from tqdm.auto import tqdm
 
 from ..assets import MissingAssetError, default_model_dir
 from ..checkpoint import CheckpointError, check_finite, load
@@ -582,10 +583,9 @@ class Run:
                     m.transfer = None
 
     def loop(self, plan, model, peft_model, optimizer, scheduler, transfer, step, tokens, elapsed0) -> None:
+        """Train `plan` from `step` to its last step: accumulate, guard and step, log, evaluate
+        and checkpoint as the recipe says."""
         acc, recipe = self.accelerator, self.recipe
-        from tqdm.auto import tqdm
-
-        opt_cfg = (recipe.stage1 if plan.stage == 1 else recipe.stage2).optimizer
         bar = tqdm(total=plan.steps, initial=step, desc=f"stage {plan.stage}", unit="step", dynamic_ncols=True,
                    disable=not (recipe.progress and acc.is_main_process))
         t0 = time.perf_counter()
@@ -594,27 +594,13 @@ class Run:
         interval, interval_steps = torch.zeros(len(layers)), 0  # per-layer MSE since the last record
         self.last_ppl = None
         history = self.loss_history(plan.stage, step)
-        guard = recipe.guard
         model.train()
         if step == 0 and self.heldout.enabled(plan.stage):
             eval_s += self.evaluate(plan, model, step, tokens, bar)
         while step < plan.steps:
             total = self.accumulate(plan, model, peft_model, transfer, step, len(layers))
             loss_value = float(total[0])
-            grad_norm = None
-            if opt_cfg.max_grad_norm is not None or guard.max_grad_norm is not None:
-                clip = opt_cfg.max_grad_norm if opt_cfg.max_grad_norm is not None else math.inf  # inf: measure only
-                grad_norm = float(acc.clip_grad_norm_(model.parameters(), clip))
-            why = unhealthy(guard, loss_value, grad_norm, history)
-            if why is not None:
-                bar.close()
-                self.stop(plan, step, why)
-            history.append(loss_value)
-            del history[:-guard.window]
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, lr = self.optimizer_step(plan, step, model, optimizer, scheduler, loss_value, history, bar)
             step += 1
             tokens += self.tokens_per_step
             elapsed = time.perf_counter() - t0
@@ -638,21 +624,49 @@ class Run:
             if self.heldout.due(plan.stage, tokens - self.tokens_per_step, tokens, step == plan.steps):
                 eval_s += self.evaluate(plan, model, step, tokens, bar)
             if step == plan.steps or (recipe.checkpoint_every and step % recipe.checkpoint_every == 0):
-                params = collect_params(acc, model)
                 state = TrainerState(plan.stage, step, plan.steps, self.global_batch, tokens,
-                                     elapsed0 + time.perf_counter() - t0, loss=loss_value,
-                                     finite=params is None or all_finite(params))
-                with writing(f"checkpoint {checkpoint_name(plan.stage, step)}", self.ckdir):
-                    save_checkpoint(acc, self.ckdir, state, params, scheduler.state_dict(), recipe.keep_checkpoints,
-                                    write_state=lambda folder: save_state(acc, model, optimizer, folder))
-                if acc.is_main_process:
-                    plot_losses(self.metrics.records(), self.out / "loss.png")
+                                     elapsed0 + time.perf_counter() - t0, loss=loss_value)
+                self.checkpoint(state, model, optimizer, scheduler)
         bar.close()
         if step > start_step:
             self.say(f"stage {plan.stage} done: {step} steps, {tokens:,} tokens, last loss {loss_value:.4g}")
             summary = layer_mse_summary(self.metrics.records()) if plan.stage == 1 and acc.is_main_process else None
             if summary:
                 self.say(summary)
+
+    def optimizer_step(self, plan, step: int, model, optimizer, scheduler, loss_value: float, history: list[float],
+                       bar) -> tuple[float | None, float]:
+        """Clip (or only measure) the gradient norm, stop the run on an unhealthy step (`unhealthy`),
+        else step the optimizer and the schedule; returns (gradient norm or None, the step's lr)."""
+        opt_cfg = (self.recipe.stage1 if plan.stage == 1 else self.recipe.stage2).optimizer
+        guard = self.recipe.guard
+        grad_norm = None
+        if opt_cfg.max_grad_norm is not None or guard.max_grad_norm is not None:
+            clip = opt_cfg.max_grad_norm if opt_cfg.max_grad_norm is not None else math.inf  # inf: measure only
+            grad_norm = float(self.accelerator.clip_grad_norm_(model.parameters(), clip))
+        why = unhealthy(guard, loss_value, grad_norm, history)
+        if why is not None:
+            bar.close()
+            self.stop(plan, step, why)
+        history.append(loss_value)
+        del history[:-guard.window]
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm, lr
+
+    def checkpoint(self, state: TrainerState, model, optimizer, scheduler) -> None:
+        """Save a resumable checkpoint at `state` (marked finite or not from the parameters it
+        holds) and redraw loss.png."""
+        acc = self.accelerator
+        params = collect_params(acc, model)
+        state.finite = params is None or all_finite(params)
+        with writing(f"checkpoint {checkpoint_name(state.stage, state.step)}", self.ckdir):
+            save_checkpoint(acc, self.ckdir, state, params, scheduler.state_dict(), self.recipe.keep_checkpoints,
+                            write_state=lambda folder: save_state(acc, model, optimizer, folder))
+        if acc.is_main_process:
+            plot_losses(self.metrics.records(), self.out / "loss.png")
 
     def accumulate(self, plan, model, peft_model, transfer, step: int, n_layers: int) -> torch.Tensor:
         """Forward and backward over one global step's micro-batches, gradients left in place.
