@@ -181,23 +181,33 @@ def _changed(settings: ResultsSettings) -> dict:
 
 
 BENCH_TITLES = {
-    "prefill": ("Prefill", "Default Liger-GLA conversion (window 64): one forward without cache, logits of the last "
-                "position; median of the repeats."),
-    "decode": ("Decode", "Default Liger-GLA conversion (window 64): per-token time (median of 32 steps) and cache "
-               "bytes after a prefill to the context length."),
-    "train": ("Training throughput", "Default Liger-GLA conversion (window 64): a stage-2 LoRA step (forward, "
-              "cross-entropy, backward, AdamW), student vs plain LoRA on the teacher."),
-    "kernels": ("CPU kernels", "The chunked PyTorch ops against the naive recurrent/dense references (H=9, HKV=3, "
-                "D=64, B=1, fp32)."),
+    "prefill": ("Prefill", "{conversion}: one forward without cache, logits of the last position; median of the "
+                "repeats."),
+    "decode": ("Decode", "{conversion}: per-token time (median of {steps} steps) and cache bytes after a prefill to "
+               "the context length."),
+    "train": ("Training throughput", "{conversion}: a stage-2 LoRA step (forward, cross-entropy, backward, AdamW), "
+              "student vs plain LoRA on the teacher."),
+    "kernels": ("CPU kernels", "The chunked PyTorch ops against the naive recurrent/dense references (H={heads}, "
+                "HKV={kv_heads}, D={dim}, B={batch}, {dtype})."),
 }
+
+
+def bench_description(name: str, report: dict) -> str:
+    """BENCH_TITLES' sentence for one benchmark, filled from what its report recorded."""
+    lin = (report.get("model") or {}).get("linearize") or {}
+    facts = {**report.get("settings", {}),
+             "conversion": f"{lin.get('method', 'the default')} conversion (window {lin.get('window', '?')})"}
+    return BENCH_TITLES[name][1].format_map({k: facts.get(k, "?") for k in
+                                             ("conversion", "steps", "heads", "kv_heads", "dim", "batch", "dtype")})
 
 
 def _bench_sections(bench: dict, img: Path, doc_dir: Path) -> list[str]:
     out = []
-    for name, (title, what) in BENCH_TITLES.items():
+    for name, (title, _) in BENCH_TITLES.items():
         report = bench.get(name)
         if not report:
             continue
+        what = bench_description(name, report)
         md_path = Path(report["files"]["markdown"])
         table = _table_only(md_path.read_text()) if md_path.is_file() else ""
         out += [f"## {title}", "", what, "", table, ""]

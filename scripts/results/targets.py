@@ -4,6 +4,7 @@ is missed (fixed explanations, plus what this run measured)."""
 from __future__ import annotations
 
 from linearize.eval.bench.cli_commands import kernel_benchmark
+from linearize.config import METHOD_DEFAULTS
 from linearize.eval.bench.report import target_lines
 
 from .rows import num
@@ -52,13 +53,13 @@ MISSED_NOTES = {
                "ceiling; a converted model also starts far from the teacher when its form keeps no softmax "
                "normalisation (Liger-GLA) and closest when it keeps the window's softmax denominator "
                "(LoLCATs, window + sinks).",
-    "baseline": "Baseline: window + sinks keeps exact softmax attention over the last 64 tokens and 4 sinks, "
-                "and held-out Wikipedia summaries are short, so most predictions need little beyond that "
+    "baseline": "Baseline: window + sinks keeps exact softmax attention over the last {window} tokens and {sinks} "
+                "sinks, and held-out Wikipedia summaries are short, so most predictions need little beyond that "
                 "window; a trained method has to recover everything its recurrence changed before it can add "
                 "long-range information. Passkey retrieval and the long-document perplexity show where the "
                 "recurrence helps.",
     "prefill": "Prefill: both models run the same MLP and projection matrices, which on {model} take most of "
-               "the teacher's time up to 16k tokens; the student only removes the quadratic part, so its speedup "
+               "the teacher's time at these lengths; the student only removes the quadratic part, so its speedup "
                "is bounded by that fixed share. The ratio grows with length (see the table) and with the model's "
                "head count per hidden size.",
     "kernels": "Kernels: the chunked form trades the loop's per-token op overhead (tens of microseconds per "
@@ -121,7 +122,8 @@ def missed_target_notes(rows: list[dict], bench: dict) -> list[str]:
         notes.append(MISSED_NOTES["quality"].format(budget=_budget(trained)))
     base = next((r for r in rows[1:] if r["name"] == "window-sinks"), None)
     if base is not None and any(r["ppl"] >= base["ppl"] for r in trained if not r.get("extra")):
-        notes.append(MISSED_NOTES["baseline"])
+        preset = METHOD_DEFAULTS["window-sinks"]
+        notes.append(MISSED_NOTES["baseline"].format(window=preset.window, sinks=preset.num_sink_tokens))
     for name in ("prefill", "kernels"):
         report = bench.get(name) or {}
         if any(t.get("met") is False for t in report.get("targets", [])):

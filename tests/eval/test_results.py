@@ -146,6 +146,23 @@ def test_missed_target_notes_name_this_run():
     assert "on Tiny-7 (96 hidden, 3 layers)" in text and "576" not in text
 
 
+def test_baseline_note_and_bench_lines_come_from_the_preset_and_the_reports():
+    from linearize.config import METHOD_DEFAULTS
+    from results.render import bench_description
+    from results.targets import missed_target_notes
+
+    rows = [{"name": "teacher", "ppl": 10.0}, {"name": "window-sinks", "ppl": 11.0},
+            {"name": "x", "ppl": 12.0, "ppl_ratio": 1.2, "trained": True, "training": None, "tokens": 10}]
+    preset = METHOD_DEFAULTS["window-sinks"]
+    text = "\n".join(missed_target_notes(rows, {}))
+    assert f"over the last {preset.window} tokens and {preset.num_sink_tokens} sinks" in text
+    decode = {"settings": {"steps": 7}, "model": {"linearize": {"method": "lizard", "window": 128}}}
+    assert bench_description("decode", decode).startswith("lizard conversion (window 128): per-token time (median "
+                                                           "of 7 steps)")
+    kernels = {"settings": {"heads": 6, "kv_heads": 2, "dim": 32, "batch": 1, "dtype": "float32"}}
+    assert "(H=6, HKV=2, D=32, B=1, float32)" in bench_description("kernels", kernels)
+
+
 def test_prefill_bound_from_teacher_rows():
     from results.targets import prefill_bound
 
