@@ -55,3 +55,25 @@ def log2_axis(ax, ticks: list[int]) -> None:
     ax.set_xticks(ticks, [f"{t // 1024}k" if t >= 1024 and t % 1024 == 0 else str(t) for t in ticks])
     ax.minorticks_off()
     ax.grid(alpha=0.3)
+
+
+def plot_roles(rows: list[dict], path: str | Path, x: str, xlabel: str, panels: list[tuple], label: str = "{role}"):
+    """Teacher beside student: one panel per `(value, ylabel, title, yscale)` in `panels`, each a
+    line per role of `value(row)` against `row[x]` on a log-2 axis (rows carry a "role").
+    yscale: "log" (`log_y`), "zero" (linear from 0) or None. Returns the PNG's path."""
+    fig, axes = new_figure(len(panels))
+    for role, style in ROLE_STYLE.items():
+        mine = sorted((r for r in rows if r["role"] == role), key=lambda r: r[x])
+        for ax, (value, *_) in zip(axes, panels):
+            ax.plot([r[x] for r in mine], [value(r) for r in mine], label=label.format(role=role), **style)
+    for ax, (_, ylabel, title, yscale) in zip(axes, panels):
+        if yscale == "log":
+            log_y(ax)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        log2_axis(ax, sorted({r[x] for r in rows}))
+        ax.set_xlabel(xlabel)
+        if yscale == "zero":
+            ax.set_ylim(bottom=0)
+        ax.legend()
+    return save_figure(fig, path)

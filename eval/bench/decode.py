@@ -16,7 +16,7 @@ from transformers import DynamicCache
 
 from linearize import LinearizeCache, teacher
 from linearize.generate import cache_nbytes
-from linearize.plots import ROLE_STYLE, log2_axis, log_y, new_figure, save_figure
+from linearize.plots import plot_roles
 
 from .machine import machine_info
 from .models import ROLES, model_device, model_info, progress, random_ids, require_linearized
@@ -132,23 +132,10 @@ def decode_table(rows: list[dict]) -> str:
 
 def plot_decode(rows: list[dict], path: str | Path) -> Path:
     """ms per token and cache MiB vs context length, teacher beside student."""
-    fig, (a1, a2) = new_figure(2)
-    contexts = sorted({r["context"] for r in rows})
-    for role in ROLES:
-        mine = sorted((r for r in rows if r["role"] == role), key=lambda r: r["context"])
-        xs = [r["context"] for r in mine]
-        a1.plot(xs, [r["ms_per_token"] for r in mine], label=role, **ROLE_STYLE[role])
-        a2.plot(xs, [r["cache_mib"] for r in mine], label=role, **ROLE_STYLE[role])
-    a1.set_ylabel("ms per generated token (median)")
-    a1.set_title("decode step time")
-    log_y(a2)
-    a2.set_ylabel("cache memory (MiB)")
-    a2.set_title("decode cache memory")
-    for ax in (a1, a2):
-        log2_axis(ax, contexts)
-        ax.set_xlabel("context length (tokens)")
-        ax.legend()
-    return save_figure(fig, path)
+    return plot_roles(rows, path, "context", "context length (tokens)", [
+        (lambda r: r["ms_per_token"], "ms per generated token (median)", "decode step time", None),
+        (lambda r: r["cache_mib"], "cache memory (MiB)", "decode cache memory", "log")])
+
 
 
 def run_decode(model: torch.nn.Module, out_dir: str | Path, contexts=DEFAULT_CONTEXTS, steps: int = 32,

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from linearize import teacher
-from linearize.plots import ROLE_STYLE, log2_axis, log_y, new_figure, save_figure
+from linearize.plots import plot_roles
 
 from .machine import machine_info
 from .memory import PeakMemory
@@ -113,23 +113,10 @@ def prefill_table(rows: list[dict]) -> str:
 
 def plot_prefill(rows: list[dict], path: str | Path) -> Path:
     """Prefill time and peak memory vs sequence length, teacher beside student."""
-    fig, (a1, a2) = new_figure(2)
-    lengths = sorted({r["length"] for r in rows})
-    for role in ROLES:
-        mine = sorted((r for r in rows if r["role"] == role), key=lambda r: r["length"])
-        xs = [r["length"] for r in mine]
-        a1.plot(xs, [r["ms"] / 1e3 for r in mine], label=role, **ROLE_STYLE[role])
-        a2.plot(xs, [r["peak_mib"] for r in mine], label=role, **ROLE_STYLE[role])
-    log_y(a1)
-    a1.set_ylabel("forward time (s, median)")
-    a1.set_title("prefill time")
-    a2.set_ylabel("peak memory above weights (MiB)")
-    a2.set_title("prefill peak memory")
-    for ax in (a1, a2):
-        log2_axis(ax, lengths)
-        ax.set_xlabel("sequence length (tokens)")
-        ax.legend()
-    return save_figure(fig, path)
+    return plot_roles(rows, path, "length", "sequence length (tokens)", [
+        (lambda r: r["ms"] / 1e3, "forward time (s, median)", "prefill time", "log"),
+        (lambda r: r["peak_mib"], "peak memory above weights (MiB)", "prefill peak memory", None)])
+
 
 
 def run_prefill(model: torch.nn.Module, out_dir: str | Path, lengths=DEFAULT_LENGTHS, repeats: int = 3,

@@ -14,7 +14,7 @@ import torch
 
 from linearize import mixers, teacher
 from linearize.peft_quiet import peft_quietly
-from linearize.plots import ROLE_STYLE, log2_axis, new_figure, save_figure
+from linearize.plots import plot_roles
 
 from .machine import machine_info
 from .memory import PeakMemory
@@ -128,23 +128,11 @@ def train_table(rows: list[dict]) -> str:
 
 def plot_train(rows: list[dict], path: str | Path) -> Path:
     """Training tokens/s and peak memory vs sequence length, teacher beside student."""
-    fig, (a1, a2) = new_figure(2)
-    lengths = sorted({r["length"] for r in rows})
-    for role in ROLES:
-        mine = sorted((r for r in rows if r["role"] == role), key=lambda r: r["length"])
-        xs = [r["length"] for r in mine]
-        a1.plot(xs, [r["tokens_per_s"] for r in mine], label=f"{role} + LoRA", **ROLE_STYLE[role])
-        a2.plot(xs, [r["peak_mib"] for r in mine], label=f"{role} + LoRA", **ROLE_STYLE[role])
-    a1.set_ylabel("training tokens/s (median step)")
-    a1.set_title("LoRA training throughput")
-    a2.set_ylabel("peak memory above weights (MiB)")
-    a2.set_title("LoRA training peak memory")
-    for ax in (a1, a2):
-        log2_axis(ax, lengths)
-        ax.set_xlabel("sequence length (tokens)")
-        ax.set_ylim(bottom=0)
-        ax.legend()
-    return save_figure(fig, path)
+    return plot_roles(rows, path, "length", "sequence length (tokens)", [
+        (lambda r: r["tokens_per_s"], "training tokens/s (median step)", "LoRA training throughput", "zero"),
+        (lambda r: r["peak_mib"], "peak memory above weights (MiB)", "LoRA training peak memory", "zero")],
+        label="{role} + LoRA")
+
 
 
 def run_train(model: torch.nn.Module, out_dir: str | Path, lengths=DEFAULT_LENGTHS, repeats: int = 3,
