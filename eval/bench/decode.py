@@ -19,7 +19,7 @@ from linearize.generate import cache_nbytes
 from linearize.plots import plot_roles
 
 from .machine import machine_info
-from .models import ROLES, model_device, model_info, progress, random_ids, require_linearized
+from .models import ROLES, model_device, model_info, progress, random_ids, require_linearized, role_pairs
 from .report import fmt, human_bytes, markdown_table, mib, target, write_report
 from .timing import spread, timed
 
@@ -95,19 +95,12 @@ def bench_decode(model: torch.nn.Module, contexts=DEFAULT_CONTEXTS, steps: int =
     return rows
 
 
-def _pairs(rows: list[dict]) -> dict:
-    out: dict = {}
-    for r in rows:
-        out.setdefault(r["context"], {})[r["role"]] = r
-    return dict(sorted(out.items()))
-
-
 def decode_summary(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     """(per-context ratios, targets): speedup = teacher ms / student ms per token,
     cache_ratio = teacher cache bytes / student cache bytes."""
     ratios = [{"context": c, "speedup": p["teacher"]["ms_per_token"] / p["student"]["ms_per_token"],
                "cache_ratio": p["teacher"]["cache_bytes"] / max(p["student"]["cache_bytes"], 1)}
-              for c, p in _pairs(rows).items()]
+              for c, p in role_pairs(rows, "context").items()]
     at = {r["context"]: r for r in ratios}
     hit = at.get(TARGET_CONTEXT)
     where = f"C={TARGET_CONTEXT}"
@@ -121,7 +114,7 @@ def decode_summary(rows: list[dict]) -> tuple[list[dict], list[dict]]:
 def decode_table(rows: list[dict]) -> str:
     ratios = {r["context"]: r for r in decode_summary(rows)[0]}
     body = []
-    for c, p in _pairs(rows).items():
+    for c, p in role_pairs(rows, "context").items():
         t, s, q = p["teacher"], p["student"], ratios[c]
         body.append([str(c), fmt(t["ms_per_token"], 2), fmt(s["ms_per_token"], 2), f"{q['speedup']:.2f}x",
                      human_bytes(t["cache_bytes"]), human_bytes(s["cache_bytes"]), f"{q['cache_ratio']:.1f}x",

@@ -58,6 +58,14 @@ def require_linearized(model: torch.nn.Module) -> None:
                          "(student) with its own softmax attention (teacher); call linearize.convert(model) first")
 
 
+def role_pairs(rows: list[dict], key: str) -> dict:
+    """{row[key]: {role: row}} in increasing `key`: each measured length's teacher and student rows."""
+    out: dict = {}
+    for r in rows:
+        out.setdefault(r[key], {})[r["role"]] = r
+    return dict(sorted(out.items()))
+
+
 def ordered_roles(repeat: int) -> tuple[str, ...]:
     """Teacher first on even repeats, student first on odd ones, so drift hits both alike."""
     return ROLES if repeat % 2 == 0 else ROLES[::-1]

@@ -17,7 +17,8 @@ from linearize.plots import plot_roles
 
 from .machine import machine_info
 from .memory import PeakMemory
-from .models import ROLES, model_device, model_info, ordered_roles, progress, random_ids, require_linearized
+from .models import (ROLES, model_device, model_info, ordered_roles, progress, random_ids, require_linearized,
+                     role_pairs)
 from .report import fmt, markdown_table, mib, target, write_report
 from .timing import median, spread, timed
 
@@ -79,17 +80,10 @@ def bench_prefill(model: torch.nn.Module, lengths=DEFAULT_LENGTHS, repeats: int 
     return rows
 
 
-def _by(rows: list[dict], key: str) -> dict:
-    out: dict = {}
-    for r in rows:
-        out.setdefault(r[key], {})[r["role"]] = r
-    return out
-
-
 def prefill_summary(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     """(per-length ratios, targets): speedup = teacher ms / student ms, memory_ratio likewise."""
     ratios = []
-    for length, pair in sorted(_by(rows, "length").items()):
+    for length, pair in role_pairs(rows, "length").items():
         t, s = pair["teacher"], pair["student"]
         ratios.append({"length": length, "speedup": t["ms"] / s["ms"],
                        "memory_ratio": t["peak_mib"] / s["peak_mib"] if s["peak_mib"] else None})
@@ -102,7 +96,7 @@ def prefill_summary(rows: list[dict]) -> tuple[list[dict], list[dict]]:
 def prefill_table(rows: list[dict]) -> str:
     ratios = {r["length"]: r for r in prefill_summary(rows)[0]}
     body = []
-    for length, pair in sorted(_by(rows, "length").items()):
+    for length, pair in role_pairs(rows, "length").items():
         t, s, q = pair["teacher"], pair["student"], ratios[length]
         body.append([str(length), fmt(t["ms"]), fmt(s["ms"]), f"{q['speedup']:.2f}x",
                      fmt(t["tokens_per_s"], 0), fmt(s["tokens_per_s"], 0), fmt(t["peak_mib"]), fmt(s["peak_mib"]),

@@ -18,7 +18,8 @@ from linearize.plots import plot_roles
 
 from .machine import machine_info
 from .memory import PeakMemory
-from .models import ROLES, model_device, model_info, ordered_roles, progress, random_ids, require_linearized
+from .models import (ROLES, model_device, model_info, ordered_roles, progress, random_ids, require_linearized,
+                     role_pairs)
 from .report import fmt, markdown_table, mib, target, write_report
 from .timing import median, spread, timed
 
@@ -99,17 +100,10 @@ def bench_train(model: torch.nn.Module, lengths=DEFAULT_LENGTHS, repeats: int = 
     return rows
 
 
-def _pairs(rows: list[dict]) -> dict:
-    out: dict = {}
-    for r in rows:
-        out.setdefault(r["length"], {})[r["role"]] = r
-    return dict(sorted(out.items()))
-
-
 def train_summary(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     """(per-length ratios, targets): ratio = student tokens/s / teacher tokens/s."""
     ratios = [{"length": n, "throughput_ratio": p["student"]["tokens_per_s"] / p["teacher"]["tokens_per_s"]}
-              for n, p in _pairs(rows).items()]
+              for n, p in role_pairs(rows, "length").items()]
     at = {r["length"]: r["throughput_ratio"] for r in ratios}
     return ratios, [target(f"train: student tokens/s >= {TARGET_RATIO:g}x the teacher's", at.get(TARGET_LENGTH),
                            TARGET_RATIO, f"T={TARGET_LENGTH}")]
@@ -118,7 +112,7 @@ def train_summary(rows: list[dict]) -> tuple[list[dict], list[dict]]:
 def train_table(rows: list[dict]) -> str:
     ratios = {r["length"]: r["throughput_ratio"] for r in train_summary(rows)[0]}
     body = []
-    for n, p in _pairs(rows).items():
+    for n, p in role_pairs(rows, "length").items():
         t, s = p["teacher"], p["student"]
         body.append([str(n), fmt(t["ms"]), fmt(s["ms"]), fmt(t["tokens_per_s"], 0), fmt(s["tokens_per_s"], 0),
                      f"{ratios[n]:.2f}x", fmt(t["peak_mib"]), fmt(s["peak_mib"])])
