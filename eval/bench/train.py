@@ -8,6 +8,7 @@ LoRA-wrapped projections). The adapters are removed again afterwards (`unload`).
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -38,18 +39,14 @@ def bench_train(model: torch.nn.Module, lengths=DEFAULT_LENGTHS, repeats: int = 
     trainable_parameters, loss (last step), seconds (every repeat). The model is left as it
     came: adapters unloaded, requires_grad flags and train/eval mode restored.
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     require_linearized(model)
     lengths = sorted(int(x) for x in lengths)
     device = model_device(model)
-    was_training = model.training
-    grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
     config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=list(target_modules),
                         bias="none", task_type="CAUSAL_LM")
-    with peft_quietly():
-        peft_model = get_peft_model(model, config)
-    try:
+    with lora_adapters(model, config) as peft_model:
         trainable = [p for p in peft_model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=lr)
         peft_model.train()
@@ -90,6 +87,21 @@ def bench_train(model: torch.nn.Module, lengths=DEFAULT_LENGTHS, repeats: int = 
                     "seconds": seconds[role],
                 })
         bar.close()
+    return rows
+
+
+@contextlib.contextmanager
+def lora_adapters(model: torch.nn.Module, config):
+    """`model` wrapped in peft LoRA adapters inside the block; afterwards the adapters are
+    unloaded, the teacher projections synced, requires_grad flags and train/eval mode restored."""
+    from peft import get_peft_model
+
+    was_training = model.training
+    grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with peft_quietly():
+        peft_model = get_peft_model(model, config)
+    try:
+        yield peft_model
     finally:
         peft_model.unload()
         for mixer in mixers(model):
@@ -97,7 +109,6 @@ def bench_train(model: torch.nn.Module, lengths=DEFAULT_LENGTHS, repeats: int = 
         for n, p in model.named_parameters():
             p.requires_grad_(grad_flags.get(n, p.requires_grad))
         model.train(was_training)
-    return rows
 
 
 def train_summary(rows: list[dict]) -> tuple[list[dict], list[dict]]:
