@@ -1,4 +1,4 @@
-"""The `linearize` command line: convert, info, generate, distill, eval, report, bench."""
+"""The `linearize` command line: convert, info, generate, distill, eval, report, bench, select-layers."""
 from __future__ import annotations
 
 import argparse
@@ -278,6 +278,9 @@ DELEGATED_COMMANDS = {
                "collect eval runs into one markdown report"),
     "bench": ("linearize.eval.bench.cli_commands", "add_bench_arguments", "run_bench",
               "prefill, decode, training and kernel benchmarks, teacher beside student"),
+    "select-layers": ("linearize.layer_selection_cli", "add_select_layers_arguments", "run_select_layers",
+                      "choose the layers that keep softmax attention by measured KL to the teacher (KL-guided "
+                      "layer selection) and print the --softmax-layers value"),
 }
 
 
