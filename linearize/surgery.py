@@ -30,7 +30,8 @@ def linearize_modules(model: nn.Module, config: LinearizeConfig) -> LinearizeSta
     for i in bar(indices, desc="linearizing layers", unit="layer"):
         attn = getattr(layers[i], family.attention_name)
         weight = attn.o_proj.weight
-        mixer = mixer_cls(attn, resolved, family, i, context)
+        # in the model's mode (a new module starts in training mode)
+        mixer = mixer_cls(attn, resolved, family, i, context).train(attn.training)
         for name, p in mixer.new_parameters():
             p.data = p.data.to(device=weight.device, dtype=weight.dtype)
         setattr(layers[i], family.attention_name, mixer)

@@ -91,6 +91,24 @@ class OptimizerSection:
 
 
 @dataclass
+class WindowDropoutSection:
+    """Scheduled sliding-window dropout (SSD; Benfeghoul et al. 2025, arXiv 2510.05901): at each
+    optimizer step every linearized layer, independently, trains with its softmax window cut to
+    `window` tokens (sinks kept) with probability p, so the keys that leave the short window go
+    to the linear branch and the recurrence has to carry them instead of being bypassed.
+
+    p falls linearly from `rate` at the stage's first step to `final_rate` at its last, so the
+    layers end the stage with the window they keep at inference. The paper's exact schedule was
+    not available to us (only its abstract: "stochastically suppresses the softmax branch during
+    training"); this linear decay per layer is our reading. rate 0 (the default) turns it off.
+    """
+
+    rate: float = 0.0
+    final_rate: float = 0.0
+    window: int = 1
+
+
+@dataclass
 class Stage1Section:
     """Attention transfer: only the mixers' new parameters train, on the per-layer MSE.
 
@@ -106,6 +124,7 @@ class Stage1Section:
     max_steps: int | None = None
     optimizer: OptimizerSection = field(default_factory=lambda: OptimizerSection(lr=1e-2))
     loss_reduction: str = "sum"
+    window_dropout: WindowDropoutSection = field(default_factory=WindowDropoutSection)
 
 
 @dataclass
@@ -132,6 +151,7 @@ class Stage2Section:
     kd_ratio: float = 0.0
     temperature: float = 1.0
     train_new_parameters: bool = False
+    window_dropout: WindowDropoutSection = field(default_factory=WindowDropoutSection)
 
 
 @dataclass
@@ -455,6 +475,26 @@ def _validate_trackers(recipe: Recipe) -> None:
         raise RecipeError("recipe key tracker_project must not be empty (e.g. linearize-distill)")
 
 
+def _validate_window_dropout(key: str, wd: WindowDropoutSection, config: LinearizeConfig | None) -> None:
+    """config: the resolved conversion, or None when model.path is already linearized (the
+    window is then checked against the model's own config when it loads)."""
+    for name in ("rate", "final_rate"):
+        if not 0 <= getattr(wd, name) <= 1:
+            raise RecipeError(f"{key}.{name} must be a probability in [0, 1], got {getattr(wd, name)}")
+    if wd.window < 1:
+        raise RecipeError(f"{key}.window must be >= 1 (the tokens a dropped window keeps, the query itself "
+                          f"included), got {wd.window}")
+    if not (wd.rate or wd.final_rate) or config is None:
+        return
+    if not (config.has_window_branch and config.has_linear_branch):
+        raise RecipeError(f"{key}: window dropout needs a softmax window beside a linear branch; method "
+                          f"{config.method!r} has {'no window' if not config.has_window_branch else 'no linear branch'}"
+                          f" (set {key}.rate=0 and {key}.final_rate=0)")
+    if wd.window >= config.window:
+        raise RecipeError(f"{key}.window={wd.window} does not shorten the layers' window ({config.window}): set it "
+                          f"below linearize.window, or {key}.rate=0 and {key}.final_rate=0 to turn it off")
+
+
 def validate(recipe: Recipe) -> Recipe:
     """Value checks that do not need the model or the data (those run at the start of a run)."""
     _check_finite(recipe)
@@ -505,6 +545,7 @@ def validate(recipe: Recipe) -> Recipe:
         raise RecipeError("stage2.lora needs r >= 1 and at least one target module (e.g. [q_proj, k_proj, v_proj])")
     if not (recipe.stage1.enabled or recipe.stage2.enabled):
         raise RecipeError("both stages are disabled: set stage1.enabled=true and/or stage2.enabled=true")
+    config = None
     if recipe.linearize is not None:
         try:
             config = recipe.linearize.resolved()
@@ -514,6 +555,8 @@ def validate(recipe: Recipe) -> Recipe:
             raise RecipeError("recipe key linearize.sparse_cache: LoLA's sparse cache is inference-only (its selection "
                               "has no gradient); distill with sparse_cache 0 and set it when evaluating "
                               "(linearize eval --sparse-cache N)")
+    for sname in ("stage1", "stage2"):
+        _validate_window_dropout(f"{sname}.window_dropout", getattr(recipe, sname).window_dropout, config)
     return recipe
 
 

@@ -48,6 +48,7 @@ from .recipe import OptimizerSection, Recipe, RecipeError, flatten_sections, fla
 from .sharding import (ShardingError, check_mode, is_fsdp, keep_new_parameters_fp32, load_state, save_state,
                        trainable_state)
 from .tracking import Trackers, accelerator_kwargs
+from .window_dropout import draw_dropped_layers, set_train_windows
 
 LORA_MARK = "lora_"
 PEFT_PREFIX = "base_model.model."
@@ -575,11 +576,14 @@ class Run:
             transfer = AttentionTransfer()
             for m in mixers(acc.unwrap_model(model)):
                 m.transfer = transfer
+        check_window_dropout(section, mixers(acc.unwrap_model(model)), plan.stage)
         try:
             self.loop(plan, model, peft_model, optimizer, scheduler, transfer, step, tokens, elapsed0)
         finally:
+            layers = mixers(acc.unwrap_model(model))
+            set_train_windows(layers, torch.zeros(len(layers), dtype=torch.bool), None)
             if transfer is not None:
-                for m in mixers(acc.unwrap_model(model)):
+                for m in layers:
                     m.transfer = None
 
     def loop(self, plan, model, peft_model, optimizer, scheduler, transfer, step, tokens, elapsed0) -> None:
@@ -598,6 +602,7 @@ class Run:
         if step == 0 and self.heldout.enabled(plan.stage):
             eval_s += self.evaluate(plan, model, step, tokens, bar)
         while step < plan.steps:
+            dropped = self.drop_windows(plan, model, step)
             total = self.accumulate(plan, model, peft_model, transfer, step, len(layers))
             loss_value = float(total[0])
             grad_norm, lr = self.optimizer_step(plan, step, model, optimizer, scheduler, loss_value, history, bar)
@@ -614,6 +619,8 @@ class Run:
                       "elapsed_s": elapsed0 + elapsed}
             if plan.stage == 2:
                 record.update(ce=float(total[1]), kl=float(total[2]))
+            if dropped is not None:
+                record["window_dropped_layers"] = dropped
             interval += total[3:].cpu()
             interval_steps += 1
             if step % recipe.log_every == 0 or step == plan.steps:
@@ -667,6 +674,17 @@ class Run:
                             write_state=lambda folder: save_state(acc, model, optimizer, folder))
         if acc.is_main_process:
             plot_losses(self.metrics.records(), self.out / "loss.png")
+
+    def drop_windows(self, plan, model, step: int) -> int | None:
+        """Window dropout for this step: cut the drawn layers' windows (see
+        distill.window_dropout). Returns how many layers were cut, None when it is off."""
+        section = (self.recipe.stage1 if plan.stage == 1 else self.recipe.stage2).window_dropout
+        if not (section.rate or section.final_rate):
+            return None
+        layers = mixers(self.accelerator.unwrap_model(model))
+        dropped = draw_dropped_layers(section, step, plan.steps, len(layers), self.recipe.seed, plan.stage)
+        set_train_windows(layers, dropped, section.window)
+        return int(dropped.sum())
 
     def accumulate(self, plan, model, peft_model, transfer, step: int, n_layers: int) -> torch.Tensor:
         """Forward and backward over one global step's micro-batches, gradients left in place.
@@ -831,6 +849,19 @@ def detached_transfer(model):
     finally:
         for m, t in zip(ms, saved):
             m.transfer = t
+
+
+def check_window_dropout(section, layers, stage: int) -> None:
+    """A linearized source (model.path) is only known here: its layers need a window longer
+    than the dropped one, beside a linear branch."""
+    wd = section.window_dropout
+    if not (wd.rate or wd.final_rate):
+        return
+    short = [m.layer_idx for m in layers if not (m.has_window and m.has_linear) or m.lconfig.window <= wd.window]
+    if short:
+        raise RecipeError(f"stage{stage}.window_dropout.window={wd.window} cannot shorten layers {short}: they have no "
+                          f"window beside a linear branch, or one of at most {wd.window} tokens; lower the dropout "
+                          f"window or set stage{stage}.window_dropout.rate=0 and final_rate=0")
 
 
 def unhealthy(guard, loss: float, grad_norm: float | None, history: list[float]) -> str | None:

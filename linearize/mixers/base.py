@@ -99,6 +99,8 @@ class LinearizedAttention(nn.Module):
         object.__setattr__(self, "_context", context)
         self.teacher_active = False
         self.transfer: AttentionTransfer | None = None
+        # Set by distillation's window dropout for one training step (linearize.distill.window_dropout).
+        self.train_window: int | None = None
         self._build_branches()
 
     # -- construction -------------------------------------------------------------------
@@ -222,6 +224,13 @@ class LinearizedAttention(nn.Module):
             o_lin, den = self.linear_branch(hidden, lin_q, lin_k, k, v, key_mask, cu_seqlens, state)
         return self.mix(o_win, lse, o_lin, den)
 
+    def window_now(self, state) -> int:
+        """The softmax window of this forward: the config's, or the shorter one that window
+        dropout set for this training step (never while a decode state is carried)."""
+        if self.train_window is not None and self.training and state is None:
+            return self.train_window
+        return self.lconfig.window
+
     # -- branches --------------------------------------------------------------------------
     def window_branch(self, q, k, v, key_mask, cu_seqlens, state):
         """Softmax over the window (and sinks). Returns o [B, T, H, D] and lse [B, T, H] (fp32)."""
@@ -231,7 +240,7 @@ class LinearizedAttention(nn.Module):
             o, lse, _ = state.window_attention(q, k, v, key_mask, window=cfg.window, num_sink_tokens=cfg.num_sink_tokens,
                                                sink_logits=sink_logits, scale=self.scaling, softcap=self.softcap)
             return o, lse
-        o, lse = sliding_window_attention(q, k, v, window=cfg.window, num_sink_tokens=cfg.num_sink_tokens,
+        o, lse = sliding_window_attention(q, k, v, window=self.window_now(state), num_sink_tokens=cfg.num_sink_tokens,
                                           sink_logits=sink_logits, scale=self.scaling, key_mask=key_mask,
                                           cu_seqlens=cu_seqlens, need_lse=cfg.mixing == "shared-denominator",
                                           softcap=self.softcap)
@@ -278,7 +287,7 @@ class LinearizedAttention(nn.Module):
             weights = dict(w_win=float(cfg.window_weight), w_lin=float(cfg.linear_weight))
         else:
             weights = dict(c=torch.sigmoid(self.linearize_linear_logit.float()))
-        o, final = hybrid_attention(q_rot, k_rot, v, fq, fk, g, window=cfg.window, mode=mode,
+        o, final = hybrid_attention(q_rot, k_rot, v, fq, fk, g, window=self.window_now(state), mode=mode,
                                     num_sink_tokens=cfg.num_sink_tokens,
                                     sink_logits=getattr(self, "linearize_sink_logits", None), scale_win=self.scaling,
                                     scale_lin=1.0, key_mask=key_mask, cu_seqlens=cu_seqlens,

@@ -85,7 +85,8 @@ class LolcatsAttention(LinearizedAttention):
         o_win, lse, m = self.window_with_max(q_rot, k_rot, v, key_mask, cu_seqlens, state)
         fq, fk, g = self.linear_inputs(hidden, lin_q, lin_k, k)
         tail = None if state is None else state.linear_tail
-        (k_in, v_in), kept, new_tail = delay_into_state([fk, v], keep, cfg.window, tail=tail, cu_seqlens=cu_seqlens)
+        (k_in, v_in), kept, new_tail = delay_into_state([fk, v], keep, self.window_now(state), tail=tail,
+                                                        cu_seqlens=cu_seqlens)
         initial = None if state is None else state.recurrent
         step = initial is not None and T <= DECODE_STEP_TOKENS
         num, den, final = linear_recurrence(fq, k_in, v_in, g, keep=kept, key_mask=key_mask, cu_seqlens=cu_seqlens,
@@ -133,7 +134,7 @@ class LolcatsAttention(LinearizedAttention):
     def window_with_max(self, q, k, v, key_mask, cu_seqlens, state):
         """The window's softmax output [B, T, H, V], log-denominator and row max [B, T, H]."""
         cfg = self.lconfig
-        win = dict(window=cfg.window, num_sink_tokens=cfg.num_sink_tokens)
+        win = dict(window=self.window_now(state), num_sink_tokens=cfg.num_sink_tokens)
         if state is not None and state.has_window_past():
             return state.window_attention(q, k, v, key_mask, sink_logits=None, scale=self.scaling,
                                           softcap=self.softcap, **win)
