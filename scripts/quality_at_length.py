@@ -39,8 +39,16 @@ RUNS = {
     "lolcats-baseline-gate": (dict(method="lolcats", init="baseline", gate="mamba2"), True, True),
     "lolcats-baseline-gate-norope": (dict(method="lolcats", init="baseline", gate="mamba2", linear_rope=False), True,
                                     True),
+    "lolcats-baseline-gate-norope-ssd": (dict(method="lolcats", init="baseline", gate="mamba2", linear_rope=False),
+                                        True, True),
     "liger-gla-baseline": (dict(method="liger-gla", init="baseline"), True, True),
     "lizard-baseline": (dict(method="lizard", init="baseline"), True, True),
+}
+# Recipe sections a run sets beyond the shared recipe (merged into it).
+RECIPE_EXTRAS = {
+    # scheduled sliding-window dropout: each layer trains a step with a 16-token window with
+    # probability 0.5 at the start of stage 2, falling to 0 at its end
+    "lolcats-baseline-gate-norope-ssd": {"stage2": {"window_dropout": {"rate": 0.5, "final_rate": 0.0, "window": 16}}},
 }
 # LoLA's sparse cache at evaluation, no training of its own: name -> (the run whose trained
 # model it loads, pairs per layer and head). Untrained entries load the conversion.
@@ -52,6 +60,7 @@ SPARSE = {
     "lolcats-baseline-gate-untrained+lola64": ("lolcats-baseline-gate-untrained", 64),
     "lolcats-baseline-gate+lola256": ("lolcats-baseline-gate", 256),
     "lolcats-baseline-gate-norope+lola64": ("lolcats-baseline-gate-norope", 64),
+    "lolcats-baseline-gate-norope-ssd+lola64": ("lolcats-baseline-gate-norope-ssd", 64),
 }
 RUNS["lolcats-baseline-untrained"] = (dict(method="lolcats", init="baseline"), None, None)
 RUNS["lolcats-baseline-gate-untrained"] = (dict(method="lolcats", init="baseline", gate="mamba2"), None, None)
@@ -59,6 +68,13 @@ RUNS.update({name: None for name in SPARSE})
 
 
 def recipe(name: str, config: dict, stage1: bool, train_new: bool, args) -> dict:
+    tree = shared_recipe(name, config, stage1, train_new, args)
+    for section, values in RECIPE_EXTRAS.get(name, {}).items():
+        tree[section] = {**tree[section], **values}
+    return tree
+
+
+def shared_recipe(name: str, config: dict, stage1: bool, train_new: bool, args) -> dict:
     return {
         "output_dir": str(WORK / name / "run"),
         "seed": 0,
@@ -174,6 +190,8 @@ LABELS = {
     "lolcats-baseline-gate-untrained+lola64": "LoLCATs + Mamba2 gate, init baseline, untrained + LoLA sparse cache 64",
     "lolcats-baseline-gate+lola256": "LoLCATs + Mamba2 gate, init baseline + LoLA sparse cache 256",
     "lolcats-baseline-gate-norope+lola64": "LoLCATs + Mamba2 gate, init baseline, feature maps before RoPE + LoLA 64",
+    "lolcats-baseline-gate-norope-ssd": "LoLCATs + Mamba2 gate, maps before RoPE, window dropout (stage 2)",
+    "lolcats-baseline-gate-norope-ssd+lola64": "LoLCATs + Mamba2 gate, maps before RoPE, window dropout + LoLA 64",
 }
 
 
