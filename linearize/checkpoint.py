@@ -31,6 +31,13 @@ __all__ = ["CheckpointError", "load", "register_auto_classes", "read_config_json
            "resolve_model_folder", "model_source", "load_base_model", "load_model_from"]
 
 
+# What a model folder needs from a hub repo (top level only): config, weights, tokenizer, chat
+# template, remote code. Repos often carry more (original/ checkpoints, GGUF, ONNX), sometimes
+# many GB, that transformers would never read.
+HUB_FILES = ["*.json", "*.safetensors", "*.py", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+HUB_PICKLED_WEIGHTS = ["pytorch_model*.bin"]
+
+
 def resolve_model_folder(name: str | Path) -> Path:
     """A local folder as it is; otherwise a hub id ("org/name") resolved to its snapshot folder
     through huggingface_hub (the local cache only when HF_HUB_OFFLINE=1).
@@ -49,7 +56,10 @@ def resolve_model_folder(name: str | Path) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id=text))
+        folder = Path(snapshot_download(repo_id=text, allow_patterns=HUB_FILES))
+        if not any(folder.glob("*.safetensors")):  # an older repo with pickled weights only
+            folder = Path(snapshot_download(repo_id=text, allow_patterns=HUB_FILES + HUB_PICKLED_WEIGHTS))
+        return folder
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
         raise FileNotFoundError(f"no folder at {path}, and {text!r} is not a hub model this machine can get "
                                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); pass a local "
