@@ -10,23 +10,10 @@ import torch.nn.functional as F
 
 import linearize
 from helpers.perturb import perturb
+from helpers.reference import rel, rope
 from linearize import ConfigError, LinearizeConfig
 
 T, BATCH, WINDOW, SINKS = 37, 2, 8, 4
-
-
-def rel(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def rope(x, theta):
-    """Llama RoPE on x [T, heads, D] at positions 0..T-1 (fp64)."""
-    Tn, _, D = x.shape
-    inv = 1.0 / theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
-    ang = torch.arange(Tn, dtype=torch.float64)[:, None] * inv[None]
-    cos, sin = torch.cat([ang, ang], -1).cos()[:, None], torch.cat([ang, ang], -1).sin()[:, None]
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], -1) * sin
 
 
 def reference(x, W, P, H, Hkv, D, theta, window):
