@@ -5,12 +5,14 @@ it beside the teacher and the window + sinks baseline on text the training never
                                         [--work DIR --doc FILE]   (another budget beside this one)
 
 Per run (outputs/quality/<run>/, every step reused when its file exists):
-  recipe.yaml + the `linearize distill` run (skipped for untrained entries), then eval.json:
+  recipe.yaml + the `linearize distill` run (skipped for untrained entries); then its record,
+  docs/data/<doc name>/<run>.json (committed, so the page can be rebuilt without the models):
   held-out summaries (64 texts, 1,024-token windows), the same summaries joined into
   1,024-token documents, the long held-out documents bucketed by position (0-64, 64-512,
   512-2k, 2k-4k), passkey and MQAR at 2k/4k with every key >= 256 tokens before its question.
+  plus the training time and the stage-2 held-out perplexity curve.
 Training text: the long documents' train split (never the held-out ones); writes
-docs/quality-at-length.md and its plot.
+docs/quality-at-length.md and its plots from every record in its data folder.
 """
 from __future__ import annotations
 
@@ -26,6 +28,12 @@ import yaml
 
 WORK = Path("outputs/quality")
 DOC = Path("docs/quality-at-length.md")
+MEASUREMENTS = ("short", "curve_ref", "joined", "long_doc", "passkey", "mqar")
+
+
+def data_dir() -> Path:
+    """Where the page's records live: docs/data/<doc name>/."""
+    return DOC.parent / "data" / DOC.stem
 
 # name -> (linearize config, stage 1 on? (None: not trained at all), stage 2 trains the new
 # parameters too?). window-sinks-lora is the control: the same LoRA budget with no recurrence.
@@ -58,12 +66,15 @@ SPARSE = {
     "lolcats-baseline+lola64": ("lolcats-baseline", 64),
     "lolcats-baseline-gate+lola64": ("lolcats-baseline-gate", 64),
     "lolcats-baseline-gate-untrained+lola64": ("lolcats-baseline-gate-untrained", 64),
+    "lolcats-baseline-gate-norope-untrained+lola64": ("lolcats-baseline-gate-norope-untrained", 64),
     "lolcats-baseline-gate+lola256": ("lolcats-baseline-gate", 256),
     "lolcats-baseline-gate-norope+lola64": ("lolcats-baseline-gate-norope", 64),
     "lolcats-baseline-gate-norope-ssd+lola64": ("lolcats-baseline-gate-norope-ssd", 64),
 }
 RUNS["lolcats-baseline-untrained"] = (dict(method="lolcats", init="baseline"), None, None)
 RUNS["lolcats-baseline-gate-untrained"] = (dict(method="lolcats", init="baseline", gate="mamba2"), None, None)
+RUNS["lolcats-baseline-gate-norope-untrained"] = (dict(method="lolcats", init="baseline", gate="mamba2",
+                                                    linear_rope=False), None, None)
 RUNS.update({name: None for name in SPARSE})
 
 
@@ -152,12 +163,25 @@ def metrics(model, tok, args) -> dict:
     }
 
 
+def training_record(name: str) -> dict:
+    """Training time (s) and the stage-2 held-out perplexity curve [(tokens, ppl)] of a run
+    trained here; empty for untrained entries and LoLA entries (their source run holds it)."""
+    out, log, t = {}, WORK / name / "run" / "metrics.jsonl", WORK / name / "train_time.json"
+    if t.is_file():
+        out["train_seconds"] = json.loads(t.read_text())["seconds"]
+    if log.is_file():
+        pts = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        out["curve"] = [(p["tokens"], p["eval_ppl"]) for p in pts if "eval_ppl" in p and p.get("stage") == 2]
+    return out
+
+
 def evaluate(name: str, final: Path | None, args) -> dict:
-    """eval.json of a run, computing only the measurements it does not hold yet."""
-    out = WORK / name / "eval.json"
+    """The run's record, computing only the measurements it does not hold yet."""
+    out = data_dir() / f"{name}.json"
     res = json.loads(out.read_text()) if out.is_file() else {}
+    res.update(training_record(name))
     model, tok = None, None
-    for key in ("short", "curve_ref", "joined", "long_doc", "passkey", "mqar"):
+    for key in MEASUREMENTS:
         if key in res:
             continue
         if model is None:
@@ -166,9 +190,14 @@ def evaluate(name: str, final: Path | None, args) -> dict:
         with torch.no_grad():
             res[key] = metrics(model, tok, args)[key]()
         res.setdefault("seconds", {})[key] = time.time() - t0
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(res, indent=1, default=float))
+        save_record(out, res)
+    save_record(out, res)
     return res
+
+
+def save_record(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1, default=float))
 
 
 LABELS = {
@@ -188,6 +217,7 @@ LABELS = {
     "lolcats-baseline+lola64": "LoLCATs, init baseline + LoLA sparse cache 64",
     "lolcats-baseline-gate+lola64": "LoLCATs + Mamba2 gate, init baseline + LoLA sparse cache 64",
     "lolcats-baseline-gate-untrained+lola64": "LoLCATs + Mamba2 gate, init baseline, untrained + LoLA sparse cache 64",
+    "lolcats-baseline-gate-norope-untrained+lola64": "LoLCATs + Mamba2 gate, init baseline, maps before RoPE, untrained + LoLA 64",
     "lolcats-baseline-gate+lola256": "LoLCATs + Mamba2 gate, init baseline + LoLA sparse cache 256",
     "lolcats-baseline-gate-norope+lola64": "LoLCATs + Mamba2 gate, init baseline, feature maps before RoPE + LoLA 64",
     "lolcats-baseline-gate-norope-ssd": "LoLCATs + Mamba2 gate, maps before RoPE, window dropout (stage 2)",
@@ -332,12 +362,8 @@ def curves(results: dict, path: Path) -> bool:
 
     fig, (ax,) = new_figure(1, width=7, height=4)
     drawn = False
-    for name in results:
-        log = WORK / name / "run" / "metrics.jsonl"
-        if not log.is_file():
-            continue
-        pts = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        pts = [(p["tokens"], p["eval_ppl"]) for p in pts if "eval_ppl" in p and p.get("stage") == 2]
+    for name, res in results.items():
+        pts = res.get("curve")
         if pts:
             ax.plot(*zip(*pts), marker="o", label=LABELS.get(name, name))
             drawn = True
@@ -382,10 +408,9 @@ def write_document(results: dict, args) -> Path:
     buckets_img = DOC.parent / "img" / f"{DOC.stem}-buckets.png"
     has_buckets = buckets_figure(results, buckets_img)
     budget = []
-    for name in results:
-        t = WORK / name / "train_time.json"
-        if t.is_file():
-            budget.append(f"{LABELS.get(name, name)} {json.loads(t.read_text())['seconds'] / 60:.0f} min")
+    for name, res in results.items():
+        if "train_seconds" in res:
+            budget.append(f"{LABELS.get(name, name)} {res['train_seconds'] / 60:.0f} min")
     text = [
         "# Quality at length",
         "",
@@ -452,7 +477,7 @@ def main(argv=None) -> None:
         if not args.only_train:
             results[name] = evaluate(name, final, args)
     for name in RUNS:
-        done = WORK / name / "eval.json"
+        done = data_dir() / f"{name}.json"
         if name not in results and done.is_file():
             results[name] = json.loads(done.read_text())
     if results:
