@@ -33,7 +33,7 @@ def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
                         "recurrence, 0.5/0.5); lizard: Hedgehog maps, scalar gate, window 128 with 4 sink logits; "
                         "lolcats: Hedgehog linear attention over the keys past a 64-token window, one denominator "
                         "(as published); gated-deltanet: the gated delta rule beside a 64-token window + 4 sinks; "
-                        "lightning: Liger Attention with Lightning's fixed per-head decay, window 64 + 4 sinks; "
+                        "lightning: Liger Attention with Lightning's fixed per-head decay, normalized, window 64 + 4 sinks; "
                         "based: Based's Taylor feature map (16 -> 273 features) beside a 64-token window + 4 sinks; "
                         "window-sinks: softmax over 4 sink tokens + last 64 (no training). "
                         "Default: the recommended conversion, lolcats --init baseline --gate mamba2 --sparse-cache 64 "
