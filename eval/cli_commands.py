@@ -118,7 +118,7 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
 
 def run_eval(args: argparse.Namespace) -> int:
     """``linearize eval``: run, write the run folder, print the tables. Returns the exit code."""
-    from linearize.checkpoint import CheckpointError, check_writable
+    from linearize.model_folder import CheckpointError, check_writable
 
     from .runner import metrics_table, run_evaluation, task_table
 
@@ -151,7 +151,7 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 
 def run_report(args: argparse.Namespace) -> int:
     """``linearize report``: merge run folders into one markdown report. Returns the exit code."""
-    from linearize.checkpoint import CheckpointError, check_writable
+    from linearize.model_folder import CheckpointError, check_writable
 
     from .report import write_report
 

@@ -20,7 +20,7 @@ from lm_eval.models.huggingface import HFLM
 
 import linearize
 from linearize import teacher
-from linearize.checkpoint import resolve_model_folder
+from linearize.model_folder import resolve_model_folder
 
 
 

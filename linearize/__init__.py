@@ -7,7 +7,7 @@
     model.save_pretrained("out"); linearize.load("out")
 """
 from .cache import LinearizeCache
-from .checkpoint import CheckpointError, load, register_auto_classes
+from .model_folder import CheckpointError, load, register_auto_classes
 from .config import METHODS, ConfigError, LinearizeConfig
 from .convert import convert, is_linearized, mixers, new_parameters, teacher, unconvert
 from .families import FAMILIES, UnsupportedArchitectureError

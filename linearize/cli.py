@@ -101,7 +101,7 @@ def saved_size_estimate(base_config, dtype: str | None) -> int:
 def output_folder(args: argparse.Namespace, config) -> Path:
     """--out, checked before anything is loaded (or built: the embedded model's first use takes a while)."""
     from .assets import DEFAULT_MODEL_NAME, cache_dir
-    from .checkpoint import check_output_folder
+    from .model_folder import check_output_folder
 
     name = args.model or DEFAULT_MODEL_NAME
     out = Path(args.out or f"linearized-{Path(name).name}-{config.method}")
@@ -114,7 +114,7 @@ def check_convert_arguments(args: argparse.Namespace, config, source, name: str,
     """The checks `convert` makes once the source is known and before the slow load."""
     from transformers import AutoConfig
 
-    from .checkpoint import CheckpointError, check_writable
+    from .model_folder import CheckpointError, check_writable
     from .config import ConfigError
 
     try:
@@ -133,7 +133,7 @@ def check_convert_arguments(args: argparse.Namespace, config, source, name: str,
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .checkpoint import model_source
+    from .model_folder import model_source
     from .progress import progress_bars
 
     if args.list_families:
@@ -165,7 +165,7 @@ def no_transformers_bars():
 
 def convert_and_save(args: argparse.Namespace, config, source, name: str, out: Path) -> int:
     """Load, check, convert and save (the slow part of `convert`), with progress bars where asked."""
-    from .checkpoint import load_model_from, save_folder
+    from .model_folder import load_model_from, save_folder
     from .convert import convert
     from .model_card import write_model_card
     from .summary import summarize
@@ -192,7 +192,7 @@ def convert_and_save(args: argparse.Namespace, config, source, name: str, out: P
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .checkpoint import load
+    from .model_folder import load
     from .summary import summarize
 
     model = load(args.dir, allow_nonfinite=args.allow_nonfinite, sparse_cache=args.sparse_cache,
@@ -310,7 +310,7 @@ def parse_args(argv: list[str] | None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .checkpoint import CheckpointError
+    from .model_folder import CheckpointError
     from .config import ConfigError
     from .families import UnsupportedArchitectureError
 

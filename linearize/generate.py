@@ -11,7 +11,7 @@ import torch
 from transformers import AutoTokenizer
 
 from .cache import LinearizeCache
-from .checkpoint import load, resolve_model_folder
+from .model_folder import load, resolve_model_folder
 from .convert import is_linearized
 from .convert import teacher as teacher_mode
 

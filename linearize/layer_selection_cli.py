@@ -59,7 +59,7 @@ def scoring_rows(tokenizer, texts: str, num_texts: int, length: int) -> list[tor
 
 def scored_model(args: argparse.Namespace):
     """(model, tokenizer, name): SOURCE as saved when it is converted, else converted here."""
-    from .checkpoint import load_base_model
+    from .model_folder import load_base_model
     from .cli import config_from_args
     from .convert import convert
     from .state import is_linearized

@@ -102,7 +102,7 @@ def load_bench_model(model: str | None, method: str | None = None, config: str |
     import torch
 
     import linearize
-    from linearize.checkpoint import load_base_model
+    from linearize.model_folder import load_base_model
 
     if method and config:
         raise ValueError("pass either --method or --config, not both")

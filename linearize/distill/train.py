@@ -31,7 +31,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from ..assets import MissingAssetError, default_model_dir
-from ..checkpoint import CheckpointError, check_finite, load
+from ..model_folder import CheckpointError, check_finite, load
 from ..convert import convert, is_linearized, mixers, new_parameters, teacher
 from ..mixers import AttentionTransfer
 from ..model_card import write_model_card

@@ -28,7 +28,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 import linearize
 from linearize.assets import default_model_dir
-from linearize.checkpoint import load_base_model
+from linearize.model_folder import load_base_model
 from linearize.distill.checkpointing import write_atomic
 from linearize.distill.recipe import load_recipe
 from linearize.distill.train import distill

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import linearize
-from linearize.checkpoint import CheckpointError, check_writable, save_folder
+from linearize.model_folder import CheckpointError, check_writable, save_folder
 
 from helpers.tiny import tiny_config
 

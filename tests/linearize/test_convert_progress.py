@@ -8,7 +8,7 @@ import sys
 import torch
 
 import linearize
-from linearize.checkpoint import nonfinite_tensors
+from linearize.model_folder import nonfinite_tensors
 from linearize.cli import main
 from linearize.progress import progress_bars
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import linearize
-from linearize.checkpoint import resolve_model_folder
+from linearize.model_folder import resolve_model_folder
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

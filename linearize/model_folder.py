@@ -1,4 +1,4 @@
-"""Checkpoints: linearized models save and load as normal Hugging Face folders (their classes
+"""Model folders: linearized models save and load as normal Hugging Face folders (their classes
 are registered with the Auto classes in `hf_classes`). Loading refuses checkpoints with missing, unexpected, corrupt or non-finite
 weights, and a config.json that cannot describe the model (the error names the field).
 Saving (`save_folder`) writes beside the target and renames, so a folder that looks like a
