@@ -39,6 +39,8 @@ class LinearizedLayerCache(CacheLayerMixin):
         self.tail_k = self.tail_v = self.tail_keep = None
         # LoLA's sparse cache (`linearize.kernels.hybrid.sparse_cache`): its tensors by name.
         self.sparse: dict[str, torch.Tensor] | None = None
+        # Head-level hybrid: the kept heads' post-RoPE keys/values [B, L, n, D], growing, and [B, L].
+        self.full_k = self.full_v = self.full_valid = None
         self.is_initialized = True
 
     # -- transformers Cache protocol --------------------------------------------------------
@@ -60,7 +62,7 @@ class LinearizedLayerCache(CacheLayerMixin):
 
     def _tensors(self) -> list[str]:
         return ["recurrent", "valid_seen", "sink_k", "sink_v", "sink_valid", "win_k", "win_v", "win_valid", "win_sink",
-                "tail_k", "tail_v", "tail_keep"]
+                "tail_k", "tail_v", "tail_keep", "full_k", "full_v", "full_valid"]
 
     def _map(self, fn) -> None:
         for name in self._tensors():
@@ -142,6 +144,14 @@ class LinearizedLayerCache(CacheLayerMixin):
         self.win_valid = _cat(self.win_valid, valid)[:, -keep:] if keep else valid[:, :0]
         self.win_sink = _cat(self.win_sink, is_sink)[:, -keep:] if keep else is_sink[:, :0]
         self.valid_seen = self.valid_seen + valid.long().sum(-1)
+
+    def full_attention_kv(self, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None):
+        """Append the kept heads' new keys/values [B, T, n, D] (head-level hybrid) and return
+        every one so far, [B, L, n, D] twice, with their validity [B, L] bool."""
+        valid = torch.ones(k.shape[:2], dtype=torch.bool, device=k.device) if key_mask is None else key_mask.bool()
+        self.full_k, self.full_v = _cat(self.full_k, k), _cat(self.full_v, v)
+        self.full_valid = _cat(self.full_valid, valid)
+        return self.full_k, self.full_v, self.full_valid
 
     def window_attention(self, q, k, v, key_mask, *, window: int, num_sink_tokens: int, sink_logits, scale: float,
                          softcap: float | None = None):

@@ -86,6 +86,11 @@ class LinearizeConfig:
         See `linearize.kernels.hybrid.sparse_cache`.
     sparse_block: the cache's selection runs every this many tokens (LoLA's chunk; a query
         then sees between `window` and `window + sparse_block - 1` recent tokens exactly).
+    full_attention_heads: head-level hybrid (DuoAttention-style): {layer index: [KV-head
+        indices]} whose heads keep exact causal softmax over every past token and a growing KV
+        cache (with GQA, a KV head and all its query heads); the other heads of the layer stay
+        the method's hybrid. {} (default) changes nothing. See `linearize.mixers.full_heads`;
+        `linearize select-heads` chooses them by a measured retrieval score.
     """
 
     method: str = "liger-gla"
@@ -108,6 +113,7 @@ class LinearizeConfig:
     init: str | None = None
     sparse_cache: int = 0
     sparse_block: int = 64
+    full_attention_heads: dict[int, list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -205,6 +211,45 @@ class LinearizeConfig:
         if problem:
             raise ConfigError(problem)
         self._validate_layers()
+        self._validate_full_heads()
+
+    def _validate_full_heads(self) -> None:
+        """Normalise full_attention_heads to {int layer: sorted heads} (JSON keys are strings)
+        and refuse what no model takes; ranges against the model are checked at conversion."""
+        val = self.full_attention_heads
+        fix = "give {layer index: [KV-head indices]}, e.g. {3: [0], 7: [1, 2]} (convert --full-attention-heads 3:0,7:1,7:2)"
+        if not isinstance(val, dict):
+            raise ConfigError(f"full_attention_heads must be a dict; {fix}; got {val!r}")
+        out = {}
+        for layer, heads in val.items():
+            key = int(layer) if isinstance(layer, str) and layer.isdigit() else layer
+            if not _is_int(key) or key < 0:
+                raise ConfigError(f"full_attention_heads: layer {layer!r} is not a non-negative layer index; {fix}")
+            if key in out:
+                raise ConfigError(f"full_attention_heads: layer {key} is listed twice; merge its heads into one list")
+            if not isinstance(heads, (list, tuple)) or not heads or not all(_is_int(h) and h >= 0 for h in heads):
+                raise ConfigError(f"full_attention_heads: layer {key} needs a non-empty list of non-negative KV-head "
+                                  f"indices, got {heads!r}; {fix}")
+            if len(set(heads)) != len(heads):
+                raise ConfigError(f"full_attention_heads: layer {key} lists a head twice ({list(heads)}); "
+                                  "list each KV head once")
+            out[key] = sorted(int(h) for h in heads)
+        self.full_attention_heads = dict(sorted(out.items()))
+        softmax = sorted(set(out) & set(self.softmax_layers or []))
+        if softmax:
+            raise ConfigError(f"full_attention_heads names layers {softmax} that keep softmax attention whole "
+                              "(softmax_layers): every head there is already full; drop them from one of the two")
+        if self.layers is not None and set(out) - set(self.layers):
+            raise ConfigError(f"full_attention_heads names layers {sorted(set(out) - set(self.layers))} that are not "
+                              f"linearized (layers={self.layers}): add them to layers or drop them")
+
+    def check_full_attention_heads(self, num_kv_heads: int) -> None:
+        """ConfigError when a head index in full_attention_heads is >= the model's KV heads."""
+        bad = {layer: [h for h in heads if h >= num_kv_heads]
+               for layer, heads in self.full_attention_heads.items() if any(h >= num_kv_heads for h in heads)}
+        if bad:
+            raise ConfigError(f"full_attention_heads {bad}: head indices count KV heads and the model has "
+                              f"{num_kv_heads} (0..{num_kv_heads - 1}); with GQA, a KV head keeps all its query heads")
 
     def _validate_numbers(self) -> None:
         for name in ("window_weight", "linear_weight", "gate_normalizer"):
@@ -242,6 +287,10 @@ class LinearizeConfig:
             bad = [i for i in (getattr(self, name) or []) if i >= num_layers]
             if bad:
                 raise ConfigError(f"{name} {bad} out of range: the model has {num_layers} layers (0..{num_layers - 1})")
+        bad = [i for i in self.full_attention_heads if i >= num_layers]
+        if bad:
+            raise ConfigError(f"full_attention_heads layers {bad} out of range: the model has {num_layers} layers "
+                              f"(0..{num_layers - 1})")
         chosen = range(num_layers) if self.layers is None else self.layers
         return [i for i in chosen if i not in set(self.softmax_layers)]
 

@@ -18,6 +18,7 @@ class ConversionSummary:
     total_parameters: int
     state_bytes: dict[int, int]  # context length -> student decode-state bytes
     teacher_kv_bytes: dict[int, int]  # context length -> teacher KV-cache bytes
+    full_attention_heads: int = 0  # KV heads kept exact in linearized layers (head-level hybrid)
 
     def lines(self) -> list[str]:
         out = [
@@ -26,6 +27,9 @@ class ConversionSummary:
             f"layers kept softmax {len(self.softmax_layers)}: {_ranges(self.softmax_layers) or '-'}",
             f"parameters added    {self.added_parameters:,} ({100 * self.added_parameters / max(self.total_parameters, 1):.3f}% of {self.total_parameters:,})",
         ]
+        if self.full_attention_heads:
+            out.append(f"full-attention heads {self.full_attention_heads} KV heads in linearized layers "
+                       "(their KV cache grows with the context, counted below)")
         for ctx in sorted(self.state_bytes):
             s, t = self.state_bytes[ctx], self.teacher_kv_bytes[ctx]
             out.append(f"decode state @ {ctx // 1024}k  {_mib(s)} vs teacher KV cache {_mib(t)} ({t / max(s, 1):.1f}x smaller)")
@@ -88,6 +92,8 @@ def summarize(model: nn.Module, contexts: tuple[int, ...] = (4096, 32768)) -> Co
     kept = [i for i in range(n) if i not in set(st.layers)]
     kv = kv_bytes_per_token(model)
     fixed = sum(layer_state_bytes(m) for m in mixers(model))
+    full_heads = sum(len(m.full_heads) for m in mixers(model))
+    full_kv = kv * full_heads // model.config.num_key_value_heads  # per token, kept heads' keys + values
     added = sum(p.numel() for _, p in new_parameters(model))
     method = st.config.method
     if st.config.sparse_cache:
@@ -95,5 +101,6 @@ def summarize(model: nn.Module, contexts: tuple[int, ...] = (4096, 32768)) -> Co
                    f"(selected every {st.config.sparse_block} tokens)")
     return ConversionSummary(
         method, n, list(st.layers), kept, added, total,
-        {c: fixed + len(kept) * kv * c for c in contexts}, {c: n * kv * c for c in contexts},
+        {c: fixed + (len(kept) * kv + full_kv) * c for c in contexts}, {c: n * kv * c for c in contexts},
+        full_heads,
     )

@@ -21,6 +21,7 @@ from ..methods import Method
 from ..state import is_new_parameter
 from .context import ForwardContext
 from .feature_maps import build_feature_map
+from .full_heads import with_full_heads
 from .gates import build_gate
 
 # Up to this many new tokens against a carried state take the step-by-step recurrence
@@ -101,6 +102,9 @@ class LinearizedAttention(nn.Module):
         self.transfer: AttentionTransfer | None = None
         # Set by distillation's window dropout for one training step (linearize.distill.window_dropout).
         self.train_window: int | None = None
+        # KV heads that keep exact softmax over every key (LinearizeConfig.full_attention_heads).
+        config.check_full_attention_heads(self.num_kv_heads)
+        self.full_heads: list[int] = list(config.full_attention_heads.get(layer_idx, []))
         self._build_branches()
 
     # -- construction -------------------------------------------------------------------
@@ -205,6 +209,8 @@ class LinearizedAttention(nn.Module):
         cu_seqlens = self._context.cu_seqlens(B, T) if key_mask is None else None
         state = cache.linear_layer(self.layer_idx) if cache is not None and hasattr(cache, "linear_layer") else None
         o = self.attention(hidden_states, q, k, v, q_rot, k_rot, key_mask, cu_seqlens, state)
+        if self.full_heads:
+            o = with_full_heads(self, o, q_rot, k_rot, v, key_mask, cu_seqlens, state)
         if state is not None:
             state.advance(T)
         return o, self.o_proj(o.reshape(B, T, -1).to(hidden_states.dtype))
