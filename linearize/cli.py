@@ -1,4 +1,4 @@
-"""The `linearize` command line: convert, info, generate, distill, eval, report, bench, select-layers."""
+"""The `linearize` command line: convert, info, generate, distill, eval, report, bench, select-layers, select-heads."""
 from __future__ import annotations
 
 import argparse
@@ -61,6 +61,7 @@ def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
                    help="paper: the method's published initialisation; baseline: the untrained model is exactly "
                         "window + sinks (the linear branch starts at weight 0 and training adds it)")
     add_sparse_cache_arguments(g)
+    add_full_heads_argument(g)
 
 
 def add_sparse_cache_arguments(group) -> None:
@@ -72,6 +73,27 @@ def add_sparse_cache_arguments(group) -> None:
                        help="run the sparse cache's selection every C tokens (default 64)")
 
 
+def _full_heads(text: str) -> dict[int, list[int]]:
+    """--full-attention-heads "3:0,7:1,7:2" -> {3: [0], 7: [1, 2]}."""
+    choice: dict[int, list[int]] = {}
+    try:
+        for item in text.replace(" ", "").split(","):
+            if item:
+                layer, head = item.split(":")
+                choice.setdefault(int(layer), []).append(int(head))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected layer:kv_head pairs like 3:0,7:1,7:2; got {text!r}")
+    return choice
+
+
+def add_full_heads_argument(group) -> None:
+    """--full-attention-heads (the head-level hybrid; `linearize select-heads` prints a value)."""
+    group.add_argument("--full-attention-heads", type=_full_heads, default=None, metavar="L:H,..",
+                       help="head-level hybrid (DuoAttention-style): these KV heads of linearized layers keep exact "
+                            "softmax over every past token and a growing KV cache, e.g. 3:0,7:1 (layer:kv_head); "
+                            "`linearize select-heads` measures a choice")
+
+
 def config_from_args(args: argparse.Namespace):
     from .config import LinearizeConfig
 
@@ -81,6 +103,8 @@ def config_from_args(args: argparse.Namespace):
                   layers=args.layers, share_state_across_group=args.share_state, normalize=args.normalize,
                   init=args.init, sparse_cache=args.sparse_cache, sparse_block=args.sparse_block)
     given = {k: v for k, v in fields.items() if v is not None}  # None: the method's default
+    if getattr(args, "full_attention_heads", None):
+        given["full_attention_heads"] = args.full_attention_heads
     if args.method is None:  # the recommended conversion, with what the user set on top
         return LinearizeConfig.recommended(**given)
     return LinearizeConfig(**given)
@@ -281,6 +305,9 @@ DELEGATED_COMMANDS = {
     "select-layers": ("linearize.layer_selection_cli", "add_select_layers_arguments", "run_select_layers",
                       "choose the layers that keep softmax attention by measured KL to the teacher (KL-guided "
                       "layer selection) and print the --softmax-layers value"),
+    "select-heads": ("linearize.head_selection_cli", "add_select_heads_arguments", "run_select_heads",
+                     "choose the KV heads that keep full attention (head-level hybrid) by the passkey answer loss "
+                     "each one recovers and print the --full-attention-heads value"),
 }
 
 
