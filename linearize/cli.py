@@ -36,7 +36,8 @@ def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
                         "lightning: Liger Attention with Lightning's fixed per-head decay, normalized, window 64 + 4 sinks; "
                         "based: Based's Taylor feature map (16 -> 273 features) beside a 64-token window + 4 sinks; "
                         "window-sinks: softmax over 4 sink tokens + last 64 (no training). "
-                        "Default: the recommended conversion, lolcats --init baseline --gate mamba2 --sparse-cache 64 "
+                        "Default: the recommended conversion, lolcats --init baseline --gate mamba2 --no-linear-rope "
+                        "--sparse-cache 64 "
                         "(the best measured; README, docs/quality-at-length.md)")
     g.add_argument("--window", type=int, help="sliding-window size of the softmax branch; 0 = pure recurrent form")
     g.add_argument("--sinks", dest="num_sink_tokens", type=int, help="number of sink tokens always attended")
@@ -57,6 +58,9 @@ def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
                    help="one recurrent state (and learned key map) per KV head, shared by its query heads")
     g.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
                    help="divide the recurrence by its normalizer phi(q).z (Liger's published form has none)")
+    g.add_argument("--linear-rope", action=argparse.BooleanOptionalAction, default=None,
+                   help="feed RoPE'd q and k to the feature maps (LoLCATs as published); --no-linear-rope maps them "
+                        "before RoPE, so a distilled model's linear mass does not grow with position")
     g.add_argument("--init", choices=INITS,
                    help="paper: the method's published initialisation; baseline: the untrained model is exactly "
                         "window + sinks (the linear branch starts at weight 0 and training adds it)")
@@ -101,7 +105,7 @@ def config_from_args(args: argparse.Namespace):
                   num_sink_logits=args.num_sink_logits, gate=args.gate, feature_map=args.feature_map,
                   feature_dim=args.feature_dim, mixing=args.mixing, softmax_layers=args.softmax_layers,
                   layers=args.layers, share_state_across_group=args.share_state, normalize=args.normalize,
-                  init=args.init, sparse_cache=args.sparse_cache, sparse_block=args.sparse_block)
+                  linear_rope=args.linear_rope, init=args.init, sparse_cache=args.sparse_cache, sparse_block=args.sparse_block)
     given = {k: v for k, v in fields.items() if v is not None}  # None: the method's default
     if getattr(args, "full_attention_heads", None):
         given["full_attention_heads"] = args.full_attention_heads

@@ -25,9 +25,12 @@ METHOD_DEFAULTS: dict[str, MethodDefaults] = {name: method.preset for name, meth
 # What `linearize convert` makes when no --method is given (`LinearizeConfig.recommended()`):
 # the conversion that measures best at this project's CPU budget (docs/quality-at-length.md).
 # LoLCATs' hybrid started at the window + sinks baseline, so it is never worse than truncating
-# attention before training, with a Mamba2 decay gate (best after training) and LoLA's sparse
-# cache of 64 exact pairs per layer and head (passkey beyond the window without training).
-RECOMMENDED: dict[str, Any] = {"method": "lolcats", "init": "baseline", "gate": "mamba2", "sparse_cache": 64}
+# attention before training, with a Mamba2 decay gate (best after training), feature maps on q
+# and k before RoPE (a deviation from LoLCATs: distilled, RoPE'd maps lose the 4k passkey, see
+# `linear_rope`) and LoLA's sparse cache of 64 exact pairs per layer and head (passkey beyond
+# the window without training).
+RECOMMENDED: dict[str, Any] = {"method": "lolcats", "init": "baseline", "gate": "mamba2", "linear_rope": False,
+                               "sparse_cache": 64}
 
 
 class ConfigError(ValueError):

@@ -68,3 +68,7 @@ def test_the_default_conversion_is_the_recommended_one_and_options_apply_on_top(
     assert (tuned.method, tuned.sparse_cache, tuned.gate, tuned.init) == ("lolcats", 0, "none", "baseline")
     liger = config_from_args(build_parser().parse_args(["convert", "--method", "liger-gla"])).resolved()
     assert (liger.method, liger.sparse_cache, liger.init, liger.gate) == ("liger-gla", 0, "paper", "liger")
+    assert default.linear_rope is False
+    published = config_from_args(build_parser().parse_args(["convert", "--linear-rope"])).resolved()
+    assert published.linear_rope is True and published.gate == "mamba2"
+    assert config_from_args(build_parser().parse_args(["convert", "--method", "lolcats"])).resolved().linear_rope
