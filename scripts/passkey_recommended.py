@@ -1,35 +1,62 @@
 """Passkey at 2k and 4k, 4 depths x 3 trials (12 needles per length, each >= 256 tokens before
-the question), for the recommended conversion (`linearize convert` with no --method), untrained.
+the question), for the recommended conversion (`linearize convert` with no --method, untrained)
+or for a saved model folder.
 
-    python scripts/passkey_recommended.py   -> outputs/sparse-cache/passkey-recommended-3trials.json
+    python scripts/passkey_recommended.py                       (the recommended conversion)
+    python scripts/passkey_recommended.py --model FINAL --sparse-cache 64 --name RUN
+        -> docs/data/passkey-3trials/<name>.json (committed; the quality pages quote it)
 
-docs/quality-at-length.md quotes it (scripts/quality_at_length.py reads the file).
+Conversion fields can be overridden for the untrained model, e.g. `--set linear_rope=false`.
 """
+from __future__ import annotations
+
+import argparse
 import json
 import time
 from pathlib import Path
 
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import linearize
 from linearize.assets import default_model_dir
 from linearize.eval.passkey import passkey_retrieval
 
-OUT = Path("outputs/sparse-cache/passkey-recommended-3trials.json")
+DATA = Path("docs/data/passkey-3trials")
 
 
-def main() -> None:
+def load_model(args):
+    if args.model:
+        return linearize.load(args.model, sparse_cache=args.sparse_cache).eval()
+    model = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32).eval()
+    overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    linearize.convert(model, linearize.LinearizeConfig.recommended(**overrides))
+    return model
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="a saved (trained) model folder; default: convert the embedded SmolLM2")
+    p.add_argument("--sparse-cache", type=int, default=None, help="LoLA pairs when loading --model")
+    p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="conversion overrides (untrained)")
+    p.add_argument("--name", default="recommended-untrained", help="record name under docs/data/passkey-3trials/")
+    p.add_argument("--trials", type=int, default=3)
+    args = p.parse_args(argv)
+    if args.set and args.model:
+        p.error("--set overrides the conversion of the untrained model; a --model folder keeps its own")
     torch.set_num_threads(1)
     tok = AutoTokenizer.from_pretrained(default_model_dir())
-    model = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32).eval()
-    linearize.convert(model, linearize.LinearizeConfig.recommended())
+    model = load_model(args)
     t0 = time.time()
     with torch.no_grad():
-        pk = passkey_retrieval(model, tok, [2048, 4096], [0.1, 0.3, 0.5, 0.7], 3, min_distance=256)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({"passkey": pk, "seconds": time.time() - t0}, indent=1))
-    print(pk["accuracy"], f"{pk['mean_accuracy']:.1f} %", f"{time.time() - t0:.0f} s")
+        pk = passkey_retrieval(model, tok, [2048, 4096], [0.1, 0.3, 0.5, 0.7], args.trials, min_distance=256)
+    out = DATA / f"{args.name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"model": args.model or "recommended conversion", "sparse_cache": args.sparse_cache,
+              "overrides": args.set, "passkey": pk, "seconds": time.time() - t0}
+    out.write_text(json.dumps(record, indent=1))
+    print(out, pk["accuracy"], f"{pk['mean_accuracy']:.1f} %", f"{time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":

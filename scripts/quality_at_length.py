@@ -3,6 +3,7 @@ it beside the teacher and the window + sinks baseline on text the training never
 
     python scripts/quality_at_length.py [--runs NAME ...] [--stage1-tokens N] [--stage2-tokens N]
                                         [--work DIR --doc FILE]   (another budget beside this one)
+    python scripts/quality_at_length.py --render [--doc FILE ...]   (the page from its records only)
 
 Per run (outputs/quality/<run>/, every step reused when its file exists):
   recipe.yaml + the `linearize distill` run (skipped for untrained entries); then its record,
@@ -220,7 +221,7 @@ LABELS = {
     "lolcats-baseline-gate-norope-untrained+lola64": "LoLCATs + Mamba2 gate, init baseline, maps before RoPE, untrained + LoLA 64",
     "lolcats-baseline-gate+lola256": "LoLCATs + Mamba2 gate, init baseline + LoLA sparse cache 256",
     "lolcats-baseline-gate-norope+lola64": "LoLCATs + Mamba2 gate, init baseline, feature maps before RoPE + LoLA 64",
-    "lolcats-baseline-gate-norope-ssd": "LoLCATs + Mamba2 gate, maps before RoPE, window dropout (stage 2)",
+    "lolcats-baseline-gate-norope-ssd": "LoLCATs + Mamba2 gate, init baseline, maps before RoPE, window dropout (stage 2)",
     "lolcats-baseline-gate-norope-ssd+lola64": "LoLCATs + Mamba2 gate, maps before RoPE, window dropout + LoLA 64",
 }
 
@@ -231,6 +232,12 @@ def _ppl(x: dict | None) -> str:
 
 def _acc(x) -> str:
     return "" if x is None else f"{x:.0f}"
+
+
+def recommended_label() -> str:
+    from linearize.config import RECOMMENDED
+
+    return ", ".join(f"{k} {v}" for k, v in RECOMMENDED.items())
 
 
 def rows(results: dict) -> list[str]:
@@ -276,14 +283,14 @@ def sparse_cache_section(results: dict) -> list[str]:
             fmt = lambda r: " / ".join(f"{m['mean_accuracy']:.0f}" for m in r)  # noqa: E731
             parts.append(f"MQAR 2k / 4k {fmt(ref['mqar'])} -> {fmt(res['mqar'])} %")
         lines.append(f"- {LABELS.get(name, name)}: " + "; ".join(parts) + ".")
-    trials = Path("outputs/sparse-cache/passkey-recommended-3trials.json")
-    if trials.is_file():
-        pk = json.loads(trials.read_text())["passkey"]
+    for trials in sorted((DOC.parent / "data" / "passkey-3trials").glob("*.json")):
+        record = json.loads(trials.read_text())
+        pk = record["passkey"]
         per = " / ".join(f"{sum(a) / len(a):.0f}" for a in pk["accuracy"])
-        lines.append(f"- With {pk['trials']} trials per depth (12 needles per length, `python "
-                     f"scripts/passkey_recommended.py`), the recommended conversion (`linearize convert`, untrained: "
-                     f"LoLCATs, init baseline, Mamba2 gate, sparse cache 64) retrieves {per} % at 2k / 4k; the "
-                     "single-trial column above is the first of these trials.")
+        what = (f"the recommended conversion untrained ({recommended_label()})" if record["model"] == "recommended conversion"
+                else f"`{record['model']}` with LoLA {record['sparse_cache']}")
+        lines.append(f"- {pk['trials']} trials per depth (12 needles per length, `python scripts/passkey_recommended.py`, "
+                     f"record {trials.stem}): {what} retrieves {per} % at 2k / 4k.")
     if not lines:
         return []
     return ["## LoLA's sparse cache (it needs no training)", "",
@@ -461,6 +468,7 @@ def main(argv=None) -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--only-train", action="store_true")
+    p.add_argument("--render", action="store_true", help="only rewrite the page from the records in its data folder")
     p.add_argument("--work", type=Path, default=WORK, help="runs' folder (one per budget)")
     p.add_argument("--doc", type=Path, default=DOC, help="the document to write")
     args = p.parse_args(argv)
@@ -469,7 +477,9 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     from linearize.eval.long_documents import write_jsonl
 
-    if not (WORK / "train.jsonl").is_file():
+    if args.render:
+        args.runs = []
+    elif not (WORK / "train.jsonl").is_file():
         write_jsonl(WORK / "train.jsonl", "train")
     results = {}
     for name in args.runs:
