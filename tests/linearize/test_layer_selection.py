@@ -173,3 +173,5 @@ def test_cli_refuses_conversion_options_for_a_converted_source(tmp_path, capsys)
     capsys.readouterr()
     assert main(["select-layers", str(tmp_path / "c"), "--window", "8", "--budget", "1"]) == 2
     assert "already converted: conversion options (window) would be ignored" in capsys.readouterr().err
+    assert main(["select-layers", str(tmp_path / "c"), "--full-attention-heads", "0:0", "--budget", "1"]) == 2
+    assert "conversion options (full_attention_heads) would be ignored" in capsys.readouterr().err
