@@ -336,3 +336,12 @@ def test_list_families_prints_every_family_and_the_refused_ones(capsys):
     for name in [*FAMILIES, *NOT_SUPPORTED]:
         assert name in out
     assert "not run" in out and "NOT SUPPORTED YET" in out
+
+
+def test_full_attention_heads_in_a_layer_the_family_keeps_are_refused_before_any_swap():
+    model = tiny_model("gemma3_text")
+    with pytest.raises(linearize.config.ConfigError, match=r"layers \[0\] that this conversion does not linearize"):
+        linearize.convert(model, method="liger-gla", full_attention_heads={0: [0]})
+    assert not linearize.is_linearized(model)
+    linearize.convert(model, method="liger-gla", full_attention_heads={1: [0]})
+    assert [m.full_heads for m in linearize.mixers(model)] == [[0]]
