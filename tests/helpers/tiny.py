@@ -17,3 +17,20 @@ def tiny_model(model_type: str = "llama", **overrides):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides)).eval()
+
+
+def save_tiny_model(folder, **overrides) -> None:
+    """Save a 2-layer random Llama (seed 0) and a character-level tokenizer (ids = ASCII codes)
+    in `folder`: a source model the CLI commands can load offline."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    config = tiny_config("llama", bos_token_id=1, eos_token_id=2, **overrides)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{chr(c): c for c in range(32, 127)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(folder)

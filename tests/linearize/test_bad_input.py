@@ -19,29 +19,13 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-import torch
 
 import linearize
 from linearize.model_folder import CheckpointError, check_writable, save_folder
 
-from helpers.tiny import tiny_config
+from helpers.tiny import save_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def save_tiny_model(folder: Path) -> None:
-    """A 2-layer random Llama and a character-level tokenizer (ids = ASCII codes)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-
-    torch.manual_seed(0)
-    config = tiny_config("llama", bos_token_id=1, eos_token_id=2)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{chr(c): c for c in range(32, 127)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                            eos_token="</s>").save_pretrained(folder)
 
 
 def tree(path: Path) -> dict[str, str]:

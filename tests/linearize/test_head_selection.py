@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import linearize
 from helpers.threads import one_thread  # noqa: F401
-from helpers.tiny import tiny_config
+from helpers.tiny import save_tiny_model as save_shared_tiny_model
 from linearize.cli import main
 from linearize.head_selection import (full_heads_in, head_scores, heads_argument, passkey_rows, ranked_heads,
                                       select_full_heads)
@@ -27,18 +27,8 @@ def tokenizer(tmp_path_factory):
 
 
 def save_tiny_model(folder) -> None:
-    """A 2-layer random Llama (4 query, 2 KV heads) and a character-level tokenizer (ids = ASCII codes)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-
-    torch.manual_seed(0)
-    config = tiny_config("llama", bos_token_id=1, eos_token_id=2, max_position_embeddings=1024)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{chr(c): c for c in range(32, 127)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                            eos_token="</s>").save_pretrained(folder)
+    """The shared tiny source model, with room for 1,024 positions."""
+    save_shared_tiny_model(folder, max_position_embeddings=1024)
 
 
 def model_from(folder, **config):

@@ -9,7 +9,7 @@ import linearize
 from linearize.cli import main
 from linearize.layer_selection import kl_per_token, layer_scores, select_softmax_layers, softmax_in
 from tests.helpers.threads import one_thread  # noqa: F401
-from tests.helpers.tiny import tiny_config, tiny_model
+from tests.helpers.tiny import save_tiny_model, tiny_model
 
 T = 24
 # liger-gla started at the baseline is window + sinks; a window over the whole row makes every
@@ -28,20 +28,6 @@ def model_with_off_layers(**config):
             if weight is not None:
                 m.linearize_linear_weight.fill_(weight)
     return model
-
-
-def save_tiny_model(folder) -> None:
-    """A 2-layer random Llama and a character-level tokenizer (ids = ASCII codes)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(tiny_config("llama", bos_token_id=1, eos_token_id=2)).save_pretrained(folder)
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{chr(c): c for c in range(32, 127)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                            eos_token="</s>").save_pretrained(folder)
 
 
 def rows(n=2):
