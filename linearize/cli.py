@@ -105,10 +105,9 @@ def config_from_args(args: argparse.Namespace):
                   num_sink_logits=args.num_sink_logits, gate=args.gate, feature_map=args.feature_map,
                   feature_dim=args.feature_dim, mixing=args.mixing, softmax_layers=args.softmax_layers,
                   layers=args.layers, share_state_across_group=args.share_state, normalize=args.normalize,
-                  linear_rope=args.linear_rope, init=args.init, sparse_cache=args.sparse_cache, sparse_block=args.sparse_block)
+                  linear_rope=args.linear_rope, init=args.init, sparse_cache=args.sparse_cache, sparse_block=args.sparse_block,
+                  full_attention_heads=args.full_attention_heads)
     given = {k: v for k, v in fields.items() if v is not None}  # None: the method's default
-    if getattr(args, "full_attention_heads", None):
-        given["full_attention_heads"] = args.full_attention_heads
     if args.method is None:  # the recommended conversion, with what the user set on top
         return LinearizeConfig.recommended(**given)
     return LinearizeConfig(**given)

@@ -53,10 +53,6 @@ def run_select_heads(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model, tokenizer, name = scored_model(args)
     config = linearize_state(model).config
-    asked = args.full_attention_heads
-    if asked and {int(k): sorted(set(v)) for k, v in asked.items()} != config.full_attention_heads:
-        raise ValueError(f"{name} is already converted with full_attention_heads {config.full_attention_heads}: "
-                         "--full-attention-heads would be ignored; leave it out, or pass the original model")
     min_distance = config.window if args.min_distance is None else args.min_distance
     rows = passkey_rows(tokenizer, args.lengths, args.depths, min_distance=min_distance)
     scores = head_scores(model, rows, progress=lambda line: print(line, flush=True))

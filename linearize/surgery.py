@@ -23,7 +23,7 @@ def linearize_modules(model: nn.Module, config: LinearizeConfig) -> LinearizeSta
     resolved = config.resolved()
     layers = decoder_layers(model, family)
     indices = layers_to_convert(family, model.config, resolved, len(layers))
-    check_full_heads_fit(resolved, model.config, indices)
+    check_full_heads_fit(resolved, indices)
     context = ForwardContext()
     decoder = get_submodule(model, family.decoder_path)
     hook = decoder.register_forward_pre_hook(context.record, with_kwargs=True)
@@ -45,16 +45,13 @@ def linearize_modules(model: nn.Module, config: LinearizeConfig) -> LinearizeSta
     return state
 
 
-def check_full_heads_fit(config: LinearizeConfig, model_config, indices: list[int]) -> None:
+def check_full_heads_fit(config: LinearizeConfig, indices: list[int]) -> None:
     """ConfigError, before any layer is swapped, when full_attention_heads names a layer this
-    conversion leaves as it is (out of range, in softmax_layers, or a layer the family keeps)
-    or a KV head the model does not have."""
-    if not config.full_attention_heads:
-        return
+    conversion leaves as it is (in softmax_layers, or a layer the family keeps). Head indices
+    are checked by each mixer against its own KV heads (`LinearizeConfig.check_full_attention_heads`),
+    also before any swap: the first mixer built checks every layer's heads."""
     missing = sorted(set(config.full_attention_heads) - set(indices))
     if missing:
         raise ConfigError(f"full_attention_heads names layers {missing} that this conversion does not linearize "
                           f"(it converts {len(indices)} layers: {indices}); drop them, every head there keeps "
                           "the model's own attention")
-    num_kv = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
-    config.check_full_attention_heads(num_kv)

@@ -116,3 +116,12 @@ def test_select_heads_refuses_bad_input_before_scoring(tokenizer, capsys):
     assert main(["select-heads", str(folder), "--budget", "1", "--method", "liger-gla", "--window", "8",
                  "--lengths", "600", "--depths", "1.0", "--min-distance", "200"]) == 2
     assert "min_distance" in capsys.readouterr().err
+
+
+def test_cli_refuses_full_heads_for_a_converted_source(tmp_path, capsys):
+    save_tiny_model(tmp_path / "tiny")
+    assert main(["convert", str(tmp_path / "tiny"), "--method", "liger-gla", "--out", str(tmp_path / "c"),
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["select-heads", str(tmp_path / "c"), "--full-attention-heads", "0:0", "--budget", "1"]) == 2
+    assert "conversion options (full_attention_heads) would be ignored" in capsys.readouterr().err
