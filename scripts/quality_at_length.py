@@ -36,6 +36,8 @@ def data_dir() -> Path:
     """Where the page's records live: docs/data/<doc name>/."""
     return DOC.parent / "data" / DOC.stem
 
+# The recommended conversion as trained: LoLA's sparse cache is an evaluation-time option.
+RECOMMENDED_TRAINED = dict(method="lolcats", init="baseline", gate="mamba2", linear_rope=False)
 # name -> (linearize config, stage 1 on? (None: not trained at all), stage 2 trains the new
 # parameters too?). window-sinks-lora is the control: the same LoRA budget with no recurrence.
 RUNS = {
@@ -50,6 +52,10 @@ RUNS = {
                                     True),
     "lolcats-baseline-gate-norope-ssd": (dict(method="lolcats", init="baseline", gate="mamba2", linear_rope=False),
                                         True, True),
+    # the recommended conversion with the softmax layers `linearize select-layers` chose
+    # (budgets 2 and 4, untrained, docs/recall-beyond-the-window.md)
+    "recommended-kl2": (dict(RECOMMENDED_TRAINED, softmax_layers=[20, 23]), True, True),
+    "recommended-kl4": (dict(RECOMMENDED_TRAINED, softmax_layers=[14, 17, 20, 23]), True, True),
     "liger-gla-baseline": (dict(method="liger-gla", init="baseline"), True, True),
     "lizard-baseline": (dict(method="lizard", init="baseline"), True, True),
 }
@@ -71,6 +77,8 @@ SPARSE = {
     "lolcats-baseline-gate+lola256": ("lolcats-baseline-gate", 256),
     "lolcats-baseline-gate-norope+lola64": ("lolcats-baseline-gate-norope", 64),
     "lolcats-baseline-gate-norope-ssd+lola64": ("lolcats-baseline-gate-norope-ssd", 64),
+    "recommended-kl2+lola64": ("recommended-kl2", 64),
+    "recommended-kl4+lola64": ("recommended-kl4", 64),
 }
 RUNS["lolcats-baseline-untrained"] = (dict(method="lolcats", init="baseline"), None, None)
 RUNS["lolcats-baseline-gate-untrained"] = (dict(method="lolcats", init="baseline", gate="mamba2"), None, None)
@@ -223,6 +231,10 @@ LABELS = {
     "lolcats-baseline-gate-norope+lola64": "LoLCATs + Mamba2 gate, init baseline, feature maps before RoPE + LoLA 64",
     "lolcats-baseline-gate-norope-ssd": "LoLCATs + Mamba2 gate, init baseline, maps before RoPE, window dropout (stage 2)",
     "lolcats-baseline-gate-norope-ssd+lola64": "LoLCATs + Mamba2 gate, maps before RoPE, window dropout + LoLA 64",
+    "recommended-kl2": "recommended, softmax in the 2 KL-chosen layers [20, 23]",
+    "recommended-kl2+lola64": "recommended, 2 KL-chosen softmax layers + LoLA 64",
+    "recommended-kl4": "recommended, softmax in the 4 KL-chosen layers [14, 17, 20, 23]",
+    "recommended-kl4+lola64": "recommended, 4 KL-chosen softmax layers + LoLA 64",
 }
 
 
