@@ -18,6 +18,8 @@ docs/quality-at-length.md and its plots from every record in its data folder.
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import json
 import subprocess
 import sys
@@ -238,8 +240,38 @@ LABELS = {
 }
 
 
+@functools.lru_cache(maxsize=1)
+def _plain_model():
+    from linearize.assets import default_model_dir
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def decode_state_mib(name: str, context: int = 16384) -> float | None:
+    """MiB of one sequence's decode state at `context` tokens for the run's conversion (the KV
+    cache for the teacher): recurrent states, windows, LoLA pairs and the KV caches of kept
+    softmax layers, from `linearize.summary` on the run's configuration (no weights needed)."""
+    import linearize
+    from linearize.summary import summarize
+
+    source, budget = SPARSE.get(name, (name, None))
+    if source not in RUNS:
+        return None
+    model = copy.deepcopy(_plain_model())
+    if RUNS[source] is not None:
+        linearize.convert(model, linearize.LinearizeConfig(**RUNS[source][0], sparse_cache=budget or 0))
+    return summarize(model, (context,)).state_bytes[context] / 2**20
+
+
 def _ppl(x: dict | None) -> str:
     return "" if x is None else f"{x['perplexity']:.2f}"
+
+
+def _mib(name: str) -> str:
+    mib = decode_state_mib(name)
+    return "" if mib is None else f"{mib:.1f} MiB"
 
 
 def _acc(x) -> str:
@@ -257,7 +289,7 @@ def rows(results: dict) -> list[str]:
     teacher = results.get("teacher", {}).get("long_doc")
     base = results.get("window-sinks", {}).get("long_doc")
     head = ["| run | 0-64 | 64-512 | 512-2k | 2k-4k | long docs | vs teacher | vs window+sinks | joined 1k docs "
-            "| short | passkey 2k / 4k % | MQAR 2k / 4k % |", "|---|" + "---:|" * 11]
+            "| short | passkey 2k / 4k % | MQAR 2k / 4k % | decode state @ 16k |", "|---|" + "---:|" * 12]
     out = list(head)
     for name, res in results.items():
         ld = res.get("long_doc")
@@ -270,7 +302,7 @@ def rows(results: dict) -> list[str]:
         mq = res.get("mqar")
         mq_s = " / ".join(_acc(m["mean_accuracy"]) for m in mq) if mq else ""
         out.append(f"| {LABELS.get(name, name)} | " + " | ".join(buckets) + f" | {_ppl(overall)} | {vs_t} | {vs_b} | "
-                   f"{_ppl(res.get('joined'))} | {_ppl(res.get('short'))} | {pk_s} | {mq_s} |")
+                   f"{_ppl(res.get('joined'))} | {_ppl(res.get('short'))} | {pk_s} | {mq_s} | {_mib(name)} |")
     return out
 
 
@@ -447,7 +479,9 @@ def write_document(results: dict, args) -> Path:
         "(`linearize eval --metrics long-doc`), their overall perplexity and its ratio to the teacher and to "
         "window + sinks; the held-out summaries joined into 1,024-token documents (48 texts); the short held-out "
         "summaries (64 texts); passkey (4 depths, 1 trial each) and MQAR (16 pairs, 8 samples) at 2k and 4k "
-        "tokens with every key at least 256 tokens before its question (beyond every window here).",
+        "tokens with every key at least 256 tokens before its question (beyond every window here); one "
+        "sequence's decode state at 16k tokens (recurrent states, windows, LoLA pairs and the KV cache of any "
+        "softmax layer; the teacher's KV cache).",
         "",
         *rows(results),
         "",
