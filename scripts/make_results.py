@@ -2,6 +2,7 @@
 
     python scripts/make_results.py                       # everything, into docs/results.md
     python scripts/make_results.py --methods lizard --stage2-tokens 65536
+    python scripts/make_results.py --refresh-quality     # the quality-at-length table only
 
 Each step's output is kept under --work-dir (default outputs/results) and skipped when it
 exists, so an interrupted run continues; the pipeline is in scripts/results/ (`run` for the
@@ -9,7 +10,9 @@ steps, `render` for the document).
 """
 import argparse
 import sys
+from pathlib import Path
 
+from results.quality import refresh_quality_section
 from results.run import ResultsRun
 from results.settings import ENTRY_BY_NAME, STEPS, ResultsSettings
 
@@ -36,8 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip", nargs="+", default=[], choices=STEPS,
                     help="steps not to run now (earlier files are still shown; missing ones appear as —)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--refresh-quality", action="store_true",
+                    help="only rewrite the document's quality-at-length section from the quality pages' records")
     args = ap.parse_args(argv)
+    if args.refresh_quality:
+        print(f"wrote {refresh_quality_section(Path(args.doc))}")
+        return 0
     values = vars(args)
+    values.pop("refresh_quality")
     values["progress"] = not values.pop("no_progress")
     values["mmlu_limit"] = values["mmlu_limit"] or None
     try:

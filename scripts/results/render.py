@@ -21,6 +21,7 @@ from linearize.eval.runner import pct
 from linearize.kernels.tolerances import TOLERANCES
 from linearize.plots import new_figure, save_figure
 
+from .quality import quality_section
 from .rows import extra_rows, method_rows, num
 from .settings import ENTRY_BY_NAME, ResultsSettings
 from .targets import bench_target_lines, missed_target_notes, quality_targets
@@ -77,7 +78,8 @@ def write_document(settings: ResultsSettings, collected: dict, work: Path) -> Pa
 
 
 def _introduction(settings: ResultsSettings, collected: dict, rows: list[dict]) -> list[str]:
-    """The title, how the document was made and what every column of the main table measures."""
+    """The title, how the document was made, the quality-at-length summary and what every column
+    of the main table measures."""
     cmd = "python scripts/make_results.py" + "".join(
         f" --{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
         for k, v in _changed(settings).items())
@@ -89,6 +91,7 @@ def _introduction(settings: ResultsSettings, collected: dict, rows: list[dict]) 
         f"Model: {Path(collected['teacher']['checkpoint']).name}, fp32 on CPU. Every number below comes from "
         f"the files in `{settings.work_dir}/`; rerunning the command skips steps whose files exist "
         "(`--redo STEP` runs one again).", "",
+        *quality_section(Path(settings.doc).parent),
         "## Every method, same budget", "",
         f"Each trained method ran its recipe (`recipes/smollm2-cpu-liger.yaml` for Liger variants: one stage, "
         f"LoRA r=8 on q/k/v, next-token loss; `recipes/smollm2-cpu-lizard.yaml` for the two-stage ones: "
