@@ -49,6 +49,7 @@ elements of q that carry the state, so every temporary stays cache-sized.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -113,110 +114,154 @@ def chunk_gla(
     return (torch.cat(outs, dim=1) if out is None else out), (state if output_final_state else None)
 
 
+class _Rows(NamedTuple):
+    """How `_chunk_gla` lays the tokens out in rows of whole chunks: B' rows of NC chunks. A
+    batch keeps its B rows, zero-padded at the end (dst None); packed sequences share one row,
+    each starting on a chunk boundary, token i of the input at position dst[i]."""
+
+    Bp: int  # rows B'
+    NC: int  # chunks per row
+    dst: torch.Tensor | None  # [T] position in the row of each packed token; None for a batch
+    spans: list[tuple[int, int, int]]  # (batch row, start, end) of every sequence
+    n_chunks: list[int]  # chunks of every packed sequence ([] for a batch)
+
+
+def _chunk_rows(B: int, T: int, C: int, cu_seqlens, dev) -> _Rows:
+    """The chunk layout of B rows of T tokens, or of the packed sequences of cu_seqlens [N + 1]."""
+    spans = sequence_spans(B, T, cu_seqlens)
+    if cu_seqlens is None:
+        return _Rows(B, max(1, math.ceil(T / C)), None, spans, [])
+    offsets, pos, n_chunks = [], 0, []
+    for _, s, e in spans:
+        nc = math.ceil((e - s) / C)
+        offsets.append(pos)
+        n_chunks.append(nc)
+        pos += nc * C
+    dst = torch.cat([torch.arange(o, o + e - s, device=dev) for o, (_, s, e) in zip(offsets, spans)])
+    return _Rows(1, max(1, pos // C), dst, spans, n_chunks)
+
+
+def _pack(x: torch.Tensor, rows: _Rows, C: int, acc) -> torch.Tensor:
+    """[B, T, ...] -> [B', NC * C, ...] in dtype `acc`, zeros where no token lies."""
+    x = x.to(acc)
+    B, T = x.shape[:2]
+    Tp = rows.NC * C
+    if rows.dst is None:
+        if Tp != T:
+            x = torch.cat([x, x.new_zeros((B, Tp - T) + tuple(x.shape[2:]))], dim=1)
+        return x
+    return x.new_zeros((1, Tp) + tuple(x.shape[2:])).index_copy(1, rows.dst, x)
+
+
 def _chunk_gla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, chunk_size, out=None):
     """`chunk_gla` on checked inputs, in one piece; without autograd, `out` ([B, T, H, V]) can
     receive the output."""
     B, T, H, K = q.shape
     HKV, V = k.shape[2], v.shape[-1]
-    G = H // HKV
-    C = chunk_size
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    dev = q.device
-    scalar = g.dim() == 3
-
-    # Pack into [B', NC * C] rows: a plain pad for batches, per-sequence chunk alignment for varlen.
-    spans = sequence_spans(B, T, cu_seqlens)
-    if cu_seqlens is None:
-        NC = max(1, math.ceil(T / C))
-        Bp = B
-        dst = None
-    else:
-        Bp = 1
-        offsets, pos, n_chunks = [], 0, []
-        for _, s, e in spans:
-            nc = math.ceil((e - s) / C)
-            offsets.append(pos)
-            n_chunks.append(nc)
-            pos += nc * C
-        NC = max(1, pos // C)
-        dst = torch.cat([torch.arange(o, o + e - s, device=dev) for o, (_, s, e) in zip(offsets, spans)])
-    Tp = NC * C
-
-    def pack(x: torch.Tensor) -> torch.Tensor:
-        x = x.to(acc)
-        if dst is None:
-            if Tp != T:
-                x = torch.cat([x, x.new_zeros((B, Tp - T) + tuple(x.shape[2:]))], dim=1)
-            return x
-        return x.new_zeros((1, Tp) + tuple(x.shape[2:])).index_copy(1, dst, x)
-
-    # q [B', NC, C, HKV, G, K], k [B', NC, C, HKV, K], v [B', NC, C, HKV, V]: views where possible.
-    qv = pack(q).reshape(Bp, NC, C, HKV, G, K)
-    kv = pack(k).reshape(Bp, NC, C, HKV, K)
-    vc = pack(v).reshape(Bp, NC, C, HKV, V).permute(0, 3, 1, 2, 4).contiguous()  # [B', HKV, NC, C, V]
-    # Cumulative gates in fp64, [B', HKV, NC, C, K or 1]: exponents are differences of large
-    # sums, formed before rounding.
-    gv = pack(g).reshape(Bp, NC, C, HKV, K if not scalar else 1).permute(0, 3, 1, 2, 4)
-    b = gv.to(torch.float64, memory_format=torch.contiguous_format)
-    b = b.cumsum_(3) if b.data_ptr() != gv.data_ptr() else b.cumsum(3)  # in place on a copy only
-    # b_C - b_s, whose gradient reaches g without cancelling (see `_Suffix`); only under autograd.
-    suffix = _Suffix.apply(gv, b.detach()) if tracks_grad(gv) else None
-
+    rows = _chunk_rows(B, T, chunk_size, cu_seqlens, q.device)
     # o_intra [B' HKV NC, C * G, V] (rows ordered (token, query head)), qx [B' HKV NC, C * G, K] with
     # qx S_in sfac = scale q_t exp(b_t) S_in, U [.., NC, K, V], decay exp(b_C) [.., NC, K or 1].
-    o_intra, qx, sfac, U, decay = _intra_terms(qv, kv, vc, b, suffix, scale, scalar)
-    del qv, kv, vc, gv, b, suffix  # temporaries freed early keep the peak (and fresh pages) low
-
-    # Inter-chunk recurrence over the (short) chunk axis.
+    o_intra, qx, sfac, U, decay = _packed_intra_terms(q, k, v, g, rows, chunk_size, scale, acc)
     if initial_state is not None:
         init = initial_state.to(acc)
     else:
-        init = torch.zeros(len(spans), HKV, K, V, dtype=acc, device=dev)
-    decays = decay.unsqueeze(-1).unbind(2)  # NC x [B', HKV, K or 1, 1]
-    Us = U.unbind(2)  # NC x [B', HKV, K, V]
-    states = []
-    if dst is None:
-        S = init
-        for c in range(NC):
-            states.append(S)
-            S = torch.addcmul(Us[c], S, decays[c])
-        finals = S
-    else:
-        starts, ends, finals_list = {}, {}, [None] * len(spans)
-        c0 = 0
-        for n, nc in enumerate(n_chunks):
-            if nc == 0:
-                finals_list[n] = init[n]
-            else:
-                starts[c0] = n
-                ends[c0 + nc - 1] = n
-            c0 += nc
-        S = init[:1]
-        for c in range(NC):
-            if c in starts:
-                S = init[starts[c] : starts[c] + 1]
-            states.append(S)
-            S = torch.addcmul(Us[c], S, decays[c])
-            if c in ends:
-                finals_list[ends[c]] = S[0]
-        finals = torch.stack(finals_list)
-    S_in = torch.stack(states, dim=2)  # [B', HKV, NC, K, V]
-    del states, Us, U
+        init = torch.zeros(len(rows.spans), HKV, K, V, dtype=acc, device=q.device)
+    S_in, finals = _chunk_states(init, decay, U, rows)
+    del U  # temporaries freed early keep the peak (and fresh pages) low
     if not isinstance(sfac, float):
         S_in = S_in.mul_(sfac.unsqueeze(-1))
 
     # o = scale * q exp(b) S_in + the (already scaled) intra-chunk part, as one fused GEMM.
     o = o_intra.baddbmm_(qx, S_in.view(-1, K, V))  # in place on a base tensor: no copies in backward
     del o_intra, qx, S_in
+    final = finals if output_final_state else None
     if out is not None:
-        out.view(B, T, HKV, G, V).copy_(o.view(Bp, HKV, Tp, G, V)[:, :, :T].transpose(1, 2))
-        return out, (finals if output_final_state else None)
-    o = _Permute.apply(o.view(Bp, HKV, NC, C, G, V), (0, 2, 3, 1, 4, 5)).view(Bp, Tp, H, V)
-    if dst is not None:
-        o = o.index_select(1, dst)
-    elif Tp != T:
-        o = o[:, :T]
-    return o.to(q.dtype), (finals if output_final_state else None)
+        G, Tp = H // HKV, rows.NC * chunk_size
+        out.view(B, T, HKV, G, V).copy_(o.view(rows.Bp, HKV, Tp, G, V)[:, :, :T].transpose(1, 2))
+        return out, final
+    return _unpack_output(o, rows, T, H, HKV, chunk_size).to(q.dtype), final
+
+
+def _packed_intra_terms(q, k, v, g, rows: _Rows, C: int, scale: float, acc):
+    """`_intra_terms` (outputs documented at `_chunk_gla`) of q [B, T, H, K], k [B, T, HKV, K],
+    v [B, T, HKV, V] and g [B, T, HKV, K] or [B, T, HKV], laid out in chunks by `rows`; the packed
+    copies are freed on return."""
+    K, HKV, V = q.shape[-1], k.shape[2], v.shape[-1]
+    Bp, NC, G = rows.Bp, rows.NC, q.shape[2] // HKV
+    scalar = g.dim() == 3
+    # q [B', NC, C, HKV, G, K], k [B', NC, C, HKV, K], v [B', NC, C, HKV, V]: views where possible.
+    qv = _pack(q, rows, C, acc).reshape(Bp, NC, C, HKV, G, K)
+    kv = _pack(k, rows, C, acc).reshape(Bp, NC, C, HKV, K)
+    vc = _pack(v, rows, C, acc).reshape(Bp, NC, C, HKV, V).permute(0, 3, 1, 2, 4).contiguous()  # [B', HKV, NC, C, V]
+    # Cumulative gates in fp64, [B', HKV, NC, C, K or 1]: exponents are differences of large
+    # sums, formed before rounding.
+    gv = _pack(g, rows, C, acc).reshape(Bp, NC, C, HKV, K if not scalar else 1).permute(0, 3, 1, 2, 4)
+    b = gv.to(torch.float64, memory_format=torch.contiguous_format)
+    b = b.cumsum_(3) if b.data_ptr() != gv.data_ptr() else b.cumsum(3)  # in place on a copy only
+    # b_C - b_s, whose gradient reaches g without cancelling (see `_Suffix`); only under autograd.
+    suffix = _Suffix.apply(gv, b.detach()) if tracks_grad(gv) else None
+    return _intra_terms(qv, kv, vc, b, suffix, scale, scalar)
+
+
+def _chunk_states(init: torch.Tensor, decay: torch.Tensor, U: torch.Tensor, rows: _Rows):
+    """The state entering every chunk, S_in [B', HKV, NC, K, V], and every sequence's final
+    state [N, HKV, K, V]: S <- exp(b_C) S + U_c over the (short) chunk axis, from init
+    [N, HKV, K, V], restarting at every packed sequence. decay [B', HKV, NC, K or 1] (exp(b_C)),
+    U [B', HKV, NC, K, V] (each chunk's own increment)."""
+    decays = decay.unsqueeze(-1).unbind(2)  # NC x [B', HKV, K or 1, 1]
+    Us = U.unbind(2)  # NC x [B', HKV, K, V]
+    if rows.dst is None:
+        states, finals = _batch_states(init, decays, Us)
+    else:
+        states, finals = _packed_states(init, decays, Us, rows.n_chunks)
+    return torch.stack(states, dim=2), finals
+
+
+def _batch_states(init, decays, Us):
+    """Chunk by chunk for B rows of one sequence each: the states entering the chunks (NC x
+    [B, HKV, K, V]) and the final states [B, HKV, K, V]."""
+    S = init
+    states = []
+    for decay_c, U_c in zip(decays, Us):
+        states.append(S)
+        S = torch.addcmul(U_c, S, decay_c)
+    return states, S
+
+
+def _packed_states(init, decays, Us, n_chunks: list[int]):
+    """Chunk by chunk along one row of packed sequences, each starting from its init [1, HKV,
+    K, V] and taking n_chunks[n] chunks: the states entering the chunks (NC x [1, HKV, K, V]) and
+    the final states [N, HKV, K, V] (init itself for an empty sequence)."""
+    starts, ends, finals = {}, {}, [None] * len(n_chunks)
+    c0 = 0
+    for n, nc in enumerate(n_chunks):
+        if nc == 0:
+            finals[n] = init[n]
+        else:
+            starts[c0] = n
+            ends[c0 + nc - 1] = n
+        c0 += nc
+    S = init[:1]
+    states = []
+    for c in range(len(Us)):
+        if c in starts:
+            S = init[starts[c] : starts[c] + 1]
+        states.append(S)
+        S = torch.addcmul(Us[c], S, decays[c])
+        if c in ends:
+            finals[ends[c]] = S[0]
+    return states, torch.stack(finals)
+
+
+def _unpack_output(o: torch.Tensor, rows: _Rows, T: int, H: int, HKV: int, C: int) -> torch.Tensor:
+    """o [B' HKV NC, C * G, V] (rows ordered (token, query head)) back to the input's tokens,
+    [B, T, H, V]."""
+    Bp, NC, V = rows.Bp, rows.NC, o.shape[-1]
+    o = _Permute.apply(o.view(Bp, HKV, NC, C, H // HKV, V), (0, 2, 3, 1, 4, 5)).view(Bp, NC * C, H, V)
+    if rows.dst is not None:
+        return o.index_select(1, rows.dst)
+    return o[:, :T] if NC * C != T else o
 
 
 def _intra_terms(qv, kv, vc, b, suffix, scale, scalar):
