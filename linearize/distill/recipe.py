@@ -141,6 +141,11 @@ class Stage2Section:
 
     The teacher is the same weights with the adapters disabled and softmax attention back on.
     train_new_parameters: also train the mixers' new parameters in this stage.
+    gradient_checkpointing: keep only each decoder layer's input in the forward pass and
+        recompute the layer in the backward pass (transformers' gradient checkpointing):
+        activation memory falls from ~all layers' to ~one layer's at ~1.3x the step time, so
+        longer rows fit. Stage 1 has no such switch: its attention-transfer loss is taken
+        inside the layers, and a recomputed layer would add it twice.
     """
 
     enabled: bool = True
@@ -152,6 +157,7 @@ class Stage2Section:
     temperature: float = 1.0
     train_new_parameters: bool = False
     window_dropout: WindowDropoutSection = field(default_factory=WindowDropoutSection)
+    gradient_checkpointing: bool = False
 
 
 @dataclass

@@ -223,6 +223,22 @@ def apply_lora(model, recipe: Recipe):
     return peft_model
 
 
+def set_gradient_checkpointing(model, on: bool) -> None:
+    """Turn transformers' per-decoder-layer gradient checkpointing on or off for `model` (a
+    PeftModel or the model itself). Non-reentrant, so frozen embeddings need no gradient hook
+    and LoRA, the mixers' new parameters and window dropout's choices replay exactly."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.25 names it so
+        if on:
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif base.is_activation_checkpointing:
+            base.activation_checkpointing_disable()
+    elif on:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif base.is_gradient_checkpointing:
+        base.gradient_checkpointing_disable()
+
+
 def check_lora_targets(model, recipe: Recipe) -> None:
     """RecipeError naming the stage2.lora.target_modules that no module name of `model` ends
     with, as peft matches them (checked when the model is built, not after stage 1 has trained)."""
@@ -554,6 +570,7 @@ class Run:
             if latest is not None and start_state.stage == 2:
                 load_params(model, {k: v for k, v in params.items() if LORA_MARK in k})
             section = recipe.stage2
+            set_gradient_checkpointing(model, section.gradient_checkpointing)
         trainable = [p for p in model.parameters() if p.requires_grad]
         opt_cfg = section.optimizer
         optimizer = torch.optim.AdamW(trainable, lr=opt_cfg.lr, betas=tuple(opt_cfg.betas), eps=opt_cfg.eps,
@@ -580,6 +597,7 @@ class Run:
         try:
             self.loop(plan, model, peft_model, optimizer, scheduler, transfer, step, tokens, elapsed0)
         finally:
+            set_gradient_checkpointing(acc.unwrap_model(model), False)
             layers = mixers(acc.unwrap_model(model))
             set_train_windows(layers, torch.zeros(len(layers), dtype=torch.bool), None)
             if transfer is not None:
