@@ -289,6 +289,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             else:
                 raise RecipeError(f"recipe key {key} must be a list of {_type_name(inner)}, got {value!r}")
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        key_type, value_type = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise RecipeError(f"recipe key {key} must be a mapping of {_type_name(key_type)} to "
+                              f"{_type_name(value_type)}, got {value!r}")
+        return {_coerce(k, key_type, f"{key} key {k!r}"): _coerce(v, value_type, f"{key}[{k!r}]")
+                for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -40,6 +40,24 @@ def test_a_saved_recipe_reads_as_the_typed_one():
     assert bare == flatten_sections(load_recipe(None, ["linearize=null"]).to_dict())
 
 
+def test_head_level_hybrid_heads_are_a_recipe_mapping(tmp_path):
+    """linearize.full_attention_heads is {layer: [KV heads]} in YAML (as select-heads prints it
+    for the CLI), string keys from JSON read as the same layers, and the saved recipe reads back."""
+    p = tmp_path / "r.yaml"
+    p.write_text("linearize:\n  method: lolcats\n  full_attention_heads: {7: [2, 1], 3: [0]}\n")
+    r = load_recipe(p)
+    assert r.linearize.full_attention_heads == {3: [0], 7: [1, 2]}
+    p.write_text(r.to_yaml())
+    assert load_recipe(p).linearize == r.linearize
+    assert load_recipe(None, ["linearize.method=lolcats", "linearize.full_attention_heads={'3': [0]}"]
+                       ).linearize.full_attention_heads == {3: [0]}
+    for bad, message in (("[3, 0]", "full_attention_heads must be a mapping of int to list"),
+                         ("{3: zero}", r"full_attention_heads\[3\] must be a list of int"),
+                         ("{x: [0]}", "full_attention_heads key 'x' must be an integer")):
+        with pytest.raises(RecipeError, match=message):
+            load_recipe(None, ["linearize.method=lolcats", f"linearize.full_attention_heads={bad}"])
+
+
 @pytest.mark.parametrize("override, message", [
     ("seq_len=abc", "seq_len must be an integer"),
     ("stage1.optimizer.lrr=1", "unknown recipe key stage1.optimizer.lrr"),
