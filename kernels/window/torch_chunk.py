@@ -11,6 +11,7 @@ k and v are never repeated.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -69,25 +70,46 @@ def chunk_window_attention(
     if softcap is None and _fused_band_applies(q, k, v, window, sink_logits, key_mask, cu_seqlens, need_lse):
         return _fused_band(q, k, v, cu_seqlens, window=window, num_sink_tokens=num_sink_tokens,
                            sink_logits=sink_logits, scale=scale, need_lse=need_lse)
+    band = _band_geometry(q.shape[1], window, num_sink_tokens, block_size, cu_seqlens)
+    return _blocked_attention(q, k, v, band, sink_logits, scale, key_mask, cu_seqlens, softcap)
+
+
+class _Band(NamedTuple):
+    """Where the blocked path looks: NB query blocks of Bq rows; each meets the keys within W
+    positions of it, found in its own block and the nb blocks before it (the key axis carries
+    P = nb * Bq padding keys in front), and M sink tokens outside the band."""
+
+    W: int
+    M: int
+    Bq: int
+    NB: int
+    nb: int
+    P: int
+
+
+def _band_geometry(T: int, window: int | None, num_sink_tokens: int, block_size: int, cu_seqlens) -> _Band:
+    """The band of T tokens (or of the packed sequences of cu_seqlens [N + 1]); a window that
+    covers the longest sequence is full causal attention (no sinks needed)."""
+    horizon = T if cu_seqlens is None else max([e - s for _, s, e in sequence_spans(1, T, cu_seqlens)] + [1])
+    full = window is None or window >= horizon
+    W = max(horizon, 1) if full else window  # exact: same-sequence keys are never further back
+    M = 0 if full else min(num_sink_tokens, T)
+    NB = max(1, math.ceil(T / block_size))
+    nb = min(math.ceil((W - 1) / block_size), NB - 1)
+    return _Band(W, M, block_size, NB, nb, nb * block_size)
+
+
+def _blocked_attention(q, k, v, band: _Band, sink_logits, scale, key_mask, cu_seqlens, softcap):
+    """`chunk_window_attention`'s general path (arguments and outputs documented there): the
+    inputs laid out in query blocks and a padded key axis, through `_BandAttention`."""
     B, T, H, D = q.shape
     HKV, Dv = k.shape[2], v.shape[-1]
     G = H // HKV
     scale = D ** -0.5 if scale is None else scale
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    dev = q.device
-
-    spans = sequence_spans(B, T, cu_seqlens)
-    horizon = T if cu_seqlens is None else max([e - s for _, s, e in spans] + [1])
-    full = window is None or window >= horizon
-    W = max(horizon, 1) if full else window  # exact: same-sequence keys are never further back
-    M = 0 if full else min(num_sink_tokens, T)
-    Bq = block_size
-    NB = max(1, math.ceil(T / Bq))
+    Bq, NB, P = band.Bq, band.NB, band.P
     Tq = NB * Bq
-    nb = min(math.ceil((W - 1) / Bq), NB - 1)
-    P = nb * Bq
-
-    valid, seq_k, seq_q = _key_layout(B, T, P, Tq, key_mask, cu_seqlens, dev)
+    valid, seq_k, seq_q = _key_layout(B, T, P, Tq, key_mask, cu_seqlens, q.device)
     qa = F.pad(q.to(acc) * scale, (0, 0, 0, 0, 0, Tq - T)).reshape(B, NB, Bq, HKV, G, D)
     qa = qa.permute(0, 3, 1, 2, 4, 5).contiguous()  # [B, HKV, NB, Bq, G, D]
     kt = k.to(acc).transpose(1, 2)  # [B, HKV, T, D]
@@ -95,10 +117,11 @@ def chunk_window_attention(
     kp = F.pad(kt, (0, 0, P, Tq - T)).contiguous()
     vp = F.pad(vt, (0, 0, P, Tq - T)).contiguous()
     kx = vx = sidx = svalid = None
-    if M > 0:
-        kx, vx, sidx, svalid = _sink_keys(kt, vt, M, key_mask, cu_seqlens, NB, Bq)
+    if band.M > 0:
+        kx, vx, sidx, svalid = _sink_keys(kt, vt, band.M, key_mask, cu_seqlens, NB, Bq)
     sinks = None if sink_logits is None else sink_logits.to(acc).reshape(HKV, G, -1)
-    plan = _Plan(B, H, NB, Bq, W, nb, P, valid, seq_k, seq_q, sidx, svalid, cu_seqlens is not None, softcap)
+    plan = _Plan(B, H, NB, Bq, band.W, band.nb, P, valid, seq_k, seq_q, sidx, svalid, cu_seqlens is not None,
+                 softcap)
     o, lse = _BandAttention.apply(qa, kp, vp, kx, vx, sinks, plan)
     o = o.permute(0, 2, 3, 1, 4, 5).reshape(B, Tq, H, Dv)[:, :T]
     lse = lse.permute(0, 2, 3, 1, 4).reshape(B, Tq, H)[:, :T]
@@ -226,73 +249,94 @@ def sdpa_band_attention(q, k, v, *, window: int, num_sink_tokens: int = 0, sink_
     Returns o [B, T, H, Dv] in q's dtype and lse [B, T, H] fp32 (need_lse, no autograd) or None.
     """
     B, T, H, D = q.shape
-    HKV, Dv = k.shape[2], v.shape[-1]
-    G = H // HKV
-    Bq = block_size
+    HKV = k.shape[2]
     scale = D ** -0.5 if scale is None else scale
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    dev = q.device
     M = min(num_sink_tokens, T)
-    nb = math.ceil((window - 1) / Bq)
-    P = nb * Bq
-    E = T - max(0, (T - (window + P + M)) // Bq) * Bq
-    sl = None
-    if sink_logits is not None:
-        sl = sink_logits.detach().to(acc).reshape(HKV, G, -1)  # [HKV, G, M']
-    Ms = 0 if sl is None else sl.shape[-1]
-
-    def sink_columns(rows_t: int, bias: torch.Tensor) -> torch.Tensor:
-        """Prepend the sink-logit columns ([HKV, rows_t * G, M'] biases) to a [R, L] band bias."""
-        if sl is None:
-            return bias
-        logit = sl[:, None].expand(HKV, rows_t, G, Ms).reshape(HKV, rows_t * G, Ms)
-        return torch.cat([logit, bias.expand(HKV, *bias.shape)], dim=-1)
-
-    def with_zero_keys(x: torch.Tensor) -> torch.Tensor:
-        """[..., L, D] -> [..., M' + L, D] with M' zero keys/values in front (the sink logits)."""
-        return x if Ms == 0 else torch.cat([x.new_zeros(*x.shape[:-2], Ms, x.shape[-1]), x], dim=-2)
-
+    P = math.ceil((window - 1) / block_size) * block_size
+    E = T - max(0, (T - (window + P + M)) // block_size) * block_size
+    sl = None if sink_logits is None else sink_logits.detach().to(acc).reshape(HKV, H // HKV, -1)  # [HKV, G, M']
     qa = q.to(acc)
     kt = k.to(acc).transpose(1, 2)  # [B, HKV, T, D]
     vt = v.to(acc).transpose(1, 2)
-    o = torch.empty(B, T, H, Dv, dtype=acc, device=dev)
-    lse = torch.empty(B, T, H, dtype=acc, device=dev) if need_lse else None
+    o, lse = _dense_head(qa[:, :E], kt[:, :, :E], vt[:, :, :E], window, M, sl, scale, need_lse)
+    if E < T:
+        o_tail, lse_tail = _band_tail(qa, kt, vt, E, window, M, P, block_size, sl, scale, need_lse)
+        o = torch.cat([o, o_tail], dim=1)
+        lse = torch.cat([lse, lse_tail], dim=1) if need_lse else None
+    return o.to(q.dtype), lse
 
-    # Head: the first E queries against the first E keys, densely.
-    qh = qa[:, :E].reshape(B, E, HKV, G, D).permute(0, 2, 1, 3, 4).reshape(B, HKV, E * G, D)
-    bias = _band_bias(E, E, 0, window, acc, dev)
+
+def _dense_head(qa, kt, vt, window: int, M: int, sl, scale: float, need_lse: bool):
+    """The first E queries against the first E keys through one dense [E, E] mask: the window,
+    the M sink tokens, and the sink logits sl [HKV, G, M'] (or None).
+
+    qa [B, E, H, D], kt [B, HKV, E, D], vt [B, HKV, E, Dv] (the accumulation dtype). Returns o
+    [B, E, H, Dv] and lse [B, E, H] (need_lse) or None."""
+    B, E, H, D = qa.shape
+    HKV, Dv = kt.shape[1], vt.shape[-1]
+    G = H // HKV
+    qh = qa.reshape(B, E, HKV, G, D).permute(0, 2, 1, 3, 4).reshape(B, HKV, E * G, D)
+    bias = _band_bias(E, E, 0, window, qa.dtype, qa.device)
     if M:
-        t = torch.arange(E, device=dev)[:, None]
-        bias[:, :M].masked_fill_(t >= torch.arange(M, device=dev)[None, :], 0.0)
-    bias = sink_columns(E, bias.repeat_interleave(G, dim=0))
-    oh, lh = _sdpa(qh, with_zero_keys(kt[:, :, :E]), with_zero_keys(vt[:, :, :E]), bias, scale, need_lse)
-    o[:, :E] = oh.view(B, HKV, E, G, Dv).permute(0, 2, 1, 3, 4).reshape(B, E, H, Dv)
-    if need_lse:
-        lse[:, :E] = lh.view(B, HKV, E, G).permute(0, 2, 1, 3).reshape(B, E, H)
-    if E == T:
-        return o.to(q.dtype), lse
+        t = torch.arange(E, device=qa.device)[:, None]
+        bias[:, :M].masked_fill_(t >= torch.arange(M, device=qa.device)[None, :], 0.0)
+    bias = _sink_columns(bias.repeat_interleave(G, dim=0), sl, E)
+    oh, lh = _sdpa(qh, _with_zero_keys(kt, sl), _with_zero_keys(vt, sl), bias, scale, need_lse)
+    o = oh.view(B, HKV, E, G, Dv).permute(0, 2, 1, 3, 4).reshape(B, E, H, Dv)
+    lse = lh.view(B, HKV, E, G).permute(0, 2, 1, 3).reshape(B, E, H) if need_lse else None
+    return o, lse
 
-    # Tail: blocks of Bq queries from E on, each against its band (and the sinks in front).
+
+def _band_tail(qa, kt, vt, E: int, window: int, M: int, P: int, Bq: int, sl, scale: float, need_lse: bool):
+    """Queries E.. in blocks of Bq, each against its band of P + Bq keys, the M sink tokens in
+    front (outside every tail band) and the sink logits sl [HKV, G, M'] (or None).
+
+    qa [B, T, H, D], kt [B, HKV, T, D], vt [B, HKV, T, Dv] (the accumulation dtype), T - E a
+    multiple of Bq. Returns o [B, T - E, H, Dv] and lse [B, T - E, H] (need_lse) or None."""
+    B, T, H, D = qa.shape
+    HKV, Dv = kt.shape[1], vt.shape[-1]
+    G = H // HKV
     NB = (T - E) // Bq
-    L = P + Bq
     qt = qa[:, E:].reshape(B, NB, Bq, HKV, G, D).permute(0, 1, 3, 2, 4, 5).reshape(B * NB, HKV, Bq * G, D)
-
-    def band(x: torch.Tensor) -> torch.Tensor:  # [B, HKV, T, D] -> [B * NB, HKV, L, D], one copy
-        return x[:, :, E - P:].unfold(2, L, Bq).permute(0, 2, 1, 4, 3).reshape(B * NB, HKV, L, x.shape[-1])
-
-    kb, vb = band(kt), band(vt)
-    if M:
-        kb = torch.cat([kt[:, None, :, :M].expand(B, NB, HKV, M, D).reshape(B * NB, HKV, M, D), kb], dim=2)
-        vb = torch.cat([vt[:, None, :, :M].expand(B, NB, HKV, M, Dv).reshape(B * NB, HKV, M, Dv), vb], dim=2)
-    bias = _band_bias(Bq, L, -P, window, acc, dev)
+    kb, vb = _tail_keys(kt, E, P, Bq, M), _tail_keys(vt, E, P, Bq, M)
+    bias = _band_bias(Bq, P + Bq, -P, window, qa.dtype, qa.device)
     if M:
         bias = torch.cat([bias.new_zeros(Bq, M), bias], dim=1)  # the sinks lie outside every tail band
-    bias = sink_columns(Bq, bias.repeat_interleave(G, dim=0))
-    ot, lt = _sdpa(qt, with_zero_keys(kb), with_zero_keys(vb), bias, scale, need_lse)
-    o[:, E:] = ot.view(B, NB, HKV, Bq, G, Dv).permute(0, 1, 3, 2, 4, 5).reshape(B, T - E, H, Dv)
-    if need_lse:
-        lse[:, E:] = lt.view(B, NB, HKV, Bq, G).permute(0, 1, 3, 2, 4).reshape(B, T - E, H)
-    return o.to(q.dtype), lse
+    bias = _sink_columns(bias.repeat_interleave(G, dim=0), sl, Bq)
+    ot, lt = _sdpa(qt, _with_zero_keys(kb, sl), _with_zero_keys(vb, sl), bias, scale, need_lse)
+    o = ot.view(B, NB, HKV, Bq, G, Dv).permute(0, 1, 3, 2, 4, 5).reshape(B, T - E, H, Dv)
+    lse = lt.view(B, NB, HKV, Bq, G).permute(0, 1, 3, 2, 4).reshape(B, T - E, H) if need_lse else None
+    return o, lse
+
+
+def _tail_keys(x: torch.Tensor, E: int, P: int, Bq: int, M: int) -> torch.Tensor:
+    """Keys (or values) x [B, HKV, T, D] of every tail block of Bq queries from E on:
+    [B * NB, HKV, M + P + Bq, D], the M sink tokens, then the block's band [t0 - P, t0 + Bq)
+    (an unfolded view, copied once)."""
+    B, HKV, T, Dx = x.shape
+    NB, L = (T - E) // Bq, P + Bq
+    band = x[:, :, E - P:].unfold(2, L, Bq).permute(0, 2, 1, 4, 3).reshape(B * NB, HKV, L, Dx)
+    if not M:
+        return band
+    return torch.cat([x[:, None, :, :M].expand(B, NB, HKV, M, Dx).reshape(B * NB, HKV, M, Dx), band], dim=2)
+
+
+def _sink_columns(bias: torch.Tensor, sl, rows_t: int) -> torch.Tensor:
+    """A bias [rows_t * G, L] with the sink-logit columns of sl [HKV, G, M'] in front,
+    [HKV, rows_t * G, M' + L]; the bias itself when sl is None."""
+    if sl is None:
+        return bias
+    HKV, G, Ms = sl.shape
+    logit = sl[:, None].expand(HKV, rows_t, G, Ms).reshape(HKV, rows_t * G, Ms)
+    return torch.cat([logit, bias.expand(HKV, *bias.shape)], dim=-1)
+
+
+def _with_zero_keys(x: torch.Tensor, sl) -> torch.Tensor:
+    """[..., L, D] -> [..., M' + L, D] with one zero key/value in front per sink logit of sl
+    [HKV, G, M'] (x itself when sl is None): its score is then the logit, its value nothing."""
+    Ms = 0 if sl is None else sl.shape[-1]
+    return x if Ms == 0 else torch.cat([x.new_zeros(*x.shape[:-2], Ms, x.shape[-1]), x], dim=-2)
 
 
 class _Plan:
