@@ -60,25 +60,15 @@ def cached_window_attention(
         o [B, T, H, Dv] in q's dtype, lse [B, T, H] fp32 (sink logits included) and each row's
         largest score m [B, T, H] fp32 (sink logits excluded; -inf for a row that sees nothing).
     """
-    B, T, H, D = q.shape
-    scale = D ** -0.5 if scale is None else scale
-    keys, values, masks = [], [], []
-    if sink_k is not None:
-        keys.append(sink_k)
-        values.append(sink_v)
-        masks.append(sink_mask)
-    if win_k is not None and win_k.shape[1] > 0:
-        keys.append(win_k)
-        values.append(win_v)
-        masks.append(win_mask)
+    T = q.shape[1]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    keys, values, masks = _cached_keys(sink_k, sink_v, sink_mask, win_k, win_v, win_mask)
     L = 0 if win_k is None else win_k.shape[1]
     if T == 1 and key_mask is None and (num_sink_tokens == 0 or seen is not None and bool(
             (seen >= num_sink_tokens).all())):
         return _attend_one(q, k, v, keys, values, masks, sink_logits, scale, softcap)
-    valid = torch.ones(B, T, dtype=torch.bool, device=k.device) if key_mask is None else key_mask.bool()
-    before = torch.zeros(B, dtype=torch.long, device=k.device) if seen is None else seen
-    rank = before[:, None] + valid.long().cumsum(-1) - 1
-    new_sink = valid & (rank < num_sink_tokens)
+    valid = torch.ones(q.shape[0], T, dtype=torch.bool, device=k.device) if key_mask is None else key_mask.bool()
+    new_sink = _new_sinks(valid, seen, num_sink_tokens)
     sink_end = int(new_sink.any(0).nonzero().max()) + 1 if bool(new_sink.any()) else 0
     blocks = []
     for t0 in range(0, T, QUERY_BLOCK):
@@ -88,6 +78,31 @@ def cached_window_attention(
         blocks.append(_attend(q[:, t0:t1], torch.arange(t0, t1, device=q.device), cols, k, v, valid, new_sink,
                               keys, values, masks, L, window, sink_logits, scale, softcap))
     return tuple(torch.cat(parts, dim=1) for parts in zip(*blocks))
+
+
+def _cached_keys(sink_k, sink_v, sink_mask, win_k, win_v, win_mask):
+    """The cached keys, values and masks a chunk meets, as lists in key order: the sinks
+    ([B, S, HKV, D / Dv], mask [B, S]) when cached, then the window ([B, L, ...], mask [B, L])
+    when it holds any position."""
+    keys, values, masks = [], [], []
+    if sink_k is not None:
+        keys.append(sink_k)
+        values.append(sink_v)
+        masks.append(sink_mask)
+    if win_k is not None and win_k.shape[1] > 0:
+        keys.append(win_k)
+        values.append(win_v)
+        masks.append(win_mask)
+    return keys, values, masks
+
+
+def _new_sinks(valid: torch.Tensor, seen: torch.Tensor | None, num_sink_tokens: int) -> torch.Tensor:
+    """[B, T] bool: the chunk's tokens that are sinks, real tokens (valid [B, T]) whose rank
+    among the real tokens of the row, counting the `seen` [B] (or None: 0) before the chunk, is
+    below num_sink_tokens."""
+    before = torch.zeros(valid.shape[0], dtype=torch.long, device=valid.device) if seen is None else seen
+    rank = before[:, None] + valid.long().cumsum(-1) - 1
+    return valid & (rank < num_sink_tokens)
 
 
 def _attend_one(q, k, v, keys, values, masks, sink_logits, scale, softcap):
