@@ -109,7 +109,7 @@ def shared_recipe(name: str, config: dict, stage1: bool, train_new: bool, args) 
         "stage1": {"enabled": stage1, "max_tokens": args.stage1_tokens, "loss_reduction": "mean",
                    "optimizer": {"lr": 1.0e-2, "scheduler": "cosine", "warmup_ratio": 0.0, "max_grad_norm": 1.0}},
         "stage2": {"enabled": True, "max_tokens": args.stage2_tokens, "kd_ratio": 0.0,
-                   "train_new_parameters": train_new,
+                   "train_new_parameters": train_new, "gradient_checkpointing": args.gradient_checkpointing,
                    "optimizer": {"lr": 1.0e-3, "scheduler": "cosine", "warmup_ratio": 0.1, "max_grad_norm": 1.0},
                    "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj"]}},
         "eval": {"every_tokens": args.eval_every, "stages": [2], "texts": 16, "seq_len": 1024},
@@ -514,6 +514,8 @@ def main(argv=None) -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--only-train", action="store_true")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute layers in stage 2's backward pass (same weights, far less memory)")
     p.add_argument("--render", action="store_true", help="only rewrite the page from the records in its data folder")
     p.add_argument("--work", type=Path, default=WORK, help="runs' folder (one per budget)")
     p.add_argument("--doc", type=Path, default=DOC, help="the document to write")
