@@ -59,6 +59,9 @@ RUNS = {
     "recommended-kl2": (dict(RECOMMENDED_TRAINED, softmax_layers=[20, 23]), True, True),
     "recommended-kl4": (dict(RECOMMENDED_TRAINED, softmax_layers=[14, 17, 20, 23]), True, True),
     "liger-gla-baseline": (dict(method="liger-gla", init="baseline"), True, True),
+    # issue #17's delta rule at the recommended conversion's budget (no LoLA: its sparse cache
+    # needs LoLCATs' past-window mixing)
+    "gated-deltanet-baseline": (dict(method="gated-deltanet", init="baseline"), True, True),
     "lizard-baseline": (dict(method="lizard", init="baseline"), True, True),
 }
 # Recipe sections a run sets beyond the shared recipe (merged into it).
@@ -233,6 +236,7 @@ LABELS = {
     "lolcats-baseline-gate-norope+lola64": "LoLCATs + Mamba2 gate, init baseline, feature maps before RoPE + LoLA 64",
     "lolcats-baseline-gate-norope-ssd": "LoLCATs + Mamba2 gate, init baseline, maps before RoPE, window dropout (stage 2)",
     "lolcats-baseline-gate-norope-ssd+lola64": "LoLCATs + Mamba2 gate, maps before RoPE, window dropout + LoLA 64",
+    "gated-deltanet-baseline": "Gated DeltaNet (delta rule + Mamba2 gate, window 64 + 4 sinks), init baseline",
     "recommended-kl2": "recommended, softmax in the 2 KL-chosen layers [20, 23]",
     "recommended-kl2+lola64": "recommended, 2 KL-chosen softmax layers + LoLA 64",
     "recommended-kl4": "recommended, softmax in the 4 KL-chosen layers [14, 17, 20, 23]",
