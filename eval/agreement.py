@@ -39,29 +39,47 @@ def teacher_agreement(
     kl_bins = torch.zeros(nbins, dtype=torch.float64)
     count_bins = torch.zeros(nbins, dtype=torch.float64)
     for b in bar(range(0, len(encoded), batch_size), desc="agreement", unit="batch"):
-        chunk = encoded[b : b + batch_size]
-        width = len(chunk[-1])
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        mask = torch.zeros(len(chunk), width, dtype=torch.long)
-        for row, e in enumerate(chunk):
-            ids[row, : len(e)] = torch.tensor(e)
-            mask[row, : len(e)] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        if teacher is None:
-            with linearize.teacher(student):
-                t_logits = student(input_ids=ids, attention_mask=mask).logits
-        else:
-            t_logits = teacher(input_ids=ids, attention_mask=mask).logits
-        s_logits = student(input_ids=ids, attention_mask=mask).logits
-        t_logp = F.log_softmax(t_logits.float(), -1)
-        s_logp = F.log_softmax(s_logits.float(), -1)
-        kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).clamp_min(0.0)
-        match = (t_logp.argmax(-1) == s_logp.argmax(-1)).double()
+        ids, mask = _right_padded(encoded[b : b + batch_size], device)
+        match, kl = _match_and_kl(student, teacher, ids, mask)
         valid = mask.bool()
-        pos_bin = (torch.arange(width, device=device) // bin_size).expand_as(ids)[valid].cpu()
+        pos_bin = (torch.arange(ids.shape[1], device=device) // bin_size).expand_as(ids)[valid].cpu()
         match_bins.index_add_(0, pos_bin, match[valid].cpu())
         kl_bins.index_add_(0, pos_bin, kl[valid].double().cpu())
         count_bins.index_add_(0, pos_bin, torch.ones_like(pos_bin, dtype=torch.float64))
+    return _summary(match_bins, kl_bins, count_bins, len(encoded), bin_size)
+
+
+def _right_padded(chunk: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids of texts sorted by length, right-padded with 0 to the last (longest):
+    ids and attention mask [batch, width] (long), on `device`."""
+    width = len(chunk[-1])
+    ids = torch.zeros(len(chunk), width, dtype=torch.long)
+    mask = torch.zeros(len(chunk), width, dtype=torch.long)
+    for row, e in enumerate(chunk):
+        ids[row, : len(e)] = torch.tensor(e)
+        mask[row, : len(e)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _match_and_kl(student, teacher, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position of ids [batch, width]: top-1 match of student and teacher (1.0 or 0.0, fp64)
+    and KL(teacher || student) in nats (fp32), both [batch, width]; teacher None is the
+    student's own original model."""
+    if teacher is None:
+        with linearize.teacher(student):
+            t_logits = student(input_ids=ids, attention_mask=mask).logits
+    else:
+        t_logits = teacher(input_ids=ids, attention_mask=mask).logits
+    s_logits = student(input_ids=ids, attention_mask=mask).logits
+    t_logp = F.log_softmax(t_logits.float(), -1)
+    s_logp = F.log_softmax(s_logits.float(), -1)
+    kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).clamp_min(0.0)
+    match = (t_logp.argmax(-1) == s_logp.argmax(-1)).double()
+    return match, kl
+
+
+def _summary(match_bins, kl_bins, count_bins, texts: int, bin_size: int) -> dict:
+    """`teacher_agreement`'s result from the per-bin sums of matches, KL and tokens [nbins]."""
     tokens = int(count_bins.sum())
     if tokens == 0:
         raise ValueError("no tokens to compare: all texts are empty")
@@ -70,7 +88,7 @@ def teacher_agreement(
         "top1_agreement": 100.0 * float(match_bins.sum()) / tokens,
         "kl_mean": float(kl_bins.sum()) / tokens,
         "tokens": tokens,
-        "texts": len(encoded),
+        "texts": texts,
         "bin_size": bin_size,
         "agreement_by_position": (100.0 * match_bins / nonzero).tolist(),
         "kl_by_position": (kl_bins / nonzero).tolist(),
