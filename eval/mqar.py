@@ -99,50 +99,59 @@ def make_mqar_sample(
         list(value_ids) if value_ids is not None else single_token_ids(tokenizer, VALUE_WORDS)
     )
     num_queries = num_pairs if num_queries is None else num_queries
-    if num_pairs < 1 or not 1 <= num_queries <= num_pairs:
-        raise ValueError(f"need 1 <= num_queries <= num_pairs, got {num_queries}, {num_pairs}")
-    if len(key_ids) < num_pairs or not value_ids:
-        raise ValueError(
-            f"the tokenizer has {len(key_ids)} single-token keys and {len(value_ids)} values; "
-            f"{num_pairs} pairs need that many keys (pass key_ids/value_ids)"
-        )
+    _check_counts(num_pairs, num_queries, len(key_ids), len(value_ids))
     rng = random.Random(seed)
     keys = rng.sample(key_ids, num_pairs)
-    values = [rng.choice(value_ids) for _ in keys]
-    pairs = list(zip(keys, values))
-
-    def enc(text: str) -> list[int]:
-        return tokenizer.encode(text, add_special_tokens=False)
-
-    colon, comma = enc(":"), enc(",")
-    ids = special_prefix(tokenizer) + enc("Remember these pairs.")
-    for i, (k, v) in enumerate(pairs):
-        ids += [k] + colon + [v] + (comma if i < num_pairs - 1 else [])
-    pairs_end = len(ids)
-    recall = enc(". Now recall.")
+    pairs = list(zip(keys, [rng.choice(value_ids) for _ in keys]))
     asked = rng.sample(pairs, num_queries)
-    queries, positions = [], []
-    for i, (k, v) in enumerate(asked):
-        queries += [k] + colon
-        positions.append(len(queries))
-        queries += [v] + (comma if i < num_queries - 1 else [])
+    colon, comma = _encode(tokenizer, ":"), _encode(tokenizer, ",")
+    listed, _ = _pair_list(pairs, colon, comma)
+    ids = special_prefix(tokenizer) + _encode(tokenizer, "Remember these pairs.") + listed
+    pairs_end = len(ids)
+    recall = _encode(tokenizer, ". Now recall.")
+    queries, positions = _pair_list(asked, colon, comma)
     room = 0 if length is None else length - pairs_end - len(recall) - len(queries)
     if room < 0:
         raise ValueError(f"length {length} is too short for {num_pairs} MQAR pairs "
                          f"(they need {length - room} tokens)")
-    filler = enc(FILLER)
+    filler = _encode(tokenizer, FILLER)
     ids += recall + (filler * (room // len(filler) + 1))[:room]
     offset = len(ids)
     ids += queries
-    positions = [offset + p for p in positions]
     return MQARSample(
         input_ids=torch.tensor(ids),
-        answer_positions=torch.tensor(positions),
+        answer_positions=torch.tensor([offset + p for p in positions]),
         answers=torch.tensor([v for _, v in asked]),
         query_keys=torch.tensor([k for k, _ in asked]),
         pairs=pairs,
         gap=offset - pairs_end,
     )
+
+
+def _check_counts(num_pairs: int, num_queries: int, num_keys: int, num_values: int) -> None:
+    """Refuse pair and query counts that the key and value pools cannot serve."""
+    if num_pairs < 1 or not 1 <= num_queries <= num_pairs:
+        raise ValueError(f"need 1 <= num_queries <= num_pairs, got {num_queries}, {num_pairs}")
+    if num_keys < num_pairs or not num_values:
+        raise ValueError(
+            f"the tokenizer has {num_keys} single-token keys and {num_values} values; "
+            f"{num_pairs} pairs need that many keys (pass key_ids/value_ids)"
+        )
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _pair_list(pairs: list[tuple[int, int]], colon: list[int], comma: list[int]) -> tuple[list[int], list[int]]:
+    """Token ids of "k: v, k: v, ..." (no comma after the last pair) and the index of every
+    value in them."""
+    ids, value_at = [], []
+    for i, (k, v) in enumerate(pairs):
+        ids += [k] + colon
+        value_at.append(len(ids))
+        ids += [v] + (comma if i < len(pairs) - 1 else [])
+    return ids, value_at
 
 
 @torch.no_grad()
