@@ -183,6 +183,8 @@ def training_record(name: str) -> dict:
     out, log, t = {}, WORK / name / "run" / "metrics.jsonl", WORK / name / "train_time.json"
     if t.is_file():
         out["train_seconds"] = json.loads(t.read_text())["seconds"]
+        stage2 = yaml.safe_load((WORK / name / "recipe.yaml").read_text())["stage2"]
+        out["gradient_checkpointing"] = bool(stage2.get("gradient_checkpointing"))
     if log.is_file():
         pts = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
         out["curve"] = [(p["tokens"], p["eval_ppl"]) for p in pts if "eval_ppl" in p and p.get("stage") == 2]
@@ -465,7 +467,8 @@ def write_document(results: dict, args) -> Path:
     budget = []
     for name, res in results.items():
         if "train_seconds" in res:
-            budget.append(f"{LABELS.get(name, name)} {res['train_seconds'] / 60:.0f} min")
+            checkpointed = " (gradient checkpointing)" if res.get("gradient_checkpointing") else ""
+            budget.append(f"{LABELS.get(name, name)} {res['train_seconds'] / 60:.0f} min{checkpointed}")
     text = [
         "# Quality at length",
         "",
