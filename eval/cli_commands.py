@@ -30,6 +30,16 @@ def _csv(kind):
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of ``linearize eval CHECKPOINT ...``."""
     d = EvalSettings(checkpoint="")
+    _add_model_and_tasks(parser, d)
+    _add_metrics_and_run(parser, d)
+    _add_metric_sizes(parser, d)
+    _add_long_context(parser, d)
+    _add_seed_and_loading(parser, d)
+    return parser
+
+
+def _add_model_and_tasks(parser: argparse.ArgumentParser, d: EvalSettings) -> None:
+    """What is evaluated (checkpoint, adapter) and its lm-eval tasks (tasks, teacher, limit, shots)."""
     parser.add_argument("checkpoint", help="linearized checkpoint folder (or a plain HF model folder)")
     parser.add_argument("--adapter", default=None, help="peft LoRA adapter folder applied on top")
     parser.add_argument("--tasks", type=_csv(str), default=d.tasks,
@@ -45,6 +55,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help="lm-eval --limit: documents per task (a fraction if < 1); must be > 0")
     parser.add_argument("--num-fewshot", type=int, default=None,
                         help="override every task's shots (default: the task's own; mmlu_local is 5-shot)")
+
+
+def _add_metrics_and_run(parser: argparse.ArgumentParser, d: EvalSettings) -> None:
+    """The own metrics to run, the run folder, extra lm-eval task folders, and batch, device, dtype."""
     parser.add_argument("--metrics", type=_csv(str), default=d.metrics,
                         help=f"comma-separated own metrics from {','.join(METRICS)} (default: ppl,agreement; "
                              "'none' to skip). long-doc: perplexity by token position over the first "
@@ -57,6 +71,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
     parser.add_argument("--dtype", default=d.dtype, help="auto (as saved), float32, bfloat16, float16")
+
+
+def _add_metric_sizes(parser: argparse.ArgumentParser, d: EvalSettings) -> None:
+    """How much each own metric reads: perplexity and agreement texts, passkey and MQAR probes."""
     parser.add_argument("--ppl-texts", type=int, default=d.ppl_texts,
                         help="held-out Wikipedia summaries for perplexity and agreement")
     parser.add_argument("--max-length", type=int, default=d.max_length, help="perplexity window")
@@ -68,6 +86,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--passkey-trials", type=int, default=d.passkey_trials)
     parser.add_argument("--mqar-pairs", type=_csv(int), default=d.mqar_pairs)
     parser.add_argument("--mqar-samples", type=int, default=d.mqar_samples)
+
+
+def _add_long_context(parser: argparse.ArgumentParser, d: EvalSettings) -> None:
+    """The long-doc and long-recall metrics: document tokens and buckets, prompt lengths, distances."""
     parser.add_argument("--long-doc-tokens", type=int, default=d.long_doc_tokens,
                         help="long-doc: tokens scored per held-out document, in one forward")
     parser.add_argument("--long-doc-buckets", type=_csv(int), default=d.long_doc_buckets,
@@ -82,6 +104,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                              "the model's window); prompts that break it are an error")
     parser.add_argument("--long-mqar-pairs", type=_csv(int), default=d.long_mqar_pairs)
     parser.add_argument("--long-mqar-samples", type=int, default=d.long_mqar_samples)
+
+
+def _add_seed_and_loading(parser: argparse.ArgumentParser, d: EvalSettings) -> None:
+    """The seed, the sparse cache set at load, progress output and non-finite weights."""
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--sparse-cache", type=int, default=None, metavar="N",
                         help="LoLA's sparse cache for a LoLCATs model: N exact key/value pairs per layer and head "
@@ -94,7 +120,6 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--allow-nonfinite", action="store_true",
                         help="load weights that hold NaN or inf instead of refusing them (for inspecting a "
                              "broken model)")
-    return parser
 
 
 def settings_from_args(args: argparse.Namespace) -> EvalSettings:
