@@ -515,6 +515,24 @@ def validate(recipe: Recipe) -> Recipe:
     _check_choice("model.dtype", recipe.model.dtype, DTYPES)
     _check_choice("data.format", recipe.data.format, FORMATS)
     _check_choice("data.boundaries", recipe.data.boundaries, BOUNDARIES)
+    _validate_sizes(recipe)
+    _validate_data(recipe)
+    for sname in ("stage1", "stage2"):
+        _validate_stage_budget(sname, getattr(recipe, sname))
+    _check_choice("stage1.loss_reduction", recipe.stage1.loss_reduction, LOSS_REDUCTIONS)
+    _validate_eval(recipe.eval)
+    _validate_guard(recipe.guard)
+    _validate_stage2(recipe.stage2)
+    if not (recipe.stage1.enabled or recipe.stage2.enabled):
+        raise RecipeError("both stages are disabled: set stage1.enabled=true and/or stage2.enabled=true")
+    config = _resolved_conversion(recipe.linearize)
+    for sname in ("stage1", "stage2"):
+        _validate_window_dropout(f"{sname}.window_dropout", getattr(recipe, sname).window_dropout, config)
+    return recipe
+
+
+def _validate_sizes(recipe: Recipe) -> None:
+    """Batch, accumulation, checkpoint, logging and row-length counts of the run."""
     for name in ("batch_size", "gradient_accumulation_steps", "keep_checkpoints", "log_every"):
         if getattr(recipe, name) < 1:
             raise RecipeError(f"recipe key {name} must be >= 1, got {getattr(recipe, name)}")
@@ -523,31 +541,37 @@ def validate(recipe: Recipe) -> Recipe:
                           f"{recipe.seq_len}: e.g. seq_len=1024")
     if recipe.checkpoint_every < 0:
         raise RecipeError(f"checkpoint_every must be >= 0 (0: only at the end of each stage), got {recipe.checkpoint_every}")
+
+
+def _validate_data(recipe: Recipe) -> None:
+    """Document boundaries that the batch can carry, and the document cap."""
     if recipe.data.boundaries == "positions" and recipe.batch_size != 1:
         raise RecipeError("data.boundaries=positions needs batch_size=1 (raise gradient_accumulation_steps instead), "
                           "or use data.boundaries=eos")
     if recipe.data.max_documents is not None and recipe.data.max_documents < 1:
         raise RecipeError("data.max_documents must be >= 1 or null")
-    for sname in ("stage1", "stage2"):
-        stage = getattr(recipe, sname)
-        if stage.max_tokens < 1:
-            raise RecipeError(f"{sname}.max_tokens must be >= 1 (training tokens of the stage), got "
-                              f"{stage.max_tokens}: set a positive budget, or {sname}.enabled=false to skip the stage")
-        if stage.max_steps is not None and stage.max_steps < 1:
-            raise RecipeError(f"{sname}.max_steps must be >= 1 or null (max_tokens decides), got {stage.max_steps}: "
-                              f"set a positive number of steps, or {sname}.enabled=false to skip the stage")
-        opt = stage.optimizer
-        _check_choice(f"{sname}.optimizer.scheduler", opt.scheduler, SCHEDULERS)
-        if not opt.lr > 0:
-            raise RecipeError(f"{sname}.optimizer.lr must be > 0, got {opt.lr}")
-        if len(opt.betas) != 2 or not all(0 <= b < 1 for b in opt.betas):
-            raise RecipeError(f"{sname}.optimizer.betas must be two numbers in [0, 1), got {opt.betas}")
-        if not 0 <= opt.warmup_ratio < 1:
-            raise RecipeError(f"{sname}.optimizer.warmup_ratio must be in [0, 1), got {opt.warmup_ratio}")
-    _check_choice("stage1.loss_reduction", recipe.stage1.loss_reduction, LOSS_REDUCTIONS)
-    _validate_eval(recipe.eval)
-    _validate_guard(recipe.guard)
-    s2 = recipe.stage2
+
+
+def _validate_stage_budget(sname: str, stage: Stage1Section | Stage2Section) -> None:
+    """A stage's token and step budget and its optimizer (scheduler, lr, betas, warmup)."""
+    if stage.max_tokens < 1:
+        raise RecipeError(f"{sname}.max_tokens must be >= 1 (training tokens of the stage), got "
+                          f"{stage.max_tokens}: set a positive budget, or {sname}.enabled=false to skip the stage")
+    if stage.max_steps is not None and stage.max_steps < 1:
+        raise RecipeError(f"{sname}.max_steps must be >= 1 or null (max_tokens decides), got {stage.max_steps}: "
+                          f"set a positive number of steps, or {sname}.enabled=false to skip the stage")
+    opt = stage.optimizer
+    _check_choice(f"{sname}.optimizer.scheduler", opt.scheduler, SCHEDULERS)
+    if not opt.lr > 0:
+        raise RecipeError(f"{sname}.optimizer.lr must be > 0, got {opt.lr}")
+    if len(opt.betas) != 2 or not all(0 <= b < 1 for b in opt.betas):
+        raise RecipeError(f"{sname}.optimizer.betas must be two numbers in [0, 1), got {opt.betas}")
+    if not 0 <= opt.warmup_ratio < 1:
+        raise RecipeError(f"{sname}.optimizer.warmup_ratio must be in [0, 1), got {opt.warmup_ratio}")
+
+
+def _validate_stage2(s2: Stage2Section) -> None:
+    """Stage 2's loss mix and temperature, and its LoRA."""
     if not 0 <= s2.kd_ratio <= 1:
         raise RecipeError(f"stage2.kd_ratio must be in [0, 1] (0: cross-entropy only, 1: KL only), got {s2.kd_ratio}")
     if not s2.temperature > 0:
@@ -556,21 +580,22 @@ def validate(recipe: Recipe) -> Recipe:
         raise RecipeError(f"stage2.lora.dropout must be in [0, 1), got {s2.lora.dropout}")
     if s2.lora.r < 1 or not s2.lora.target_modules:
         raise RecipeError("stage2.lora needs r >= 1 and at least one target module (e.g. [q_proj, k_proj, v_proj])")
-    if not (recipe.stage1.enabled or recipe.stage2.enabled):
-        raise RecipeError("both stages are disabled: set stage1.enabled=true and/or stage2.enabled=true")
-    config = None
-    if recipe.linearize is not None:
-        try:
-            config = recipe.linearize.resolved()
-        except ConfigError as e:
-            raise RecipeError(f"recipe key linearize: {e}") from e
-        if config.sparse_cache:
-            raise RecipeError("recipe key linearize.sparse_cache: LoLA's sparse cache is inference-only (its selection "
-                              "has no gradient); distill with sparse_cache 0 and set it when evaluating "
-                              "(linearize eval --sparse-cache N)")
-    for sname in ("stage1", "stage2"):
-        _validate_window_dropout(f"{sname}.window_dropout", getattr(recipe, sname).window_dropout, config)
-    return recipe
+
+
+def _resolved_conversion(linearize: LinearizeConfig | None) -> LinearizeConfig | None:
+    """The recipe's conversion with the method's defaults filled in, refused if it cannot be
+    distilled; None when model.path is already linearized (no conversion)."""
+    if linearize is None:
+        return None
+    try:
+        config = linearize.resolved()
+    except ConfigError as e:
+        raise RecipeError(f"recipe key linearize: {e}") from e
+    if config.sparse_cache:
+        raise RecipeError("recipe key linearize.sparse_cache: LoLA's sparse cache is inference-only (its selection "
+                          "has no gradient); distill with sparse_cache 0 and set it when evaluating "
+                          "(linearize eval --sparse-cache N)")
+    return config
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
