@@ -271,62 +271,78 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     "1e-3" -> 0.001, a scalar to a one-element list)."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, key)
-            except RecipeError as e:
-                errors.append(e)
-        raise RecipeError(f"recipe key {key} must be {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+        return _coerce_union(value, typing.get_args(tp), key)
     if origin is list:
-        (inner,) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            if inner is str and isinstance(value, str):
-                value = [v.strip() for v in value.split(",") if v.strip()]
-            else:
-                raise RecipeError(f"recipe key {key} must be a list of {_type_name(inner)}, got {value!r}")
-        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return _coerce_list(value, typing.get_args(tp)[0], key)
     if origin is dict:
-        key_type, value_type = typing.get_args(tp)
-        if not isinstance(value, dict):
-            raise RecipeError(f"recipe key {key} must be a mapping of {_type_name(key_type)} to "
-                              f"{_type_name(value_type)}, got {value!r}")
-        return {_coerce(k, key_type, f"{key} key {k!r}"): _coerce(v, value_type, f"{key}[{k!r}]")
-                for k, v in value.items()}
+        return _coerce_dict(value, *typing.get_args(tp), key)
     if tp is bool:
         if isinstance(value, bool):
             return value
         raise RecipeError(f"recipe key {key} must be true or false, got {value!r}")
     if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                f = float(value.replace("_", ""))
-            except ValueError:
-                f = None
-            if f is not None and f.is_integer():
-                return int(f)
-        raise RecipeError(f"recipe key {key} must be an integer, got {value!r}")
+        return _coerce_int(value, key)
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise RecipeError(f"recipe key {key} must be a number, got {value!r}")
+        return _coerce_float(value, key)
     if tp is str:
         if isinstance(value, str):
             return value
         raise RecipeError(f"recipe key {key} must be a string, got {value!r}")
     raise RecipeError(f"recipe key {key}: unsupported schema type {tp!r}")
+
+
+def _coerce_union(value: Any, args: tuple, key: str) -> Any:
+    if value is None and type(None) in args:
+        return None
+    for arg in (a for a in args if a is not type(None)):
+        try:
+            return _coerce(value, arg, key)
+        except RecipeError:
+            pass
+    raise RecipeError(f"recipe key {key} must be {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+
+
+def _coerce_list(value: Any, inner: Any, key: str) -> list:
+    if not isinstance(value, (list, tuple)):
+        if inner is str and isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        else:
+            raise RecipeError(f"recipe key {key} must be a list of {_type_name(inner)}, got {value!r}")
+    return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+
+
+def _coerce_dict(value: Any, key_type: Any, value_type: Any, key: str) -> dict:
+    if not isinstance(value, dict):
+        raise RecipeError(f"recipe key {key} must be a mapping of {_type_name(key_type)} to "
+                          f"{_type_name(value_type)}, got {value!r}")
+    return {_coerce(k, key_type, f"{key} key {k!r}"): _coerce(v, value_type, f"{key}[{k!r}]")
+            for k, v in value.items()}
+
+
+def _coerce_int(value: Any, key: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            f = float(value.replace("_", ""))
+        except ValueError:
+            f = None
+        if f is not None and f.is_integer():
+            return int(f)
+    raise RecipeError(f"recipe key {key} must be an integer, got {value!r}")
+
+
+def _coerce_float(value: Any, key: str) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise RecipeError(f"recipe key {key} must be a number, got {value!r}")
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
