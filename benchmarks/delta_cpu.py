@@ -1,12 +1,14 @@
 """CPU speed check of the gated delta rule: the chunked WY form against the token loop.
 
-Times `chunk_gated_delta_rule` (chunks of 64) against two token loops, forward under
-`torch.no_grad()`, B = 1, H query heads over HKV key/value heads of size D: the decode step's
-vectorised fp32 loop `recurrent_gated_delta_rule`, and the fp64 reference `naive_gated_delta_rule`
-(the loop `benchmarks/kernels_cpu.py` compares against; timed on its first `--reference-tokens`
-tokens and scaled linearly). Median of `--repeats` runs after a warm-up. Not a test.
+Times `chunk_gated_delta_rule` (chunks of `--chunk-size`; default the kernel's, 32 on the CPU)
+against two token loops, forward under `torch.no_grad()`, B = 1, H query heads over HKV
+key/value heads of size D: the decode step's vectorised fp32 loop `recurrent_gated_delta_rule`,
+and the fp64 reference `naive_gated_delta_rule` (the loop `benchmarks/kernels_cpu.py` compares
+against; timed on its first `--reference-tokens` tokens and scaled linearly). Median of
+`--repeats` runs after a warm-up; the chunked form and the fp32 loop alternate within each
+repeat, so load from other processes hits both alike. Not a test.
 
-    python benchmarks/delta_cpu.py [--lengths 1024 4096] [--threads 1]
+    python benchmarks/delta_cpu.py [--lengths 1024 4096] [--threads 1] [--repeats 3] [--chunk-size 32]
 """
 from __future__ import annotations
 
@@ -32,14 +34,17 @@ def inputs(T: int, H: int, HKV: int, D: int):
     return q, k, v, beta, g
 
 
-def seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def seconds(fns, repeats: int) -> list[float]:
+    """Median seconds of each function, after a warm-up, the functions taking turns in each repeat."""
+    times = [[] for _ in fns]
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
 
 
 def main() -> None:
@@ -51,6 +56,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--reference-tokens", type=int, default=256)
+    p.add_argument("--chunk-size", type=int, default=None)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     print(f"B=1 H={a.heads} HKV={a.kv_heads} D={a.head_dim} fp32, {a.threads} thread(s), forward")
@@ -59,13 +65,13 @@ def main() -> None:
     for T in a.lengths:
         x = inputs(T, a.heads, a.kv_heads, a.head_dim)
         with torch.no_grad():
-            oc, _ = chunk_gated_delta_rule(*x)
+            oc, _ = chunk_gated_delta_rule(*x, chunk_size=a.chunk_size)
             ol, _ = recurrent_gated_delta_rule(*x)
-            tc = seconds(lambda: chunk_gated_delta_rule(*x), a.repeats)
-            tl = seconds(lambda: recurrent_gated_delta_rule(*x), a.repeats)
+            tc, tl = seconds([lambda: chunk_gated_delta_rule(*x, chunk_size=a.chunk_size),
+                              lambda: recurrent_gated_delta_rule(*x)], a.repeats)
             n = min(T, a.reference_tokens)
             prefix = [t[:, :n].double() for t in x]
-            tr = seconds(lambda: naive_gated_delta_rule(*prefix), 1) * T / n
+            tr = seconds([lambda: naive_gated_delta_rule(*prefix)], 1)[0] * T / n
         err = ((oc - ol).norm() / ol.norm()).item()
         print(f"{T:>7} {tc * 1e3:>10.1f} {tl * 1e3:>13.1f} {tl / tc:>7.1f}x {tr * 1e3:>12.0f} {tr / tc:>7.0f}x "
               f"{err:>9.1e}")

@@ -8,18 +8,22 @@ delta values
         = beta_s v_s - beta_s exp(b_s) k_s^T S_0 - sum_{r < s} beta_s exp(b_s - b_r) (k_s . k_r) u_r,
 
 a unit lower-triangular system (I + A) u = beta V - beta exp(b) K S_0 with
-A[s, r] = beta_s exp(b_s - b_r) k_s . k_r (r < s). Solving it once per chunk for both
-right-hand sides (the UT transform T = (I + A)^-1, applied by a triangular solve) gives
-U = T beta V and W = T beta exp(b) K, so u = U - W S_0 costs one matmul once S_0 is known:
+A[s, r] = beta_s exp(b_s - b_r) k_s . k_r (r < s). One triangular solve per chunk against
+diag(beta) gives the UT transform with the write strengths folded in, T = (I + A)^-1 diag(beta),
+and with it U = T V and W = T exp(b) K, so u = U - W S_0 costs one matmul once S_0 is known:
 
     o_t = scale (exp(b_t) q_t S_0 + sum_{s <= t} exp(b_t - b_s) (q_t . k_s) u_s)
     S_C = exp(b_C) S_0 + sum_s exp(b_C - b_s) k_s u_s^T
 
-Everything but the short loop over chunks (u, o and S per chunk) runs for all chunks at once;
-long inputs go in segments of whole chunks that carry the state, so temporaries stay bounded.
-Cumulative gates are summed in fp64 and every decay is exp of a difference <= 0 taken in
-fp64, masked before the exponential. Gradients flow through autograd (the triangular solve
-included).
+Only u and S go through the loop over chunks (two small matmuls per chunk); everything else,
+the outputs included, runs for all chunks of a segment at once. Long inputs go in segments of
+whole chunks that carry the state, so temporaries stay bounded (on the CPU, small enough to
+stay in cache between the passes over them). Cumulative gates are summed in fp64 and every
+decay is exp of a difference <= 0 taken in fp64 and rounded to the accumulation dtype (fp32
+for fp32 and bf16 inputs), floored at sqrt(tiny) of that dtype (1e-19 in fp32: far below its
+precision, and it keeps exp and the products after it clear of subnormal numbers, which are
+slow on the CPU); entries above the diagonal are zeroed before the exponential (no overflow,
+and no -inf) and after it. Gradients flow through autograd (the triangular solve included).
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ import math
 import torch
 
 _SEGMENT_ELEMENTS = 1 << 24  # elements of the per-chunk [C, C] temporaries per segment of a long input
+_CPU_SEGMENT_ELEMENTS = 1 << 18  # the same on the CPU: about 1 MiB of them, so they stay in cache
+_CPU_CHUNK = 32  # default chunk size on the CPU (elsewhere 64): half the in-chunk FLOPs, twice the loop steps
 
 
 def check_delta_inputs(q, k, v, beta, g, initial_state, cu_seqlens) -> None:
@@ -64,7 +70,7 @@ def chunk_gated_delta_rule(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.LongTensor | None = None,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T, o_t = scale q_t S_t, chunked.
 
@@ -79,7 +85,7 @@ def chunk_gated_delta_rule(
         output_final_state: also return the state after each sequence's last token.
         cu_seqlens: [N + 1] cumulative lengths of packed sequences (B == 1); each sequence
             starts from its own initial state.
-        chunk_size: tokens per chunk (any size is exact).
+        chunk_size: tokens per chunk (any size is exact; None: 32 on the CPU, 64 elsewhere).
 
     Returns:
         o: [B, T, H, V] in q's dtype; final_state: [N, HKV, K, V] fp32 (fp64 for fp64 inputs)
@@ -87,6 +93,7 @@ def chunk_gated_delta_rule(
     """
     check_delta_inputs(q, k, v, beta, g, initial_state, cu_seqlens)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    chunk_size = chunk_size or (_CPU_CHUNK if q.device.type == "cpu" else 64)
     if cu_seqlens is None:
         return _segments(q, k, v, beta, g, scale, initial_state, output_final_state, chunk_size)
     bounds = cu_seqlens.tolist()
@@ -103,55 +110,69 @@ def chunk_gated_delta_rule(
 
 def _segments(q, k, v, beta, g, scale, initial_state, output_final_state, C):
     """Long inputs in segments of whole chunks that carry the state, so the [C, C] temporaries
-    (about C * (2 + G) floats per token and KV head) stay near `_SEGMENT_ELEMENTS`."""
+    (about C * (2 + G) floats per token and KV head) stay near `_SEGMENT_ELEMENTS` (on the
+    CPU `_CPU_SEGMENT_ELEMENTS`, if smaller). Without autograd each segment's output is copied
+    straight into the result; with it the segments are concatenated once at the end."""
     B, T, H, _ = q.shape
-    per_token = B * k.shape[2] * C * (2 + H // k.shape[2])
-    span = max(1, _SEGMENT_ELEMENTS // (per_token * C)) * C
-    if T <= span:
-        return _chunk(q, k, v, beta, g, scale, initial_state, output_final_state, C)
-    outs, state = [], initial_state
+    HKV, V = k.shape[2], v.shape[-1]
+    per_token = B * HKV * C * (2 + H // HKV)
+    budget = min(_SEGMENT_ELEMENTS, _CPU_SEGMENT_ELEMENTS) if q.device.type == "cpu" else _SEGMENT_ELEMENTS
+    span = max(1, budget // (per_token * C)) * C
+    inputs = (q, k, v, beta, g) + (() if initial_state is None else (initial_state,))
+    record = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
+    outs, S, start = [], initial_state, 0
     for pieces in zip(*(x.split(span, dim=1) for x in (q, k, v, beta, g))):
-        o, state = _chunk(*pieces, scale, state, True, C)
-        outs.append(o)
-    return torch.cat(outs, dim=1), (state if output_final_state else None)
+        o, S = _chunk(*pieces, scale, S, C)
+        if record:
+            outs.append(o)
+            continue
+        if not outs:
+            outs.append(o.new_empty(B, max(1, math.ceil(T / C)), *o.shape[2:]))
+        outs[0][:, start:start + o.shape[1]] = o
+        start += o.shape[1]
+    o = (torch.cat(outs, dim=1) if record else outs[0]).view(B, -1, H, V)[:, :T]  # [B, NC, C, HKV, G, V]
+    return o.to(q.dtype), (S if output_final_state else None)
 
 
-def _chunk(q, k, v, beta, g, scale, initial_state, output_final_state, C):
-    """`chunk_gated_delta_rule` on B independent rows."""
+def _chunk(q, k, v, beta, g, scale, initial_state, C):
+    """One segment of B independent rows: o [B, NC, C, HKV, G, V] (a permuted view, padded to
+    whole chunks) and the state after it, S [B, HKV, K, V] in the accumulation dtype."""
     B, T, H, K = q.shape
     HKV, V = k.shape[2], v.shape[-1]
-    G = H // HKV
+    G, BH = H // HKV, B * HKV
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     NC = max(1, math.ceil(T / C))
     pad = NC * C - T
 
-    def chunks(x, dtype=acc):  # [B, T, HKV, ...] -> contiguous [B, HKV, NC, C, ...], zero-padded at the end
-        x = torch.nn.functional.pad(x.to(dtype), (0, 0) * (x.dim() - 2) + (0, pad))
-        x = x.transpose(1, 2).contiguous()
-        return x.view(B, HKV, NC, C, *x.shape[3:])
+    def chunks(x, dtype=acc):  # [B, T, HKV, D] -> contiguous [NC, B * HKV, C, D], zero-padded at the end
+        x = x.to(dtype)
+        if pad:
+            x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad))
+        return x.view(B, NC, C, HKV, -1).permute(1, 0, 3, 2, 4).contiguous().view(NC, BH, C, x.shape[-1])
 
-    qc = chunks(q.view(B, T, HKV, G, K)).view(B, HKV, NC, C * G, K)
-    kc, vc, bc = chunks(k), chunks(v), chunks(beta)
-    b = chunks(g, torch.float64).cumsum(-1)  # [B, HKV, NC, C]
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    decay = (b.unsqueeze(-1) - b.unsqueeze(-2)).to(acc).masked_fill(~causal, float("-inf")).exp()  # [.., t, s]
-    eb = b.exp().to(acc)
-    A = (torch.matmul(kc, kc.transpose(-1, -2)) * decay * bc.unsqueeze(-1)).tril(-1)
-    eye = torch.eye(C, dtype=acc, device=q.device)
-    Tm = torch.linalg.solve_triangular(A + eye, eye.expand_as(A), upper=False, unitriangular=True)  # (I + A)^-1
-    U = torch.matmul(Tm, vc * bc.unsqueeze(-1))  # [.., C, V]
-    W = torch.matmul(Tm, kc * (bc * eb).unsqueeze(-1))  # [.., C, K]; u = U - W S_0
-    scores = torch.matmul(qc, kc.transpose(-1, -2)).view(B, HKV, NC, C, G, C).mul_(decay.unsqueeze(-2) * scale)
-    scores = scores.view(B, HKV, NC, C * G, C)
-    qg = qc * (eb * scale).repeat_interleave(G, dim=-1).unsqueeze(-1)  # scale q_t exp(b_t)
-    kdT = (kc * (b[..., -1:] - b).exp().to(acc).unsqueeze(-1)).transpose(-1, -2).contiguous()  # k_s exp(b_C - b_s)
-    step = eb[..., -1, None, None]  # [B, HKV, NC, 1, 1]
-    S = (initial_state.to(acc) if initial_state is not None
-         else torch.zeros(B, HKV, K, V, dtype=acc, device=q.device))
-    outs = []
-    for c in range(NC):
-        u = U[:, :, c] - torch.matmul(W[:, :, c], S)  # [B, HKV, C, V]
-        outs.append(torch.matmul(qg[:, :, c], S) + torch.matmul(scores[:, :, c], u))
-        S = torch.addcmul(torch.matmul(kdT[:, :, c], u), S, step[:, :, c])
-    o = torch.stack(outs, dim=2).view(B, HKV, NC * C, G, V).transpose(1, 2).reshape(B, NC * C, H, V)[:, :T]
-    return o.to(q.dtype), (S if output_final_state else None)
+    qc = chunks(q.reshape(B, T, HKV, G * K)).view(NC, BH, C * G, K)  # rows t * G + i
+    kc, vc = chunks(k), chunks(v)
+    bc = chunks(beta.unsqueeze(-1)).view(NC, BH, C)
+    b = chunks(g.unsqueeze(-1), torch.float64).view(NC, BH, C).cumsum(-1)  # [NC, BH, C]
+    floor = math.log(torch.finfo(acc).tiny) / 2  # exp(floor) is normal, squared too, and far below eps
+    decay = (b.unsqueeze(-1) - b.unsqueeze(-2)).to(acc).tril_().clamp_min_(floor).exp().tril()  # [.., t, s]
+    eb = b.to(acc).clamp(min=floor).exp()
+    A = torch.matmul(kc * bc.unsqueeze(-1), kc.transpose(-1, -2)).mul_(decay)  # strictly lower part read
+    Tb = torch.linalg.solve_triangular(A, torch.diag_embed(bc), upper=False, unitriangular=True)  # (I + A)^-1 beta
+    U = torch.matmul(Tb, vc)  # [NC, BH, C, V]
+    W = torch.matmul(Tb, kc * eb.unsqueeze(-1))  # [NC, BH, C, K]; u = U - W S_0
+    scores = torch.matmul(qc, kc.transpose(-1, -2)).view(NC, BH, C, G, C).mul_(decay.unsqueeze(-2))
+    kdT = (kc * (b[..., -1:] - b).to(acc).clamp_min_(floor).exp().unsqueeze(-1)).transpose(-1, -2)  # k_s exp(b_C - b_s)
+    step = eb[..., -1, None, None]  # [NC, BH, 1, 1]
+    S = initial_state.to(acc).reshape(BH, K, V) if initial_state is not None else q.new_zeros(BH, K, V, dtype=acc)
+    states, us = [], []
+    for Uc, Wc, kdTc, sc in zip(U.unbind(0), W.unbind(0), kdT.unbind(0), step.unbind(0)):
+        states.append(S)
+        u = torch.baddbmm(Uc, Wc, S, alpha=-1)  # [BH, C, V]
+        us.append(u)
+        S = (S * sc).baddbmm_(kdTc, u)
+    S0 = torch.stack(states).view(NC * BH, K, V)  # the state entering each chunk
+    o = torch.bmm(qc.view(NC * BH, C * G, K), S0).view(NC, BH, C, G, V).mul_((eb * scale)[..., None, None])
+    o = o.view(NC * BH, C * G, V).baddbmm_(scores.view(NC * BH, C * G, C), torch.stack(us).view(NC * BH, C, V),
+                                            alpha=scale)
+    return o.view(NC, B, HKV, C, G, V).permute(1, 0, 3, 2, 4, 5), S.view(B, HKV, K, V)

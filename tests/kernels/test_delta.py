@@ -70,8 +70,9 @@ def assert_small(errs, tol=TOL):
 @pytest.mark.parametrize("T", [1, 37, 64, 100, 129])
 @pytest.mark.parametrize("gate", ["mixed", "zero", "strong"])
 def test_chunk_matches_reference_with_gradients(T, gate):
-    """T below, at and across chunk boundaries (chunk 64); GQA (4 query heads on 2 KV heads);
-    K != V, not powers of two; initial and final state; gradients of q, k, v, beta, g, h0."""
+    """T below, at and across chunk boundaries (chunks of 32 on the CPU); GQA (4 query heads on
+    2 KV heads); K != V, not powers of two; initial and final state; gradients of q, k, v, beta,
+    g, h0."""
     assert_small(compare(make_inputs(2, T, 4, 2, 12, 10, gate=gate)))
 
 
@@ -101,12 +102,17 @@ def test_varlen_matches_reference_and_separate_sequences():
 
 def test_long_inputs_in_segments_carry_the_state(monkeypatch):
     """Segments of whole chunks (forced small here) give the same outputs, state and gradients,
-    padded batches and packed sequences alike."""
+    padded batches and packed sequences alike, with and without autograd."""
     import linearize.kernels.delta.torch_chunk as chunk
 
     monkeypatch.setattr(chunk, "_SEGMENT_ELEMENTS", 1)  # one chunk per segment
     assert_small(compare(make_inputs(2, 150, 4, 2, 8, 6), chunk_size=16))
     assert_small(compare(make_inputs(1, 70, 2, 1, 8, 6, N=2), cu_seqlens=torch.tensor([0, 33, 70]), chunk_size=16))
+    q, k, v, beta, g, h0 = make_inputs(2, 150, 4, 2, 8, 6)  # without autograd: segments copied into one buffer
+    o, s = chunk_gated_delta_rule(q, k, v, beta, g, initial_state=h0, output_final_state=True, chunk_size=16)
+    ref, s_ref = naive_gated_delta_rule(*(x.to(F64) for x in (q, k, v, beta, g)), initial_state=h0.to(F64),
+                                        output_final_state=True)
+    assert_small({"o": rel(o, ref), "state": rel(s, s_ref)})
 
 
 def test_recurrent_step_matches_reference_with_gradients():
