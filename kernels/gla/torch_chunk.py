@@ -29,11 +29,23 @@ the bound. Chunks over the bound (strong decay, e.g. -5..-20 per token, or a ver
 on a chunk's first token) take the exact fallback below, chosen per chunk (and per batch
 row and KV head) within one call, so a few strongly decaying chunks do not slow the rest.
 
-Exact fallback (exponents <= 0). Scalar gates mask the [C, C] decay matrix before the
-exponential. Per-channel gates use secondary sub-chunks: between two different sub-chunks the
-decay is split at a reference row (the last row before the query sub-chunk), q * exp(b_t - b_ref)
-times k * exp(b_ref - b_s), both factors <= 1; inside a diagonal sub-chunk block the [c, c, K]
-decay tensor is formed explicitly, and recomputed in the backward pass instead of stored.
+Exact fallback (exponents <= 0). Scalar gates zero the [C, C] decay matrix above the diagonal
+before the exponential and after it (no exp of -inf). Per-channel gates use secondary sub-chunks:
+between two different sub-chunks the decay is split at a reference row (the last row before the
+query sub-chunk), q * exp(b_t - b_ref) times k * exp(b_ref - b_s), both factors <= 1; inside a
+diagonal sub-chunk block the [c, c, K] decay tensor is formed explicitly (masked the same way),
+and recomputed in the backward pass instead of stored.
+
+Decays that are subnormal are flushed to zero: every exponential of the fallback, and the chunk
+decay exp(b_C) of both paths, is 0 where its value, rounded to the accumulation dtype, would be
+below that dtype's smallest normal number (exponent below -87.3 in fp32, -708.4 in fp64; see
+`_exp`). Exponentials with such results, or of -inf, and products with subnormal factors, run
+~100x slower on the CPU. The flush changes no normal value (a gate gradient of e^-75 in fp32
+keeps its accuracy), only values below 1.2e-38 in fp32 (2.2e-308 in fp64). The decays are not
+floored higher (at sqrt of the smallest normal, which would keep even products of two of them
+normal), since that would change such small gradients; products of two normal decays may still
+underflow inside the sub-chunk matrix products of strongly decaying per-channel chunks, which
+stay slower.
 
 Gradients flow through autograd; small autograd Functions shape them: the fast path's gate
 gradient leaves out the diagonal s = t (decay exactly 1, whose two equal and opposite terms
@@ -208,24 +220,31 @@ def _chunk_states(init: torch.Tensor, decay: torch.Tensor, U: torch.Tensor, rows
     """The state entering every chunk, S_in [B', HKV, NC, K, V], and every sequence's final
     state [N, HKV, K, V]: S <- exp(b_C) S + U_c over the (short) chunk axis, from init
     [N, HKV, K, V], restarting at every packed sequence. decay [B', HKV, NC, K or 1] (exp(b_C)),
-    U [B', HKV, NC, K, V] (each chunk's own increment)."""
+    U [B', HKV, NC, K, V] (each chunk's own increment). Without autograd, a batch's states are
+    written in place (no stacking pass over them)."""
     decays = decay.unsqueeze(-1).unbind(2)  # NC x [B', HKV, K or 1, 1]
     Us = U.unbind(2)  # NC x [B', HKV, K, V]
-    if rows.dst is None:
-        states, finals = _batch_states(init, decays, Us)
-    else:
+    if rows.dst is not None:
         states, finals = _packed_states(init, decays, Us, rows.n_chunks)
+    elif tracks_grad(init, decay, U):
+        states, finals = _batch_states(init, decays, Us)
+    else:  # the states go straight into place: no stacking pass over them
+        S_in = torch.empty_like(U)
+        _, finals = _batch_states(init, decays, Us, out=S_in)
+        return S_in, finals
     return torch.stack(states, dim=2), finals
 
 
-def _batch_states(init, decays, Us):
+def _batch_states(init, decays, Us, out=None):
     """Chunk by chunk for B rows of one sequence each: the states entering the chunks (NC x
-    [B, HKV, K, V]) and the final states [B, HKV, K, V]."""
-    S = init
+    [B, HKV, K, V]) and the final states [B, HKV, K, V]. Without autograd, `out` [B, HKV, NC,
+    K, V] can receive the states entering the chunks (each step writes the next one there)."""
+    slots = [None] * (len(Us) + 1) if out is None else out.unbind(2) + (None,)
+    S = init if out is None else slots[0].copy_(init)
     states = []
-    for decay_c, U_c in zip(decays, Us):
+    for decay_c, U_c, into in zip(decays, Us, slots[1:]):
         states.append(S)
-        S = torch.addcmul(U_c, S, decay_c)
+        S = torch.addcmul(U_c, S, decay_c, out=into)
     return states, S
 
 
@@ -281,7 +300,7 @@ def _intra_terms(qv, kv, vc, b, suffix, scale, scalar):
     qc = qv.permute(0, 3, 1, 2, 4, 5)  # [B', HKV, NC, C, G, K]
     kc = kv.permute(0, 3, 1, 2, 4)  # [B', HKV, NC, C, K]
     first, last = b[:, :, :, 0], b[:, :, :, -1]  # [.., NC, K or 1]
-    decay = last.exp().to(acc)
+    decay = _exp(last, acc)
     with torch.no_grad():
         # The reference is a constant shift (the result does not depend on it): no gradient.
         ref = 0.5 * (first + last)
@@ -351,7 +370,7 @@ class _Factorised(torch.autograd.Function):
         C, G, K = qc.shape[-3:]
         lead = qc.shape[:-3]
         acc = qc.dtype
-        e_q = torch.exp(x, out=torch.empty(x.shape, dtype=acc, device=x.device))  # in fp64, rounded once
+        e_q = x.exp().to(acc)  # in fp64, rounded once
         f = x_last.exp().to(acc).unsqueeze(-2)  # exp(b_C - ref)
         qt = torch.mul(qc, e_q.unsqueeze(-2), out=torch.empty(qc.shape, dtype=acc, device=qc.device))
         kt = torch.div(kc, e_q, out=torch.empty(kc.shape, dtype=acc, device=kc.device))  # k_s exp(ref - b_s)
@@ -452,17 +471,18 @@ def _scalar_gate_terms(qc, kc, vc, b, suffix, scale):
     """
     Bp, HKV, NC, C, G, K = qc.shape
     acc = qc.dtype
-    # exp(b_t - b_s) for s < t, masked before exp; the diagonal is the constant 1 (no gradient).
+    # exp(b_t - b_s) for s < t, zeroed before exp and after it; the diagonal is the constant 1 (no gradient).
     below = torch.ones(C, C, dtype=torch.bool, device=qc.device).tril(-1)
-    eye = torch.eye(C, dtype=torch.float64, device=qc.device)
-    E = ((b.unsqueeze(-1) - b.unsqueeze(-2)).masked_fill(~below, float("-inf")).exp() + eye).to(acc) * scale
+    eye = torch.eye(C, dtype=acc, device=qc.device)
+    diff = (b.unsqueeze(-1) - b.unsqueeze(-2)).masked_fill(~below, 0.0)
+    E = (_exp(diff, acc).masked_fill(~below, 0.0) + eye) * scale
     A = torch.matmul(qc.view(Bp, HKV, NC, C * G, K), kc.transpose(-1, -2))
     A = A.view(Bp, HKV, NC, C, G, C) * E.unsqueeze(-2)
     o_intra = torch.matmul(A.view(Bp, HKV, NC, C * G, C), vc)
-    qb = qc * (b.exp().to(acc) * scale)[..., None, None]
-    kC = kc * suffix.exp().to(acc)  # k_s exp(b_C - b_s)
+    qb = qc * (_exp(b, acc) * scale)[..., None, None]
+    kC = kc * _exp(suffix, acc)  # k_s exp(b_C - b_s)
     U = torch.matmul(kC.transpose(-1, -2), vc)
-    return o_intra, qb, U, b[..., -1:].exp().to(acc)
+    return o_intra, qb, U, _exp(b[..., -1:], acc)
 
 
 def _channel_gate_terms(qc, kc, vc, b, suffix, scale):
@@ -481,15 +501,15 @@ def _channel_gate_terms(qc, kc, vc, b, suffix, scale):
     qs = qc.view(Bp, HKV, NC, n, c, G, K)
     ks = kc.view(Bp, HKV, NC, n, c, K)
 
-    qg = qs * local.exp().unsqueeze(-2)  # q_t exp(b_t - ref_i)
-    kd = ks * (last.unsqueeze(-2) - bs).to(acc).exp()  # k_s exp(last_j - b_s)
+    qg = qs * _exp(local, acc).unsqueeze(-2)  # q_t exp(b_t - ref_i)
+    kd = ks * _exp((last.unsqueeze(-2) - bs).to(acc), acc)  # k_s exp(last_j - b_s)
     A_diag = _DiagBlocks.apply(qs, ks * scale, local)  # scale * [.., NC, n, c * G, c]
     o_sub = torch.matmul(A_diag, vc.view(Bp, HKV, NC, n, c, V))  # [.., NC, n, c * G, V]
     if n > 1:
         # exp(b_t - b_s) = exp(b_t - ref_i) * exp(ref_i - last_j) * exp(last_j - b_s) for sub-chunks j < i.
         o_sub = list(o_sub.unbind(3))
         for i in range(1, n):
-            between = (ref[:, :, :, i : i + 1] - last[:, :, :, :i]).to(acc).exp() * scale  # [.., NC, i, K]
+            between = _exp((ref[:, :, :, i : i + 1] - last[:, :, :, :i]).to(acc), acc) * scale  # [.., NC, i, K]
             kg = (kd[:, :, :, :i] * between.unsqueeze(-2)).view(-1, i * c, K)
             A_off = torch.bmm(qg[:, :, :, i].reshape(-1, c * G, K), kg.transpose(-1, -2))
             o_sub[i] = torch.baddbmm(o_sub[i].reshape(-1, c * G, V), A_off, vc[:, :, :, : i * c].reshape(-1, i * c, V))
@@ -497,10 +517,10 @@ def _channel_gate_terms(qc, kc, vc, b, suffix, scale):
     o_intra = o_sub.view(Bp, HKV, NC, C * G, V)
 
     b_last = last[:, :, :, -1]  # [.., NC, K]
-    qb = qg * (ref.to(acc).exp() * scale)[:, :, :, :, None, None, :]  # scale q_t exp(b_t)
-    kC = kc * suffix.exp().to(acc)  # k_s exp(b_C - b_s)
+    qb = qg * (_exp(ref.to(acc), acc) * scale)[:, :, :, :, None, None, :]  # scale q_t exp(b_t)
+    kC = kc * _exp(suffix, acc)  # k_s exp(b_C - b_s)
     U = torch.matmul(kC.transpose(-1, -2), vc)
-    return o_intra, qb, U, b_last.to(acc).exp()
+    return o_intra, qb, U, _exp(b_last.to(acc), acc)
 
 
 class _DiagBlocks(torch.autograd.Function):
@@ -545,8 +565,20 @@ class _DiagBlocks(torch.autograd.Function):
 
 
 def _decay(b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """exp(b[t] - b[s]) where mask[t, s] is False, else 0: [..., c, K] -> [..., c(t), c(s), K]."""
-    return (b.unsqueeze(-2) - b.unsqueeze(-3)).masked_fill_(mask, float("-inf")).exp_()
+    """exp(b[t] - b[s]) where mask[t, s] is False, else 0 (and 0 where it would be subnormal, as
+    in `_exp`): [..., c, K] -> [..., c(t), c(s), K]. No -inf and no subnormal number meets exp."""
+    d = b.unsqueeze(-2) - b.unsqueeze(-3)
+    zero = mask | (d < math.log(torch.finfo(b.dtype).tiny))
+    return d.masked_fill_(zero, 0.0).exp_().masked_fill_(zero, 0.0)
+
+
+def _exp(x: torch.Tensor, acc) -> torch.Tensor:
+    """exp(x) rounded to `acc`, and 0 where that would be a subnormal number (x below the log of
+    acc's smallest normal number): every normal value is kept, but exp never meets an argument
+    whose result is subnormal (nor -inf), which runs ~100x slower on the CPU, and the products
+    after it get no subnormal factor."""
+    zero = x < math.log(torch.finfo(acc).tiny)
+    return torch.where(zero, 0.0, x.masked_fill(zero, 0.0).exp().to(acc))
 
 
 def _slices(b: torch.Tensor):

@@ -296,3 +296,17 @@ def test_gate_gradient_of_a_strongly_decaying_chunk(fallback_chunks, scalar, T, 
     errors = compare([q, k, v, g, h0], chunk_size=8)
     assert bool(fallback_chunks) == (gate * T < -60)
     assert_below(errors, FP32)
+
+
+@pytest.mark.parametrize("scalar", [False, True], ids=["per-channel", "scalar"])
+def test_gate_gradient_across_sub_chunks(fallback_chunks, scalar):
+    """Nine tokens of decay ~e^-75 each in a chunk of 16 (the fallback's sub-chunks of 8): the
+    gate gradient (~e^-75, 1e-33 in all) comes from the terms between sub-chunks and from the
+    initial state. Decays are flushed to zero only where they would be subnormal, so it stays
+    accurate (zeroing the factors of the terms between sub-chunks below the square root of the
+    smallest normal number, as speed would suggest, lost half of it)."""
+    q, k, v, g, h0 = make_inputs(1, 9, 2, 1, 4, 4, scalar=scalar, seed=290)
+    g = torch.full_like(g, -75.0) - torch.rand(g.shape, generator=torch.Generator().manual_seed(1))
+    errors = compare([q, k, v, g, h0], chunk_size=16)
+    assert fallback_chunks
+    assert_below(errors, FP32)
