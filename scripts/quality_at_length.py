@@ -58,6 +58,8 @@ RUNS = {
     # (budgets 2 and 4, untrained, docs/recall-beyond-the-window.md)
     "recommended-kl2": (dict(RECOMMENDED_TRAINED, softmax_layers=[20, 23]), True, True),
     "recommended-kl4": (dict(RECOMMENDED_TRAINED, softmax_layers=[14, 17, 20, 23]), True, True),
+    # the fixed first + middle choice shipped before select-layers, at the same count as kl2
+    "recommended-fixed2": (dict(RECOMMENDED_TRAINED, softmax_layers=[0, 15]), True, True),
     "liger-gla-baseline": (dict(method="liger-gla", init="baseline"), True, True),
     # issue #17's delta rule at the recommended conversion's budget (no LoLA: its sparse cache
     # needs LoLCATs' past-window mixing)
@@ -84,6 +86,7 @@ SPARSE = {
     "lolcats-baseline-gate-norope-ssd+lola64": ("lolcats-baseline-gate-norope-ssd", 64),
     "recommended-kl2+lola64": ("recommended-kl2", 64),
     "recommended-kl4+lola64": ("recommended-kl4", 64),
+    "recommended-fixed2+lola64": ("recommended-fixed2", 64),
 }
 RUNS["lolcats-baseline-untrained"] = (dict(method="lolcats", init="baseline"), None, None)
 RUNS["lolcats-baseline-gate-untrained"] = (dict(method="lolcats", init="baseline", gate="mamba2"), None, None)
@@ -243,6 +246,8 @@ LABELS = {
     "recommended-kl2+lola64": "recommended, 2 KL-chosen softmax layers + LoLA 64",
     "recommended-kl4": "recommended, softmax in the 4 KL-chosen layers [14, 17, 20, 23]",
     "recommended-kl4+lola64": "recommended, 4 KL-chosen softmax layers + LoLA 64",
+    "recommended-fixed2": "recommended, softmax in the fixed first + middle layers [0, 15]",
+    "recommended-fixed2+lola64": "recommended, fixed softmax layers [0, 15] + LoLA 64",
 }
 
 
