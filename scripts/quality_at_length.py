@@ -65,6 +65,9 @@ RUNS = {
     # needs LoLCATs' past-window mixing)
     "gated-deltanet-baseline": (dict(method="gated-deltanet", init="baseline"), True, True),
     "lizard-baseline": (dict(method="lizard", init="baseline"), True, True),
+    # issue #17's other recurrences, to compare with liger-gla-baseline at the same budget
+    "lightning-baseline": (dict(method="lightning", init="baseline"), True, True),
+    "based-baseline": (dict(method="based", init="baseline"), True, True),
 }
 # Recipe sections a run sets beyond the shared recipe (merged into it).
 RECIPE_EXTRAS = {
@@ -230,6 +233,8 @@ LABELS = {
     "lolcats-baseline-gate-norope": "LoLCATs + Mamba2 gate, init baseline, feature maps before RoPE",
     "liger-gla-baseline": "Liger Attention, init baseline",
     "lizard-baseline": "Lizard (window 128, not 64), init baseline",
+    "lightning-baseline": "Lightning decay (Liger maps, fixed per-head decay, window 64 + 4 sinks), init baseline",
+    "based-baseline": "Based (Taylor map, no decay, window 64 + 4 sinks), init baseline",
     "lolcats-baseline-untrained": "LoLCATs, init baseline, untrained (= window + sinks)",
     "lolcats-baseline-untrained+lola64": "LoLCATs, init baseline, untrained + LoLA sparse cache 64",
     "lolcats-baseline-untrained+lola256": "LoLCATs, init baseline, untrained + LoLA sparse cache 256",
