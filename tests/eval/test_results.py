@@ -209,16 +209,18 @@ def test_quality_section_reads_every_page_record(tmp_path, monkeypatch):
                "window-sinks": _quality_record(20.0, 13.0, [[0.0] * 4, [0.0] * 4]),
                "lolcats-baseline-gate-norope": _quality_record(16.0, 12.5),
                "lolcats-baseline-gate-norope+lola64": _quality_record(13.0, 12.0, [[75.0, 75.0, 50.0, 100.0], [100.0] * 4]),
-               "lolcats-baseline-gate-norope-untrained+lola64": _quality_record(17.0, 12.7)}
+               "lolcats-baseline-gate-norope-untrained+lola64": _quality_record(17.0, 12.7),
+               "teacher-lora": _quality_record(9.0, 10.5)}
     for name, record in records.items():
         (data / f"{name}.json").write_text(json.dumps(record))
     text = "\n".join(quality.quality_section(tmp_path))
     rows = table_under(text, "## Quality at length")
-    assert [r[0] for r in rows] == [quality.LABELS[n] for n in list(records)[:4]]
-    best = rows[3]
+    order = ["teacher", "window-sinks", "teacher-lora", "lolcats-baseline-gate-norope", "lolcats-baseline-gate-norope+lola64"]
+    assert [r[0] for r in rows] == [quality.LABELS[n] for n in order]
+    best = rows[4]
     assert best[1] == "[128k tokens, 4,096-token rows](quality-at-length-128k.md)"
     assert best[2:] == ["13.00", "1.30x", "0.65x", "12.00", "15.00", "75 / 100", "48.2 MiB"]
-    assert rows[0][-1] == "720.0 MiB" and rows[2][7] == "—"
+    assert rows[0][-1] == "720.0 MiB" and rows[3][7] == "—"
     assert "at 1.30x the teacher's long-document perplexity, against 2.00x for window + sinks" in text
     assert quality.quality_section(tmp_path / "elsewhere") == []
     doc = tmp_path / "results.md"
