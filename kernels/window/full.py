@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..utils import soft_cap
+
 
 def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None, *,
                     scale: float, cu_seqlens: torch.Tensor | None = None,
@@ -31,8 +33,7 @@ def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid
     if softcap is None:
         o = F.scaled_dot_product_attention(qh, kh.to(q.dtype), vh.to(q.dtype), attn_mask=allowed[:, None], scale=scale)
     else:
-        s = torch.matmul(qh, kh.to(q.dtype).transpose(-1, -2)) * scale
-        s = softcap * torch.tanh(s / softcap)
+        s = soft_cap(torch.matmul(qh, kh.to(q.dtype).transpose(-1, -2)) * scale, softcap)
         s = s.masked_fill(~allowed[:, None], float("-inf"))
         o = torch.matmul(torch.softmax(s.float(), dim=-1).to(q.dtype), vh.to(q.dtype))
     return o.transpose(1, 2)
