@@ -471,6 +471,36 @@ def targets(results: dict, args) -> list[str]:
     return out
 
 
+def recurrence_targets(results: dict) -> list[str]:
+    """Issue #17's targets on a page that holds its runs beside Liger-GLA at the same budget:
+    the delta rule's recall (MQAR at least 5 points above at both lengths, passkey no lower) and
+    Lightning's and Based's long-document perplexity (no worse than Liger-GLA's)."""
+    gla = results.get("liger-gla-baseline")
+    if not gla or "long_doc" not in gla:
+        return []
+    met = lambda ok: "met" if ok else "NOT met"  # noqa: E731
+    mqar = lambda r: [m["mean_accuracy"] for m in r["mqar"]]  # noqa: E731
+    passkey = lambda r: [sum(a) / len(a) for a in r["passkey"]["accuracy"]]  # noqa: E731
+    shown = lambda xs: " / ".join(f"{x:.0f}" for x in xs)  # noqa: E731
+    ld = lambda r: r["long_doc"]["overall"]["perplexity"]  # noqa: E731
+    out = []
+    delta = results.get("gated-deltanet-baseline")
+    if delta and "mqar" in delta and "passkey" in delta:
+        ok = (all(d >= g + 5 for d, g in zip(mqar(delta), mqar(gla)))
+              and all(d >= g for d, g in zip(passkey(delta), passkey(gla))))
+        out.append(f"- Gated delta rule: recall beyond the window clearly above Liger-GLA (MQAR >= 5 points higher "
+                   f"at 2k and 4k, passkey no lower): {met(ok)}; MQAR {shown(mqar(delta))} vs {shown(mqar(gla))} %, "
+                   f"passkey {shown(passkey(delta))} vs {shown(passkey(gla))} %; long documents {ld(delta):.2f} vs "
+                   f"{ld(gla):.2f}.")
+    for name in ("lightning-baseline", "based-baseline"):
+        res = results.get(name)
+        if res and "long_doc" in res:
+            out.append(f"- {LABELS[name]}: long documents no worse than Liger-GLA at the same budget: "
+                       f"{met(ld(res) <= ld(gla))}, {ld(res):.2f} vs {ld(gla):.2f} (joined 1k "
+                       f"{res['joined']['perplexity']:.2f} vs {gla['joined']['perplexity']:.2f}).")
+    return ["## Targets (issue #17: the other recurrences against Liger-GLA)", "", *out, ""] if out else []
+
+
 def curves(results: dict, path: Path) -> bool:
     """Held-out perplexity vs stage-2 tokens per trained run; teacher and window + sinks as
     horizontal lines (same 16 texts, 1,024-token windows). False when nothing to draw."""
@@ -562,6 +592,7 @@ def write_document(results: dict, args) -> Path:
         "",
         *(targets(results, args) or ["(needs the teacher, window + sinks and a trained run)"]),
         "",
+        *recurrence_targets(results),
     ]
     if has_curves:
         text += ["## Quality vs budget", "", f"![held-out perplexity vs tokens](img/{img.name})", ""]

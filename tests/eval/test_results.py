@@ -229,3 +229,28 @@ def test_quality_section_reads_every_page_record(tmp_path, monkeypatch):
     once = doc.read_text()
     assert once.index("## Quality at length") < once.index("## Every method") and once.endswith("table\n")
     assert quality.refresh_quality_section(doc).read_text() == once
+
+
+def test_recurrence_targets_compare_with_liger_gla_at_one_budget():
+    """Issue #17's verdicts: the delta rule needs MQAR 5 points above Liger-GLA at both lengths and
+    no lower passkey; Lightning and Based need no worse long-document perplexity. Pages without
+    Liger-GLA say nothing."""
+    import quality_at_length as qal
+
+    def record(long_ppl, mqar, passkey):
+        rec = _quality_record(long_ppl, 12.0, passkey)
+        rec["mqar"] = [{"mean_accuracy": m} for m in mqar]
+        return rec
+
+    gla = record(18.0, [2.0, 1.0], [[0.0] * 4, [0.0] * 4])
+    results = {"liger-gla-baseline": gla, "gated-deltanet-baseline": record(17.0, [9.0, 6.0], [[25.0] * 4, [0.0] * 4]),
+               "lightning-baseline": record(18.5, [2.0, 2.0], [[0.0] * 4] * 2),
+               "based-baseline": record(17.5, [2.0, 2.0], [[0.0] * 4] * 2)}
+    text = "\n".join(qal.recurrence_targets(results))
+    assert "Gated delta rule" in text and ": met; MQAR 9 / 6 vs 2 / 1 %" in text
+    assert f"{qal.LABELS['lightning-baseline']}: long documents no worse than Liger-GLA at the same budget: NOT met" in text
+    assert f"{qal.LABELS['based-baseline']}: long documents no worse than Liger-GLA at the same budget: met" in text
+    results["gated-deltanet-baseline"] = record(17.0, [9.0, 4.0], [[25.0] * 4, [0.0] * 4])
+    assert "Liger-GLA (MQAR >= 5 points higher at 2k and 4k, passkey no lower): NOT met" in "\n".join(
+        qal.recurrence_targets(results))
+    assert qal.recurrence_targets({"gated-deltanet-baseline": gla}) == []
