@@ -165,14 +165,36 @@ def _chunk(q, k, v, beta, g, scale, initial_state, C):
     kdT = (kc * (b[..., -1:] - b).to(acc).clamp_min_(floor).exp().unsqueeze(-1)).transpose(-1, -2)  # k_s exp(b_C - b_s)
     step = eb[..., -1, None, None]  # [NC, BH, 1, 1]
     S = initial_state.to(acc).reshape(BH, K, V) if initial_state is not None else q.new_zeros(BH, K, V, dtype=acc)
+    carry = _carry_recorded if torch.is_grad_enabled() and any(
+        x.requires_grad for x in (q, k, v, beta, g, S)) else _carry_in_place
+    S0, u, S = carry(U, W, kdT, step, S)
+    o = torch.bmm(qc.view(NC * BH, C * G, K), S0.view(NC * BH, K, V)).view(NC, BH, C, G, V)
+    o = o.mul_((eb * scale)[..., None, None]).view(NC * BH, C * G, V)
+    o = o.baddbmm_(scores.view(NC * BH, C * G, C), u.view(NC * BH, C, V), alpha=scale)
+    return o.view(NC, B, HKV, C, G, V).permute(1, 0, 3, 2, 4, 5), S.view(B, HKV, K, V)
+
+
+def _carry_recorded(U, W, kdT, step, S):
+    """The loop over chunks for autograd: every state is a new tensor.
+
+    U [NC, BH, C, V], W [NC, BH, C, K], kdT [NC, BH, K, C], step [NC, BH, 1, 1], S [BH, K, V].
+    Returns the state entering each chunk [NC, BH, K, V], the delta values u [NC, BH, C, V] and
+    the state after the last chunk [BH, K, V]."""
     states, us = [], []
     for Uc, Wc, kdTc, sc in zip(U.unbind(0), W.unbind(0), kdT.unbind(0), step.unbind(0)):
         states.append(S)
         u = torch.baddbmm(Uc, Wc, S, alpha=-1)  # [BH, C, V]
         us.append(u)
         S = (S * sc).baddbmm_(kdTc, u)
-    S0 = torch.stack(states).view(NC * BH, K, V)  # the state entering each chunk
-    o = torch.bmm(qc.view(NC * BH, C * G, K), S0).view(NC, BH, C, G, V).mul_((eb * scale)[..., None, None])
-    o = o.view(NC * BH, C * G, V).baddbmm_(scores.view(NC * BH, C * G, C), torch.stack(us).view(NC * BH, C, V),
-                                            alpha=scale)
-    return o.view(NC, B, HKV, C, G, V).permute(1, 0, 3, 2, 4, 5), S.view(B, HKV, K, V)
+    return torch.stack(states), torch.stack(us), S
+
+
+def _carry_in_place(U, W, kdT, step, S):
+    """`_carry_recorded` without autograd: u overwrites U, the states go into one buffer and a
+    copy of S is updated in place (never the caller's initial state), so the loop allocates nothing."""
+    S, S0 = S.clone(), S.new_empty(U.shape[0], *S.shape)
+    for S0c, Uc, Wc, kdTc, sc in zip(S0.unbind(0), U.unbind(0), W.unbind(0), kdT.unbind(0), step.unbind(0)):
+        S0c.copy_(S)
+        Uc.baddbmm_(Wc, S, alpha=-1)
+        S.mul_(sc).baddbmm_(kdTc, Uc)
+    return S0, U, S

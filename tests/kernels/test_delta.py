@@ -115,6 +115,23 @@ def test_long_inputs_in_segments_carry_the_state(monkeypatch):
     assert_small({"o": rel(o, ref), "state": rel(s, s_ref)})
 
 
+@pytest.mark.parametrize("T", [1, 37, 129])
+@pytest.mark.parametrize("gate", ["mixed", "strong"])
+def test_without_autograd_matches_reference_and_leaves_the_state_alone(T, gate):
+    """Without autograd the loop over chunks updates its state in place: it equals the fp64
+    reference and the recorded path, and the caller's initial state is untouched."""
+    q, k, v, beta, g, h0 = make_inputs(2, T, 4, 2, 12, 10, gate=gate)
+    kept = h0.clone()
+    with torch.no_grad():
+        o, s = chunk_gated_delta_rule(q, k, v, beta, g, initial_state=h0, output_final_state=True)
+    ref, s_ref = naive_gated_delta_rule(*(x.to(F64) for x in (q, k, v, beta, g)), initial_state=h0.to(F64),
+                                        output_final_state=True)
+    assert_small({"o": rel(o, ref), "state": rel(s, s_ref)})
+    assert torch.equal(h0, kept)
+    o_rec, s_rec = chunk_gated_delta_rule(q, k, v, beta, g, initial_state=h0.requires_grad_(), output_final_state=True)
+    assert torch.allclose(o, o_rec, rtol=0, atol=1e-6) and torch.allclose(s, s_rec, rtol=0, atol=1e-6)
+
+
 def test_recurrent_step_matches_reference_with_gradients():
     assert_small(compare(make_inputs(2, 9, 4, 2, 8, 6), fn=recurrent_step))
 
