@@ -8,7 +8,7 @@ import json
 import re
 from pathlib import Path
 
-from quality_at_length import LABELS, REFERENCES, RUNS, decode_state_mib
+from quality_runs import LABELS, REFERENCES, RUNS, decode_state_mib
 
 
 def quality_section(doc_dir: Path) -> list[str]:
@@ -73,7 +73,7 @@ def _budget(page: Path) -> str | None:
 
 
 def _records(folder: Path):
-    """(run name, record) in the order of scripts/quality_at_length.py's RUNS table."""
+    """(run name, record) in the order of scripts/quality_runs.py's RUNS table."""
     order = {name: i for i, name in enumerate(RUNS)}
     found = {p.stem: json.loads(p.read_text()) for p in folder.glob("*.json")}
     return sorted(found.items(), key=lambda kv: order.get(kv[0], len(order)))

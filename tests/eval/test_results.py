@@ -235,7 +235,7 @@ def test_recurrence_targets_compare_with_liger_gla_at_one_budget():
     """Issue #17's verdicts: the delta rule needs MQAR 5 points above Liger-GLA at both lengths and
     no lower passkey; Lightning and Based need no worse long-document perplexity. Pages without
     Liger-GLA say nothing."""
-    import quality_at_length as qal
+    import quality_page as qal
 
     def record(long_ppl, mqar, passkey):
         rec = _quality_record(long_ppl, 12.0, passkey)

@@ -1,0 +1,140 @@
+"""The quality-at-length runs: what each one converts and trains (RUNS, RECIPE_EXTRAS), LoLA
+entries evaluated on another run's model (SPARSE), the reference and control rows (REFERENCES,
+CONTROLS), the page's labels, and a run's decode-state size from its conversion."""
+from __future__ import annotations
+
+import copy
+import functools
+
+import torch
+
+# The recommended conversion as trained: LoLA's sparse cache is an evaluation-time option.
+RECOMMENDED_TRAINED = dict(method="lolcats", init="baseline", gate="mamba2", linear_rope=False)
+# name -> (linearize config, stage 1 on? (None: not trained at all), stage 2 trains the new
+# parameters too?). window-sinks-lora is the control: the same LoRA budget with no recurrence.
+RUNS = {
+    "teacher": None,
+    "window-sinks": (dict(method="window-sinks"), None, False),
+    "window-sinks-lora": (dict(method="window-sinks"), False, False),
+    # the fair ceiling for trained runs: the teacher's own attention (a window longer than every
+    # evaluated length computes it) with the same LoRA, so the domain fit every trained run gets
+    # from its LoRA is in the reference too
+    "teacher-lora": (dict(method="window-sinks", window=8192), False, False),
+    # the control for kept softmax layers: the same layers as recommended-kl4 over window + sinks,
+    # the same LoRA, no recurrence
+    "window-sinks-kl4-lora": (dict(method="window-sinks", softmax_layers=[14, 17, 20, 23]), False, False),
+    "lolcats-paper-untrained": (dict(method="lolcats"), None, None),
+    "lolcats-paper": (dict(method="lolcats"), True, False),
+    "lolcats-baseline": (dict(method="lolcats", init="baseline"), True, True),
+    "lolcats-baseline-gate": (dict(method="lolcats", init="baseline", gate="mamba2"), True, True),
+    "lolcats-baseline-gate-norope": (dict(method="lolcats", init="baseline", gate="mamba2", linear_rope=False), True,
+                                    True),
+    "lolcats-baseline-gate-norope-ssd": (dict(method="lolcats", init="baseline", gate="mamba2", linear_rope=False),
+                                        True, True),
+    # the recommended conversion with the softmax layers `linearize select-layers` chose
+    # (budgets 2 and 4, untrained, docs/recall-beyond-the-window.md)
+    "recommended-kl2": (dict(RECOMMENDED_TRAINED, softmax_layers=[20, 23]), True, True),
+    "recommended-kl4": (dict(RECOMMENDED_TRAINED, softmax_layers=[14, 17, 20, 23]), True, True),
+    # the fixed first + middle choice shipped before select-layers, at the same count as kl2
+    "recommended-fixed2": (dict(RECOMMENDED_TRAINED, softmax_layers=[0, 15]), True, True),
+    "liger-gla-baseline": (dict(method="liger-gla", init="baseline"), True, True),
+    # issue #17's delta rule at the recommended conversion's budget (no LoLA: its sparse cache
+    # needs LoLCATs' past-window mixing)
+    "gated-deltanet-baseline": (dict(method="gated-deltanet", init="baseline"), True, True),
+    "lizard-baseline": (dict(method="lizard", init="baseline"), True, True),
+    # issue #17's other recurrences, to compare with liger-gla-baseline at the same budget
+    "lightning-baseline": (dict(method="lightning", init="baseline"), True, True),
+    "based-baseline": (dict(method="based", init="baseline"), True, True),
+}
+# Recipe sections a run sets beyond the shared recipe (merged into it).
+RECIPE_EXTRAS = {
+    # scheduled sliding-window dropout: each layer trains a step with a 16-token window with
+    # probability 0.5 at the start of stage 2, falling to 0 at its end
+    "lolcats-baseline-gate-norope-ssd": {"stage2": {"window_dropout": {"rate": 0.5, "final_rate": 0.0, "window": 16}}},
+}
+# LoLA's sparse cache at evaluation, no training of its own: name -> (the run whose trained
+# model it loads, pairs per layer and head). Untrained entries load the conversion.
+SPARSE = {
+    "lolcats-baseline-untrained+lola64": ("lolcats-baseline-untrained", 64),
+    "lolcats-baseline-untrained+lola256": ("lolcats-baseline-untrained", 256),
+    "lolcats-baseline+lola64": ("lolcats-baseline", 64),
+    "lolcats-baseline-gate+lola64": ("lolcats-baseline-gate", 64),
+    "lolcats-baseline-gate-untrained+lola64": ("lolcats-baseline-gate-untrained", 64),
+    "lolcats-baseline-gate-norope-untrained+lola64": ("lolcats-baseline-gate-norope-untrained", 64),
+    "lolcats-baseline-gate+lola256": ("lolcats-baseline-gate", 256),
+    "lolcats-baseline-gate-norope+lola64": ("lolcats-baseline-gate-norope", 64),
+    "lolcats-baseline-gate-norope-ssd+lola64": ("lolcats-baseline-gate-norope-ssd", 64),
+    "recommended-kl2+lola64": ("recommended-kl2", 64),
+    "recommended-kl4+lola64": ("recommended-kl4", 64),
+    "recommended-fixed2+lola64": ("recommended-fixed2", 64),
+}
+RUNS["lolcats-baseline-untrained"] = (dict(method="lolcats", init="baseline"), None, None)
+RUNS["lolcats-baseline-gate-untrained"] = (dict(method="lolcats", init="baseline", gate="mamba2"), None, None)
+RUNS["lolcats-baseline-gate-norope-untrained"] = (dict(method="lolcats", init="baseline", gate="mamba2",
+                                                    linear_rope=False), None, None)
+RUNS.update({name: None for name in SPARSE})
+# References and controls: rows to compare trained runs with, never judged themselves.
+REFERENCES = ("teacher", "window-sinks", "window-sinks-lora", "teacher-lora", "window-sinks-kl4-lora")
+# A run's control when it is not window-sinks-lora: the same softmax layers, no recurrence.
+CONTROLS = {"recommended-kl4": "window-sinks-kl4-lora", "recommended-kl4+lola64": "window-sinks-kl4-lora"}
+
+
+LABELS = {
+    "teacher": "teacher (softmax)",
+    "window-sinks": "window 64 + 4 sinks, untrained",
+    "window-sinks-lora": "window 64 + 4 sinks + the same LoRA (control)",
+    "teacher-lora": "teacher + the same LoRA (the fair ceiling)",
+    "window-sinks-kl4-lora": "window 64 + 4 sinks, softmax in [14, 17, 20, 23], the same LoRA (control)",
+    "lolcats-paper-untrained": "LoLCATs as published, untrained",
+    "lolcats-paper": "LoLCATs as published (init paper)",
+    "lolcats-baseline": "LoLCATs, init baseline",
+    "lolcats-baseline-gate": "LoLCATs + Mamba2 decay gate, init baseline",
+    "lolcats-baseline-gate-norope": "LoLCATs + Mamba2 gate, init baseline, feature maps before RoPE",
+    "liger-gla-baseline": "Liger Attention, init baseline",
+    "lizard-baseline": "Lizard (window 128, not 64), init baseline",
+    "lightning-baseline": "Lightning decay (Liger maps, fixed per-head decay, window 64 + 4 sinks), init baseline",
+    "based-baseline": "Based (Taylor map, no decay, window 64 + 4 sinks), init baseline",
+    "lolcats-baseline-untrained": "LoLCATs, init baseline, untrained (= window + sinks)",
+    "lolcats-baseline-untrained+lola64": "LoLCATs, init baseline, untrained + LoLA sparse cache 64",
+    "lolcats-baseline-untrained+lola256": "LoLCATs, init baseline, untrained + LoLA sparse cache 256",
+    "lolcats-baseline+lola64": "LoLCATs, init baseline + LoLA sparse cache 64",
+    "lolcats-baseline-gate+lola64": "LoLCATs + Mamba2 gate, init baseline + LoLA sparse cache 64",
+    "lolcats-baseline-gate-untrained+lola64": "LoLCATs + Mamba2 gate, init baseline, untrained + LoLA sparse cache 64",
+    "lolcats-baseline-gate-norope-untrained+lola64": "LoLCATs + Mamba2 gate, init baseline, maps before RoPE, untrained + LoLA 64",
+    "lolcats-baseline-gate+lola256": "LoLCATs + Mamba2 gate, init baseline + LoLA sparse cache 256",
+    "lolcats-baseline-gate-norope+lola64": "LoLCATs + Mamba2 gate, init baseline, feature maps before RoPE + LoLA 64",
+    "lolcats-baseline-gate-norope-ssd": "LoLCATs + Mamba2 gate, init baseline, maps before RoPE, window dropout (stage 2)",
+    "lolcats-baseline-gate-norope-ssd+lola64": "LoLCATs + Mamba2 gate, maps before RoPE, window dropout + LoLA 64",
+    "gated-deltanet-baseline": "Gated DeltaNet (delta rule + Mamba2 gate, window 64 + 4 sinks), init baseline",
+    "recommended-kl2": "recommended, softmax in the 2 KL-chosen layers [20, 23]",
+    "recommended-kl2+lola64": "recommended, 2 KL-chosen softmax layers + LoLA 64",
+    "recommended-kl4": "recommended, softmax in the 4 KL-chosen layers [14, 17, 20, 23]",
+    "recommended-kl4+lola64": "recommended, 4 KL-chosen softmax layers + LoLA 64",
+    "recommended-fixed2": "recommended, softmax in the fixed first + middle layers [0, 15]",
+    "recommended-fixed2+lola64": "recommended, fixed softmax layers [0, 15] + LoLA 64",
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _plain_model():
+    from linearize.assets import default_model_dir
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def decode_state_mib(name: str, context: int = 16384) -> float | None:
+    """MiB of one sequence's decode state at `context` tokens for the run's conversion (the KV
+    cache for the teacher): recurrent states, windows, LoLA pairs and the KV caches of kept
+    softmax layers, from `linearize.summary` on the run's configuration (no weights needed)."""
+    import linearize
+    from linearize.summary import summarize
+
+    source, budget = SPARSE.get(name, (name, None))
+    if source not in RUNS:
+        return None
+    model = copy.deepcopy(_plain_model())
+    if RUNS[source] is not None:
+        linearize.convert(model, linearize.LinearizeConfig(**RUNS[source][0], sparse_cache=budget or 0))
+    return summarize(model, (context,)).state_bytes[context] / 2**20
