@@ -8,6 +8,11 @@ from pathlib import Path
 
 from quality_runs import CONTROLS, LABELS, REFERENCES, SPARSE, decode_state_mib
 
+# Pages that answer a narrower question than "quality at length" say which in their title.
+TITLES = {"quality-at-length-recurrences": "Quality at length: the other recurrences (issue #17) beside Liger-GLA",
+          "quality-at-length-208k": "Quality at length: the 4-layer hybrid trained on the whole train split"}
+
+
 def _ppl(x: dict | None) -> str:
     return "" if x is None else f"{x['perplexity']:.2f}"
 
@@ -273,7 +278,7 @@ def write_document(results: dict, args) -> Path:
             checkpointed = " (gradient checkpointing)" if res.get("gradient_checkpointing") else ""
             budget.append(f"{LABELS.get(name, name)} {res['train_seconds'] / 60:.0f} min{checkpointed}")
     text = [
-        "# Quality at length",
+        f"# {TITLES.get(args.doc.stem, 'Quality at length')}",
         "",
         f"Written by `python scripts/quality_at_length.py --work {args.work} --doc {args.doc} --seq-len {args.seq_len} "
         f"--stage1-tokens {args.stage1_tokens} --stage2-tokens {args.stage2_tokens}` (SmolLM2-135M-Instruct, fp32, "
