@@ -141,6 +141,10 @@ class Stage2Section:
 
     The teacher is the same weights with the adapters disabled and softmax attention back on.
     train_new_parameters: also train the mixers' new parameters in this stage.
+    new_parameters_lr: their peak learning rate when they train here (null: optimizer.lr, the
+        LoRA's). A per-head branch weight that starts at 0 (init baseline) moves about lr per
+        AdamW step, so at a LoRA's lr it cannot reach a useful size in a short run; the same
+        schedule (warmup, decay) scales both groups.
     gradient_checkpointing: keep only each decoder layer's input in the forward pass and
         recompute the layer in the backward pass (transformers' gradient checkpointing):
         activation memory falls from ~all layers' to ~one layer's at ~1.3x the step time, so
@@ -156,6 +160,7 @@ class Stage2Section:
     kd_ratio: float = 0.0
     temperature: float = 1.0
     train_new_parameters: bool = False
+    new_parameters_lr: float | None = None
     window_dropout: WindowDropoutSection = field(default_factory=WindowDropoutSection)
     gradient_checkpointing: bool = False
 
@@ -596,6 +601,12 @@ def _validate_stage2(s2: Stage2Section) -> None:
         raise RecipeError(f"stage2.lora.dropout must be in [0, 1), got {s2.lora.dropout}")
     if s2.lora.r < 1 or not s2.lora.target_modules:
         raise RecipeError("stage2.lora needs r >= 1 and at least one target module (e.g. [q_proj, k_proj, v_proj])")
+    if s2.new_parameters_lr is not None:
+        if not s2.new_parameters_lr > 0:
+            raise RecipeError(f"stage2.new_parameters_lr must be > 0 or null (optimizer.lr), got {s2.new_parameters_lr}")
+        if not s2.train_new_parameters:
+            raise RecipeError("stage2.new_parameters_lr is set but stage2.train_new_parameters is false, so no new "
+                              "parameter trains in stage 2: set train_new_parameters=true, or new_parameters_lr=null")
 
 
 def _resolved_conversion(linearize: LinearizeConfig | None) -> LinearizeConfig | None:

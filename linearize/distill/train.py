@@ -571,22 +571,21 @@ class Run:
                 load_params(model, {k: v for k, v in params.items() if LORA_MARK in k})
             section = recipe.stage2
             set_gradient_checkpointing(model, section.gradient_checkpointing)
-        trainable = [p for p in model.parameters() if p.requires_grad]
         opt_cfg = section.optimizer
-        optimizer = torch.optim.AdamW(trainable, lr=opt_cfg.lr, betas=tuple(opt_cfg.betas), eps=opt_cfg.eps,
-                                      weight_decay=opt_cfg.weight_decay)
+        optimizer = build_optimizer(model, section)
         scheduler = get_scheduler(opt_cfg.scheduler, optimizer, num_warmup_steps=int(opt_cfg.warmup_ratio * plan.steps),
                                   num_training_steps=plan.steps)
+        base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-        self.say(f"stage {plan.stage}: training {sum(p.numel() for p in trainable):,} parameters "
-                 f"({frozen:,} frozen)")
+        self.say(f"stage {plan.stage}: training {trained:,} parameters ({frozen:,} frozen)")
         model, optimizer = acc.prepare(model, optimizer)
         step, tokens, elapsed0 = 0, 0, 0.0
         if resume_from is not None:
             load_state(acc, model, optimizer, resume_from)
             state, scheduler_state, _ = read_checkpoint(resume_from)
             scheduler.load_state_dict(scheduler_state)
-            apply_optimizer_settings(optimizer, scheduler, opt_cfg)
+            apply_optimizer_settings(optimizer, scheduler, opt_cfg, base_lrs)
             step, tokens, elapsed0 = state.step, state.tokens, state.elapsed_s
         transfer = None
         if plan.stage == 1:
@@ -901,17 +900,33 @@ def unhealthy(guard, loss: float, grad_norm: float | None, history: list[float])
     return None
 
 
-def apply_optimizer_settings(optimizer, scheduler, opt: OptimizerSection) -> None:
+def build_optimizer(model, section) -> torch.optim.AdamW:
+    """AdamW over the parameters that train in this stage: one group at optimizer.lr, or, in
+    stage 2 with new_parameters_lr set, the LoRA at optimizer.lr and the mixers' new parameters
+    at new_parameters_lr (a second group)."""
+    opt = section.optimizer
+    new_lr = getattr(section, "new_parameters_lr", None)
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for _, p in trainable], "lr": opt.lr}]
+    if new_lr is not None:
+        new = [is_new_parameter(canonical(name)) for name, _ in trainable]
+        groups = [{"params": [p for (_, p), n in zip(trainable, new) if not n], "lr": opt.lr},
+                  {"params": [p for (_, p), n in zip(trainable, new) if n], "lr": new_lr}]
+    return torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay)
+
+
+def apply_optimizer_settings(optimizer, scheduler, opt: OptimizerSection, base_lrs: list[float]) -> None:
     """Give a resumed optimizer and schedule the recipe's settings, not the checkpoint's.
 
-    The checkpoint restores AdamW's moments and the schedule's position; lr, betas, eps and
-    weight decay come from the recipe, the schedule (built for this recipe's warmup and
-    budget) continues at the restored step.
+    The checkpoint restores AdamW's moments and the schedule's position; the peak lr of each
+    group (`base_lrs`, as `build_optimizer` set them), betas, eps and weight decay come from
+    the recipe, the schedule (built for this recipe's warmup and budget) continues at the
+    restored step.
     """
-    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
-        group.update(betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay, initial_lr=opt.lr)
-        group["lr"] = opt.lr * factor(scheduler.last_epoch)
-    scheduler.base_lrs = [opt.lr] * len(optimizer.param_groups)
+    for group, factor, lr in zip(optimizer.param_groups, scheduler.lr_lambdas, base_lrs):
+        group.update(betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay, initial_lr=lr)
+        group["lr"] = lr * factor(scheduler.last_epoch)
+    scheduler.base_lrs = list(base_lrs)
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
