@@ -45,12 +45,17 @@ RUNS = {
     # issue #17's other recurrences, to compare with liger-gla-baseline at the same budget
     "lightning-baseline": (dict(method="lightning", init="baseline"), True, True),
     "based-baseline": (dict(method="based", init="baseline"), True, True),
+    # the same with the new parameters (branch weights, gates, maps) at lr 1e-2 in stage 2
+    "gated-deltanet-baseline-fastmix": (dict(method="gated-deltanet", init="baseline"), True, True),
+    "liger-gla-baseline-fastmix": (dict(method="liger-gla", init="baseline"), True, True),
 }
 # Recipe sections a run sets beyond the shared recipe (merged into it).
 RECIPE_EXTRAS = {
     # scheduled sliding-window dropout: each layer trains a step with a 16-token window with
     # probability 0.5 at the start of stage 2, falling to 0 at its end
     "lolcats-baseline-gate-norope-ssd": {"stage2": {"window_dropout": {"rate": 0.5, "final_rate": 0.0, "window": 16}}},
+    "gated-deltanet-baseline-fastmix": {"stage2": {"new_parameters_lr": 1.0e-2}},
+    "liger-gla-baseline-fastmix": {"stage2": {"new_parameters_lr": 1.0e-2}},
 }
 # LoLA's sparse cache at evaluation, no training of its own: name -> (the run whose trained
 # model it loads, pairs per layer and head). Untrained entries load the conversion.
@@ -94,6 +99,8 @@ LABELS = {
     "lizard-baseline": "Lizard (window 128, not 64), init baseline",
     "lightning-baseline": "Lightning decay (Liger maps, fixed per-head decay, window 64 + 4 sinks), init baseline",
     "based-baseline": "Based (Taylor map, no decay, window 64 + 4 sinks), init baseline",
+    "gated-deltanet-baseline-fastmix": "Gated DeltaNet, init baseline, new parameters at lr 1e-2 in stage 2",
+    "liger-gla-baseline-fastmix": "Liger Attention, init baseline, new parameters at lr 1e-2 in stage 2",
     "lolcats-baseline-untrained": "LoLCATs, init baseline, untrained (= window + sinks)",
     "lolcats-baseline-untrained+lola64": "LoLCATs, init baseline, untrained + LoLA sparse cache 64",
     "lolcats-baseline-untrained+lola256": "LoLCATs, init baseline, untrained + LoLA sparse cache 256",
