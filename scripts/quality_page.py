@@ -176,7 +176,7 @@ def targets(results: dict, args) -> list[str]:
     best = min(trained, key=lambda n: ld(trained[n]))
     ratio = ld(trained[best]) / ld(teacher)
     per_length = lambda r: [sum(a) / len(a) for a in r["passkey"]["accuracy"]]  # noqa: E731
-    keys = [(n, per_length(r)) for n, r in results.items() if n not in ("teacher", "window-sinks") and "passkey" in r]
+    keys = [(n, per_length(r)) for n, r in results.items() if n not in REFERENCES and "passkey" in r]
     met = lambda ok: "met" if ok else "NOT met"  # noqa: E731
     budget = args.stage1_tokens + args.stage2_tokens
     out = [f"- Every trained run beats window + sinks on the long and the joined documents after <= 256k tokens "

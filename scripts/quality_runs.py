@@ -139,6 +139,7 @@ def decode_state_mib(name: str, context: int = 16384) -> float | None:
     from linearize.summary import summarize
 
     source, budget = SPARSE.get(name, (name, None))
+    source = "teacher" if source == "teacher-lora" else source  # its 8,192-token window is the teacher's attention
     if source not in RUNS:
         return None
     model = copy.deepcopy(_plain_model())
