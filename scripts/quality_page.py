@@ -13,6 +13,19 @@ TITLES = {"quality-at-length-recurrences": "Quality at length: the other recurre
           "quality-at-length-208k": "Quality at length: the 4-layer hybrid trained on the whole train split"}
 
 
+def _met(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def _long(record: dict) -> float:
+    return record["long_doc"]["overall"]["perplexity"]
+
+
+def _passkey_rates(record: dict) -> list[float]:
+    """Passkey accuracy (%) per length, over its depths and trials."""
+    return [sum(a) / len(a) for a in record["passkey"]["accuracy"]]
+
+
 def _ppl(x: dict | None) -> str:
     return "" if x is None else f"{x['perplexity']:.2f}"
 
@@ -171,13 +184,11 @@ def targets(results: dict, args) -> list[str]:
                and "untrained" not in n and "long_doc" in r and "joined" in r}
     if not base or not teacher or not trained:
         return []
-    ld = lambda r: r["long_doc"]["overall"]["perplexity"]  # noqa: E731
+    ld, met, per_length = _long, _met, _passkey_rates
     losers = [n for n, r in trained.items() if ld(r) >= ld(base) or r["joined"]["perplexity"] >= base["joined"]["perplexity"]]
     best = min(trained, key=lambda n: ld(trained[n]))
     ratio = ld(trained[best]) / ld(teacher)
-    per_length = lambda r: [sum(a) / len(a) for a in r["passkey"]["accuracy"]]  # noqa: E731
     keys = [(n, per_length(r)) for n, r in results.items() if n not in REFERENCES and "passkey" in r]
-    met = lambda ok: "met" if ok else "NOT met"  # noqa: E731
     budget = args.stage1_tokens + args.stage2_tokens
     out = [f"- Every trained run beats window + sinks on the long and the joined documents after <= 256k tokens "
            f"(here {budget // 1024}k): {met(not losers)}" + (f"; not beating it: {'; '.join(LABELS.get(n, n) for n in losers)}."
@@ -204,11 +215,9 @@ def recurrence_targets(results: dict) -> list[str]:
     gla = results.get("liger-gla-baseline")
     if not gla or "long_doc" not in gla:
         return []
-    met = lambda ok: "met" if ok else "NOT met"  # noqa: E731
+    met, passkey, ld = _met, _passkey_rates, _long
     mqar = lambda r: [m["mean_accuracy"] for m in r["mqar"]]  # noqa: E731
-    passkey = lambda r: [sum(a) / len(a) for a in r["passkey"]["accuracy"]]  # noqa: E731
     shown = lambda xs: " / ".join(f"{x:.0f}" for x in xs)  # noqa: E731
-    ld = lambda r: r["long_doc"]["overall"]["perplexity"]  # noqa: E731
     out = []
     delta = results.get("gated-deltanet-baseline")
     if delta and "mqar" in delta and "passkey" in delta:
