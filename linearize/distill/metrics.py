@@ -1,5 +1,5 @@
-"""What a run measures and writes: the JSONL metrics log, held-out perplexity during
-training, the stage-1 per-layer summary and the PNG of it all."""
+"""What a run measures and writes: the JSONL metrics log, held-out perplexity and stage 1's
+held-out per-layer MSE during training, the stage-1 per-layer summary and the PNG of it all."""
 from __future__ import annotations
 
 import json
@@ -18,7 +18,8 @@ class MetricsLog:
     Training records (one per logged optimizer step): loss, lr, grad_norm, tokens, tokens_per_s,
     elapsed_s, stage 2's ce and kl, stage 1's layer_mse ({layer index: MSE averaged over the
     steps since the previous record}). Evaluation records (no `loss` key): tokens (the
-    stage's), run_tokens (all stages'), eval_ppl, eval_nll, eval_tokens, eval_s.
+    stage's), run_tokens (all stages'), eval_ppl, eval_nll, eval_tokens, eval_s, and in stage 1
+    eval_layer_mse ({layer index: MSE on the held-out texts}, see `heldout_layer_mse`).
     """
 
     def __init__(self, path: Path, enabled: bool = True):
@@ -161,23 +162,71 @@ class HeldoutPerplexity:
             model.train(was_training)
 
 
+def heldout_layer_mse(model, tokenizer, texts: list[str], window: int, transfer) -> dict[int, float]:
+    """Stage 1's attention-transfer MSE of each linearized layer on held-out text: {layer index:
+    MSE}, the mean over the texts' first `window` tokens, weighted by their token counts.
+
+    `transfer` is the AttentionTransfer the model's mixers hold in stage 1: each layer's MSE is
+    taken on the teacher's input, as in training, so the values compare with the `layer_mse`
+    of the training records, but on the same text at every step. Eval mode, no gradients; the
+    model's train/eval mode is restored.
+    """
+    from ..convert import mixers
+
+    layers = [m.layer_idx for m in mixers(model)]
+    device = next(model.parameters()).device
+    total, count = torch.zeros(len(layers), dtype=torch.float64), 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for text in texts:
+                ids = tokenizer(text, return_tensors=None)["input_ids"][:window]
+                if len(ids) < 2:
+                    continue
+                transfer.losses.clear()
+                model(input_ids=torch.tensor([ids], device=device), use_cache=False, logits_to_keep=1)
+                total += torch.stack(transfer.losses).double().cpu() * len(ids)
+                count += len(ids)
+                transfer.losses.clear()
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise RecipeError("no held-out text has two tokens to measure stage 1's layer MSE on: check eval.source")
+    return {i: float(v) for i, v in zip(layers, total / count)}
+
+
 # -- stage-1 per-layer summary ----------------------------------------------------------------
 def layer_mse_records(records: list[dict]) -> list[dict]:
     """Stage-1 training records that carry per-layer MSE, in log order."""
     return [r for r in records if r.get("stage") == 1 and r.get("layer_mse")]
 
 
+def heldout_layer_mse_records(records: list[dict]) -> list[dict]:
+    """Stage-1 evaluation records that carry the held-out per-layer MSE, in log order."""
+    return [r for r in records if r.get("stage") == 1 and r.get("eval_layer_mse")]
+
+
 def layer_mse_summary(records: list[dict]) -> str | None:
-    """One line: each layer's stage-1 MSE in the first vs the last logging interval, and how
-    many layers dropped by at least half (None without per-layer records)."""
-    rs = layer_mse_records(records)
+    """One line: each layer's stage-1 MSE at the first vs the last measurement, and how many
+    layers dropped by at least half (None without per-layer records).
+
+    The held-out measurements (`eval_layer_mse`, the same text each time) when stage 1
+    evaluated at least twice; else the first vs the last training interval, whose rows differ,
+    so a layer's drop there mixes learning with the rows' own difficulty.
+    """
+    held = heldout_layer_mse_records(records)
+    if len(held) >= 2:
+        rs, key, what = held, "eval_layer_mse", "held-out"
+    else:
+        rs, key, what = layer_mse_records(records), "layer_mse", "training-row"
     if not rs:
         return None
-    first, last = rs[0]["layer_mse"], rs[-1]["layer_mse"]
+    first, last = rs[0][key], rs[-1][key]
     layers = [k for k in first if k in last]
     halved = sum(1 for k in layers if last[k] <= 0.5 * first[k])
     pairs = ", ".join(f"L{k} {first[k]:.3g}->{last[k]:.3g}" for k in layers)
-    return (f"stage 1 per-layer MSE, steps {rs[0]['step']} -> {rs[-1]['step']}: {pairs}; "
+    return (f"stage 1 {what} per-layer MSE, steps {rs[0]['step']} -> {rs[-1]['step']}: {pairs}; "
             f"{halved}/{len(layers)} layers dropped by at least half")
 
 

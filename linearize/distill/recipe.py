@@ -114,6 +114,10 @@ class Stage1Section:
 
     max_tokens: training tokens for this stage (all processes together).
     max_steps: optimizer steps; when set it wins over max_tokens.
+    seq_len: this stage's row length in tokens (null: the recipe's seq_len). Each layer fits
+        its teacher's attention output token by token, so the loss needs many optimizer steps
+        more than long rows (docs/results.md measures it). Stage 2 then reads the data where
+        stage 1 stopped, at the recipe's seq_len.
     loss_reduction: how the linearized layers' MSEs make the loss: `sum` or `mean` (LoLCATs'
         published stage-1 loss is the mean over layers; the sum weighs each layer the same
         whatever the depth, and needs a learning rate about `layers` times smaller).
@@ -122,6 +126,7 @@ class Stage1Section:
     enabled: bool = True
     max_tokens: int = 20_000_000
     max_steps: int | None = None
+    seq_len: int | None = None
     optimizer: OptimizerSection = field(default_factory=lambda: OptimizerSection(lr=1e-2))
     loss_reduction: str = "sum"
     window_dropout: WindowDropoutSection = field(default_factory=WindowDropoutSection)
@@ -560,6 +565,9 @@ def _validate_sizes(recipe: Recipe) -> None:
     if recipe.seq_len < 2:
         raise RecipeError(f"recipe key seq_len must be at least 2 tokens (the length of a training row), got "
                           f"{recipe.seq_len}: e.g. seq_len=1024")
+    if recipe.stage1.seq_len is not None and recipe.stage1.seq_len < 2:
+        raise RecipeError(f"stage1.seq_len must be at least 2 tokens or null (the recipe's seq_len), got "
+                          f"{recipe.stage1.seq_len}: e.g. stage1.seq_len=1024")
     if recipe.checkpoint_every < 0:
         raise RecipeError(f"checkpoint_every must be >= 0 (0: only at the end of each stage), got {recipe.checkpoint_every}")
 

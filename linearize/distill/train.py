@@ -43,7 +43,8 @@ from .checkpointing import (CheckpointMissingError, TrainerState, all_finite, ch
                             save_checkpoint, usable_checkpoint, write_atomic)
 from .data import IGNORE_INDEX, build_rows, check_source, records
 from .lock import OutputLock, OutputLockedError
-from .metrics import HeldoutPerplexity, MetricsLog, check_eval_source, layer_mse_summary, plot_losses
+from .metrics import (HeldoutPerplexity, MetricsLog, check_eval_source, heldout_layer_mse, layer_mse_summary,
+                      plot_losses)
 from .recipe import OptimizerSection, Recipe, RecipeError, flatten_sections, flatten_with_defaults, load_recipe
 from .sharding import (ShardingError, check_mode, is_fsdp, keep_new_parameters_fp32, load_state, save_state,
                        trainable_state)
@@ -67,11 +68,14 @@ class DistillError(RuntimeError):
 
 @dataclass
 class StagePlan:
-    """stage: 1 or 2; steps: optimizer steps; row_offset: global sample position of step 0."""
+    """stage: 1 or 2; steps: optimizer steps; seq_len: its rows' length; row_offset: global
+    sample position of step 0 in the stage's rows; tokens_before: the earlier stages' tokens."""
 
     stage: int
     steps: int
+    seq_len: int
     row_offset: int
+    tokens_before: int
 
 
 # -- model ---------------------------------------------------------------------------------
@@ -196,8 +200,9 @@ def build_model(recipe: Recipe, path: str):
     model.config.use_cache = False
     softmax_layers = model.config.linearize.get("softmax_layers") or []
     max_pos = getattr(model.config, "max_position_embeddings", None)
-    if softmax_layers and max_pos is not None and recipe.seq_len > max_pos:
-        raise RecipeError(f"seq_len {recipe.seq_len} is above the model's max_position_embeddings {max_pos} while "
+    longest = max(recipe.seq_len, recipe.stage1.seq_len or 0)
+    if softmax_layers and max_pos is not None and longest > max_pos:
+        raise RecipeError(f"seq_len {longest} is above the model's max_position_embeddings {max_pos} while "
                           f"layers {softmax_layers} keep softmax attention: lower seq_len to <= {max_pos} or "
                           "linearize every layer (linearize.softmax_layers: [])")
     return model
@@ -350,7 +355,6 @@ class Run:
         self.world = acc.num_processes
         self.rank = acc.process_index
         self.global_batch = recipe.batch_size * recipe.gradient_accumulation_steps * self.world
-        self.tokens_per_step = self.global_batch * recipe.seq_len
         self.metrics = MetricsLog(self.out / "metrics.jsonl", enabled=acc.is_main_process)
         self.trackers = Trackers(acc, recipe)
         self.metrics.sinks.append(self.trackers.log)
@@ -359,10 +363,19 @@ class Run:
     def say(self, msg: str) -> None:
         self.accelerator.print(f"[distill] {msg}", flush=True)
 
+    def row_len(self, stage: int, recipe: Recipe | None = None) -> int:
+        """The length of the stage's training rows (stage1.seq_len, else the recipe's seq_len)."""
+        recipe = recipe or self.recipe
+        return (recipe.stage1.seq_len if stage == 1 else None) or recipe.seq_len
+
+    def step_tokens(self, stage: int, recipe: Recipe | None = None) -> int:
+        """Training tokens in one optimizer step of the stage (all processes together)."""
+        return self.global_batch * self.row_len(stage, recipe)
+
     def stage_steps(self, stage: int, recipe: Recipe | None = None) -> int:
         recipe = recipe or self.recipe
         s = recipe.stage1 if stage == 1 else recipe.stage2
-        return s.max_steps if s.max_steps is not None else max(1, s.max_tokens // self.tokens_per_step)
+        return s.max_steps if s.max_steps is not None else max(1, s.max_tokens // self.step_tokens(stage, recipe))
 
     def check_resume(self) -> Path | None:
         """The checkpoint to continue from (None: a fresh run), after checking what the recipe changed.
@@ -494,16 +507,24 @@ class Run:
         if s1 == 0 and s2 == 0:
             raise RecipeError(f"nothing to train: {method} has no new parameters for stage 1 and stage 2 is disabled; "
                               "set stage2.enabled=true")
-        plans = [p for p in (StagePlan(1, s1, 0), StagePlan(2, s2, s1 * self.global_batch)) if p.steps]
+        s1_tokens = s1 * self.step_tokens(1)
+        # stage 2 reads the documents from where stage 1 stopped, whatever stage 1's row length
+        s2_offset = -(-s1_tokens // recipe.seq_len)
+        plans = [p for p in (StagePlan(1, s1, self.row_len(1), 0, 0),
+                             StagePlan(2, s2, recipe.seq_len, s2_offset, s1_tokens)) if p.steps]
         self.trackers.offsets[2] = s1
+        needed: dict[int, int] = {}  # rows needed per row length
+        for p in plans:
+            needed[p.seq_len] = max(needed.get(p.seq_len, 0), p.row_offset + p.steps * self.global_batch)
         with acc.main_process_first():  # datasets' cache is written once, then read by the others
-            self.rows = build_rows(recipe.data, self.tokenizer, recipe.seq_len, recipe.batch_size,
-                                   (s1 + s2) * self.global_batch, recipe.seed)
-        total_rows = (s1 + s2) * self.global_batch
-        self.say(f"{self.model_path} -> {method}; {len(self.rows)} rows of {recipe.seq_len} tokens from "
-                 f"{self.rows.num_documents} documents ({total_rows / len(self.rows):.2f} passes); global batch "
-                 f"{self.global_batch} rows = {self.tokens_per_step} tokens/step on {self.world} process(es); "
-                 + ", ".join(f"stage {p.stage}: {p.steps} steps ({p.steps * self.tokens_per_step:,} tokens)" for p in plans))
+            built = {n: build_rows(recipe.data, self.tokenizer, n, recipe.batch_size, rows, recipe.seed)
+                     for n, rows in needed.items()}
+        self.rows = {p.stage: built[p.seq_len] for p in plans}
+        sets = "; ".join(f"{len(rows)} rows of {n} tokens from {rows.num_documents} documents "
+                         f"({needed[n] / len(rows):.2f} passes)" for n, rows in built.items())
+        self.say(f"{self.model_path} -> {method}; {sets}; global batch {self.global_batch} rows on {self.world} "
+                 "process(es); " + ", ".join(f"stage {p.stage}: {p.steps} steps of {self.step_tokens(p.stage)} tokens "
+                                            f"({p.steps * self.step_tokens(p.stage):,} tokens)" for p in plans))
         return plans
 
     def resume_point(self, resume_from: Path | None) -> TrainerState | None:
@@ -617,14 +638,14 @@ class Run:
         history = self.loss_history(plan.stage, step)
         model.train()
         if step == 0 and self.heldout.enabled(plan.stage):
-            eval_s += self.evaluate(plan, model, step, tokens, bar)
+            eval_s += self.evaluate(plan, model, step, tokens, bar, transfer)
         while step < plan.steps:
             dropped = self.drop_windows(plan, model, step)
             total = self.accumulate(plan, model, peft_model, transfer, step, len(layers))
             loss_value = float(total[0])
             grad_norm, lr = self.optimizer_step(plan, step, model, optimizer, scheduler, loss_value, history, bar)
             step += 1
-            tokens += self.tokens_per_step
+            tokens += self.step_tokens(plan.stage)
             elapsed = time.perf_counter() - t0
             tok_s = (tokens - start_tokens) / max(elapsed - eval_s, 1e-9)
             bar.update(1)
@@ -645,8 +666,8 @@ class Run:
                     record["layer_mse"] = {str(i): float(v) for i, v in zip(layers, interval / interval_steps)}
                     interval, interval_steps = torch.zeros(len(layers)), 0
                 self.metrics.log(record)
-            if self.heldout.due(plan.stage, tokens - self.tokens_per_step, tokens, step == plan.steps):
-                eval_s += self.evaluate(plan, model, step, tokens, bar)
+            if self.heldout.due(plan.stage, tokens - self.step_tokens(plan.stage), tokens, step == plan.steps):
+                eval_s += self.evaluate(plan, model, step, tokens, bar, transfer)
             if step == plan.steps or (recipe.checkpoint_every and step % recipe.checkpoint_every == 0):
                 state = TrainerState(plan.stage, step, plan.steps, self.global_batch, tokens,
                                      elapsed0 + time.perf_counter() - t0, loss=loss_value)
@@ -711,15 +732,16 @@ class Run:
         """
         acc, recipe = self.accelerator, self.recipe
         B, accum, s2 = recipe.batch_size, recipe.gradient_accumulation_steps, recipe.stage2
-        rows = self.rows.order(plan.row_offset + step * self.global_batch, self.global_batch, recipe.seed)
-        n_pred = self.rows.label_count(rows) if plan.stage == 2 else 0
+        data = self.rows[plan.stage]
+        rows = data.order(plan.row_offset + step * self.global_batch, self.global_batch, recipe.seed)
+        n_pred = data.label_count(rows) if plan.stage == 2 else 0
         if plan.stage == 2 and n_pred == 0:
             raise DistillError(f"stage 2 step {step + 1}: the batch has no token to predict (all labels masked); "
                                "check data.format or raise seq_len")
         total = torch.zeros(3 + n_layers, device=acc.device)
         for i in range(accum):
             lo = (i * self.world + self.rank) * B
-            batch = {k: v.to(acc.device) for k, v in self.rows.batch(rows[lo:lo + B]).items()}
+            batch = {k: v.to(acc.device) for k, v in data.batch(rows[lo:lo + B]).items()}
             sync = contextlib.nullcontext() if i == accum - 1 else acc.no_sync(model)
             with sync:
                 if plan.stage == 1:
@@ -757,8 +779,9 @@ class Run:
                            f"{keep}; final was not exported. Lower stage{plan.stage}.optimizer.lr (resume=true "
                            "accepts the change), set max_grad_norm, or use model.dtype=float32")
 
-    def evaluate(self, plan: StagePlan, model, step: int, tokens: int, bar) -> float:
-        """Log the student's held-out perplexity now; returns the seconds it took.
+    def evaluate(self, plan: StagePlan, model, step: int, tokens: int, bar, transfer=None) -> float:
+        """Log the student's held-out perplexity now, and in stage 1 (`transfer` given) each
+        layer's attention-transfer MSE on the same texts; returns the seconds it took.
 
         Every process runs the same texts and the main process logs: under FSDP the forward is
         collective (each process gathers its shards), so the main process cannot run it alone,
@@ -767,14 +790,18 @@ class Run:
         t = time.perf_counter()
         with detached_transfer(self.accelerator.unwrap_model(model)):
             result = self.heldout(model)
+        record = {"stage": plan.stage, "step": step, "tokens": tokens, "run_tokens": plan.tokens_before + tokens,
+                  "eval_ppl": result["perplexity"], "eval_nll": result["mean_nll"], "eval_tokens": result["tokens"]}
+        msg = (f"[distill] stage {plan.stage} step {step} ({tokens:,} tokens): held-out perplexity "
+               f"{result['perplexity']:.4g} over {result['tokens']:,} tokens")
+        if transfer is not None:
+            layer_mse = heldout_layer_mse(model, self.tokenizer, self.heldout.texts(), self.heldout.window, transfer)
+            record["eval_layer_mse"] = {str(i): v for i, v in layer_mse.items()}
+            msg += f", layer MSE mean {sum(layer_mse.values()) / len(layer_mse):.4g}"
         seconds = time.perf_counter() - t
         self.last_ppl = result["perplexity"]
-        self.metrics.log({"stage": plan.stage, "step": step, "tokens": tokens,
-                          "run_tokens": plan.row_offset * self.recipe.seq_len + tokens,
-                          "eval_ppl": result["perplexity"], "eval_nll": result["mean_nll"],
-                          "eval_tokens": result["tokens"], "eval_s": seconds})
-        msg = (f"[distill] stage {plan.stage} step {step} ({tokens:,} tokens): held-out perplexity "
-               f"{result['perplexity']:.4g} over {result['tokens']:,} tokens ({seconds:.1f} s)")
+        self.metrics.log(record | {"eval_s": seconds})
+        msg += f" ({seconds:.1f} s)"
         if bar.disable:
             self.accelerator.print(msg, flush=True)
         else:
@@ -812,7 +839,8 @@ class Run:
         for n, st in ((1, r.stage1), (2, r.stage2)):
             if st.enabled:
                 amount = f"{st.max_steps} steps" if st.max_steps else f"{st.max_tokens:,} tokens"
-                stages.append(f"stage {n} {amount}")
+                rows = f" at {self.row_len(1)}-token rows" if n == 1 and self.row_len(1) != r.seq_len else ""
+                stages.append(f"stage {n} {amount}{rows}")
         lora = r.stage2.lora
         data = r.data.source or "the embedded default text"
         return (f"Distilled by `linearize distill` from `{self.model_path}` on `{data}` at {r.seq_len}-token "

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import linearize
 from linearize.distill import DistillError, RecipeError, distill, load_recipe
-from linearize.distill.metrics import layer_mse_summary, plot_losses, plot_panels
+from linearize.distill.metrics import heldout_layer_mse, layer_mse_summary, plot_losses, plot_panels
 from linearize.distill.train import transfer_loss
 from linearize.eval.perplexity import perplexity
 from linearize.mixers import AttentionTransfer
@@ -75,9 +75,14 @@ def test_eval_records_layer_mse_and_png(write_recipe, heldout, tmp_path, capsys)
     assert [r["step"] for r in stage1] == [2, 4, 5]
     assert all(set(r["layer_mse"]) == {"0", "1"} and min(r["layer_mse"].values()) > 0 for r in stage1)
     assert not any("layer_mse" in r for r in log if r["stage"] == 2)
+    held = [r["eval_layer_mse"] for r in log if r["stage"] == 1 and "eval_ppl" in r]
+    assert len(held) == 4 and all(set(m) == {"0", "1"} and min(m.values()) > 0 for m in held)
+    assert not any("eval_layer_mse" in r for r in log if r["stage"] == 2)
     printed = capsys.readouterr().out
     assert "stage 2 step 2 (64 tokens): held-out perplexity" in printed
-    assert "stage 1 per-layer MSE, steps 2 -> 5: L0 " in printed and "layers dropped by at least half" in printed
+    assert "stage 1 step 5 (160 tokens): held-out perplexity" in printed and "layer MSE mean" in printed
+    assert "stage 1 held-out per-layer MSE, steps 0 -> 5: L0 " in printed
+    assert "layers dropped by at least half" in printed
     assert plot_panels(log) == [("loss", 1), ("loss", 2), ("layer_mse", None), ("ppl", None)]
     assert (out / "loss.png").stat().st_size > 0
 
@@ -120,6 +125,14 @@ def test_eval_perplexity_is_the_student_s_own(write_recipe, assets, heldout, mon
         assert first != pytest.approx(perplexity(fresh, tok, texts, 32, 16, 2)["perplexity"], rel=1e-3)
     trained = linearize.load(final).eval()
     assert last == pytest.approx(perplexity(trained, tok, texts, 32, 16, 2)["perplexity"], rel=1e-5)
+
+    first_mse, last_mse = (r["eval_layer_mse"] for r in log if "eval_ppl" in r)
+    for model, logged in ((fresh, first_mse), (trained, last_mse)):
+        t = AttentionTransfer()
+        for m in linearize.mixers(model):
+            m.transfer = t
+        assert logged == pytest.approx({str(k): v for k, v in heldout_layer_mse(model, tok, texts, 32, t).items()},
+                                       rel=1e-5)
 
 
 def test_resume_keeps_the_eval_records_and_the_png_follows_checkpoints(write_recipe, heldout, tmp_path, monkeypatch):
@@ -166,9 +179,41 @@ def test_png_panels_and_summary_from_records(tmp_path):
 
     assert matplotlib.image.imread(path).shape[:2] == (800, 1200)  # 2 x 2 panels of 6 x 4 inches at 100 dpi
     assert not any(p.name.startswith(".tmp") for p in tmp_path.iterdir())
-    assert layer_mse_summary(records) == ("stage 1 per-layer MSE, steps 1 -> 2: L0 1->0.4, L2 0.5->0.3; "
+    assert layer_mse_summary(records) == ("stage 1 training-row per-layer MSE, steps 1 -> 2: L0 1->0.4, L2 0.5->0.3; "
                                           "1/2 layers dropped by at least half")
     assert layer_mse_summary(records[-1:]) is None
+    held = [{"stage": 1, "step": 0, "eval_ppl": 50.0, "eval_layer_mse": {"0": 2.0, "2": 0.5}},
+            {"stage": 1, "step": 2, "eval_ppl": 30.0, "eval_layer_mse": {"0": 0.9, "2": 0.25}}]
+    # two held-out measurements win over the training rows (the same text at both ends)
+    assert layer_mse_summary(records + held) == ("stage 1 held-out per-layer MSE, steps 0 -> 2: L0 2->0.9, "
+                                                 "L2 0.5->0.25; 2/2 layers dropped by at least half")
+    assert layer_mse_summary(records + held[:1]).startswith("stage 1 training-row per-layer MSE")
+
+
+def test_heldout_layer_mse_weighs_each_text_by_its_tokens(assets):
+    tok = AutoTokenizer.from_pretrained(assets / "model")
+    model = lizard(assets).train()
+    t = AttentionTransfer()
+    for m in linearize.mixers(model):
+        m.transfer = t
+    texts = heldout_texts()[:3]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    got = heldout_layer_mse(model, tok, texts, 14, t)
+    assert model.training and not t.losses
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    model.eval()
+    per_text, counts = [], []
+    with torch.no_grad():
+        for text in texts:
+            ids = tok(text)["input_ids"][:14]
+            per_text.append(transfer_loss(model, {"input_ids": torch.tensor([ids])}, t)[1])
+            counts.append(len(ids))
+    want = sum(c * v for c, v in zip(counts, per_text)) / sum(counts)
+    assert list(got) == [0, 1]
+    assert list(got.values()) == pytest.approx(want.tolist(), rel=1e-5)
+    assert counts[0] < 14 == counts[2]  # a short text counts less, a long one is cut at the window
+    with pytest.raises(RecipeError, match="no held-out text has two tokens"):
+        heldout_layer_mse(model, tok, ["w1"], 14, t)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -177,6 +222,7 @@ def test_png_panels_and_summary_from_records(tmp_path):
     ("eval.stages=[3]", "eval.stages must list stages 1 and/or 2"),
     ("eval.texts=0", "eval.texts must be >= 1"),
     ("eval.stride=64", "eval.stride 64 must be below eval.seq_len 32"),
+    ("stage1.seq_len=1", "stage1.seq_len must be at least 2 tokens or null"),
 ])
 def test_new_recipe_keys_are_checked(override, message):
     with pytest.raises(RecipeError, match=message.replace("[", r"\[")):

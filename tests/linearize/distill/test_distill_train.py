@@ -176,3 +176,49 @@ def test_a_saved_adapter_reloads_as_the_student_with_peft_alone(write_recipe, tm
         theirs = AutoPeftModelForCausalLM.from_pretrained(final / "adapter")
         assert type(theirs.get_base_model()).__name__.startswith("Linearized")
         assert torch.allclose(theirs(ids).logits, ours, atol=1e-6)
+
+
+def spy_on_batches(monkeypatch) -> list[tuple[int, torch.Tensor]]:
+    """(stage, input_ids) of every micro-batch the run trains on."""
+    import linearize.distill.train as train
+
+    seen, transfer, recovery = [], train.transfer_loss, train.recovery_loss
+    monkeypatch.setattr(train, "transfer_loss",
+                        lambda model, batch, *a: seen.append((1, batch["input_ids"].cpu())) or transfer(model, batch, *a))
+    monkeypatch.setattr(train, "recovery_loss",
+                        lambda model, peft, batch, *a: seen.append((2, batch["input_ids"].cpu()))
+                        or recovery(model, peft, batch, *a))
+    return seen
+
+
+def test_stage1_rows_have_their_own_length_and_stage2_reads_on_from_where_they_stop(write_recipe, assets, tmp_path,
+                                                                                  monkeypatch, capsys):
+    from linearize.distill.data import build_rows
+
+    seen = spy_on_batches(monkeypatch)
+    final = run(write_recipe(stage1={"max_steps": None, "max_tokens": 48, "seq_len": 16}, stage2={"max_steps": 2}))
+    log = read_log(final.parent)
+    assert [(r["stage"], r["step"], r["tokens"]) for r in log] == [(1, 1, 16), (1, 2, 32), (1, 3, 48),
+                                                                   (2, 1, 32), (2, 2, 64)]
+    assert [(s, tuple(ids.shape)) for s, ids in seen] == [(1, (1, 16))] * 3 + [(2, (1, 32))] * 2
+    recipe = load_recipe(final.parent / "recipe.yaml")
+    tok = AutoTokenizer.from_pretrained(assets / "model")
+    short = build_rows(recipe.data, tok, 16, 1, 3, recipe.seed)
+    long = build_rows(recipe.data, tok, 32, 1, 4, recipe.seed)
+    assert all(torch.equal(ids, short.batch([i])["input_ids"]) for i, (_, ids) in enumerate(seen[:3]))
+    # stage 1 read 48 tokens = 1.5 rows of 32: stage 2 starts at the next whole row
+    assert torch.equal(seen[3][1], long.batch([2])["input_ids"]) and torch.equal(seen[4][1], long.batch([3])["input_ids"])
+    printed = capsys.readouterr().out
+    assert "stage 1: 3 steps of 16 tokens (48 tokens), stage 2: 2 steps of 32 tokens (64 tokens)" in printed
+    assert "rows of 16 tokens" in printed and "rows of 32 tokens" in printed
+    assert "stage 1 48 tokens at 16-token rows" in (final / "README.md").read_text()
+
+
+def test_stage1_seq_len_equal_to_seq_len_trains_exactly_as_without_it(write_recipe, tmp_path):
+    a = run(write_recipe("a.yaml", output_dir=str(tmp_path / "a")))
+    b = run(write_recipe("b.yaml", output_dir=str(tmp_path / "b"), stage1={"max_steps": 2, "seq_len": 32,
+                                                                          "optimizer": {"lr": 1e-2}}))
+    assert [r["loss"] for r in read_log(a.parent)] == [r["loss"] for r in read_log(b.parent)]
+    assert load_file(str(a / "model.safetensors")).keys() == load_file(str(b / "model.safetensors")).keys()
+    assert all(torch.equal(v, load_file(str(b / "model.safetensors"))[k])
+               for k, v in load_file(str(a / "model.safetensors")).items())
