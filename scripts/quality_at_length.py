@@ -131,12 +131,24 @@ def training_record(name: str) -> dict:
     out, log, t = {}, WORK / name / "run" / "metrics.jsonl", WORK / name / "train_time.json"
     if t.is_file():
         out["train_seconds"] = json.loads(t.read_text())["seconds"]
-        stage2 = yaml.safe_load((WORK / name / "recipe.yaml").read_text())["stage2"]
-        out["gradient_checkpointing"] = bool(stage2.get("gradient_checkpointing"))
+        tree = yaml.safe_load((WORK / name / "recipe.yaml").read_text())
+        out["gradient_checkpointing"] = bool(tree["stage2"].get("gradient_checkpointing"))
+        if "stage1" in RECIPE_EXTRAS.get(name, {}):  # a stage 1 of its own: the page's budget is not this run's
+            out["budget"] = budget_label(tree)
     if log.is_file():
         pts = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
         out["curve"] = [(p["tokens"], p["eval_ppl"]) for p in pts if "eval_ppl" in p and p.get("stage") == 2]
     return out
+
+
+def budget_label(tree: dict) -> str:
+    """'176k tokens, 4,096-token rows (stage 1: 64k at 1,024)' from a run's recipe."""
+    s1, s2, seq = tree["stage1"], tree["stage2"], tree["seq_len"]
+    s1_tokens = s1["max_tokens"] if s1.get("enabled", True) else 0
+    label = f"{(s1_tokens + s2['max_tokens']) // 1024}k tokens, {seq:,}-token rows"
+    if s1_tokens and s1.get("seq_len") not in (None, seq):
+        label += f" (stage 1: {s1_tokens // 1024}k at {s1['seq_len']:,})"
+    return label
 
 
 def evaluate(name: str, final: Path | None, args) -> dict:

@@ -292,7 +292,8 @@ def write_document(results: dict, args) -> Path:
     for name, res in results.items():
         if "train_seconds" in res:
             checkpointed = " (gradient checkpointing)" if res.get("gradient_checkpointing") else ""
-            budget.append(f"{LABELS.get(name, name)} {res['train_seconds'] / 60:.0f} min{checkpointed}")
+            own = f", trained on {res['budget']}" if "budget" in res else ""
+            budget.append(f"{LABELS.get(name, name)} {res['train_seconds'] / 60:.0f} min{checkpointed}{own}")
     text = [
         f"# {TITLES.get(args.doc.stem, 'Quality at length')}",
         "",

@@ -35,6 +35,9 @@ RUNS = {
     # (budgets 2 and 4, untrained, docs/recall-beyond-the-window.md)
     "recommended-kl2": (dict(RECOMMENDED_TRAINED, softmax_layers=[20, 23]), True, True),
     "recommended-kl4": (dict(RECOMMENDED_TRAINED, softmax_layers=[14, 17, 20, 23]), True, True),
+    # the same with a stage 1 that learns (#12): 64k tokens at 512-token rows (128 steps) instead
+    # of 16k at the page's rows (4 steps at 4,096)
+    "recommended-kl4-s1short": (dict(RECOMMENDED_TRAINED, softmax_layers=[14, 17, 20, 23]), True, True),
     # the fixed first + middle choice shipped before select-layers, at the same count as kl2
     "recommended-fixed2": (dict(RECOMMENDED_TRAINED, softmax_layers=[0, 15]), True, True),
     "liger-gla-baseline": (dict(method="liger-gla", init="baseline"), True, True),
@@ -56,6 +59,7 @@ RECIPE_EXTRAS = {
     "lolcats-baseline-gate-norope-ssd": {"stage2": {"window_dropout": {"rate": 0.5, "final_rate": 0.0, "window": 16}}},
     "gated-deltanet-baseline-fastmix": {"stage2": {"new_parameters_lr": 1.0e-2}},
     "liger-gla-baseline-fastmix": {"stage2": {"new_parameters_lr": 1.0e-2}},
+    "recommended-kl4-s1short": {"stage1": {"seq_len": 512, "max_tokens": 65536}},
 }
 # LoLA's sparse cache at evaluation, no training of its own: name -> (the run whose trained
 # model it loads, pairs per layer and head). Untrained entries load the conversion.
@@ -71,6 +75,7 @@ SPARSE = {
     "lolcats-baseline-gate-norope-ssd+lola64": ("lolcats-baseline-gate-norope-ssd", 64),
     "recommended-kl2+lola64": ("recommended-kl2", 64),
     "recommended-kl4+lola64": ("recommended-kl4", 64),
+    "recommended-kl4-s1short+lola64": ("recommended-kl4-s1short", 64),
     "recommended-fixed2+lola64": ("recommended-fixed2", 64),
 }
 RUNS["lolcats-baseline-untrained"] = (dict(method="lolcats", init="baseline"), None, None)
@@ -81,7 +86,8 @@ RUNS.update({name: None for name in SPARSE})
 # References and controls: rows to compare trained runs with, never judged themselves.
 REFERENCES = ("teacher", "window-sinks", "window-sinks-lora", "teacher-lora", "window-sinks-kl4-lora")
 # A run's control when it is not window-sinks-lora: the same softmax layers, no recurrence.
-CONTROLS = {"recommended-kl4": "window-sinks-kl4-lora", "recommended-kl4+lola64": "window-sinks-kl4-lora"}
+CONTROLS = {name: "window-sinks-kl4-lora" for name in ("recommended-kl4", "recommended-kl4+lola64",
+                                                      "recommended-kl4-s1short", "recommended-kl4-s1short+lola64")}
 
 
 LABELS = {
@@ -117,6 +123,8 @@ LABELS = {
     "recommended-kl2+lola64": "recommended, 2 KL-chosen softmax layers + LoLA 64",
     "recommended-kl4": "recommended, softmax in the 4 KL-chosen layers [14, 17, 20, 23]",
     "recommended-kl4+lola64": "recommended, 4 KL-chosen softmax layers + LoLA 64",
+    "recommended-kl4-s1short": "recommended, 4 KL-chosen softmax layers, stage 1 at 512-token rows",
+    "recommended-kl4-s1short+lola64": "recommended, 4 KL-chosen softmax layers, stage 1 at 512-token rows + LoLA 64",
     "recommended-fixed2": "recommended, softmax in the fixed first + middle layers [0, 15]",
     "recommended-fixed2+lola64": "recommended, fixed softmax layers [0, 15] + LoLA 64",
 }

@@ -31,7 +31,7 @@ def quality_section(doc_dir: Path) -> list[str]:
         page, record = refs[name]
         table.append(_row(name, f"[untrained]({page.name})", record, teacher, base))
     for page, budget, name, record in rows:
-        table.append(_row(name, f"[{budget}]({page.name})", record, teacher, base))
+        table.append(_row(name, f"[{record.get('budget', budget)}]({page.name})", record, teacher, base))
     judged = [r for r in rows if r[2] not in REFERENCES] or rows
     best = min(judged, key=lambda r: _long(r[3]))
     return ["## Quality at length: better than truncating attention?", "",
@@ -41,7 +41,7 @@ def quality_section(doc_dir: Path) -> list[str]:
             "state at 16k tokens. Each page says how its runs were trained and measured; the table is rendered "
             "from its records.", "",
             *table, "",
-            f"Best: {LABELS.get(best[2], best[2])} ({best[1]}) at {_long(best[3]) / teacher:.2f}x the "
+            f"Best: {LABELS.get(best[2], best[2])} ({best[3].get('budget', best[1])}) at {_long(best[3]) / teacher:.2f}x the "
             f"teacher's long-document perplexity, against {base / teacher:.2f}x for window + sinks.", ""]
 
 
