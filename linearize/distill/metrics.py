@@ -207,6 +207,15 @@ def heldout_layer_mse_records(records: list[dict]) -> list[dict]:
     return [r for r in records if r.get("stage") == 1 and r.get("eval_layer_mse")]
 
 
+def layer_mse_measurements(records: list[dict]) -> tuple[list[dict], str, str]:
+    """(records, their per-layer key, what they measure) of stage 1's per-layer MSE: the
+    held-out evaluations when there are at least two, else the training records."""
+    held = heldout_layer_mse_records(records)
+    if len(held) >= 2:
+        return held, "eval_layer_mse", "held-out"
+    return layer_mse_records(records), "layer_mse", "training-row"
+
+
 def layer_mse_summary(records: list[dict]) -> str | None:
     """One line: each layer's stage-1 MSE at the first vs the last measurement, and how many
     layers dropped by at least half (None without per-layer records).
@@ -215,11 +224,7 @@ def layer_mse_summary(records: list[dict]) -> str | None:
     evaluated at least twice; else the first vs the last training interval, whose rows differ,
     so a layer's drop there mixes learning with the rows' own difficulty.
     """
-    held = heldout_layer_mse_records(records)
-    if len(held) >= 2:
-        rs, key, what = held, "eval_layer_mse", "held-out"
-    else:
-        rs, key, what = layer_mse_records(records), "layer_mse", "training-row"
+    rs, key, what = layer_mse_measurements(records)
     if not rs:
         return None
     first, last = rs[0][key], rs[-1][key]
@@ -236,7 +241,7 @@ def plot_panels(records: list[dict]) -> list[tuple[str, int | None]]:
     with training records, ("layer_mse", None) when stage 1 logged per-layer MSE, ("ppl", None)
     when held-out perplexity was evaluated."""
     panels: list[tuple[str, int | None]] = [("loss", s) for s in sorted({r["stage"] for r in records if "loss" in r})]
-    if layer_mse_records(records):
+    if layer_mse_measurements(records)[0]:
         panels.append(("layer_mse", None))
     if any("eval_ppl" in r for r in records):
         panels.append(("ppl", None))
@@ -255,19 +260,18 @@ def _loss_panel(ax, records: list[dict], stage: int) -> None:
 
 
 def _layer_mse_panel(ax, records: list[dict]) -> None:
-    rs = layer_mse_records(records)
+    rs, key, what = layer_mse_measurements(records)
     first, last = rs[0], rs[-1]
-    layers = [k for k in first["layer_mse"] if k in last["layer_mse"]]
+    layers = [k for k in first[key] if k in last[key]]
     x = list(range(len(layers)))
-    ax.bar([i - 0.2 for i in x], [first["layer_mse"][k] for k in layers], width=0.4,
-           label=f"first interval (step {first['step']})")
-    ax.bar([i + 0.2 for i in x], [last["layer_mse"][k] for k in layers], width=0.4,
-           label=f"last interval (step {last['step']})")
+    when = "step" if key == "eval_layer_mse" else "interval to step"
+    ax.bar([i - 0.2 for i in x], [first[key][k] for k in layers], width=0.4, label=f"{when} {first['step']}")
+    ax.bar([i + 0.2 for i in x], [last[key][k] for k in layers], width=0.4, label=f"{when} {last['step']}")
     ax.set_xticks(x, layers, fontsize=7 if len(layers) > 16 else None)
-    ax.set_title("stage 1: MSE per linearized layer")
+    ax.set_title(f"stage 1: {what} MSE per linearized layer")
     ax.set_xlabel("layer")
     ax.set_ylabel("MSE")
-    if all(v > 0 for r in (first, last) for v in r["layer_mse"].values()):
+    if all(v > 0 for r in (first, last) for v in r[key].values()):
         ax.set_yscale("log")
     ax.legend(fontsize=8)
 

@@ -182,12 +182,15 @@ def test_png_panels_and_summary_from_records(tmp_path):
     assert layer_mse_summary(records) == ("stage 1 training-row per-layer MSE, steps 1 -> 2: L0 1->0.4, L2 0.5->0.3; "
                                           "1/2 layers dropped by at least half")
     assert layer_mse_summary(records[-1:]) is None
-    held = [{"stage": 1, "step": 0, "eval_ppl": 50.0, "eval_layer_mse": {"0": 2.0, "2": 0.5}},
-            {"stage": 1, "step": 2, "eval_ppl": 30.0, "eval_layer_mse": {"0": 0.9, "2": 0.25}}]
+    held = [{"stage": 1, "step": 0, "run_tokens": 0, "eval_ppl": 50.0, "eval_layer_mse": {"0": 2.0, "2": 0.5}},
+            {"stage": 1, "step": 2, "run_tokens": 64, "eval_ppl": 30.0, "eval_layer_mse": {"0": 0.9, "2": 0.25}}]
     # two held-out measurements win over the training rows (the same text at both ends)
     assert layer_mse_summary(records + held) == ("stage 1 held-out per-layer MSE, steps 0 -> 2: L0 2->0.9, "
                                                  "L2 0.5->0.25; 2/2 layers dropped by at least half")
     assert layer_mse_summary(records + held[:1]).startswith("stage 1 training-row per-layer MSE")
+    assert plot_panels(held[:1]) == [("ppl", None)]  # one measurement is no before/after
+    assert plot_panels(held) == [("layer_mse", None), ("ppl", None)]
+    assert plot_losses(held, tmp_path / "held.png").stat().st_size > 0
 
 
 def test_heldout_layer_mse_weighs_each_text_by_its_tokens(assets):
