@@ -1,0 +1,138 @@
+"""Does stage 1 learn? Stage 1 alone (attention transfer) of the 4-kept-layer recipe at several
+row lengths and budgets, each layer's transfer MSE measured on held-out text before and after.
+
+    python scripts/stage1_rows.py [--configs NAME ...] [--work DIR]   (runs what is missing, then the page)
+    python scripts/stage1_rows.py --render                          (the page from its records only)
+
+Each config runs `linearize distill recipes/smollm2-cpu-hybrid-kl4-long.yaml` with stage 2
+off and eval on in stage 1 only: at step 0 and at the last step the run logs each linearized
+layer's MSE on the first 4,096 tokens of 3 held-out long documents (`eval_layer_mse`) and the
+student's perplexity over the same tokens. The held-out documents are cut to 4,096 tokens so
+that the perplexity is one window per document. Records: docs/data/stage1-rows/<config>.json;
+page: docs/stage1-rows.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+RECIPE = "recipes/smollm2-cpu-hybrid-kl4-long.yaml"
+DOC = Path("docs/stage1-rows.md")
+DATA = DOC.parent / "data" / DOC.stem
+WINDOW = 4096
+HELDOUT_DOCS = 3
+# name -> (stage-1 row length, stage-1 tokens)
+CONFIGS = {
+    "rows4096-16k": (4096, 16384),
+    "rows1024-16k": (1024, 16384),
+    "rows1024-64k": (1024, 65536),
+    "rows512-64k": (512, 65536),
+}
+
+
+def heldout_file(work: Path) -> Path:
+    """The first held-out long documents, each cut to at most WINDOW tokens, as JSON lines."""
+    from linearize.assets import default_model_dir
+    from linearize.eval.long_documents import long_documents
+    from transformers import AutoTokenizer
+
+    path = work / "heldout.jsonl"
+    if path.is_file():
+        return path
+    tok = AutoTokenizer.from_pretrained(default_model_dir())
+    lines = []
+    for doc in long_documents("heldout")[:HELDOUT_DOCS]:
+        lo, hi = 0, len(doc.text)  # the longest prefix of at most WINDOW tokens
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if len(tok(doc.text[:mid])["input_ids"]) <= WINDOW else (lo, mid - 1)
+        lines.append(json.dumps({"text": doc.text[:lo]}) + "\n")
+    work.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(lines))
+    return path
+
+
+def run(name: str, work: Path) -> dict:
+    """Train the config's stage 1 (unless its run exists) and return its record."""
+    seq, tokens = CONFIGS[name]
+    out = work / name
+    if not (out / "final" / "config.json").is_file():
+        from linearize.eval.long_documents import write_jsonl
+
+        train = work / "train.jsonl"
+        if not train.is_file():
+            write_jsonl(train, "train")
+        subprocess.run([sys.executable, "-m", "linearize.distill", RECIPE, f"output_dir={out}", "stage2.enabled=false",
+                        f"data.source={train}", f"stage1.seq_len={seq}", f"stage1.max_tokens={tokens}",
+                        f"eval.source={heldout_file(work)}", "eval.stages=[1]", f"eval.texts={HELDOUT_DOCS}",
+                        f"eval.seq_len={WINDOW}", f"eval.stride={WINDOW - 1}", "eval.batch_size=1",
+                        "eval.every_tokens=1000000000", "progress=false"],
+                       check=True, env=os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    evals = [r for r in logs if "eval_layer_mse" in r]
+    steps = [r for r in logs if "loss" in r]
+    record = {"seq_len": seq, "tokens": tokens, "steps": steps[-1]["step"],
+              "train_seconds": steps[-1]["elapsed_s"] - sum(r["eval_s"] for r in evals[:-1]),
+              "before": evals[0]["eval_layer_mse"], "after": evals[-1]["eval_layer_mse"],
+              "ppl_before": evals[0]["eval_ppl"], "ppl_after": evals[-1]["eval_ppl"]}
+    DATA.mkdir(parents=True, exist_ok=True)
+    (DATA / f"{name}.json").write_text(json.dumps(record, indent=1))
+    return record
+
+
+def page(records: dict[str, dict]) -> str:
+    head = ["| stage 1 | steps | train min | mean MSE before -> after | layers halved | worst layer (after / before) "
+            "| perplexity before -> after |", "|---|---:|---:|---:|---:|---|---:|"]
+    for name, r in records.items():
+        ratio = {k: r["after"][k] / r["before"][k] for k in r["before"]}
+        worst = max(ratio, key=ratio.get)
+        head.append(f"| {r['tokens']:,} tokens at {r['seq_len']:,}-token rows | {r['steps']} "
+                    f"| {r['train_seconds'] / 60:.1f} | {statistics.mean(r['before'].values()):.2f} -> "
+                    f"{statistics.mean(r['after'].values()):.2f} | {sum(v <= 0.5 for v in ratio.values())}/{len(ratio)} "
+                    f"| L{worst} {ratio[worst]:.2f} | {r['ppl_before']:.2f} -> {r['ppl_after']:.2f} |")
+    best_name = min(records, key=lambda n: statistics.mean(records[n]["after"].values()))
+    best = records[best_name]
+    stuck = {k: best["after"][k] / best["before"][k] for k in best["before"] if best["after"][k] > 0.5 * best["before"][k]}
+    verdict = (f"Best: {best_name} ({best['steps']} steps). Layers it leaves above half their MSE: "
+               + (", ".join(f"L{k} ({v:.2f})" for k, v in stuck.items()) or "none") + ".")
+    layers = list(next(iter(records.values()))["before"])
+    per_layer = ["| layer | before | " + " | ".join(records) + " |", "|---:|---:|" + "---:|" * len(records)]
+    for k in layers:
+        first = next(iter(records.values()))["before"][k]
+        per_layer.append(f"| {k} | {first:.3g} | " + " | ".join(f"{r['after'][k]:.3g} ({r['after'][k] / first:.2f})"
+                                                            for r in records.values()) + " |")
+    return "\n".join([
+        "# Does stage 1 learn?", "",
+        "Written by `python scripts/stage1_rows.py` (SmolLM2-135M-Instruct, fp32, one CPU thread each). Stage 1 "
+        f"alone of `{RECIPE}` (LoLCATs, init baseline, Mamba2 gate, softmax kept in layers 14, 17, 20, 23; "
+        "LR 1e-2 cosine, loss = mean over layers), on the long documents' train split, at different row lengths "
+        "(`stage1.seq_len`) and budgets. Before and after, each linearized layer's attention-transfer MSE "
+        f"(x1000, per-head outputs, as LoLCATs publishes it) on the first {WINDOW:,} tokens of {HELDOUT_DOCS} "
+        "held-out long documents (`eval_layer_mse` in the run's metrics.jsonl), and the student's own perplexity "
+        "on the same tokens. Train minutes exclude the evaluations; runs shared the 2 cores with another run.", "",
+        *head, "", verdict, "",
+        "Per layer: the held-out MSE before stage 1, and after it (after / before) for each config.", "",
+        *per_layer, ""])
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--work", type=Path, default=Path("outputs/stage1-rows"))
+    p.add_argument("--render", action="store_true", help="only rewrite the page from its records")
+    args = p.parse_args(argv)
+    if not args.render:
+        for name in args.configs:
+            run(name, args.work)
+    records = {n: json.loads((DATA / f"{n}.json").read_text()) for n in CONFIGS if (DATA / f"{n}.json").is_file()}
+    DOC.write_text(page(records))
+    print(f"wrote {DOC} ({len(records)} configs)")
+
+
+if __name__ == "__main__":
+    main()
