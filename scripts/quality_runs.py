@@ -38,6 +38,9 @@ RUNS = {
     # the same with a stage 1 that learns (#12): 64k tokens at 512-token rows (128 steps) instead
     # of 16k at the page's rows (4 steps at 4,096)
     "recommended-kl4-s1short": (dict(RECOMMENDED_TRAINED, softmax_layers=[14, 17, 20, 23]), True, True),
+    # stage 1's rows alone: the page's 16k stage-1 tokens at 512-token rows (32 steps), so stage 2
+    # reads exactly the rows recommended-kl4 reads
+    "recommended-kl4-s1rows512": (dict(RECOMMENDED_TRAINED, softmax_layers=[14, 17, 20, 23]), True, True),
     # the fixed first + middle choice shipped before select-layers, at the same count as kl2
     "recommended-fixed2": (dict(RECOMMENDED_TRAINED, softmax_layers=[0, 15]), True, True),
     "liger-gla-baseline": (dict(method="liger-gla", init="baseline"), True, True),
@@ -60,6 +63,7 @@ RECIPE_EXTRAS = {
     "gated-deltanet-baseline-fastmix": {"stage2": {"new_parameters_lr": 1.0e-2}},
     "liger-gla-baseline-fastmix": {"stage2": {"new_parameters_lr": 1.0e-2}},
     "recommended-kl4-s1short": {"stage1": {"seq_len": 512, "max_tokens": 65536}},
+    "recommended-kl4-s1rows512": {"stage1": {"seq_len": 512}},
 }
 # LoLA's sparse cache at evaluation, no training of its own: name -> (the run whose trained
 # model it loads, pairs per layer and head). Untrained entries load the conversion.
@@ -87,7 +91,8 @@ RUNS.update({name: None for name in SPARSE})
 REFERENCES = ("teacher", "window-sinks", "window-sinks-lora", "teacher-lora", "window-sinks-kl4-lora")
 # A run's control when it is not window-sinks-lora: the same softmax layers, no recurrence.
 CONTROLS = {name: "window-sinks-kl4-lora" for name in ("recommended-kl4", "recommended-kl4+lola64",
-                                                      "recommended-kl4-s1short", "recommended-kl4-s1short+lola64")}
+                                                      "recommended-kl4-s1short", "recommended-kl4-s1short+lola64",
+                                                      "recommended-kl4-s1rows512")}
 
 
 LABELS = {
@@ -125,6 +130,7 @@ LABELS = {
     "recommended-kl4+lola64": "recommended, 4 KL-chosen softmax layers + LoLA 64",
     "recommended-kl4-s1short": "recommended, 4 KL-chosen softmax layers, stage 1 at 512-token rows",
     "recommended-kl4-s1short+lola64": "recommended, 4 KL-chosen softmax layers, stage 1 at 512-token rows + LoLA 64",
+    "recommended-kl4-s1rows512": "recommended, 4 KL-chosen softmax layers, stage 1's 16k tokens at 512-token rows",
     "recommended-fixed2": "recommended, softmax in the fixed first + middle layers [0, 15]",
     "recommended-fixed2+lola64": "recommended, fixed softmax layers [0, 15] + LoLA 64",
 }
