@@ -129,12 +129,14 @@ def training_record(name: str) -> dict:
     """Training time (s) and the stage-2 held-out perplexity curve [(tokens, ppl)] of a run
     trained here; empty for untrained entries and LoLA entries (their source run holds it)."""
     out, log, t = {}, WORK / name / "run" / "metrics.jsonl", WORK / name / "train_time.json"
+    source = SPARSE.get(name, (name, None))[0]
+    if "stage1" in RECIPE_EXTRAS.get(source, {}) and (WORK / source / "recipe.yaml").is_file():
+        # a stage 1 of its own: the page's budget is not this run's (nor its LoLA entry's)
+        out["budget"] = budget_label(yaml.safe_load((WORK / source / "recipe.yaml").read_text()))
     if t.is_file():
         out["train_seconds"] = json.loads(t.read_text())["seconds"]
-        tree = yaml.safe_load((WORK / name / "recipe.yaml").read_text())
-        out["gradient_checkpointing"] = bool(tree["stage2"].get("gradient_checkpointing"))
-        if "stage1" in RECIPE_EXTRAS.get(name, {}):  # a stage 1 of its own: the page's budget is not this run's
-            out["budget"] = budget_label(tree)
+        stage2 = yaml.safe_load((WORK / name / "recipe.yaml").read_text())["stage2"]
+        out["gradient_checkpointing"] = bool(stage2.get("gradient_checkpointing"))
     if log.is_file():
         pts = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
         out["curve"] = [(p["tokens"], p["eval_ppl"]) for p in pts if "eval_ppl" in p and p.get("stage") == 2]
