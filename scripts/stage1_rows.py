@@ -142,6 +142,13 @@ def after_stage2() -> list[str]:
         b = r["long_doc"]["buckets"]
         lines.append(f"| {AFTER_RUNS[name]} | {r['long_doc']['overall']['perplexity']:.2f} | {b[0]['perplexity']:.2f} "
                      f"| {b[-1]['perplexity']:.2f} | {r['joined']['perplexity']:.2f} | {r['short']['perplexity']:.2f} |")
+    base = found.get("recommended-kl4")
+    if base is not None:
+        better = [AFTER_RUNS[n] for n, r in found.items() if n != "recommended-kl4"
+                  and r["long_doc"]["overall"]["perplexity"] < base["long_doc"]["overall"]["perplexity"]
+                  and r["joined"]["perplexity"] < base["joined"]["perplexity"]]
+        lines += ["", "Better than the shipped 4-step stage 1 on both the long and the joined documents: "
+                  + ("; ".join(better) if better else "none (the recipes keep their stage 1)") + "."]
     return [*lines, ""]
 
 

@@ -117,8 +117,9 @@ class Stage1Section:
     seq_len: this stage's row length in tokens (null: the recipe's seq_len). Each layer fits
         its teacher's attention output token by token, so it needs optimizer steps more than
         long rows: on SmolLM2 (docs/stage1-rows.md) 4 steps of 4,096 tokens cut the held-out per-layer
-        MSE 1.4x, 128 steps of 512 tokens 2.4x, in about the same time per token. Stage 2 then reads the
-        data where stage 1 stopped, at the recipe's seq_len.
+        MSE 1.4x, 128 steps of 512 tokens 2.4x, in about the same time per token; after stage 2
+        the model was no better (same page). Stage 2 then reads the data where stage 1 stopped,
+        at the recipe's seq_len.
     loss_reduction: how the linearized layers' MSEs make the loss: `sum` or `mean` (LoLCATs'
         published stage-1 loss is the mean over layers; the sum weighs each layer the same
         whatever the depth, and needs a learning rate about `layers` times smaller).
