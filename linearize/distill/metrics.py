@@ -1,5 +1,5 @@
-"""What a run measures and writes: the JSONL metrics log, held-out perplexity and stage 1's
-held-out per-layer MSE during training, the stage-1 per-layer summary and the PNG of it all."""
+"""What a run measures and writes: the JSONL metrics log, held-out perplexity during
+training, the stage-1 per-layer summary and the PNG of it all."""
 from __future__ import annotations
 
 import json
@@ -19,7 +19,7 @@ class MetricsLog:
     elapsed_s, stage 2's ce and kl, stage 1's layer_mse ({layer index: MSE averaged over the
     steps since the previous record}). Evaluation records (no `loss` key): tokens (the
     stage's), run_tokens (all stages'), eval_ppl, eval_nll, eval_tokens, eval_s, and in stage 1
-    eval_layer_mse ({layer index: MSE on the held-out texts}, see `heldout_layer_mse`).
+    eval_layer_mse ({layer index: MSE on the held-out texts}, see `train.heldout_layer_mse`).
     """
 
     def __init__(self, path: Path, enabled: bool = True):
@@ -160,40 +160,6 @@ class HeldoutPerplexity:
                 return perplexity(model, self.tokenizer, texts, self.window, self.stride, self.section.batch_size)
         finally:
             model.train(was_training)
-
-
-def heldout_layer_mse(model, tokenizer, texts: list[str], window: int, transfer) -> dict[int, float]:
-    """Stage 1's attention-transfer MSE of each linearized layer on held-out text: {layer index:
-    MSE}, the mean over the texts' first `window` tokens, weighted by their token counts.
-
-    `transfer` is the AttentionTransfer the model's mixers hold in stage 1: each layer's MSE is
-    taken on the teacher's input, as in training, so the values compare with the `layer_mse`
-    of the training records, but on the same text at every step. Eval mode, no gradients; the
-    model's train/eval mode is restored.
-    """
-    from ..convert import mixers
-
-    layers = [m.layer_idx for m in mixers(model)]
-    device = next(model.parameters()).device
-    total, count = torch.zeros(len(layers), dtype=torch.float64), 0
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for text in texts:
-                ids = tokenizer(text, return_tensors=None)["input_ids"][:window]
-                if len(ids) < 2:
-                    continue
-                transfer.losses.clear()
-                model(input_ids=torch.tensor([ids], device=device), use_cache=False, logits_to_keep=1)
-                total += torch.stack(transfer.losses).double().cpu() * len(ids)
-                count += len(ids)
-                transfer.losses.clear()
-    finally:
-        model.train(was_training)
-    if count == 0:
-        raise RecipeError("no held-out text has two tokens to measure stage 1's layer MSE on: check eval.source")
-    return {i: float(v) for i, v in zip(layers, total / count)}
 
 
 # -- stage-1 per-layer summary ----------------------------------------------------------------

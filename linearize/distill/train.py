@@ -43,8 +43,7 @@ from .checkpointing import (CheckpointMissingError, TrainerState, all_finite, ch
                             save_checkpoint, usable_checkpoint, write_atomic)
 from .data import IGNORE_INDEX, build_rows, check_source, records
 from .lock import OutputLock, OutputLockedError
-from .metrics import (HeldoutPerplexity, MetricsLog, check_eval_source, heldout_layer_mse, layer_mse_summary,
-                      plot_losses)
+from .metrics import HeldoutPerplexity, MetricsLog, check_eval_source, layer_mse_summary, plot_losses
 from .recipe import OptimizerSection, Recipe, RecipeError, flatten_sections, flatten_with_defaults, load_recipe
 from .sharding import (ShardingError, check_mode, is_fsdp, keep_new_parameters_fp32, load_state, save_state,
                        trainable_state)
@@ -307,14 +306,50 @@ def transfer_loss(model, batch, transfer: AttentionTransfer, reduction: str = "s
     loss: a scalar, the sum (reduction="sum") or mean ("mean") over linearized layers of
     MSE(student, teacher); per-layer MSE: [L] detached, in layer order.
     """
+    per_layer = layer_losses(model, batch, transfer)
+    loss = per_layer.mean() if reduction == "mean" else per_layer.sum()
+    return loss, per_layer.detach().float()
+
+
+def layer_losses(model, batch, transfer: AttentionTransfer) -> torch.Tensor:
+    """The linearized layers' MSE(student, teacher) for one forward over `batch`: [L], in layer order."""
     transfer.losses.clear()
     model(**forward_inputs(batch), use_cache=False, logits_to_keep=1)
     if not transfer.losses:
         raise DistillError("no attention-transfer loss was recorded: the model has no linearized layer")
     per_layer = torch.stack(transfer.losses)
     transfer.losses.clear()
-    loss = per_layer.mean() if reduction == "mean" else per_layer.sum()
-    return loss, per_layer.detach().float()
+    return per_layer
+
+
+def heldout_layer_mse(model, tokenizer, texts: list[str], window: int, transfer) -> dict[int, float]:
+    """Stage 1's attention-transfer MSE of each linearized layer on held-out text: {layer index:
+    MSE}, the mean over the texts' first `window` tokens, weighted by their token counts.
+
+    `transfer` is the AttentionTransfer the model's mixers hold in stage 1: each layer's MSE is
+    taken on the teacher's input, as in training, so the values compare with the `layer_mse`
+    of the training records, but on the same text at every step. Eval mode, no gradients; the
+    model's train/eval mode is restored.
+    """
+    layers = [m.layer_idx for m in mixers(model)]
+    device = next(model.parameters()).device
+    total, count = torch.zeros(len(layers), dtype=torch.float64), 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for text in texts:
+                ids = tokenizer(text, return_tensors=None)["input_ids"][:window]
+                if len(ids) < 2:
+                    continue
+                per_layer = layer_losses(model, {"input_ids": torch.tensor([ids], device=device)}, transfer)
+                total += per_layer.double().cpu() * len(ids)
+                count += len(ids)
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise RecipeError("no held-out text has two tokens to measure stage 1's layer MSE on: check eval.source")
+    return {i: float(v) for i, v in zip(layers, total / count)}
 
 
 def recovery_loss(model, peft_model, batch, kd_ratio: float, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

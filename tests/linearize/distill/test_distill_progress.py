@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import linearize
 from linearize.distill import DistillError, RecipeError, distill, load_recipe
-from linearize.distill.metrics import heldout_layer_mse, layer_mse_summary, plot_losses, plot_panels
-from linearize.distill.train import transfer_loss
+from linearize.distill.metrics import layer_mse_summary, plot_losses, plot_panels
+from linearize.distill.train import heldout_layer_mse, transfer_loss
 from linearize.eval.perplexity import perplexity
 from linearize.mixers import AttentionTransfer
 
