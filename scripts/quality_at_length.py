@@ -127,7 +127,8 @@ def metrics(model, tok, args) -> dict:
 
 def training_record(name: str) -> dict:
     """Training time (s) and the stage-2 held-out perplexity curve [(tokens, ppl)] of a run
-    trained here; empty for untrained entries and LoLA entries (their source run holds it)."""
+    trained here (untrained entries and LoLA entries have none: their source run holds it), and
+    the budget label of a run, or a LoLA entry's source run, whose stage 1 is its own."""
     out, log, t = {}, WORK / name / "run" / "metrics.jsonl", WORK / name / "train_time.json"
     source = SPARSE.get(name, (name, None))[0]
     if "stage1" in RECIPE_EXTRAS.get(source, {}) and (WORK / source / "recipe.yaml").is_file():
