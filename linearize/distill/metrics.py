@@ -2,6 +2,7 @@
 training, the stage-1 per-layer summary and the PNG of it all."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -113,6 +114,18 @@ def check_eval_source(section: EvalSection) -> None:
         raise _eval_error(e) from e
 
 
+@contextlib.contextmanager
+def evaluating(model):
+    """Eval mode without gradients for the block; the model's train/eval mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
 class HeldoutPerplexity:
     """Held-out perplexity of the student at fixed token counts (the recipe's `eval:`).
 
@@ -153,13 +166,8 @@ class HeldoutPerplexity:
         from ..eval.perplexity import perplexity
 
         texts = self.texts()
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                return perplexity(model, self.tokenizer, texts, self.window, self.stride, self.section.batch_size)
-        finally:
-            model.train(was_training)
+        with evaluating(model):
+            return perplexity(model, self.tokenizer, texts, self.window, self.stride, self.section.batch_size)
 
 
 # -- stage-1 per-layer summary ----------------------------------------------------------------

@@ -43,7 +43,8 @@ from .checkpointing import (CheckpointMissingError, TrainerState, all_finite, ch
                             save_checkpoint, usable_checkpoint, write_atomic)
 from .data import IGNORE_INDEX, build_rows, check_source, records
 from .lock import OutputLock, OutputLockedError
-from .metrics import HeldoutPerplexity, MetricsLog, check_eval_source, layer_mse_summary, plot_losses
+from .metrics import (HeldoutPerplexity, MetricsLog, check_eval_source, evaluating, layer_mse_summary,
+                      plot_losses)
 from .recipe import OptimizerSection, Recipe, RecipeError, flatten_sections, flatten_with_defaults, load_recipe
 from .sharding import (ShardingError, check_mode, is_fsdp, keep_new_parameters_fp32, load_state, save_state,
                        trainable_state)
@@ -334,19 +335,14 @@ def heldout_layer_mse(model, tokenizer, texts: list[str], window: int, transfer)
     layers = [m.layer_idx for m in mixers(model)]
     device = next(model.parameters()).device
     total, count = torch.zeros(len(layers), dtype=torch.float64), 0
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for text in texts:
-                ids = tokenizer(text, return_tensors=None)["input_ids"][:window]
-                if len(ids) < 2:
-                    continue
-                per_layer = layer_losses(model, {"input_ids": torch.tensor([ids], device=device)}, transfer)
-                total += per_layer.double().cpu() * len(ids)
-                count += len(ids)
-    finally:
-        model.train(was_training)
+    with evaluating(model):
+        for text in texts:
+            ids = tokenizer(text, return_tensors=None)["input_ids"][:window]
+            if len(ids) < 2:
+                continue
+            per_layer = layer_losses(model, {"input_ids": torch.tensor([ids], device=device)}, transfer)
+            total += per_layer.double().cpu() * len(ids)
+            count += len(ids)
     if count == 0:
         raise RecipeError("no held-out text has two tokens to measure stage 1's layer MSE on: check eval.source")
     return {i: float(v) for i, v in zip(layers, total / count)}

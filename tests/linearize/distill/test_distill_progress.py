@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import linearize
 from linearize.distill import DistillError, RecipeError, distill, load_recipe
-from linearize.distill.metrics import layer_mse_summary, plot_losses, plot_panels
+from linearize.distill.metrics import evaluating, layer_mse_summary, plot_losses, plot_panels
 from linearize.distill.train import heldout_layer_mse, transfer_loss
 from linearize.eval.perplexity import perplexity
 from linearize.mixers import AttentionTransfer
@@ -260,3 +260,15 @@ def test_resume_reads_a_recipe_saved_before_the_new_keys_and_lets_eval_change(wr
     assert len(resumed) == 1 and resumed[0]["resume_changes"]["eval.every_tokens"] == [None, 32]
     log = [r for r in log if "resume_changes" not in r]
     assert [(r["step"], "eval_ppl" in r) for r in log] == [(1, False), (2, False), (2, True)]
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_evaluating_restores_the_mode_even_when_the_block_raises(training):
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
+    model.train(training)
+    with evaluating(model):
+        assert not model.training and not model[1].training and not torch.is_grad_enabled()
+    assert model.training == training and model[1].training == training and torch.is_grad_enabled()
+    with pytest.raises(ValueError), evaluating(model):
+        raise ValueError("stop")
+    assert model.training == training and torch.is_grad_enabled()
