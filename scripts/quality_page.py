@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from quality_runs import CONTROLS, LABELS, REFERENCES, SPARSE, decode_state_mib
+from quality_runs import LABELS, REFERENCES, SPARSE, control_of, decode_state_mib
 
 # Pages that answer a narrower question than "quality at length" say which in their title.
 TITLES = {"quality-at-length-recurrences": "Quality at length: the other recurrences (issue #17) beside Liger-GLA",
@@ -123,8 +123,8 @@ def verdicts(results: dict) -> list[str]:
     for name, res in results.items():
         if name in REFERENCES or "long_doc" not in res or "joined" not in res:
             continue
-        own = results.get(CONTROLS.get(name, ""))
-        control = own or results.get("window-sinks-lora")
+        ref = control_of(name)
+        control = results.get(ref or "window-sinks-lora")
         ld, jd = res["long_doc"]["overall"]["perplexity"], res["joined"]["perplexity"]
         line = (f"- {LABELS.get(name, name)}: {word(ld < base['long_doc']['overall']['perplexity'])} window + sinks "
                 f"on the long documents ({ld:.2f} vs {base['long_doc']['overall']['perplexity']:.2f}) and "
@@ -136,7 +136,12 @@ def verdicts(results: dict) -> list[str]:
             wins = [f"{b['start']}-{b['end']}" for b, c in zip(res["long_doc"]["buckets"], control["long_doc"]["buckets"])
                     if b["perplexity"] < c["perplexity"]]
             where = f"in the position buckets {', '.join(wins)}" if wins else "in no position bucket"
-            what = "the same kept layers over window + sinks" if own else "the control"
+            if ref is None:
+                what = "the control, which lacks its kept softmax layers"
+            elif ref == "window-sinks-lora":
+                what = "the control"
+            else:
+                what = "the same kept layers over window + sinks"
             line += (f" Against {what} (same LoRA, no recurrence) it {word(ld < c_ld)} it on the long documents "
                      f"({c_ld:.2f}) and {word(jd < c_jd)} it on the joined documents ({c_jd:.2f}); it is better "
                      f"{where}.")

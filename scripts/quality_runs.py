@@ -1,6 +1,6 @@
 """The quality-at-length runs: what each one converts and trains (RUNS, RECIPE_EXTRAS), LoLA
-entries evaluated on another run's model (SPARSE), the reference and control rows (REFERENCES,
-CONTROLS), the page's labels, and a run's decode-state size from its conversion."""
+entries evaluated on another run's model (SPARSE), the reference rows (REFERENCES) and each
+run's control (control_of), the page's labels, and a run's decode-state size from its conversion."""
 from __future__ import annotations
 
 import copy
@@ -89,10 +89,21 @@ RUNS["lolcats-baseline-gate-norope-untrained"] = (dict(method="lolcats", init="b
 RUNS.update({name: None for name in SPARSE})
 # References and controls: rows to compare trained runs with, never judged themselves.
 REFERENCES = ("teacher", "window-sinks", "window-sinks-lora", "teacher-lora", "window-sinks-kl4-lora")
-# A run's control when it is not window-sinks-lora: the same softmax layers, no recurrence.
-CONTROLS = {name: "window-sinks-kl4-lora" for name in ("recommended-kl4", "recommended-kl4+lola64",
-                                                      "recommended-kl4-s1short", "recommended-kl4-s1short+lola64",
-                                                      "recommended-kl4-s1rows512")}
+
+
+def control_of(name: str) -> str | None:
+    """The reference run that is `name`'s control: the same LoRA on window + sinks, no recurrence,
+    with the same softmax layers kept. None when the run keeps softmax layers and no such
+    control exists (the page then compares with window-sinks-lora and says it lacks them)."""
+    source = SPARSE.get(name, (name, None))[0]
+    conversion = RUNS.get(source)[0] if RUNS.get(source) else {}
+    layers = conversion.get("softmax_layers")
+    for ref in REFERENCES:
+        spec = RUNS.get(ref)
+        if spec and spec[1] is False and spec[0].get("method") == "window-sinks" and "window" not in spec[0] \
+                and spec[0].get("softmax_layers") == layers:
+            return ref
+    return None
 
 
 LABELS = {
