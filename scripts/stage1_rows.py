@@ -38,6 +38,16 @@ CONFIGS = {
     "rows1024-64k": (1024, 65536),
     "rows512-64k": (512, 65536),
 }
+# The layers every config above leaves above half their MSE, alone, with more capacity (best
+# schedule: 64k tokens at 512-token rows): name -> (what changes, recipe overrides).
+STUCK_LAYERS = [18, 22, 25]
+CAPACITY = {
+    "stuck-default": ("as above (Hedgehog width 64, window 64)", []),
+    "stuck-fd128": ("Hedgehog width 128", ["linearize.feature_dim=128"]),
+    "stuck-fd256": ("Hedgehog width 256", ["linearize.feature_dim=256"]),
+    "stuck-window128": ("window 128", ["linearize.window=128"]),
+}
+CAPACITY_ROWS = (512, 65536)
 
 
 def heldout_file(work: Path) -> Path:
@@ -64,7 +74,11 @@ def heldout_file(work: Path) -> Path:
 
 def run(name: str, work: Path) -> dict:
     """Train the config's stage 1 (unless its run exists) and return its record."""
-    seq, tokens = CONFIGS[name]
+    if name in CAPACITY:
+        (seq, tokens), (label, overrides) = CAPACITY_ROWS, CAPACITY[name]
+        overrides = [f"linearize.layers={STUCK_LAYERS}".replace(" ", ""), *overrides]
+    else:
+        (seq, tokens), label, overrides = CONFIGS[name], None, []
     out = work / name
     if not (out / "final" / "config.json").is_file():
         from linearize.eval.long_documents import write_jsonl
@@ -76,7 +90,7 @@ def run(name: str, work: Path) -> dict:
                         f"data.source={train}", f"stage1.seq_len={seq}", f"stage1.max_tokens={tokens}",
                         f"eval.source={heldout_file(work)}", "eval.stages=[1]", f"eval.texts={HELDOUT_DOCS}",
                         f"eval.seq_len={WINDOW}", f"eval.stride={WINDOW - 1}", "eval.batch_size=1",
-                        "eval.every_tokens=1000000000", "progress=false"],
+                        "eval.every_tokens=1000000000", "progress=false", *overrides],
                        check=True, env=os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     evals = [r for r in logs if "eval_layer_mse" in r]
@@ -85,6 +99,8 @@ def run(name: str, work: Path) -> dict:
               "train_seconds": steps[-1]["elapsed_s"] - sum(r["eval_s"] for r in evals[:-1]),
               "before": evals[0]["eval_layer_mse"], "after": evals[-1]["eval_layer_mse"],
               "ppl_before": evals[0]["eval_ppl"], "ppl_after": evals[-1]["eval_ppl"]}
+    if label:
+        record.update(label=label, overrides=overrides)
     DATA.mkdir(parents=True, exist_ok=True)
     (DATA / f"{name}.json").write_text(json.dumps(record, indent=1))
     return record
@@ -125,6 +141,24 @@ def page(records: dict[str, dict]) -> str:
         *per_layer, ""])
 
 
+def capacity_section(records: dict[str, dict]) -> list[str]:
+    """The page's section on the stuck layers trained alone with more capacity."""
+    if not records:
+        return []
+    seq, tokens = CAPACITY_ROWS
+    lines = ["## The stuck layers, with more capacity", "",
+             f"Stage 1 of layers {', '.join(map(str, STUCK_LAYERS))} alone (`linearize.layers`; every layer is "
+             "trained on the teacher's input, so a layer's MSE does not depend on which others are linearized), "
+             f"{tokens:,} tokens at {seq}-token rows, one capacity change at a time. Held-out MSE x1000 after / "
+             "before, as above.", "",
+             "| change | " + " | ".join(f"L{k}" for k in STUCK_LAYERS) + " | train min |",
+             "|---|" + "---:|" * (len(STUCK_LAYERS) + 1)]
+    for r in records.values():
+        cells = [f"{r['after'][str(k)]:.3g} ({r['after'][str(k)] / r['before'][str(k)]:.2f})" for k in STUCK_LAYERS]
+        lines.append(f"| {r['label']} | " + " | ".join(cells) + f" | {r['train_seconds'] / 60:.1f} |")
+    return [*lines, ""]
+
+
 def after_stage2() -> list[str]:
     """The page's section on the full runs (stage 1 then stage 2) that exist among AFTER_RUNS."""
     found = {n: json.loads((AFTER_STAGE2 / f"{n}.json").read_text()) for n in AFTER_RUNS
@@ -154,7 +188,8 @@ def after_stage2() -> list[str]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=[*CONFIGS, *CAPACITY],
+                   help=f"default: the row configs; the capacity ones ({', '.join(CAPACITY)}) on request")
     p.add_argument("--work", type=Path, default=Path("outputs/stage1-rows"))
     p.add_argument("--render", action="store_true", help="only rewrite the page from its records")
     args = p.parse_args(argv)
@@ -162,7 +197,8 @@ def main(argv=None) -> None:
         for name in args.configs:
             run(name, args.work)
     records = {n: json.loads((DATA / f"{n}.json").read_text()) for n in CONFIGS if (DATA / f"{n}.json").is_file()}
-    DOC.write_text(page(records) + "\n".join(after_stage2()))
+    capacity = {n: json.loads((DATA / f"{n}.json").read_text()) for n in CAPACITY if (DATA / f"{n}.json").is_file()}
+    DOC.write_text(page(records) + "\n".join(capacity_section(capacity) + after_stage2()))
     print(f"wrote {DOC} ({len(records)} configs)")
 
 
