@@ -156,6 +156,15 @@ def capacity_section(records: dict[str, dict]) -> list[str]:
     for r in records.values():
         cells = [f"{r['after'][str(k)]:.3g} ({r['after'][str(k)] / r['before'][str(k)]:.2f})" for k in STUCK_LAYERS]
         lines.append(f"| {r['label']} | " + " | ".join(cells) + f" | {r['train_seconds'] / 60:.1f} |")
+    ratio = lambda r, k: r["after"][str(k)] / r["before"][str(k)]  # noqa: E731
+    joint = DATA / "rows512-64k.json"
+    if "stuck-default" in records and joint.is_file():
+        j = json.loads(joint.read_text())
+        lines += ["", "Alone, the layers end where the joint run of every layer left them ("
+                  + ", ".join(f"L{k} {ratio(records['stuck-default'], k):.2f} vs {ratio(j, k):.2f}" for k in STUCK_LAYERS)
+                  + "): sharing the loss with 25 other layers did not starve them."]
+    halved = [f"L{k} with {r['label']}" for r in records.values() for k in STUCK_LAYERS if ratio(r, k) <= 0.5]
+    lines += ["", "Halved: " + (", ".join(halved) if halved else "none of the three, with any change tried") + "."]
     return [*lines, ""]
 
 
