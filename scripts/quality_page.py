@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from quality_runs import LABELS, REFERENCES, SPARSE, control_of, decode_state_mib
+from quality_runs import LABELS, REFERENCES, SPARSE, control_of, decode_state_mib, window_of
 
 # Pages that answer a narrower question than "quality at length" say which in their title.
 TITLES = {"quality-at-length-recurrences": "Quality at length: the other recurrences (issue #17) beside Liger-GLA",
@@ -142,7 +142,12 @@ def verdicts(results: dict) -> list[str]:
                 what = "the control"
             else:
                 what = "the same kept layers over window + sinks"
-            line += (f" Against {what} (same LoRA, no recurrence) it {word(ld < c_ld)} it on the long documents "
+            own_w, control_w = window_of(name), window_of(ref or "window-sinks-lora")
+            if own_w and control_w and own_w != control_w:
+                what += f" (window {control_w} where this run's is {own_w}, so part of the gap is the window; "
+            else:
+                what += " ("
+            line += (f" Against {what}same LoRA, no recurrence) it {word(ld < c_ld)} it on the long documents "
                      f"({c_ld:.2f}) and {word(jd < c_jd)} it on the joined documents ({c_jd:.2f}); it is better "
                      f"{where}.")
         lines.append(line)

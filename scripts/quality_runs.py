@@ -106,6 +106,15 @@ def control_of(name: str) -> str | None:
     return None
 
 
+def window_of(name: str) -> int | None:
+    """The exact-attention window of the run's conversion (its method's default when unset),
+    None for an unconverted run."""
+    import linearize
+
+    spec = RUNS.get(SPARSE.get(name, (name, None))[0])
+    return linearize.LinearizeConfig(**spec[0]).resolved().window if spec else None
+
+
 LABELS = {
     "teacher": "teacher (softmax)",
     "window-sinks": "window 64 + 4 sinks, untrained",
