@@ -45,7 +45,8 @@ CAPACITY = {
     "stuck-default": ("as above (Hedgehog width 64, window 64)", []),
     "stuck-fd128": ("Hedgehog width 128", ["linearize.feature_dim=128"]),
     "stuck-fd256": ("Hedgehog width 256", ["linearize.feature_dim=256"]),
-    "stuck-window128": ("window 128", ["linearize.window=128"]),
+    # at the default guard.loss_ratio 10 a 13x one-row loss spike at step 85 stopped it as diverged
+    "stuck-window128": ("window 128 (divergence guard at 100x)", ["linearize.window=128", "guard.loss_ratio=100"]),
 }
 CAPACITY_ROWS = (512, 65536)
 
