@@ -3,6 +3,8 @@ row lengths and budgets, each layer's transfer MSE measured on held-out text bef
 
     python scripts/stage1_rows.py [--configs NAME ...] [--work DIR]   (runs what is missing, then the page)
     python scripts/stage1_rows.py --render                          (the page from its records only)
+    python scripts/stage1_rows.py --configs stuck-default stuck-fd128 stuck-window128
+                                      (the layers no config halves, alone, with more capacity)
 
 Each config runs `linearize distill recipes/smollm2-cpu-hybrid-kl4-long.yaml` with stage 2
 off and eval on in stage 1 only: at step 0 and at the last step the run logs each linearized
