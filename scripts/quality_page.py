@@ -142,12 +142,11 @@ def verdicts(results: dict) -> list[str]:
                 what = "the control"
             else:
                 what = "the same kept layers over window + sinks"
+            aside = "same LoRA, no recurrence"
             own_w, control_w = window_of(name), window_of(ref or "window-sinks-lora")
             if own_w and control_w and own_w != control_w:
-                what += f" (window {control_w} where this run's is {own_w}, so part of the gap is the window; "
-            else:
-                what += " ("
-            line += (f" Against {what}same LoRA, no recurrence) it {word(ld < c_ld)} it on the long documents "
+                aside = f"window {control_w} where this run's is {own_w}, so part of the gap is the window; {aside}"
+            line += (f" Against {what} ({aside}) it {word(ld < c_ld)} it on the long documents "
                      f"({c_ld:.2f}) and {word(jd < c_jd)} it on the joined documents ({c_jd:.2f}); it is better "
                      f"{where}.")
         lines.append(line)

@@ -91,13 +91,18 @@ RUNS.update({name: None for name in SPARSE})
 REFERENCES = ("teacher", "window-sinks", "window-sinks-lora", "teacher-lora", "window-sinks-kl4-lora")
 
 
+def conversion_of(name: str) -> dict | None:
+    """The linearize config of the model `name` evaluates (a LoLA entry's source run's); None
+    for an unconverted run."""
+    spec = RUNS.get(SPARSE.get(name, (name, None))[0])
+    return spec[0] if spec else None
+
+
 def control_of(name: str) -> str | None:
     """The reference run that is `name`'s control: the same LoRA on window + sinks, no recurrence,
     with the same softmax layers kept. None when the run keeps softmax layers and no such
     control exists (the page then compares with window-sinks-lora and says it lacks them)."""
-    source = SPARSE.get(name, (name, None))[0]
-    conversion = RUNS.get(source)[0] if RUNS.get(source) else {}
-    layers = conversion.get("softmax_layers")
+    layers = (conversion_of(name) or {}).get("softmax_layers")
     for ref in REFERENCES:
         spec = RUNS.get(ref)
         if spec and spec[1] is False and spec[0].get("method") == "window-sinks" and "window" not in spec[0] \
@@ -111,8 +116,8 @@ def window_of(name: str) -> int | None:
     None for an unconverted run."""
     import linearize
 
-    spec = RUNS.get(SPARSE.get(name, (name, None))[0])
-    return linearize.LinearizeConfig(**spec[0]).resolved().window if spec else None
+    conversion = conversion_of(name)
+    return linearize.LinearizeConfig(**conversion).resolved().window if conversion is not None else None
 
 
 LABELS = {
