@@ -144,6 +144,11 @@ def page(records: dict[str, dict]) -> str:
         *per_layer, ""])
 
 
+def load_records(names, folder: Path) -> dict[str, dict]:
+    """{name: record} for the names whose folder/<name>.json exists, in the names' order."""
+    return {n: json.loads((folder / f"{n}.json").read_text()) for n in names if (folder / f"{n}.json").is_file()}
+
+
 def capacity_section(records: dict[str, dict]) -> list[str]:
     """The page's section on the stuck layers trained alone with more capacity."""
     if not records:
@@ -156,10 +161,10 @@ def capacity_section(records: dict[str, dict]) -> list[str]:
              "before, as above.", "",
              "| change | " + " | ".join(f"L{k}" for k in STUCK_LAYERS) + " | train min |",
              "|---|" + "---:|" * (len(STUCK_LAYERS) + 1)]
-    for r in records.values():
-        cells = [f"{r['after'][str(k)]:.3g} ({r['after'][str(k)] / r['before'][str(k)]:.2f})" for k in STUCK_LAYERS]
-        lines.append(f"| {r['label']} | " + " | ".join(cells) + f" | {r['train_seconds'] / 60:.1f} |")
     ratio = lambda r, k: r["after"][str(k)] / r["before"][str(k)]  # noqa: E731
+    for r in records.values():
+        cells = [f"{r['after'][str(k)]:.3g} ({ratio(r, k):.2f})" for k in STUCK_LAYERS]
+        lines.append(f"| {r['label']} | " + " | ".join(cells) + f" | {r['train_seconds'] / 60:.1f} |")
     joint = DATA / "rows512-64k.json"
     if "stuck-default" in records and joint.is_file():
         j = json.loads(joint.read_text())
@@ -173,8 +178,7 @@ def capacity_section(records: dict[str, dict]) -> list[str]:
 
 def after_stage2() -> list[str]:
     """The page's section on the full runs (stage 1 then stage 2) that exist among AFTER_RUNS."""
-    found = {n: json.loads((AFTER_STAGE2 / f"{n}.json").read_text()) for n in AFTER_RUNS
-             if (AFTER_STAGE2 / f"{n}.json").is_file()}
+    found = load_records(AFTER_RUNS, AFTER_STAGE2)
     if len(found) < 2:
         return []
     lines = ["## After stage 2", "",
@@ -208,9 +212,8 @@ def main(argv=None) -> None:
     if not args.render:
         for name in args.configs:
             run(name, args.work)
-    records = {n: json.loads((DATA / f"{n}.json").read_text()) for n in CONFIGS if (DATA / f"{n}.json").is_file()}
-    capacity = {n: json.loads((DATA / f"{n}.json").read_text()) for n in CAPACITY if (DATA / f"{n}.json").is_file()}
-    DOC.write_text(page(records) + "\n".join(capacity_section(capacity) + after_stage2()))
+    records = load_records(CONFIGS, DATA)
+    DOC.write_text(page(records) + "\n".join(capacity_section(load_records(CAPACITY, DATA)) + after_stage2()))
     print(f"wrote {DOC} ({len(records)} configs)")
 
 
