@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from quality_runs import LABELS, REFERENCES, SPARSE, control_of, decode_state_mib, window_of
+from quality_runs import LABELS, REFERENCES, SPARSE, control_of, conversion_of, decode_state_mib, window_of
 
 # Pages that answer a narrower question than "quality at length" say which in their title.
 TITLES = {"quality-at-length-recurrences": "Quality at length: the other recurrences (issue #17) beside Liger-GLA",
@@ -123,7 +123,7 @@ def verdicts(results: dict) -> list[str]:
     for name, res in results.items():
         if name in REFERENCES or "long_doc" not in res or "joined" not in res:
             continue
-        ref = control_of(name)
+        ref = control_of(name, measured=results)
         control = results.get(ref or "window-sinks-lora")
         ld, jd = res["long_doc"]["overall"]["perplexity"], res["joined"]["perplexity"]
         line = (f"- {LABELS.get(name, name)}: {word(ld < base['long_doc']['overall']['perplexity'])} window + sinks "
@@ -138,10 +138,10 @@ def verdicts(results: dict) -> list[str]:
             where = f"in the position buckets {', '.join(wins)}" if wins else "in no position bucket"
             if ref is None:
                 what = "the control, which lacks its kept softmax layers"
-            elif ref == "window-sinks-lora":
-                what = "the control"
-            else:
+            elif conversion_of(ref).get("softmax_layers"):
                 what = "the same kept layers over window + sinks"
+            else:
+                what = "the control"
             aside = "same LoRA, no recurrence"
             own_w, control_w = window_of(name), window_of(ref or "window-sinks-lora")
             if own_w and control_w and own_w != control_w:

@@ -8,6 +8,8 @@ import functools
 
 import torch
 
+# A window longer than every evaluated length: window attention there is the teacher's own.
+TEACHER_WINDOW = 8192
 # The recommended conversion as trained: LoLA's sparse cache is an evaluation-time option.
 RECOMMENDED_TRAINED = dict(method="lolcats", init="baseline", gate="mamba2", linear_rope=False)
 # name -> (linearize config, stage 1 on? (None: not trained at all), stage 2 trains the new
@@ -19,10 +21,12 @@ RUNS = {
     # the fair ceiling for trained runs: the teacher's own attention (a window longer than every
     # evaluated length computes it) with the same LoRA, so the domain fit every trained run gets
     # from its LoRA is in the reference too
-    "teacher-lora": (dict(method="window-sinks", window=8192), False, False),
+    "teacher-lora": (dict(method="window-sinks", window=TEACHER_WINDOW), False, False),
     # the control for kept softmax layers: the same layers as recommended-kl4 over window + sinks,
     # the same LoRA, no recurrence
     "window-sinks-kl4-lora": (dict(method="window-sinks", softmax_layers=[14, 17, 20, 23]), False, False),
+    # the control for Lizard, whose window is 128: the same window over window + sinks, the same LoRA
+    "window-sinks-w128-lora": (dict(method="window-sinks", window=128), False, False),
     "lolcats-paper-untrained": (dict(method="lolcats"), None, None),
     "lolcats-paper": (dict(method="lolcats"), True, False),
     "lolcats-baseline": (dict(method="lolcats", init="baseline"), True, True),
@@ -88,7 +92,8 @@ RUNS["lolcats-baseline-gate-norope-untrained"] = (dict(method="lolcats", init="b
                                                     linear_rope=False), None, None)
 RUNS.update({name: None for name in SPARSE})
 # References and controls: rows to compare trained runs with, never judged themselves.
-REFERENCES = ("teacher", "window-sinks", "window-sinks-lora", "teacher-lora", "window-sinks-kl4-lora")
+REFERENCES = ("teacher", "window-sinks", "window-sinks-lora", "teacher-lora", "window-sinks-kl4-lora",
+              "window-sinks-w128-lora")
 
 
 def conversion_of(name: str) -> dict | None:
@@ -98,17 +103,24 @@ def conversion_of(name: str) -> dict | None:
     return spec[0] if spec else None
 
 
-def control_of(name: str) -> str | None:
+def control_of(name: str, measured=REFERENCES) -> str | None:
     """The reference run that is `name`'s control: the same LoRA on window + sinks, no recurrence,
-    with the same softmax layers kept. None when the run keeps softmax layers and no such
-    control exists (the page then compares with window-sinks-lora and says it lacks them)."""
+    with the same softmax layers kept, and the same window where such a control exists (else the
+    page says the control's window differs). None when the run keeps softmax layers and no such
+    control exists (the page then compares with window-sinks-lora and says it lacks them).
+    Only the references in `measured` are candidates."""
     layers = (conversion_of(name) or {}).get("softmax_layers")
-    for ref in REFERENCES:
-        spec = RUNS.get(ref)
-        if spec and spec[1] is False and spec[0].get("method") == "window-sinks" and "window" not in spec[0] \
-                and spec[0].get("softmax_layers") == layers:
-            return ref
-    return None
+    controls = [ref for ref in REFERENCES if ref in measured and is_control(ref) and RUNS[ref][0].get("softmax_layers") == layers]
+    same_window = [ref for ref in controls if window_of(ref) == window_of(name)]
+    return (same_window or controls or [None])[0]
+
+
+def is_control(name: str) -> bool:
+    """A reference that trains the same LoRA on window + sinks, at a window shorter than the
+    evaluated lengths (the teacher + LoRA, whose window covers them, is the ceiling, not a control)."""
+    spec = RUNS.get(name)
+    return bool(spec) and spec[1] is False and spec[0].get("method") == "window-sinks" \
+        and spec[0].get("window", 0) < TEACHER_WINDOW
 
 
 def window_of(name: str) -> int | None:
@@ -126,6 +138,7 @@ LABELS = {
     "window-sinks-lora": "window 64 + 4 sinks + the same LoRA (control)",
     "teacher-lora": "teacher + the same LoRA (the fair ceiling)",
     "window-sinks-kl4-lora": "window 64 + 4 sinks, softmax in [14, 17, 20, 23], the same LoRA (control)",
+    "window-sinks-w128-lora": "window 128 + 4 sinks + the same LoRA (Lizard's window; control)",
     "lolcats-paper-untrained": "LoLCATs as published, untrained",
     "lolcats-paper": "LoLCATs as published (init paper)",
     "lolcats-baseline": "LoLCATs, init baseline",
