@@ -254,3 +254,16 @@ def test_recurrence_targets_compare_with_liger_gla_at_one_budget():
     assert "Liger-GLA (MQAR >= 5 points higher at 2k and 4k, passkey no lower): NOT met" in "\n".join(
         qal.recurrence_targets(results))
     assert qal.recurrence_targets({"gated-deltanet-baseline": gla}) == []
+
+
+def test_control_matches_kept_layers_and_window():
+    """A run's control is the LoRA-on-window-sinks reference with its softmax layers and, where one
+    was measured, its window; the teacher + LoRA (a window past every length) is never a control."""
+    import quality_runs as qr
+
+    assert qr.control_of("lizard-baseline") == "window-sinks-w128-lora"
+    assert qr.control_of("lizard-baseline", measured={"window-sinks-lora"}) == "window-sinks-lora"
+    assert qr.control_of("recommended-kl4+lola64") == "window-sinks-kl4-lora"
+    assert qr.control_of("recommended-kl2") is None
+    assert qr.control_of("liger-gla-baseline") == "window-sinks-lora"
+    assert not qr.is_control("teacher-lora") and not qr.is_control("window-sinks")
