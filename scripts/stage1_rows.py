@@ -3,8 +3,9 @@ row lengths and budgets, each layer's transfer MSE measured on held-out text bef
 
     python scripts/stage1_rows.py [--configs NAME ...] [--work DIR]   (runs what is missing, then the page)
     python scripts/stage1_rows.py --render                          (the page from its records only)
-    python scripts/stage1_rows.py --configs stuck-default stuck-fd128 stuck-window128
+    python scripts/stage1_rows.py --configs stuck-default stuck-fd128 stuck-window128 stuck-l18kv2
                                       (the layers no config halves, alone, with more capacity)
+    python scripts/stage1_rows.py --heads stuck-default  (that run's MSE per head, before and after)
 
 Each config runs `linearize distill recipes/smollm2-cpu-hybrid-kl4-long.yaml` with stage 2
 off and eval on in stage 1 only: at step 0 and at the last step the run logs each linearized
@@ -51,6 +52,8 @@ CAPACITY = {
     "stuck-window128": ("window 128 (divergence guard at 100x)", ["linearize.window=128", "guard.loss_ratio=100"]),
 }
 CAPACITY_ROWS = (512, 65536)
+# the config whose per-head errors the page breaks down (`--heads`)
+HEADS_OF = "stuck-default"
 
 
 def heldout_file(work: Path) -> Path:
@@ -107,6 +110,96 @@ def run(name: str, work: Path) -> dict:
     DATA.mkdir(parents=True, exist_ok=True)
     (DATA / f"{name}.json").write_text(json.dumps(record, indent=1))
     return record
+
+
+class HeadErrors:
+    """A stage-1 transfer hook that also keeps each query head's MSE: `linearize.mixers.AttentionTransfer`'s
+    interface, the error split over the heads of the per-head outputs the method compares."""
+
+    def __init__(self, heads: int):
+        self.heads, self.losses, self.per_head = heads, [], []
+
+    def record(self, student, teacher, mask=None, scale: float = 1.0) -> None:
+        err = (student.float() - teacher.float()).pow(2)  # [B, T, H * D]
+        per_head = err.view(*err.shape[:2], self.heads, -1).mean(-1).mean((0, 1)) * scale  # [H]
+        self.per_head.append(per_head)
+        self.losses.append(per_head.mean())
+
+
+def head_mse(model, tokenizer, texts: list[str]) -> dict[str, list[float]]:
+    """{layer: [MSE x1000 per query head]} of the model's linearized layers on the texts' first
+    WINDOW tokens, weighted by their token counts, each layer on the teacher's input as in stage 1."""
+    import torch
+
+    from linearize import mixers
+
+    layers = list(mixers(model))
+    if not layers[0].transfer_on_heads:
+        raise ValueError(f"{layers[0].method.name} compares the outputs after o_proj: they have no per-head split")
+    hook = HeadErrors(layers[0].num_heads)
+    for m in layers:
+        m.transfer = hook
+    total, count = 0, 0
+    model.eval()
+    with torch.no_grad():
+        for text in texts:
+            ids = tokenizer(text)["input_ids"][:WINDOW]
+            hook.per_head.clear()
+            model(input_ids=torch.tensor([ids]), use_cache=False, logits_to_keep=1)
+            total, count = total + torch.stack(hook.per_head) * len(ids), count + len(ids)
+    for m in layers:
+        m.transfer = None
+    return {str(m.layer_idx): (total[i] / count).tolist() for i, m in enumerate(layers)}
+
+
+def measure_heads(name: str, work: Path) -> dict:
+    """Per-head held-out MSE of config `name`'s layers before stage 1 (its conversion, fresh) and
+    after (its trained folder); written to DATA/<name>-heads.json."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import linearize
+
+    final = work / name / "final"
+    config = json.loads((final / "config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    texts = [json.loads(line)["text"] for line in heldout_file(work).read_text().splitlines()]
+    fresh = AutoModelForCausalLM.from_pretrained(config["linearize_base_model"], dtype=torch.float32)
+    linearize.convert(fresh, linearize.LinearizeConfig(**config["linearize"]))
+    record = {"kv_groups": fresh.config.num_attention_heads // fresh.config.num_key_value_heads,
+              "before": head_mse(fresh, tokenizer, texts), "after": head_mse(linearize.load(final), tokenizer, texts)}
+    (DATA / f"{name}-heads.json").write_text(json.dumps(record, indent=1))
+    return record
+
+
+def heads_section(name: str) -> list[str]:
+    """The page's per-KV-head breakdown of config `name`'s layers, where it was measured."""
+    path = DATA / f"{name}-heads.json"
+    if not path.is_file():
+        return []
+    r = json.loads(path.read_text())
+    G = r["kv_groups"]
+    lines = ["## Which heads are stuck", "",
+             f"Config {name}, per KV head (the unit a head-level hybrid keeps exact: its {G} query heads' "
+             "errors summed), held-out MSE x1000 summed over the head's query heads before -> after stage 1, "
+             "after / before, and the head's share of its layer's MSE after stage 1 "
+             f"(`python scripts/stage1_rows.py --heads {name}`).", "",
+             "| layer | KV head | before | after | after / before | share of the layer after |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    kept = []
+    for layer, before in r["before"].items():
+        after = r["after"][layer]
+        per_kv = [(sum(before[h * G:(h + 1) * G]), sum(after[h * G:(h + 1) * G])) for h in range(len(before) // G)]
+        for h, (b, a) in enumerate(per_kv):
+            lines.append(f"| {layer} | {h} | {b:.3g} | {a:.3g} | {a / b:.2f} | {a / sum(after):.2f} |")
+        worst = max(range(len(per_kv)), key=lambda h: per_kv[h][1])
+        rest = [pair for h, pair in enumerate(per_kv) if h != worst]
+        kept.append(f"L{layer} {sum(a for _, a in rest) / sum(b for b, _ in rest):.2f} with KV head {worst} exact "
+                    f"(all heads {sum(after) / sum(before):.2f})")
+    lines += ["", "Each layer's after / before over its other KV heads, were the head with the largest share kept "
+              "exact (`linearize.full_attention_heads`; the heads have their own feature maps, gates and mixing "
+              "weights, so the others would train as they did here): " + "; ".join(kept) + "."]
+    return [*lines, ""]
 
 
 def page(records: dict[str, dict]) -> str:
@@ -208,12 +301,17 @@ def main(argv=None) -> None:
                    help=f"default: the row configs; the capacity ones ({', '.join(CAPACITY)}) on request")
     p.add_argument("--work", type=Path, default=Path("outputs/stage1-rows"))
     p.add_argument("--render", action="store_true", help="only rewrite the page from its records")
+    p.add_argument("--heads", choices=[*CONFIGS, *CAPACITY],
+                   help="instead of training, measure this trained config's MSE per head (needs its run folder)")
     args = p.parse_args(argv)
-    if not args.render:
+    if args.heads:
+        measure_heads(args.heads, args.work)
+    elif not args.render:
         for name in args.configs:
             run(name, args.work)
     records = load_records(CONFIGS, DATA)
-    DOC.write_text(page(records) + "\n".join(capacity_section(load_records(CAPACITY, DATA)) + after_stage2()))
+    DOC.write_text(page(records) + "\n".join(capacity_section(load_records(CAPACITY, DATA)) + heads_section(HEADS_OF)
+                                             + after_stage2()))
     print(f"wrote {DOC} ({len(records)} configs)")
 
 

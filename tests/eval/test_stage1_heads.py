@@ -1,0 +1,37 @@
+"""scripts/stage1_rows.py's per-head stage-1 errors: split over the heads, they average to the
+layer MSE that stage 1 trains on and logs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))  # scripts/ is not a package
+
+import linearize  # noqa: E402
+from linearize.mixers import AttentionTransfer  # noqa: E402
+from stage1_rows import HeadErrors, head_mse  # noqa: E402
+
+
+def test_head_errors_average_to_the_layer_mse(make_tiny_model):
+    model = linearize.convert(make_tiny_model("llama", num_hidden_layers=2), method="lolcats", init="paper")
+    ids = torch.randint(0, model.config.vocab_size, (1, 24))
+    layers = list(linearize.mixers(model))
+    per_head, whole = HeadErrors(layers[0].num_heads), AttentionTransfer()
+    for hook in (per_head, whole):
+        for m in layers:
+            m.transfer = hook
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    assert len(per_head.per_head) == len(layers) and per_head.per_head[0].shape == (layers[0].num_heads,)
+    assert all(h.min() > 0 for h in per_head.per_head)  # an untrained paper init differs from the teacher in every head
+    torch.testing.assert_close(torch.stack(per_head.losses), torch.stack(whole.losses), rtol=1e-5, atol=0)
+
+
+def test_head_mse_refuses_a_method_that_compares_after_o_proj(make_tiny_model):
+    model = linearize.convert(make_tiny_model("llama", num_hidden_layers=2), method="liger-gla")
+    with pytest.raises(ValueError, match="after o_proj"):
+        head_mse(model, None, ["text"])
