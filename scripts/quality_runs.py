@@ -85,8 +85,12 @@ SPARSE = {
     "recommended-kl4+lola64": ("recommended-kl4", 64),
     "recommended-kl4-s1short+lola64": ("recommended-kl4-s1short", 64),
     "recommended-fixed2+lola64": ("recommended-fixed2", 64),
+    "recommended-kl1-untrained+lola64": ("recommended-kl1-untrained", 64),
 }
 RUNS["lolcats-baseline-untrained"] = (dict(method="lolcats", init="baseline"), None, None)
+# budget 1 of `linearize select-layers` (layer 20 ranks first on 4 and 8 held-out rows), untrained: with
+# init baseline this is window + sinks with one softmax layer
+RUNS["recommended-kl1-untrained"] = (dict(RECOMMENDED_TRAINED, softmax_layers=[20]), None, None)
 RUNS["lolcats-baseline-gate-untrained"] = (dict(method="lolcats", init="baseline", gate="mamba2"), None, None)
 RUNS["lolcats-baseline-gate-norope-untrained"] = (dict(method="lolcats", init="baseline", gate="mamba2",
                                                     linear_rope=False), None, None)
@@ -163,6 +167,8 @@ LABELS = {
     "lolcats-baseline-gate-norope-ssd+lola64": "LoLCATs + Mamba2 gate, maps before RoPE, window dropout + LoLA 64",
     "gated-deltanet-baseline": "Gated DeltaNet (delta rule + Mamba2 gate, window 64 + 4 sinks), init baseline",
     "recommended-kl2": "recommended, softmax in the 2 KL-chosen layers [20, 23]",
+    "recommended-kl1-untrained": "recommended, softmax in the KL-chosen layer [20], untrained",
+    "recommended-kl1-untrained+lola64": "recommended, softmax in the KL-chosen layer [20], untrained + LoLA 64",
     "recommended-kl2+lola64": "recommended, 2 KL-chosen softmax layers + LoLA 64",
     "recommended-kl4": "recommended, softmax in the 4 KL-chosen layers [14, 17, 20, 23]",
     "recommended-kl4+lola64": "recommended, 4 KL-chosen softmax layers + LoLA 64",
