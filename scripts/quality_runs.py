@@ -114,7 +114,8 @@ def control_of(name: str, measured=REFERENCES) -> str | None:
     control exists (the page then compares with window-sinks-lora and says it lacks them).
     Only the references in `measured` are candidates."""
     layers = (conversion_of(name) or {}).get("softmax_layers")
-    controls = [ref for ref in REFERENCES if ref in measured and is_control(ref) and RUNS[ref][0].get("softmax_layers") == layers]
+    controls = [ref for ref in REFERENCES
+                if ref in measured and is_control(ref) and RUNS[ref][0].get("softmax_layers") == layers]
     same_window = [ref for ref in controls if window_of(ref) == window_of(name)]
     return (same_window or controls or [None])[0]
 

@@ -50,6 +50,8 @@ CAPACITY = {
     "stuck-fd256": ("Hedgehog width 256", ["linearize.feature_dim=256"]),
     # at the default guard.loss_ratio 10 a 13x one-row loss spike at step 85 stopped it as diverged
     "stuck-window128": ("window 128 (divergence guard at 100x)", ["linearize.window=128", "guard.loss_ratio=100"]),
+    # more tokens, not more capacity: from 16k to 64k tokens L22 went 0.73 -> 0.54 and L25 0.68 -> 0.53
+    "stuck-256k": ("4x the tokens (262,144)", ["stage1.max_tokens=262144"]),
 }
 CAPACITY_ROWS = (512, 65536)
 # the config whose per-head errors the page breaks down (`--heads`)
@@ -82,6 +84,7 @@ def run(name: str, work: Path) -> dict:
     """Train the config's stage 1 (unless its run exists) and return its record."""
     if name in CAPACITY:
         (seq, tokens), (label, overrides) = CAPACITY_ROWS, CAPACITY[name]
+        tokens = next((int(o.split("=")[1]) for o in overrides if o.startswith("stage1.max_tokens=")), tokens)
         overrides = [f"linearize.layers={STUCK_LAYERS}".replace(" ", ""), *overrides]
     else:
         (seq, tokens), label, overrides = CONFIGS[name], None, []
