@@ -51,11 +51,9 @@ CAPACITY = {
     # at the default guard.loss_ratio 10 a 13x one-row loss spike at step 85 stopped it as diverged
     "stuck-window128": ("window 128 (divergence guard at 100x)", ["linearize.window=128", "guard.loss_ratio=100"]),
     # more tokens, not more capacity: from 16k to 64k tokens L22 went 0.73 -> 0.54 and L25 0.68 -> 0.53
-    "stuck-256k": ("4x the tokens (262,144)", ["stage1.max_tokens=262144"]),
+    "stuck-256k": ("4x the tokens: 262,144", ["stage1.max_tokens=262144"]),
 }
 CAPACITY_ROWS = (512, 65536)
-# the config whose per-head errors the page breaks down (`--heads`)
-HEADS_OF = "stuck-default"
 
 
 def heldout_file(work: Path) -> Path:
@@ -175,33 +173,41 @@ def measure_heads(name: str, work: Path) -> dict:
     return record
 
 
-def heads_section(name: str) -> list[str]:
-    """The page's per-KV-head breakdown of config `name`'s layers, where it was measured."""
-    path = DATA / f"{name}-heads.json"
-    if not path.is_file():
+def heads_section(names) -> list[str]:
+    """The page's per-KV-head breakdown of the configs among `names` whose heads were measured
+    (`--heads`): one column per config."""
+    found = {n: json.loads(path.read_text()) for n in names if (path := DATA / f"{n}-heads.json").is_file()}
+    if not found:
         return []
-    r = json.loads(path.read_text())
-    G = r["kv_groups"]
+    first = next(iter(found.values()))
+    G = first["kv_groups"]
+
+    def per_kv(values):  # a layer's query-head errors summed per KV head
+        return [sum(values[h * G:(h + 1) * G]) for h in range(len(values) // G)]
+
     lines = ["## Which heads are stuck", "",
-             f"Config {name}, per KV head (the unit a head-level hybrid keeps exact: its {G} query heads' "
-             "errors summed), held-out MSE x1000 summed over the head's query heads before -> after stage 1, "
-             "after / before, and the head's share of its layer's MSE after stage 1 "
-             f"(`python scripts/stage1_rows.py --heads {name}`).", "",
-             "| layer | KV head | before | after | after / before | share of the layer after |",
-             "|---:|---:|---:|---:|---:|---:|"]
-    kept = []
-    for layer, before in r["before"].items():
-        after = r["after"][layer]
-        per_kv = [(sum(before[h * G:(h + 1) * G]), sum(after[h * G:(h + 1) * G])) for h in range(len(before) // G)]
-        for h, (b, a) in enumerate(per_kv):
-            lines.append(f"| {layer} | {h} | {b:.3g} | {a:.3g} | {a / b:.2f} | {a / sum(after):.2f} |")
-        worst = max(range(len(per_kv)), key=lambda h: per_kv[h][1])
-        rest = [pair for h, pair in enumerate(per_kv) if h != worst]
-        kept.append(f"L{layer} {sum(a for _, a in rest) / sum(b for b, _ in rest):.2f} with KV head {worst} exact "
-                    f"(all heads {sum(after) / sum(before):.2f})")
-    lines += ["", "Each layer's after / before over its other KV heads, were the head with the largest share kept "
+             f"Per KV head (the unit a head-level hybrid keeps exact: the errors of its {G} query heads summed), "
+             "held-out MSE x1000 before stage 1, and after it for each config (after / before; the head's share "
+             "of its layer's MSE after). `python scripts/stage1_rows.py --heads CONFIG` measures a trained "
+             "config.", "",
+             "| layer | KV head | before | " + " | ".join(CAPACITY[n][0] if n in CAPACITY else n for n in found) + " |",
+             "|---:|---:|---:|" + "---:|" * len(found)]
+    kept = {n: [] for n in found}
+    for layer, before in first["before"].items():
+        b = per_kv(before)
+        afters = {n: per_kv(r["after"][layer]) for n, r in found.items()}
+        for h in range(len(b)):
+            cells = [f"{a[h]:.3g} ({a[h] / b[h]:.2f}; {a[h] / sum(a):.2f})" for a in afters.values()]
+            lines.append(f"| {layer} | {h} | {b[h]:.3g} | " + " | ".join(cells) + " |")
+        for n, a in afters.items():
+            worst = max(range(len(a)), key=a.__getitem__)
+            rest_a, rest_b = sum(a) - a[worst], sum(b) - b[worst]
+            kept[n].append(f"L{layer} {rest_a / rest_b:.2f} with KV head {worst} exact "
+                           f"(all heads {sum(a) / sum(b):.2f})")
+    lines += ["", "Each layer's after / before over its other KV heads, were the head with the largest error kept "
               "exact (`linearize.full_attention_heads`; the heads have their own feature maps, gates and mixing "
-              "weights, so the others would train as they did here): " + "; ".join(kept) + "."]
+              "weights, so the others would train as they did here): "
+              + "; ".join(f"{CAPACITY[n][0] if n in CAPACITY else n}: " + ", ".join(k) for n, k in kept.items()) + "."]
     return [*lines, ""]
 
 
@@ -253,13 +259,13 @@ def capacity_section(records: dict[str, dict]) -> list[str]:
     lines = ["## The stuck layers, with more capacity", "",
              f"Stage 1 of layers {', '.join(map(str, STUCK_LAYERS))} alone (`linearize.layers`; every layer is "
              "trained on the teacher's input, so a layer's MSE does not depend on which others are linearized), "
-             f"{tokens:,} tokens at {seq}-token rows, one capacity change at a time. Held-out MSE x1000 after / "
+             f"{tokens:,} tokens at {seq}-token rows, one change at a time. Held-out MSE x1000 after / "
              "before, as above.", "",
              "| change | " + " | ".join(f"L{k}" for k in STUCK_LAYERS) + " | train min |",
              "|---|" + "---:|" * (len(STUCK_LAYERS) + 1)]
     ratio = lambda r, k: r["after"][str(k)] / r["before"][str(k)]  # noqa: E731
     for r in records.values():
-        cells = [f"{r['after'][str(k)]:.3g} ({ratio(r, k):.2f})" for k in STUCK_LAYERS]
+        cells = [f"{r['after'][str(k)]:.3g} ({ratio(r, k):.3f})" for k in STUCK_LAYERS]
         lines.append(f"| {r['label']} | " + " | ".join(cells) + f" | {r['train_seconds'] / 60:.1f} |")
     joint = DATA / "rows512-64k.json"
     if "stuck-default" in records and joint.is_file():
@@ -268,7 +274,9 @@ def capacity_section(records: dict[str, dict]) -> list[str]:
                   + ", ".join(f"L{k} {ratio(records['stuck-default'], k):.2f} vs {ratio(j, k):.2f}" for k in STUCK_LAYERS)
                   + "): sharing the loss with 25 other layers did not starve them."]
     halved = [f"L{k} with {r['label']}" for r in records.values() for k in STUCK_LAYERS if ratio(r, k) <= 0.5]
-    lines += ["", "Halved: " + (", ".join(halved) if halved else "none of the three, with any change tried") + "."]
+    best = {k: min(records.values(), key=lambda r: ratio(r, k)) for k in STUCK_LAYERS}
+    lines += ["", "Halved: " + (", ".join(halved) if halved else "none of the three, with any change tried") + "; "
+              "closest: " + ", ".join(f"L{k} {ratio(r, k):.3f} ({r['label']})" for k, r in best.items()) + "."]
     return [*lines, ""]
 
 
@@ -313,7 +321,7 @@ def main(argv=None) -> None:
         for name in args.configs:
             run(name, args.work)
     records = load_records(CONFIGS, DATA)
-    DOC.write_text(page(records) + "\n".join(capacity_section(load_records(CAPACITY, DATA)) + heads_section(HEADS_OF)
+    DOC.write_text(page(records) + "\n".join(capacity_section(load_records(CAPACITY, DATA)) + heads_section(CAPACITY)
                                              + after_stage2()))
     print(f"wrote {DOC} ({len(records)} configs)")
 
