@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from quality_runs import LABELS, REFERENCES, SPARSE, control_of, conversion_of, decode_state_mib, window_of
+from quality_runs import (LABELS, REFERENCES, SPARSE, control_of, conversion_of, decode_state_mib, is_trained,
+                          window_of)
 
 # Pages that answer a narrower question than "quality at length" say which in their title.
 TITLES = {"quality-at-length-recurrences": "Quality at length: the other recurrences (issue #17) beside Liger-GLA",
@@ -121,7 +122,7 @@ def verdicts(results: dict) -> list[str]:
     word = lambda ok: "beats" if ok else "does NOT beat"  # noqa: E731
     lines = []
     for name, res in results.items():
-        if name in REFERENCES or "long_doc" not in res or "joined" not in res:
+        if name in REFERENCES or not is_trained(name) or "long_doc" not in res or "joined" not in res:
             continue
         ref = control_of(name, measured=results)
         control = results.get(ref or "window-sinks-lora")
@@ -181,7 +182,7 @@ def ceiling_sentence(results: dict) -> str:
         return " The teacher with the same LoRA (the fair ceiling) is not measured on this page."
     ref = ceiling["overall"]["perplexity"]
     ratios = [f"{LABELS.get(n, n)} {r['long_doc']['overall']['perplexity'] / ref:.3f}x"
-              for n, r in results.items() if n not in REFERENCES and "long_doc" in r and "untrained" not in n]
+              for n, r in results.items() if n not in REFERENCES and "long_doc" in r and is_trained(n)]
     return (f" The teacher with the same LoRA (the fair ceiling) scores {ref:.2f} on the long documents; against it: "
             + "; ".join(ratios) + ".")
 
@@ -190,7 +191,7 @@ def targets(results: dict, args) -> list[str]:
     """Issue #12's targets, each met or NOT met with the numbers behind it."""
     base, teacher = results.get("window-sinks"), results.get("teacher")
     trained = {n: r for n, r in results.items() if n not in REFERENCES
-               and "untrained" not in n and "long_doc" in r and "joined" in r}
+               and is_trained(n) and "long_doc" in r and "joined" in r}
     if not base or not teacher or not trained:
         return []
     ld, met, per_length = _long, _met, _passkey_rates

@@ -88,8 +88,8 @@ SPARSE = {
     "recommended-kl1-untrained+lola64": ("recommended-kl1-untrained", 64),
 }
 RUNS["lolcats-baseline-untrained"] = (dict(method="lolcats", init="baseline"), None, None)
-# budget 1 of `linearize select-layers` (layer 20 ranks first on 4 and 8 held-out rows), untrained: with
-# init baseline this is window + sinks with one softmax layer
+# budget 1 of `linearize select-layers` on 4 held-out rows (layer 20; on 8 rows budget 2 chose
+# [20, 23]), untrained: with init baseline this is window + sinks with one softmax layer
 RUNS["recommended-kl1-untrained"] = (dict(RECOMMENDED_TRAINED, softmax_layers=[20]), None, None)
 RUNS["lolcats-baseline-gate-untrained"] = (dict(method="lolcats", init="baseline", gate="mamba2"), None, None)
 RUNS["lolcats-baseline-gate-norope-untrained"] = (dict(method="lolcats", init="baseline", gate="mamba2",
@@ -105,6 +105,12 @@ def conversion_of(name: str) -> dict | None:
     for an unconverted run."""
     spec = RUNS.get(SPARSE.get(name, (name, None))[0])
     return spec[0] if spec else None
+
+
+def is_trained(name: str) -> bool:
+    """Whether `name` evaluates a distilled model (a LoLA entry: its source run's)."""
+    spec = RUNS.get(SPARSE.get(name, (name, None))[0])
+    return bool(spec) and spec[1] is not None
 
 
 def control_of(name: str, measured=REFERENCES) -> str | None:
