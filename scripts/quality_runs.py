@@ -48,6 +48,9 @@ RUNS = {
     # the fixed first + middle choice shipped before select-layers, at the same count as kl2
     "recommended-fixed2": (dict(RECOMMENDED_TRAINED, softmax_layers=[0, 15]), True, True),
     "liger-gla-baseline": (dict(method="liger-gla", init="baseline"), True, True),
+    # the recommended conversion at Lizard's window, beside window-sinks-w128-lora: does the window
+    # that makes Lizard's lead help the recommended conversion too?
+    "recommended-w128": (dict(RECOMMENDED_TRAINED, window=128), True, True),
     # issue #17's delta rule at the recommended conversion's budget (no LoLA: its sparse cache
     # needs LoLCATs' past-window mixing)
     "gated-deltanet-baseline": (dict(method="gated-deltanet", init="baseline"), True, True),
@@ -85,6 +88,7 @@ SPARSE = {
     "recommended-kl4+lola64": ("recommended-kl4", 64),
     "recommended-kl4-s1short+lola64": ("recommended-kl4-s1short", 64),
     "recommended-fixed2+lola64": ("recommended-fixed2", 64),
+    "recommended-w128+lola64": ("recommended-w128", 64),
     "recommended-kl1-untrained+lola64": ("recommended-kl1-untrained", 64),
 }
 RUNS["lolcats-baseline-untrained"] = (dict(method="lolcats", init="baseline"), None, None)
@@ -174,6 +178,8 @@ LABELS = {
     "lolcats-baseline-gate-norope-ssd+lola64": "LoLCATs + Mamba2 gate, maps before RoPE, window dropout + LoLA 64",
     "gated-deltanet-baseline": "Gated DeltaNet (delta rule + Mamba2 gate, window 64 + 4 sinks), init baseline",
     "recommended-kl2": "recommended, softmax in the 2 KL-chosen layers [20, 23]",
+    "recommended-w128": "recommended, window 128 (Lizard's)",
+    "recommended-w128+lola64": "recommended, window 128 + LoLA 64",
     "recommended-kl1-untrained": "recommended, softmax in the KL-chosen layer [20], untrained",
     "recommended-kl1-untrained+lola64": "recommended, softmax in the KL-chosen layer [20], untrained + LoLA 64",
     "recommended-kl2+lola64": "recommended, 2 KL-chosen softmax layers + LoLA 64",
