@@ -52,6 +52,9 @@ CAPACITY = {
     "stuck-window128": ("window 128 (divergence guard at 100x)", ["linearize.window=128", "guard.loss_ratio=100"]),
     # more tokens, not more capacity: from 16k to 64k tokens L22 went 0.73 -> 0.54 and L25 0.68 -> 0.53
     "stuck-256k": ("4x the tokens: 262,144", ["stage1.max_tokens=262144"]),
+    # layer 18's KV head 2 holds ~93 % of that layer's MSE after stage 1 and keeps ~86 % of its own:
+    # the same head exact (head-level hybrid), to check what the per-head values predict (0.52)
+    "stuck-l18kv2": ("layer 18's KV head 2 exact", ["linearize.full_attention_heads={18: [2]}"]),
 }
 CAPACITY_ROWS = (512, 65536)
 
