@@ -136,23 +136,25 @@ def head_mse(model, tokenizer, texts: list[str]) -> dict[str, list[float]]:
     import torch
 
     from linearize import mixers
+    from linearize.distill.metrics import evaluating
 
     layers = list(mixers(model))
     if not layers[0].transfer_on_heads:
         raise ValueError(f"{layers[0].method.name} compares the outputs after o_proj: they have no per-head split")
     hook = HeadErrors(layers[0].num_heads)
-    for m in layers:
-        m.transfer = hook
     total, count = 0, 0
-    model.eval()
-    with torch.no_grad():
-        for text in texts:
-            ids = tokenizer(text)["input_ids"][:WINDOW]
-            hook.per_head.clear()
-            model(input_ids=torch.tensor([ids]), use_cache=False, logits_to_keep=1)
-            total, count = total + torch.stack(hook.per_head) * len(ids), count + len(ids)
-    for m in layers:
-        m.transfer = None
+    try:
+        for m in layers:
+            m.transfer = hook
+        with evaluating(model):
+            for text in texts:
+                ids = tokenizer(text)["input_ids"][:WINDOW]
+                hook.per_head.clear()
+                model(input_ids=torch.tensor([ids]), use_cache=False, logits_to_keep=1)
+                total, count = total + torch.stack(hook.per_head) * len(ids), count + len(ids)
+    finally:
+        for m in layers:
+            m.transfer = None
     return {str(m.layer_idx): (total[i] / count).tolist() for i, m in enumerate(layers)}
 
 

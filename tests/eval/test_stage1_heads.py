@@ -35,3 +35,14 @@ def test_head_mse_refuses_a_method_that_compares_after_o_proj(make_tiny_model):
     model = linearize.convert(make_tiny_model("llama", num_hidden_layers=2), method="liger-gla")
     with pytest.raises(ValueError, match="after o_proj"):
         head_mse(model, None, ["text"])
+
+
+def test_head_mse_per_layer_and_head_leaves_the_model_as_it_was(make_tiny_model):
+    model = linearize.convert(make_tiny_model("llama", num_hidden_layers=2), method="lolcats", init="paper").train()
+    vocab = model.config.vocab_size
+    tokenizer = lambda text: {"input_ids": [hash(w) % vocab for w in text.split()]}  # noqa: E731
+    errors = head_mse(model, tokenizer, ["a b c d e f g h", "i j k l"])
+    layers = list(linearize.mixers(model))
+    assert list(errors) == [str(m.layer_idx) for m in layers]
+    assert all(len(v) == layers[0].num_heads and min(v) > 0 for v in errors.values())
+    assert model.training and all(m.transfer is None for m in layers)
