@@ -104,16 +104,21 @@ REFERENCES = ("teacher", "window-sinks", "window-sinks-lora", "teacher-lora", "w
               "window-sinks-w128-lora")
 
 
+def spec_of(name: str) -> tuple | None:
+    """The RUNS entry of the model `name` evaluates (a LoLA entry's source run's); None for an
+    unconverted run."""
+    return RUNS.get(SPARSE.get(name, (name, None))[0])
+
+
 def conversion_of(name: str) -> dict | None:
-    """The linearize config of the model `name` evaluates (a LoLA entry's source run's); None
-    for an unconverted run."""
-    spec = RUNS.get(SPARSE.get(name, (name, None))[0])
+    """The linearize config of the model `name` evaluates; None for an unconverted run."""
+    spec = spec_of(name)
     return spec[0] if spec else None
 
 
 def is_trained(name: str) -> bool:
     """Whether `name` evaluates a distilled model (a LoLA entry: its source run's)."""
-    spec = RUNS.get(SPARSE.get(name, (name, None))[0])
+    spec = spec_of(name)
     return bool(spec) and spec[1] is not None
 
 
