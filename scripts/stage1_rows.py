@@ -55,6 +55,9 @@ CAPACITY = {
     # layer 18's KV head 2 holds ~93 % of that layer's MSE after stage 1 and keeps ~86 % of its own:
     # the same head exact (head-level hybrid), to check what the per-head values predict (0.52)
     "stuck-l18kv2": ("layer 18's KV head 2 exact", ["linearize.full_attention_heads={18: [2]}"]),
+    # the learning rate, not the budget: L22 and L25 sit at ~0.5 from 64k to 262k tokens
+    "stuck-lr3e-2": ("LR 3e-2 (3x)", ["stage1.optimizer.lr=3.0e-2"]),
+    "stuck-lr3e-3": ("LR 3e-3 (1/3)", ["stage1.optimizer.lr=3.0e-3"]),
 }
 CAPACITY_ROWS = (512, 65536)
 
