@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 RECIPE = "recipes/smollm2-cpu-hybrid-kl4-long.yaml"
 # the same recipe distilled through stage 2 by scripts/quality_at_length.py (128k page's records)
@@ -41,25 +42,35 @@ CONFIGS = {
     "rows1024-64k": (1024, 65536),
     "rows512-64k": (512, 65536),
 }
+
+
+class Change(NamedTuple):
+    """One change to stage 1 of the stuck layers alone: the page's label, the recipe overrides and
+    the stage-1 budget (at CAPACITY_SEQ_LEN-token rows)."""
+    label: str
+    overrides: list[str]
+    tokens: int = 65536
+
+
 # The layers every config above leaves above half their MSE, alone, with more capacity (best
-# schedule: 64k tokens at 512-token rows): name -> (what changes, recipe overrides).
+# schedule: 64k tokens at 512-token rows), one change at a time.
 STUCK_LAYERS = [18, 22, 25]
+CAPACITY_SEQ_LEN = 512
 CAPACITY = {
-    "stuck-default": ("as above (Hedgehog width 64, window 64)", []),
-    "stuck-fd128": ("Hedgehog width 128", ["linearize.feature_dim=128"]),
-    "stuck-fd256": ("Hedgehog width 256", ["linearize.feature_dim=256"]),
+    "stuck-default": Change("as above (Hedgehog width 64, window 64)", []),
+    "stuck-fd128": Change("Hedgehog width 128", ["linearize.feature_dim=128"]),
+    "stuck-fd256": Change("Hedgehog width 256", ["linearize.feature_dim=256"]),
     # at the default guard.loss_ratio 10 a 13x one-row loss spike at step 85 stopped it as diverged
-    "stuck-window128": ("window 128 (divergence guard at 100x)", ["linearize.window=128", "guard.loss_ratio=100"]),
+    "stuck-window128": Change("window 128 (divergence guard at 100x)", ["linearize.window=128", "guard.loss_ratio=100"]),
     # more tokens, not more capacity: from 16k to 64k tokens L22 went 0.73 -> 0.54 and L25 0.68 -> 0.53
-    "stuck-256k": ("4x the tokens: 262,144", ["stage1.max_tokens=262144"]),
+    "stuck-256k": Change("4x the tokens: 262,144", [], tokens=262144),
     # layer 18's KV head 2 holds ~93 % of that layer's MSE after stage 1 and keeps ~86 % of its own:
     # the same head exact (head-level hybrid), to check what the per-head values predict (0.52)
-    "stuck-l18kv2": ("layer 18's KV head 2 exact", ["linearize.full_attention_heads={18: [2]}"]),
+    "stuck-l18kv2": Change("layer 18's KV head 2 exact", ["linearize.full_attention_heads={18: [2]}"]),
     # the learning rate, not the budget: L22 and L25 sit at ~0.5 from 64k to 262k tokens
-    "stuck-lr3e-2": ("LR 3e-2 (3x)", ["stage1.optimizer.lr=3.0e-2"]),
-    "stuck-lr3e-3": ("LR 3e-3 (1/3)", ["stage1.optimizer.lr=3.0e-3"]),
+    "stuck-lr3e-2": Change("LR 3e-2 (3x)", ["stage1.optimizer.lr=3.0e-2"]),
+    "stuck-lr3e-3": Change("LR 3e-3 (1/3)", ["stage1.optimizer.lr=3.0e-3"]),
 }
-CAPACITY_ROWS = (512, 65536)
 
 
 def heldout_file(work: Path) -> Path:
@@ -87,9 +98,9 @@ def heldout_file(work: Path) -> Path:
 def run(name: str, work: Path) -> dict:
     """Train the config's stage 1 (unless its run exists) and return its record."""
     if name in CAPACITY:
-        (seq, tokens), (label, overrides) = CAPACITY_ROWS, CAPACITY[name]
-        tokens = next((int(o.split("=")[1]) for o in overrides if o.startswith("stage1.max_tokens=")), tokens)
-        overrides = [f"linearize.layers={STUCK_LAYERS}".replace(" ", ""), *overrides]
+        change = CAPACITY[name]
+        seq, tokens, label = CAPACITY_SEQ_LEN, change.tokens, change.label
+        overrides = [f"linearize.layers={STUCK_LAYERS}".replace(" ", ""), *change.overrides]
     else:
         (seq, tokens), label, overrides = CONFIGS[name], None, []
     out = work / name
@@ -127,8 +138,14 @@ class HeadErrors:
         self.heads, self.losses, self.per_head = heads, [], []
 
     def record(self, student, teacher, mask=None, scale: float = 1.0) -> None:
-        err = (student.float() - teacher.float()).pow(2)  # [B, T, H * D]
-        per_head = err.view(*err.shape[:2], self.heads, -1).mean(-1).mean((0, 1)) * scale  # [H]
+        """student, teacher: [B, T, H * D]; mask: [B, T] (False = padding, left out, as in stage 1)."""
+        err = (student.float() - teacher.float()).pow(2)
+        err = err.view(*err.shape[:2], self.heads, -1).mean(-1)  # [B, T, H]
+        if mask is None:
+            per_head = err.mean((0, 1)) * scale  # [H]
+        else:
+            weight = mask.to(err.dtype).unsqueeze(-1)
+            per_head = (err * weight).sum((0, 1)) / weight.sum().clamp_min(1) * scale
         self.per_head.append(per_head)
         self.losses.append(per_head.mean())
 
@@ -198,7 +215,7 @@ def heads_section(names) -> list[str]:
              "held-out MSE x1000 before stage 1, and after it for each config (after / before; the head's share "
              "of its layer's MSE after). `python scripts/stage1_rows.py --heads CONFIG` measures a trained "
              "config.", "",
-             "| layer | KV head | before | " + " | ".join(CAPACITY[n][0] if n in CAPACITY else n for n in found) + " |",
+             "| layer | KV head | before | " + " | ".join(CAPACITY[n].label if n in CAPACITY else n for n in found) + " |",
              "|---:|---:|---:|" + "---:|" * len(found)]
     kept = {n: [] for n in found}
     for layer, before in first["before"].items():
@@ -215,7 +232,7 @@ def heads_section(names) -> list[str]:
     lines += ["", "Each layer's after / before over its other KV heads, were the head with the largest error kept "
               "exact (`linearize.full_attention_heads`; the heads have their own feature maps, gates and mixing "
               "weights, so the others would train as they did here): "
-              + "; ".join(f"{CAPACITY[n][0] if n in CAPACITY else n}: " + ", ".join(k) for n, k in kept.items()) + "."]
+              + "; ".join(f"{CAPACITY[n].label if n in CAPACITY else n}: " + ", ".join(k) for n, k in kept.items()) + "."]
     return [*lines, ""]
 
 
@@ -263,11 +280,11 @@ def capacity_section(records: dict[str, dict]) -> list[str]:
     """The page's section on the stuck layers trained alone with more capacity."""
     if not records:
         return []
-    seq, tokens = CAPACITY_ROWS
     lines = ["## The stuck layers, with more capacity", "",
              f"Stage 1 of layers {', '.join(map(str, STUCK_LAYERS))} alone (`linearize.layers`; every layer is "
              "trained on the teacher's input, so a layer's MSE does not depend on which others are linearized), "
-             f"{tokens:,} tokens at {seq}-token rows, one change at a time. Held-out MSE x1000 after / "
+             f"{CAPACITY['stuck-default'].tokens:,} tokens at {CAPACITY_SEQ_LEN}-token rows unless "
+             "the change says otherwise, one change at a time. Held-out MSE x1000 after / "
              "before, as above.", "",
              "| change | " + " | ".join(f"L{k}" for k in STUCK_LAYERS) + " | train min |",
              "|---|" + "---:|" * (len(STUCK_LAYERS) + 1)]
@@ -329,8 +346,8 @@ def main(argv=None) -> None:
         for name in args.configs:
             run(name, args.work)
     records = load_records(CONFIGS, DATA)
-    DOC.write_text(page(records) + "\n".join(capacity_section(load_records(CAPACITY, DATA)) + heads_section(CAPACITY)
-                                             + after_stage2()))
+    DOC.write_text(page(records) + "\n" + "\n".join(capacity_section(load_records(CAPACITY, DATA)) + heads_section(CAPACITY)
+                                                   + after_stage2()))
     print(f"wrote {DOC} ({len(records)} configs)")
 
 

@@ -46,3 +46,16 @@ def test_head_mse_per_layer_and_head_leaves_the_model_as_it_was(make_tiny_model)
     assert list(errors) == [str(m.layer_idx) for m in layers]
     assert all(len(v) == layers[0].num_heads and min(v) > 0 for v in errors.values())
     assert model.training and all(m.transfer is None for m in layers)
+
+
+def test_head_errors_leave_padding_out_as_stage_1_does():
+    gen = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 6, 4 * 8, generator=gen), torch.randn(2, 6, 4 * 8, generator=gen)
+    mask = torch.tensor([[False, False, True, True, True, True], [True] * 6])
+    student[~mask] = 1e6  # padding positions: any error there must not count
+    per_head, whole = HeadErrors(4), AttentionTransfer()
+    for hook in (per_head, whole):
+        hook.record(student, teacher, mask, scale=1000.0)
+    torch.testing.assert_close(per_head.losses[0], whole.losses[0], rtol=1e-5, atol=0)
+    kept = (student - teacher)[mask].pow(2).view(-1, 4, 8).mean((0, 2)) * 1000  # [H] over the real tokens
+    torch.testing.assert_close(per_head.per_head[0], kept, rtol=1e-5, atol=0)
