@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from quality_runs import (LABELS, REFERENCES, SPARSE, control_of, conversion_of, decode_state_mib, is_trained,
-                          window_of)
+from quality_runs import (LABELS, REFERENCES, SPARSE, TEACHER_WINDOW, control_of, conversion_of, decode_state_mib,
+                          is_trained, window_of)
 
 # Pages that answer a narrower question than "quality at length" say which in their title.
 TITLES = {"quality-at-length-recurrences": "Quality at length: the other recurrences (issue #17) beside Liger-GLA",
@@ -152,6 +152,49 @@ def verdicts(results: dict) -> list[str]:
                      f"{where}.")
         lines.append(line)
     return lines
+
+
+# A truncation row counts as "the same memory" up to this multiple of a run's decode state.
+MEMORY_SLACK = 1.1
+
+
+def is_truncation(name: str) -> bool:
+    """A reference that is window + sinks attention alone, at a window shorter than the evaluated
+    lengths: plain truncation, with or without the LoRA."""
+    conversion = conversion_of(name) or {}
+    return name in REFERENCES and conversion.get("method") == "window-sinks" and not conversion.get("softmax_layers") \
+        and window_of(name) < TEACHER_WINDOW
+
+
+def equal_memory(results: dict) -> list[str]:
+    """Each run against plain truncation at its own memory: the best long-document perplexity
+    among the measured truncation rows whose decode state at 16k is at most MEMORY_SLACK x the
+    run's (an untrained run only against untrained ones), and whether the run beats it."""
+    cuts = {n: (r, decode_state_mib(n)) for n, r in results.items() if is_truncation(n) and "long_doc" in r}
+    if len(cuts) < 2:
+        return []
+    word = lambda ok: "beats" if ok else "does NOT beat"  # noqa: E731
+    lines, wins, total = [], 0, 0
+    for name, res in results.items():
+        mib = decode_state_mib(name)
+        if name in REFERENCES or "long_doc" not in res or mib is None:
+            continue
+        fair = {n: c for n, c in cuts.items() if c[1] <= MEMORY_SLACK * mib and (is_trained(name) or not is_trained(n))}
+        if not fair:
+            continue
+        best = min(fair, key=lambda n: _long(fair[n][0]))
+        won = _long(res) < _long(fair[best][0])
+        wins, total = wins + won, total + 1
+        lines.append(f"- {LABELS.get(name, name)} ({mib:.1f} MiB): {_long(res):.2f}; {word(won)} "
+                     f"{LABELS.get(best, best)} ({fair[best][1]:.1f} MiB, {_long(fair[best][0]):.2f}).")
+    sizes = ", ".join(str(w) for w in sorted({window_of(n) for n in cuts}))
+    head = ["## At no more memory: the run or a plain window?", "",
+            "A recurrence costs decode memory that a longer softmax window could use instead. Each run beside the "
+            "best plain truncation (window + sinks; with the same LoRA, or untrained) whose decode state at 16k is "
+            f"at most {MEMORY_SLACK}x the run's, on the long documents: {wins} of {total} runs beat it. Only the "
+            f"truncation rows measured here are candidates (windows {sizes}), so a run far above the largest "
+            "one's memory is compared with a window that holds less than it does.", ""]
+    return head + lines + [""]
 
 
 def domain_note(results: dict) -> list[str]:
@@ -333,6 +376,7 @@ def write_document(results: dict, args) -> Path:
         *(verdicts(results) or ["(needs the teacher, window + sinks and a trained run)"]),
         "",
         *domain_note(results),
+        *equal_memory(results),
         *sparse_cache_section(results, args.doc.parent, args.work),
         "## Targets (issue #12)",
         "",

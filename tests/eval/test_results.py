@@ -267,3 +267,24 @@ def test_control_matches_kept_layers_and_window():
     assert qr.control_of("recommended-kl2") is None
     assert qr.control_of("liger-gla-baseline") == "window-sinks-lora"
     assert not qr.is_control("teacher-lora") and not qr.is_control("window-sinks")
+
+
+def test_equal_memory_compares_each_run_with_the_best_window_it_could_afford(monkeypatch):
+    """Each run beside the best truncation row within 1.1x its decode state: a trained run against
+    trained and untrained windows, an untrained run only against untrained ones; runs smaller than
+    every window, and the references themselves, get no line."""
+    import quality_page as qal
+
+    mib = {"window-sinks": 2.9, "window-sinks-lora": 2.9, "window-sinks-w128-lora": 5.8, "window-sinks-w512": 22.7,
+           "lolcats-baseline": 21.4, "recommended-kl1-untrained": 10.0, "liger-gla-baseline": 2.0}
+    monkeypatch.setattr(qal, "decode_state_mib", mib.get)
+    results = {"window-sinks": _quality_record(19.8, 13.1), "window-sinks-lora": _quality_record(17.4, 12.8),
+               "window-sinks-w128-lora": _quality_record(14.9, 12.0), "window-sinks-w512": _quality_record(13.0, 12.0),
+               "lolcats-baseline": _quality_record(14.0, 12.4), "recommended-kl1-untrained": _quality_record(18.0, 12.9),
+               "liger-gla-baseline": _quality_record(17.0, 12.7)}
+    text = "\n".join(qal.equal_memory(results))
+    assert "1 of 2 runs beat it" in text and "windows 64, 128, 512" in text
+    assert f"{qal.LABELS['lolcats-baseline']} (21.4 MiB): 14.00; does NOT beat {qal.LABELS['window-sinks-w512']}" in text
+    assert f"(10.0 MiB): 18.00; beats {qal.LABELS['window-sinks']} (2.9 MiB, 19.80)" in text  # not the trained windows
+    assert "liger" not in text.lower() and text.count("\n- ") == 2
+    assert qal.equal_memory({"window-sinks": results["window-sinks"], "lolcats-baseline": results["lolcats-baseline"]}) == []
