@@ -40,6 +40,7 @@ RUNS = {
                                         True, True),
     # the recommended conversion with the softmax layers `linearize select-layers` chose
     # (budgets 2 and 4, untrained, docs/recall-beyond-the-window.md)
+    "recommended-kl1": (dict(RECOMMENDED_TRAINED, softmax_layers=[20]), True, True),
     "recommended-kl2": (dict(RECOMMENDED_TRAINED, softmax_layers=[20, 23]), True, True),
     "recommended-kl4": (dict(RECOMMENDED_TRAINED, softmax_layers=[14, 17, 20, 23]), True, True),
     # the same with a stage 1 that learns (#12): 64k tokens at 512-token rows (128 steps) instead
@@ -87,6 +88,7 @@ SPARSE = {
     "lolcats-baseline-gate+lola256": ("lolcats-baseline-gate", 256),
     "lolcats-baseline-gate-norope+lola64": ("lolcats-baseline-gate-norope", 64),
     "lolcats-baseline-gate-norope-ssd+lola64": ("lolcats-baseline-gate-norope-ssd", 64),
+    "recommended-kl1+lola64": ("recommended-kl1", 64),
     "recommended-kl2+lola64": ("recommended-kl2", 64),
     "recommended-kl4+lola64": ("recommended-kl4", 64),
     "recommended-kl4-s1short+lola64": ("recommended-kl4-s1short", 64),
@@ -186,11 +188,13 @@ LABELS = {
     "lolcats-baseline-gate-norope-ssd": "LoLCATs + Mamba2 gate, init baseline, maps before RoPE, window dropout (stage 2)",
     "lolcats-baseline-gate-norope-ssd+lola64": "LoLCATs + Mamba2 gate, maps before RoPE, window dropout + LoLA 64",
     "gated-deltanet-baseline": "Gated DeltaNet (delta rule + Mamba2 gate, window 64 + 4 sinks), init baseline",
+    "recommended-kl1": "recommended, softmax in the KL-chosen layer [20]",
     "recommended-kl2": "recommended, softmax in the 2 KL-chosen layers [20, 23]",
     "recommended-w128": "recommended, window 128 (Lizard's)",
     "recommended-w128+lola64": "recommended, window 128 + LoLA 64",
     "recommended-kl1-untrained": "recommended, softmax in the KL-chosen layer [20], untrained",
     "recommended-kl1-untrained+lola64": "recommended, softmax in the KL-chosen layer [20], untrained + LoLA 64",
+    "recommended-kl1+lola64": "recommended, 1 KL-chosen softmax layer + LoLA 64",
     "recommended-kl2+lola64": "recommended, 2 KL-chosen softmax layers + LoLA 64",
     "recommended-kl4": "recommended, softmax in the 4 KL-chosen layers [14, 17, 20, 23]",
     "recommended-kl4+lola64": "recommended, 4 KL-chosen softmax layers + LoLA 64",
