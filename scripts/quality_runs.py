@@ -95,11 +95,15 @@ SPARSE = {
     "recommended-fixed2+lola64": ("recommended-fixed2", 64),
     "recommended-w128+lola64": ("recommended-w128", 64),
     "recommended-kl1-untrained+lola64": ("recommended-kl1-untrained", 64),
+    "recommended-w512-untrained+lola64": ("recommended-w512-untrained", 64),
 }
 RUNS["lolcats-baseline-untrained"] = (dict(method="lolcats", init="baseline"), None, None)
 # budget 1 of `linearize select-layers` on 4 held-out rows (layer 20; on 8 rows budget 2 chose
 # [20, 23]), untrained: with init baseline this is window + sinks with one softmax layer
 RUNS["recommended-kl1-untrained"] = (dict(RECOMMENDED_TRAINED, softmax_layers=[20]), None, None)
+# the recommended conversion at window 512, untrained: with init baseline that is window 512 +
+# sinks (window-sinks-w512) until LoLA keeps pairs past the window
+RUNS["recommended-w512-untrained"] = (dict(RECOMMENDED_TRAINED, window=512), None, None)
 RUNS["lolcats-baseline-gate-untrained"] = (dict(method="lolcats", init="baseline", gate="mamba2"), None, None)
 RUNS["lolcats-baseline-gate-norope-untrained"] = (dict(method="lolcats", init="baseline", gate="mamba2",
                                                     linear_rope=False), None, None)
@@ -194,6 +198,8 @@ LABELS = {
     "recommended-w128+lola64": "recommended, window 128 + LoLA 64",
     "recommended-kl1-untrained": "recommended, softmax in the KL-chosen layer [20], untrained",
     "recommended-kl1-untrained+lola64": "recommended, softmax in the KL-chosen layer [20], untrained + LoLA 64",
+    "recommended-w512-untrained": "recommended at window 512, untrained (= window 512 + sinks)",
+    "recommended-w512-untrained+lola64": "recommended at window 512, untrained + LoLA 64",
     "recommended-kl1+lola64": "recommended, 1 KL-chosen softmax layer + LoLA 64",
     "recommended-kl2+lola64": "recommended, 2 KL-chosen softmax layers + LoLA 64",
     "recommended-kl4": "recommended, softmax in the 4 KL-chosen layers [14, 17, 20, 23]",

@@ -25,8 +25,8 @@ state reproduces worst stay exact beside the window instead of entering the stat
 Kernels: the window op (with its log-denominator), the row max of its scores and the GLA over
 the delayed keys, each through the dispatcher (Triton on CUDA for the window and the GLA);
 the fused hybrid kernel implements the Liger mix and the shared-denominator option, not
-this rule. Decoding keeps the last `window` feature-mapped keys and values beside the window
-cache, and adds each to the state as it leaves the window.
+this rule. Decoding keeps the last `window` keys (before the feature map, per KV head) and
+values beside the window cache, and maps each key into the state as it leaves the window.
 """
 from __future__ import annotations
 
@@ -83,10 +83,13 @@ class LolcatsAttention(LinearizedAttention):
         seen = None if state is None else state.valid_seen
         keep = linear_key_mask(B, T, cfg.num_sink_tokens, key_mask, cu_seqlens, seen, device=q.device)
         o_win, lse, m = self.window_with_max(q_rot, k_rot, v, key_mask, cu_seqlens, state)
-        fq, fk, g = self.linear_inputs(hidden, lin_q, lin_k, k)
         tail = None if state is None else state.linear_tail
-        (k_in, v_in), kept, new_tail = delay_into_state([fk, v], keep, self.window_now(state), tail=tail,
-                                                        cu_seqlens=cu_seqlens)
+        # the keys wait out the window unmapped ([B, W, HKV, D] in a decode cache, not the
+        # [B, W, Hs, F] of their features) and are mapped as they enter the state
+        (k_late, v_in), kept, new_tail = delay_into_state([lin_k, v], keep, self.window_now(state), tail=tail,
+                                                          cu_seqlens=cu_seqlens)
+        fq, k_in, g = self.linear_inputs(hidden, lin_q, k_late, k)
+        k_in = k_in * kept.to(k_in.dtype)[..., None, None]
         initial = None if state is None else state.recurrent
         step = initial is not None and T <= DECODE_STEP_TOKENS
         num, den, final = linear_recurrence(fq, k_in, v_in, g, keep=kept, key_mask=key_mask, cu_seqlens=cu_seqlens,
@@ -112,7 +115,7 @@ class LolcatsAttention(LinearizedAttention):
         return o
 
     def extra_state_bytes(self) -> int:
-        """The delayed keys and values waiting to enter the state: window x (Hs x F + HKV x D)
+        """The delayed keys and values waiting to enter the state: window x 2 x HKV x D
         elements; with the sparse cache instead the cached pairs, sparse_cache x Hs x (2 D + F),
         and the recent tokens waiting for a selection."""
         cfg = self.lconfig
@@ -120,9 +123,8 @@ class LolcatsAttention(LinearizedAttention):
             return 0
         elem = self.o_proj.weight.element_size()
         feat = self.linearize_feature_map_k.out_dim
-        per_step = self.state_heads * feat * elem + self.num_kv_heads * self.head_dim * elem
         if not cfg.sparse_cache:
-            return cfg.window * per_step
+            return cfg.window * 2 * self.num_kv_heads * self.head_dim * elem
         gate_width = 4 * (feat if cfg.gate == "liger" else 1)  # fp32 cumulative log gate per token and head
         cached = cfg.sparse_cache * self.state_heads * ((2 * self.head_dim + feat) * elem + gate_width + 8 + 1)
         # recent tokens: up to window + block - 1 feature-mapped keys and gates, and the keys and
