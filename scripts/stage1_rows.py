@@ -69,7 +69,6 @@ CAPACITY = {
     "stuck-l18kv2": Change("layer 18's KV head 2 exact", ["linearize.full_attention_heads={18: [2]}"]),
     # the learning rate, not the budget: L22 and L25 sit at ~0.5 from 64k to 262k tokens
     "stuck-lr3e-2": Change("LR 3e-2 (3x)", ["stage1.optimizer.lr=3.0e-2"]),
-    "stuck-lr3e-3": Change("LR 3e-3 (1/3)", ["stage1.optimizer.lr=3.0e-3"]),
 }
 
 
