@@ -193,7 +193,8 @@ def equal_memory(results: dict) -> list[str]:
             "best plain truncation (window + sinks; with the same LoRA, or untrained) whose decode state at 16k is "
             f"at most {MEMORY_SLACK}x the run's, on the long documents: {wins} of {total} runs beat it. Only the "
             f"truncation rows measured here are candidates (windows {sizes}), so a run far above the largest "
-            "one's memory is compared with a window that holds less than it does.", ""]
+            "one's memory is compared with a window that holds less than it does. This is perplexity only: no plain "
+            "window recalls anything from beyond itself (the passkey column).", ""]
     return head + lines + [""]
 
 

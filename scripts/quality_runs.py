@@ -168,7 +168,7 @@ LABELS = {
     "teacher-lora": "teacher + the same LoRA (the fair ceiling)",
     "window-sinks-kl4-lora": "window 64 + 4 sinks, softmax in [14, 17, 20, 23], the same LoRA (control)",
     "window-sinks-w128-lora": "window 128 + 4 sinks + the same LoRA (Lizard's window; control)",
-    "window-sinks-w512": "window 512 + 4 sinks, untrained (the LoLCATs state's memory)",
+    "window-sinks-w512": "window 512 + 4 sinks, untrained",
     "lolcats-paper-untrained": "LoLCATs as published, untrained",
     "lolcats-paper": "LoLCATs as published (init paper)",
     "lolcats-baseline": "LoLCATs, init baseline",

@@ -8,7 +8,7 @@ import json
 import re
 from pathlib import Path
 
-from quality_runs import LABELS, REFERENCES, RUNS, decode_state_mib
+from quality_runs import LABELS, REFERENCES, RUNS, decode_state_mib, is_trained
 
 
 def quality_section(doc_dir: Path) -> list[str]:
@@ -18,16 +18,17 @@ def quality_section(doc_dir: Path) -> list[str]:
     for page in pages:
         budget = _budget(page)
         for name, record in _records(doc_dir / "data" / page.stem):
-            if name in ("teacher", "window-sinks"):
+            if name in REFERENCES and not is_trained(name) and "long_doc" in record:
                 refs.setdefault(name, (page, record))
-            elif "untrained" not in name and budget and "long_doc" in record:
+            elif is_trained(name) and budget and "long_doc" in record:
                 rows.append((page, budget, name, record))
     if "teacher" not in refs or "window-sinks" not in refs or not rows:
         return []
     teacher, base = _long(refs["teacher"][1]), _long(refs["window-sinks"][1])
     table = ["| run | training (page) | long docs | × teacher | × window + sinks | joined 1k docs | short "
              "| passkey 2k / 4k % | decode state @ 16k |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for name in ("teacher", "window-sinks"):
+    untrained = [n for n in REFERENCES if n in refs]  # teacher and window + sinks first
+    for name in untrained:
         page, record = refs[name]
         table.append(_row(name, f"[untrained]({page.name})", record, teacher, base))
     for page, budget, name, record in rows:
@@ -42,7 +43,9 @@ def quality_section(doc_dir: Path) -> list[str]:
             "from its records.", "",
             *table, "",
             f"Best: {LABELS.get(best[2], best[2])} ({best[3].get('budget', best[1])}) at {_long(best[3]) / teacher:.2f}x the "
-            f"teacher's long-document perplexity, against {base / teacher:.2f}x for window + sinks.", ""]
+            f"teacher's long-document perplexity, against {base / teacher:.2f}x for window + sinks"
+            + "".join(f"; {LABELS.get(n, n)}: {_long(refs[n][1]) / teacher:.2f}x with {decode_state_mib(n):.1f} MiB"
+                      for n in untrained if n not in ("teacher", "window-sinks")) + ".", ""]
 
 
 def refresh_quality_section(doc: Path) -> Path:
