@@ -28,13 +28,17 @@ Where we differ from LoLA's code: blocks are aligned to absolute ranks (so a pro
 across calls, or decoded token by token, gives the same result as one forward); a gate, when
 the model has one, decays the state and the candidates as above (LoLA has no gate).
 
+Keys are mapped to features only where a selection reads them: the state keeps the unmapped
+keys of the recent tokens per KV head (not their features per state head, several times larger)
+and applies `key_map` to the candidates of each selection.
+
 The decode state (`state`, a dict of tensors, batch-first) holds per row: `seen` [B];
-`sink_k`, `sink_v` [B, S, HKV, D]; the recent tokens `recent_k`, `recent_v` [B, R, HKV, D],
-`recent_fk` [B, R, Hs, F], `recent_L` [B, R, Hs, Fg] (left-aligned, `recent_len` [B] valid,
-R <= window + block - 1); the cached pairs `sel_k`, `sel_v` [B, G, Hs, D], `sel_fk`
-[B, G, Hs, F], `sel_L` [B, G, Hs, Fg], `sel_rank` [B, G, Hs], `sel_valid` [B, G, Hs]; the state
-`S` [B, Hs, F, Dv], `z` [B, Hs, F] and the log gates `L_state`, `L_last` [B, Hs, Fg] at its last
-update and at the last token.
+`sink_k`, `sink_v` [B, S, HKV, D]; the recent tokens `recent_k`, `recent_v`, `recent_kl`
+[B, R, HKV, D], `recent_L` [B, R, Hs, Fg] (left-aligned, `recent_len` [B] valid,
+R <= window + block - 1); the cached pairs `sel_k`, `sel_v`, `sel_kl` [B, G, Hs, D], `sel_L`
+[B, G, Hs, Fg], `sel_rank` [B, G, Hs], `sel_valid` [B, G, Hs]; the state `S` [B, Hs, F, Dv],
+`z` [B, Hs, F] and the log gates `L_state`, `L_last` [B, Hs, Fg] at its last update and at the
+last token.
 """
 from __future__ import annotations
 
@@ -46,13 +50,15 @@ from .past_window import combine_past_window
 _LAST = torch.iinfo(torch.long).max
 
 
-def sparse_past_window_attention(q, k, v, fq, fk, g, *, window: int, num_sink_tokens: int, budget: int, block: int,
-                                 scale: float, window_factor, linear_factor=1.0, key_mask=None, cu_seqlens=None,
-                                 state: dict | None = None, softcap: float | None = None):
+def sparse_past_window_attention(q, k, v, fq, kl, g, *, key_map, state_heads: int, window: int, num_sink_tokens: int,
+                                 budget: int, block: int, scale: float, window_factor, linear_factor=1.0, key_mask=None,
+                                 cu_seqlens=None, state: dict | None = None, softcap: float | None = None):
     """The past-window hybrid with a sparse cache of `budget` exact pairs per state head.
 
     q: [B, T, H, D] and k: [B, T, HKV, D] RoPE'd, for the softmax; v: [B, T, HKV, Dv];
-    fq: [B, T, H, F], fk: [B, T, Hs, F] the feature-mapped query and key (Hs = H or HKV);
+    fq: [B, T, H, F] the feature-mapped query; kl: [B, T, HKV, D] the keys the feature map
+    reads (unmapped); key_map: [1, N, Hs, D] keys repeated to the state heads -> their features
+    [1, N, Hs, F] (per token and head, so where it runs changes nothing); state_heads: Hs (H or HKV);
     g: [B, T, HKV or Hs] or [B, T, HKV or Hs, F] log gates <= 0; window_factor (gamma),
     linear_factor (lam): [H] or scalars. key_mask: [B, T] real tokens (padding is skipped);
     cu_seqlens: packed sequences (B = 1), each with a fresh state (no `state` then).
@@ -61,7 +67,7 @@ def sparse_past_window_attention(q, k, v, fq, fk, g, *, window: int, num_sink_to
     Returns o [B, T, H, Dv] (fp32, fp64 stays; 0 at padding) and the new state dict.
     """
     B, T, H, _ = q.shape
-    Hs = fk.shape[2]
+    Hs = state_heads
     if H % Hs or Hs % k.shape[2]:
         raise ValueError(f"state heads {Hs} must divide the query heads {H} and be a multiple of the KV heads "
                          f"{k.shape[2]}")
@@ -73,18 +79,18 @@ def sparse_past_window_attention(q, k, v, fq, fk, g, *, window: int, num_sink_to
         g = g[..., None]
     g = g.repeat_interleave(Hs // g.shape[2], dim=2)
     spec = dict(window=window, sinks=num_sink_tokens, budget=budget, block=block, scale=scale, softcap=softcap,
-                gamma=window_factor, lam=linear_factor, H=H, Hs=Hs)
+                gamma=window_factor, lam=linear_factor, H=H, Hs=Hs, key_map=key_map)
     o = q.new_zeros(B, T, H, v.shape[-1], dtype=acc)
     if cu_seqlens is not None:
         bounds = cu_seqlens.tolist()
         for s, e in zip(bounds[:-1], bounds[1:]):
-            rows = [x[:, s:e] for x in (q, k, v, fq, fk, g)]
+            rows = [x[:, s:e] for x in (q, k, v, fq, kl, g)]
             o[:, s:e] = _run_row(*[x[0] for x in rows], _fresh_row(rows, spec, acc), spec)[0][None]
         return o, None
     rows_out = []
     for b in range(B):
         idx = torch.arange(T, device=q.device) if key_mask is None else key_mask[b].bool().nonzero().squeeze(-1)
-        xs = [x[b, idx] for x in (q, k, v, fq, fk, g)]
+        xs = [x[b, idx] for x in (q, k, v, fq, kl, g)]
         st = _fresh_row([x[None] for x in xs], spec, acc) if state is None else _unpack_row(state, b)
         o_b, st = _run_row(*xs, st, spec)
         o[b, idx] = o_b
@@ -94,18 +100,18 @@ def sparse_past_window_attention(q, k, v, fq, fk, g, *, window: int, num_sink_to
 
 # -- one row ---------------------------------------------------------------------------------
 def _fresh_row(xs, spec, acc) -> dict:
-    """An empty row state shaped like the inputs xs = [q, k, v, fq, fk, g] ([1, T, ...])."""
-    _, k, v, _, fk, g = xs
-    HKV, D, Dv = k.shape[2], k.shape[3], v.shape[3]
-    Hs, F, Fg = fk.shape[2], fk.shape[3], g.shape[3]
+    """An empty row state shaped like the inputs xs = [q, k, v, fq, kl, g] ([1, T, ...])."""
+    _, k, v, fq, kl, g = xs
+    HKV, D, Dv, Dl = k.shape[2], k.shape[3], v.shape[3], kl.shape[3]
+    Hs, F, Fg = spec["Hs"], fq.shape[3], g.shape[3]
     G = spec["budget"]
     dev = k.device
     return {
         "seen": 0,
         "sink_k": k.new_zeros(0, HKV, D), "sink_v": v.new_zeros(0, HKV, Dv),
         "recent_k": k.new_zeros(0, HKV, D), "recent_v": v.new_zeros(0, HKV, Dv),
-        "recent_fk": fk.new_zeros(0, Hs, F), "recent_L": torch.zeros(0, Hs, Fg, dtype=acc, device=dev),
-        "sel_k": k.new_zeros(G, Hs, D), "sel_v": v.new_zeros(G, Hs, Dv), "sel_fk": fk.new_zeros(G, Hs, F),
+        "recent_kl": kl.new_zeros(0, HKV, Dl), "recent_L": torch.zeros(0, Hs, Fg, dtype=acc, device=dev),
+        "sel_k": k.new_zeros(G, Hs, D), "sel_v": v.new_zeros(G, Hs, Dv), "sel_kl": kl.new_zeros(G, Hs, Dl),
         "sel_L": torch.zeros(G, Hs, Fg, dtype=acc, device=dev),
         "sel_rank": torch.full((G, Hs), _LAST, dtype=torch.long, device=dev),
         "sel_valid": torch.zeros(G, Hs, dtype=torch.bool, device=dev),
@@ -114,7 +120,7 @@ def _fresh_row(xs, spec, acc) -> dict:
     }
 
 
-def _run_row(q, k, v, fq, fk, g, st, spec):
+def _run_row(q, k, v, fq, kl, g, st, spec):
     """One row's new real tokens q [n, H, D], ... g [n, Hs, Fg] -> o [n, H, Dv], new state."""
     n = q.shape[0]
     if n == 0:
@@ -129,19 +135,19 @@ def _run_row(q, k, v, fq, fk, g, st, spec):
         a = r0 + i0
         if a % C == 0 and a > 0:
             _select(st, a, L[i0], spec)
-        _append(st, a, k[i0:i1], v[i0:i1], fk[i0:i1], L[i0:i1], spec)
+        _append(st, a, k[i0:i1], v[i0:i1], kl[i0:i1], L[i0:i1], spec)
         outs.append(_attend(st, a, q[i0:i1], fq[i0:i1], L[i0:i1], spec))
     st["L_last"] = L[-1]
     return torch.cat(outs), st
 
 
-def _append(st, a, k, v, fk, L, spec) -> None:
+def _append(st, a, k, v, kl, L, spec) -> None:
     """Tokens at ranks a, a+1, ...: sink ranks to the sinks, the rest to the recent tokens."""
     n_sink = max(0, min(spec["sinks"] - a, k.shape[0]))
     if n_sink:
         st["sink_k"] = torch.cat([st["sink_k"], k[:n_sink]])
         st["sink_v"] = torch.cat([st["sink_v"], v[:n_sink]])
-    for name, x in (("recent_k", k), ("recent_v", v), ("recent_fk", fk), ("recent_L", L)):
+    for name, x in (("recent_k", k), ("recent_v", v), ("recent_kl", kl), ("recent_L", L)):
         st[name] = torch.cat([st[name], x[n_sink:].to(st[name].dtype)])
     st["seen"] = a + k.shape[0]
 
@@ -167,12 +173,12 @@ def _select(st, a, L_a, spec) -> None:
     cand = {
         "k": torch.cat([st["sel_k"], _to_state_heads(st["recent_k"][:P], Hs).to(st["sel_k"].dtype)]),
         "v": torch.cat([st["sel_v"], _to_state_heads(st["recent_v"][:P], Hs).to(st["sel_v"].dtype)]),
-        "fk": torch.cat([st["sel_fk"], st["recent_fk"][:P]]),
+        "kl": torch.cat([st["sel_kl"], _to_state_heads(st["recent_kl"][:P], Hs).to(st["sel_kl"].dtype)]),
         "L": torch.cat([st["sel_L"], L_buf[leave]]),
         "rank": torch.cat([st["sel_rank"], ranks[:, None].expand(P, Hs)]),
         "valid": torch.cat([st["sel_valid"], torch.ones(P, Hs, dtype=torch.bool, device=L_a.device)]),
     }
-    fk_c, v_c = cand["fk"].to(acc), cand["v"].to(acc)
+    fk_c, v_c = spec["key_map"](cand["kl"][None])[0].to(acc), cand["v"].to(acc)  # [C, Hs, F], [C, Hs, Dv]
     num = torch.einsum("chf,hfd->chd", fk_c, S)
     den = torch.einsum("chf,hf->ch", fk_c, z)
     pred = torch.where((den > 0)[..., None], num / torch.where(den > 0, den, torch.ones_like(den))[..., None],
@@ -187,12 +193,12 @@ def _select(st, a, L_a, spec) -> None:
     st["z"] = z + w.sum(0)
     st["L_state"] = L_a
     keep = torch.sort(torch.where(top, cand["rank"], torch.full_like(cand["rank"], _LAST)), dim=0, stable=True).indices[:G]
-    for name in ("k", "v", "fk", "L", "rank"):
+    for name in ("k", "v", "kl", "L", "rank"):
         x = cand[name]
         st["sel_" + name] = torch.gather(x, 0, keep.reshape(*keep.shape, *([1] * (x.dim() - 2))).expand(G, *x.shape[1:]))
     st["sel_valid"] = torch.gather(top, 0, keep)
     st["sel_rank"] = torch.where(st["sel_valid"], st["sel_rank"], torch.full_like(st["sel_rank"], _LAST))
-    for name in ("recent_k", "recent_v", "recent_fk", "recent_L"):
+    for name in ("recent_k", "recent_v", "recent_kl", "recent_L"):
         st[name] = st[name][P:]
 
 
@@ -227,7 +233,7 @@ def _attend(st, a, q, fq, L, spec):
 
 
 # -- the batched decode state ----------------------------------------------------------------
-_ROW_TENSORS = ("sink_k", "sink_v", "recent_k", "recent_v", "recent_fk", "recent_L")
+_ROW_TENSORS = ("sink_k", "sink_v", "recent_k", "recent_v", "recent_kl", "recent_L")
 
 
 def _pack(rows: list[dict], spec) -> dict:
@@ -239,7 +245,7 @@ def _pack(rows: list[dict], spec) -> dict:
                                  for r in rows])
     out["sink_len"] = torch.tensor([r["sink_k"].shape[0] for r in rows], device=out["seen"].device)
     out["recent_len"] = torch.tensor([r["recent_k"].shape[0] for r in rows], device=out["seen"].device)
-    for name in ("sel_k", "sel_v", "sel_fk", "sel_L", "sel_rank", "sel_valid", "S", "z", "L_state", "L_last"):
+    for name in ("sel_k", "sel_v", "sel_kl", "sel_L", "sel_rank", "sel_valid", "S", "z", "L_state", "L_last"):
         out[name] = torch.stack([r[name] for r in rows])
     return out
 

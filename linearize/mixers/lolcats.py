@@ -103,10 +103,15 @@ class LolcatsAttention(LinearizedAttention):
         window (+ those waiting for the next selection) and the cached pairs. Meant for
         inference (distill refuses it: the selection has no gradient of its own)."""
         cfg = self.lconfig
-        fq, fk, g = self.linear_inputs(hidden, lin_q, lin_k, k_raw)
+        fq = self.linearize_feature_map_q(lin_q)
+        if self.linearize_gate is not None:
+            g = self.linearize_gate(hidden, k_raw)
+        else:
+            g = fq.new_zeros(*lin_k.shape[:2], self.state_heads, dtype=torch.float32)
         previous = None if state is None else state.sparse
         o, new = sparse_past_window_attention(
-            q_rot, k_rot, v, fq, fk, g, window=cfg.window, num_sink_tokens=cfg.num_sink_tokens,
+            q_rot, k_rot, v, fq, lin_k, g, key_map=lambda x: self.linearize_feature_map_k(x).to(fq.dtype),
+            state_heads=self.state_heads, window=cfg.window, num_sink_tokens=cfg.num_sink_tokens,
             budget=cfg.sparse_cache, block=cfg.sparse_block, scale=self.scaling, window_factor=self.window_factor(),
             linear_factor=self.linear_factor(), key_mask=key_mask, cu_seqlens=cu_seqlens, state=previous,
             softcap=self.softcap)
@@ -116,8 +121,8 @@ class LolcatsAttention(LinearizedAttention):
 
     def extra_state_bytes(self) -> int:
         """The delayed keys and values waiting to enter the state: window x 2 x HKV x D
-        elements; with the sparse cache instead the cached pairs, sparse_cache x Hs x (2 D + F),
-        and the recent tokens waiting for a selection."""
+        elements; with the sparse cache instead the cached pairs, sparse_cache x Hs x 3 D (RoPE'd
+        and unmapped keys, values), and the recent tokens waiting for a selection."""
         cfg = self.lconfig
         if cfg.mixing != "lolcats":
             return 0
@@ -126,10 +131,11 @@ class LolcatsAttention(LinearizedAttention):
         if not cfg.sparse_cache:
             return cfg.window * 2 * self.num_kv_heads * self.head_dim * elem
         gate_width = 4 * (feat if cfg.gate == "liger" else 1)  # fp32 cumulative log gate per token and head
-        cached = cfg.sparse_cache * self.state_heads * ((2 * self.head_dim + feat) * elem + gate_width + 8 + 1)
-        # recent tokens: up to window + block - 1 feature-mapped keys and gates, and the keys and
+        cached = cfg.sparse_cache * self.state_heads * (3 * self.head_dim * elem + gate_width + 8 + 1)
+        # recent tokens: up to window + block - 1 unmapped keys and gates, and the keys and
         # values of up to `block` tokens beyond the window's (which the base count holds)
-        recent = (cfg.window + cfg.sparse_block - 1) * self.state_heads * (feat * elem + gate_width)
+        recent = (cfg.window + cfg.sparse_block - 1) * (self.num_kv_heads * self.head_dim * elem
+                                                        + self.state_heads * gate_width)
         beyond = cfg.sparse_block * 2 * self.num_kv_heads * self.head_dim * elem
         return cached + recent + beyond
 

@@ -189,9 +189,10 @@ def test_sparse_cache_exact_scores_are_capped():
     kw = dict(window=4, num_sink_tokens=2, budget=3, block=4, scale=q.shape[-1] ** -0.5, window_factor=gam,
               linear_factor=0.7, softcap=CAP)
     ref = naive_sparse_past_window_attention(q, k, v, ql, kl, g, **kw)
-    o, _ = sparse_past_window_attention(q, k, v, ql, kl, g, **kw)
+    as_features = dict(key_map=lambda x: x, state_heads=kl.shape[2])  # kl already holds the keys' features
+    o, _ = sparse_past_window_attention(q, k, v, ql, kl, g, **as_features, **kw)
     assert rel(o, ref) < 1e-10
-    uncapped, _ = sparse_past_window_attention(q, k, v, ql, kl, g, **{**kw, "softcap": None})
+    uncapped, _ = sparse_past_window_attention(q, k, v, ql, kl, g, **as_features, **{**kw, "softcap": None})
     assert rel(uncapped, ref) > 1e-2
 
 

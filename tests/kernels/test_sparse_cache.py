@@ -8,29 +8,41 @@ from linearize.kernels.hybrid.naive import naive_past_window_attention, naive_sp
 from linearize.kernels.hybrid.sparse_cache import sparse_past_window_attention
 
 
+def key_map(Hs: int, D: int = 8, F: int = 6):
+    """A fixed feature map per state head, [1, N, Hs, D] -> [1, N, Hs, F] (softmax of a projection)."""
+    W = torch.randn(Hs, D, F, generator=torch.Generator().manual_seed(Hs), dtype=torch.float64)
+    return lambda x: torch.softmax(torch.einsum("bnhd,hdf->bnhf", x, W.to(x.dtype)), -1)
+
+
+def features(kl, Hs):
+    """What the kernel's key map makes of the unmapped keys kl [B, T, HKV, D]: [B, T, Hs, F]."""
+    return key_map(Hs, kl.shape[-1])(kl.repeat_interleave(Hs // kl.shape[2], dim=2))
+
+
 def make(B=2, T=23, H=4, HKV=2, Hs=4, D=8, F=6, gate="scalar", seed=0):
     gen = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
-    q, k, v = r(B, T, H, D), r(B, T, HKV, D), r(B, T, HKV, D)
-    fq, fk = torch.softmax(r(B, T, H, F), -1), torch.softmax(r(B, T, Hs, F), -1)
+    q, k, v, kl = r(B, T, H, D), r(B, T, HKV, D), r(B, T, HKV, D), r(B, T, HKV, D)
+    fq = torch.softmax(r(B, T, H, F), -1)
     g = None
     if gate == "scalar":
         g = torch.nn.functional.logsigmoid(r(B, T, HKV) + 2)
     elif gate == "vector":
         g = torch.nn.functional.logsigmoid(r(B, T, HKV, F) + 2)
     gamma = torch.sigmoid(r(H))
-    return q, k, v, fq, fk, g, gamma
+    return q, k, v, fq, kl, g, gamma
 
 
-def run(q, k, v, fq, fk, g, gamma, state=None, key_mask=None, cu_seqlens=None, **kw):
-    g0 = torch.zeros(*fk.shape[:3], dtype=fk.dtype) if g is None else g
-    return sparse_past_window_attention(q, k, v, fq, fk, g0, scale=q.shape[-1] ** -0.5, window_factor=gamma,
-                                        linear_factor=0.7, key_mask=key_mask, cu_seqlens=cu_seqlens, state=state, **kw)
+def run(q, k, v, fq, kl, g, gamma, state=None, key_mask=None, cu_seqlens=None, Hs=4, kmap=None, **kw):
+    g0 = torch.zeros(*kl.shape[:2], Hs, dtype=kl.dtype) if g is None else g
+    return sparse_past_window_attention(q, k, v, fq, kl, g0, key_map=kmap or key_map(Hs, kl.shape[-1]), state_heads=Hs,
+                                        scale=q.shape[-1] ** -0.5, window_factor=gamma, linear_factor=0.7,
+                                        key_mask=key_mask, cu_seqlens=cu_seqlens, state=state, **kw)
 
 
-def reference(q, k, v, fq, fk, g, gamma, key_mask=None, **kw):
-    return naive_sparse_past_window_attention(q, k, v, fq, fk, g, scale=q.shape[-1] ** -0.5, window_factor=gamma,
-                                              linear_factor=0.7, key_mask=key_mask, **kw)
+def reference(q, k, v, fq, kl, g, gamma, key_mask=None, Hs=4, **kw):
+    return naive_sparse_past_window_attention(q, k, v, fq, features(kl, Hs), g, scale=q.shape[-1] ** -0.5,
+                                              window_factor=gamma, linear_factor=0.7, key_mask=key_mask, **kw)
 
 
 def rel(a, b):
@@ -52,8 +64,8 @@ def test_matches_the_reference(spec, gate, Hs):
     x = make(Hs=Hs, gate=gate, seed=len(str(spec)) + Hs)
     key_mask = torch.ones(2, 23, dtype=torch.bool)
     key_mask[1, :5] = False  # left padding
-    o, _ = run(*x, key_mask=key_mask, **spec)
-    ref = reference(*x, key_mask=key_mask, **spec)
+    o, _ = run(*x, key_mask=key_mask, Hs=Hs, **spec)
+    ref = reference(*x, key_mask=key_mask, Hs=Hs, **spec)
     assert rel(o, ref) < 1e-10
     assert o[1, :5].abs().max() == 0
 
@@ -61,16 +73,16 @@ def test_matches_the_reference(spec, gate, Hs):
 def test_without_a_cache_and_block_one_it_is_lolcats():
     """budget 0 and a selection every step put each key into the state as it leaves the
     window: LoLCATs' published past-window hybrid."""
-    q, k, v, fq, fk, g, gamma = make(gate="scalar")
-    o, _ = run(q, k, v, fq, fk, g, gamma, window=4, num_sink_tokens=2, budget=0, block=1)
-    ref = naive_past_window_attention(q, k, v, fq, fk, g, window=4, num_sink_tokens=2, scale=q.shape[-1] ** -0.5,
+    q, k, v, fq, kl, g, gamma = make(gate="scalar")
+    o, _ = run(q, k, v, fq, kl, g, gamma, window=4, num_sink_tokens=2, budget=0, block=1)
+    ref = naive_past_window_attention(q, k, v, fq, features(kl, 4), g, window=4, num_sink_tokens=2, scale=q.shape[-1] ** -0.5,
                                       window_factor=gamma, linear_factor=0.7)
     assert rel(o, ref) < 1e-10
 
 
 def test_a_budget_as_long_as_the_sequence_is_softmax_attention():
-    q, k, v, fq, fk, g, gamma = make(gate="vector")
-    o, _ = run(q, k, v, fq, fk, g, gamma, window=3, num_sink_tokens=1, budget=23, block=2)
+    q, k, v, fq, kl, g, gamma = make(gate="vector")
+    o, _ = run(q, k, v, fq, kl, g, gamma, window=3, num_sink_tokens=1, budget=23, block=2)
     kk, vv = k.repeat_interleave(2, dim=2), v.repeat_interleave(2, dim=2)
     s = torch.einsum("bthd,bshd->bhts", q, kk) * q.shape[-1] ** -0.5
     s = s.masked_fill(~torch.ones(23, 23, dtype=torch.bool).tril(), float("-inf"))
@@ -84,31 +96,31 @@ def test_any_split_into_calls_gives_one_forward(splits):
     spec = dict(window=4, num_sink_tokens=2, budget=3, block=4)
     key_mask = torch.ones(2, 23, dtype=torch.bool)
     key_mask[0, :3] = False
-    full, _ = run(*x, key_mask=key_mask, **spec)
+    full, _ = run(*x, key_mask=key_mask, Hs=2, **spec)
     state, parts, t0 = None, [], 0
     for n in splits:
         part = [t[:, t0:t0 + n] if t is not None and t.dim() > 1 else t for t in x]
-        o, state = run(*part, state=state, key_mask=key_mask[:, t0:t0 + n], **spec)
+        o, state = run(*part, state=state, key_mask=key_mask[:, t0:t0 + n], Hs=2, **spec)
         parts.append(o)
         t0 += n
     assert rel(torch.cat(parts, dim=1), full) < 1e-12
 
 
 def test_packed_sequences_are_independent_rows():
-    q, k, v, fq, fk, g, gamma = make(B=1, T=30, gate="scalar")
+    q, k, v, fq, kl, g, gamma = make(B=1, T=30, gate="scalar")
     spec = dict(window=3, num_sink_tokens=1, budget=2, block=4)
     cu = torch.tensor([0, 11, 30])
-    o, _ = run(q, k, v, fq, fk, g, gamma, cu_seqlens=cu, **spec)
+    o, _ = run(q, k, v, fq, kl, g, gamma, cu_seqlens=cu, **spec)
     for s, e in ((0, 11), (11, 30)):
-        alone, _ = run(*[t[:, s:e] if t.dim() > 1 else t for t in (q, k, v, fq, fk, g, gamma)], **spec)
+        alone, _ = run(*[t[:, s:e] if t.dim() > 1 else t for t in (q, k, v, fq, kl, g, gamma)], **spec)
         assert rel(o[:, s:e], alone) < 1e-12
 
 
 def test_the_cache_keeps_the_pairs_the_state_reproduces_worst():
     """One value far from the rest (a passkey among filler) must stay exact."""
-    q, k, v, fq, fk, g, gamma = make(B=1, T=40, H=1, HKV=1, Hs=1, gate="none")
+    q, k, v, fq, kl, g, gamma = make(B=1, T=40, H=1, HKV=1, Hs=1, gate="none")
     v = v * 0.01
     v[0, 10] = 50.0
-    fk = torch.full_like(fk, 1.0 / fk.shape[-1])
-    _, state = run(q, k, v, fq, fk, g, gamma, window=4, num_sink_tokens=0, budget=1, block=4)
+    flat = lambda x: torch.full((*x.shape[:3], fq.shape[-1]), 1.0 / fq.shape[-1], dtype=x.dtype)  # noqa: E731
+    _, state = run(q, k, v, fq, kl, g, gamma, window=4, num_sink_tokens=0, budget=1, block=4, Hs=1, kmap=flat)
     assert state["sel_valid"][0, 0, 0] and int(state["sel_rank"][0, 0, 0]) == 10
