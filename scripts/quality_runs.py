@@ -28,7 +28,7 @@ RUNS = {
     # the control for Lizard, whose window is 128: the same window over window + sinks, the same LoRA
     "window-sinks-w128-lora": (dict(method="window-sinks", window=128), False, False),
     # truncation at about the decode state of the window-64 LoLCATs conversions with LoLA 64
-    # (48.3 MiB at 16k) or without (14.3 MiB), with no training: window 512 + 4 sinks holds 22.6 MiB
+    # (30.1 MiB at 16k) or without (14.3 MiB), with no training: window 512 + 4 sinks holds 22.6 MiB
     "window-sinks-w512": (dict(method="window-sinks", window=512), None, False),
     "lolcats-paper-untrained": (dict(method="lolcats"), None, None),
     "lolcats-paper": (dict(method="lolcats"), True, False),
