@@ -30,9 +30,14 @@ def load_model(args):
     if args.model:
         return linearize.load(args.model, sparse_cache=args.sparse_cache).eval()
     model = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32).eval()
-    overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
-    linearize.convert(model, linearize.LinearizeConfig.recommended(**overrides))
+    linearize.convert(model, conversion(args))
     return model
+
+
+def conversion(args) -> "linearize.LinearizeConfig":
+    """The untrained model's conversion: the recommended one with the --set overrides."""
+    overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    return linearize.LinearizeConfig.recommended(**overrides)
 
 
 def main(argv=None) -> None:
@@ -55,6 +60,9 @@ def main(argv=None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {"model": args.model or "recommended conversion", "sparse_cache": args.sparse_cache,
               "overrides": args.set, "passkey": pk, "seconds": time.time() - t0}
+    if not args.model:  # what the recommended conversion was when this ran, not when a page reads it
+        record["conversion"] = {k: v for k, v in conversion(args).to_dict().items()
+                                if k in (*linearize.config.RECOMMENDED, *dict(kv.split("=", 1) for kv in args.set))}
     out.write_text(json.dumps(record, indent=1))
     print(out, pk["accuracy"], f"{pk['mean_accuracy']:.1f} %", f"{time.time() - t0:.0f} s")
 

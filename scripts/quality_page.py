@@ -40,10 +40,9 @@ def _acc(x) -> str:
     return "" if x is None else f"{x:.0f}"
 
 
-def recommended_label() -> str:
-    from linearize.config import RECOMMENDED
-
-    return ", ".join(f"{k} {v}" for k, v in RECOMMENDED.items())
+def conversion_label(conversion: dict) -> str:
+    """A conversion's fields as the page prints them: 'method lolcats, init baseline, ...'."""
+    return ", ".join(f"{k} {v}" for k, v in conversion.items())
 
 
 def rows(results: dict) -> list[str]:
@@ -97,7 +96,8 @@ def sparse_cache_section(results: dict, doc_dir: Path, work: Path) -> list[str]:
             continue
         pk = record["passkey"]
         per = " / ".join(f"{sum(a) / len(a):.0f}" for a in pk["accuracy"])
-        what = (f"the recommended conversion untrained ({recommended_label()})" if record["model"] == "recommended conversion"
+        what = (f"the recommended conversion untrained ({conversion_label(record['conversion'])})"
+                if record["model"] == "recommended conversion"
                 else f"`{record['model']}` with LoLA {record['sparse_cache']}")
         lines.append(f"- {pk['trials']} trials per depth (12 needles per length, `python scripts/passkey_recommended.py`, "
                      f"record {trials.stem}): {what} retrieves {per} % at 2k / 4k.")
