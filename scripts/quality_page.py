@@ -67,13 +67,24 @@ def rows(results: dict) -> list[str]:
     return out
 
 
+def _untrained_twin(source: str, results: dict) -> dict | None:
+    """The measured plain truncation an untrained init-baseline conversion computes exactly (the
+    same window, no kept layers), to set LoLA beside when the conversion itself was not run."""
+    conversion = conversion_of(source) or {}
+    if is_trained(source) or conversion.get("init") != "baseline" or conversion.get("softmax_layers"):
+        return None
+    twins = [r for r in REFERENCES if r in results and not is_trained(r) and is_truncation(r)
+             and window_of(r) == window_of(source)]
+    return results[twins[0]] if twins else None
+
+
 def sparse_cache_section(results: dict, doc_dir: Path, work: Path) -> list[str]:
     """What LoLA's sparse cache adds to the model it is set on, per entry with numbers, and the
     3-trial passkey records of this page's runs (their models under `work`) and of the
     untrained recommended conversion."""
     lines = []
     for name, (source, budget) in SPARSE.items():
-        res, ref = results.get(name), results.get(source) or (results.get("window-sinks") if "untrained" in source else None)
+        res, ref = results.get(name), results.get(source) or _untrained_twin(source, results)
         if not res or not ref:
             continue
         parts = []

@@ -293,3 +293,16 @@ def test_equal_memory_compares_each_run_with_the_best_window_it_could_afford(mon
     assert f"(10.0 MiB): 18.00; beats {qal.LABELS['window-sinks']} (2.9 MiB, 19.80)" in text  # not the trained windows
     assert "liger" not in text.lower() and text.count("\n- ") == 2
     assert qal.equal_memory({"window-sinks": results["window-sinks"], "lolcats-baseline": results["lolcats-baseline"]}) == []
+
+
+def test_lola_on_an_untrained_conversion_is_set_beside_its_own_window():
+    """An untrained init-baseline conversion computes window + sinks at its own window, so LoLA on it
+    is compared with that truncation; a kept layer or the paper's init has no such twin."""
+    import quality_page as qal
+
+    results = {"window-sinks": _quality_record(19.8, 13.1), "window-sinks-w512": _quality_record(12.7, 11.7)}
+    assert qal._untrained_twin("recommended-w512-untrained", results) is results["window-sinks-w512"]
+    assert qal._untrained_twin("lolcats-baseline-untrained", results) is results["window-sinks"]
+    assert qal._untrained_twin("recommended-kl1-untrained", results) is None
+    assert qal._untrained_twin("lolcats-paper-untrained", results) is None
+    assert qal._untrained_twin("recommended-w512-untrained", {"window-sinks": results["window-sinks"]}) is None
