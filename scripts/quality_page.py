@@ -78,6 +78,18 @@ def _untrained_twin(source: str, results: dict) -> dict | None:
     return results[twins[0]] if twins else None
 
 
+def passkey_command(record: dict, name: str) -> str:
+    """The command that remakes a 3-trial passkey record: an untrained record sets the fields in
+    which its conversion differs from today's recommended one."""
+    from linearize.config import RECOMMENDED
+
+    if record["model"] != "recommended conversion":
+        return f"python scripts/passkey_recommended.py --model {record['model']} --sparse-cache {record['sparse_cache']} " \
+               f"--name {name}"
+    sets = [f"{k}={v}" for k, v in record["conversion"].items() if RECOMMENDED.get(k) != v]
+    return "python scripts/passkey_recommended.py" + (" --set " + " ".join(sets) if sets else "") + f" --name {name}"
+
+
 def sparse_cache_section(results: dict, doc_dir: Path, work: Path) -> list[str]:
     """What LoLA's sparse cache adds to the model it is set on, per entry with numbers, and the
     3-trial passkey records of this page's runs (their models under `work`) and of the
@@ -107,11 +119,11 @@ def sparse_cache_section(results: dict, doc_dir: Path, work: Path) -> list[str]:
             continue
         pk = record["passkey"]
         per = " / ".join(f"{sum(a) / len(a):.0f}" for a in pk["accuracy"])
-        what = (f"the recommended conversion untrained ({conversion_label(record['conversion'])})"
-                if record["model"] == "recommended conversion"
+        untrained = record["model"] == "recommended conversion"
+        what = (f"the recommended conversion untrained ({conversion_label(record['conversion'])})" if untrained
                 else f"`{record['model']}` with LoLA {record['sparse_cache']}")
-        lines.append(f"- {pk['trials']} trials per depth (12 needles per length, `python scripts/passkey_recommended.py`, "
-                     f"record {trials.stem}): {what} retrieves {per} % at 2k / 4k.")
+        lines.append(f"- {pk['trials']} trials per depth (12 needles per length, `{passkey_command(record, trials.stem)}`"
+                     f"): {what} retrieves {per} % at 2k / 4k.")
     if not lines:
         return []
     return ["## LoLA's sparse cache (it needs no training)", "",

@@ -306,3 +306,17 @@ def test_lola_on_an_untrained_conversion_is_set_beside_its_own_window():
     assert qal._untrained_twin("recommended-kl1-untrained", results) is None
     assert qal._untrained_twin("lolcats-paper-untrained", results) is None
     assert qal._untrained_twin("recommended-w512-untrained", {"window-sinks": results["window-sinks"]}) is None
+
+
+def test_passkey_command_remakes_the_record_under_todays_default():
+    """An untrained record's command sets the fields where its conversion differs from today's
+    recommended one; a model record's command loads its folder."""
+    import quality_page as qal
+    from linearize.config import RECOMMENDED
+
+    same = {"model": "recommended conversion", "conversion": dict(RECOMMENDED)}
+    assert qal.passkey_command(same, "r") == "python scripts/passkey_recommended.py --name r"
+    older = {"model": "recommended conversion", "conversion": {**RECOMMENDED, "window": 64, "gate": "none"}}
+    assert qal.passkey_command(older, "r") == "python scripts/passkey_recommended.py --set window=64 gate=none --name r"
+    trained = {"model": "out/final", "sparse_cache": 64}
+    assert qal.passkey_command(trained, "t") == "python scripts/passkey_recommended.py --model out/final --sparse-cache 64 --name t"
