@@ -317,6 +317,6 @@ def test_passkey_command_remakes_the_record_under_todays_default():
     same = {"model": "recommended conversion", "conversion": dict(RECOMMENDED)}
     assert qal.passkey_command(same, "r") == "python scripts/passkey_recommended.py --name r"
     older = {"model": "recommended conversion", "conversion": {**RECOMMENDED, "window": 64, "gate": "none"}}
-    assert qal.passkey_command(older, "r") == "python scripts/passkey_recommended.py --set window=64 gate=none --name r"
+    assert qal.passkey_command(older, "r") == "python scripts/passkey_recommended.py --set gate=none window=64 --name r"
     trained = {"model": "out/final", "sparse_cache": 64}
     assert qal.passkey_command(trained, "t") == "python scripts/passkey_recommended.py --model out/final --sparse-cache 64 --name t"
