@@ -8,7 +8,7 @@ import json
 import re
 from pathlib import Path
 
-from quality_runs import LABELS, REFERENCES, RUNS, decode_state_mib, is_trained
+from quality_runs import LABELS, REFERENCES, RUNS, SPARSE, conversion_of, decode_state_mib, is_trained
 
 
 def quality_section(doc_dir: Path) -> list[str]:
@@ -18,7 +18,7 @@ def quality_section(doc_dir: Path) -> list[str]:
     for page in pages:
         budget = _budget(page)
         for name, record in _records(doc_dir / "data" / page.stem):
-            if name in REFERENCES and not is_trained(name) and "long_doc" in record:
+            if (name in REFERENCES or is_default(name)) and not is_trained(name) and "long_doc" in record:
                 refs.setdefault(name, (page, record))
             elif is_trained(name) and budget and "long_doc" in record:
                 rows.append((page, budget, name, record))
@@ -27,7 +27,7 @@ def quality_section(doc_dir: Path) -> list[str]:
     teacher, base = _long(refs["teacher"][1]), _long(refs["window-sinks"][1])
     table = ["| run | training (page) | long docs | × teacher | × window + sinks | joined 1k docs | short "
              "| passkey 2k / 4k % | decode state @ 16k |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    untrained = [n for n in REFERENCES if n in refs]  # teacher and window + sinks first
+    untrained = [n for n in REFERENCES if n in refs] + [n for n in refs if n not in REFERENCES]  # teacher first
     for name in untrained:
         page, record = refs[name]
         table.append(_row(name, f"[untrained]({page.name})", record, teacher, base))
@@ -36,7 +36,8 @@ def quality_section(doc_dir: Path) -> list[str]:
     judged = [r for r in rows if r[2] not in REFERENCES] or rows
     best = min(judged, key=lambda r: _long(r[3]))
     return ["## Quality at length: better than truncating attention?", "",
-            "Every trained run of the quality-at-length pages, on their held-out text: the 8 long documents "
+            "Every trained run of the quality-at-length pages, and `linearize convert`'s default untrained, on "
+            "their held-out text: the 8 long documents "
             "(first 4,096 tokens each), the summaries joined into 1,024-token documents and the short summaries, "
             "passkey at 2k and 4k with the key beyond the window (1 trial per depth), and one sequence's decode "
             "state at 16k tokens. Each page says how its runs were trained and measured; the table is rendered "
@@ -46,6 +47,17 @@ def quality_section(doc_dir: Path) -> list[str]:
             f"teacher's long-document perplexity, against {base / teacher:.2f}x for window + sinks"
             + "".join(f"; {LABELS.get(n, n)}: {_long(refs[n][1]) / teacher:.2f}x with {decode_state_mib(n):.1f} MiB"
                       for n in untrained if n not in ("teacher", "window-sinks")) + ".", ""]
+
+
+def is_default(name: str) -> bool:
+    """Whether the run evaluates today's recommended conversion (`linearize convert` with no
+    options), LoLA's budget included."""
+    from linearize.config import RECOMMENDED
+
+    conversion = conversion_of(name)
+    if conversion is None:
+        return False
+    return {**conversion, "sparse_cache": SPARSE.get(name, (None, 0))[1]} == RECOMMENDED
 
 
 def refresh_quality_section(doc: Path) -> Path:
