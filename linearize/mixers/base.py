@@ -265,11 +265,13 @@ class LinearizedAttention(nn.Module):
         """phi(q) [B, T, H, F], phi(k) [B, T, HKV, F] (q's dtype) and the log gate g (fp32,
         [B, T, HKV, F] or [B, T, HKV])."""
         fq, fk = self.feature_maps(q, k, k_raw)
+        return fq, fk.to(fq.dtype), self.log_gate(hidden, k_raw, fk.shape[2])
+
+    def log_gate(self, hidden, k_raw, heads: int) -> torch.Tensor:
+        """The log gate g (fp32): the gate's [B, T, HKV(, F)], or zeros [B, T, heads] without one."""
         if self.linearize_gate is not None:
-            g = self.linearize_gate(hidden, k_raw)
-        else:
-            g = fk.new_zeros(*fk.shape[:3], dtype=torch.float32)
-        return fq, fk.to(fq.dtype), g
+            return self.linearize_gate(hidden, k_raw)
+        return torch.zeros(*k_raw.shape[:2], heads, dtype=torch.float32, device=k_raw.device)
 
     def fused_mode(self) -> str | None:
         """The hybrid kernel's mode when both branches can run in one call, else None: the

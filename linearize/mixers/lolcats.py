@@ -103,11 +103,7 @@ class LolcatsAttention(LinearizedAttention):
         window (+ those waiting for the next selection) and the cached pairs. Meant for
         inference (distill refuses it: the selection has no gradient of its own)."""
         cfg = self.lconfig
-        fq = self.linearize_feature_map_q(lin_q)
-        if self.linearize_gate is not None:
-            g = self.linearize_gate(hidden, k_raw)
-        else:
-            g = fq.new_zeros(*lin_k.shape[:2], self.state_heads, dtype=torch.float32)
+        fq, g = self.linearize_feature_map_q(lin_q), self.log_gate(hidden, k_raw, self.state_heads)
         previous = None if state is None else state.sparse
         o, new = sparse_past_window_attention(
             q_rot, k_rot, v, fq, lin_k, g, key_map=lambda x: self.linearize_feature_map_k(x).to(fq.dtype),
