@@ -30,6 +30,9 @@ RUNS = {
     # truncation at about the decode state of the window-64 LoLCATs conversions with LoLA 64
     # (30.1 MiB at 16k) or without (14.3 MiB), with no training: window 512 + 4 sinks holds 22.6 MiB
     "window-sinks-w512": (dict(method="window-sinks", window=512), None, False),
+    # truncation holding the shipped default's decode state (window 512 + LoLA 64: 60.1 MiB at 16k)
+    # as a plain window: 59.2 MiB
+    "window-sinks-w1344": (dict(method="window-sinks", window=1344), None, False),
     "lolcats-paper-untrained": (dict(method="lolcats"), None, None),
     "lolcats-paper": (dict(method="lolcats"), True, False),
     "lolcats-baseline": (dict(method="lolcats", init="baseline"), True, True),
@@ -110,7 +113,7 @@ RUNS["lolcats-baseline-gate-norope-untrained"] = (dict(method="lolcats", init="b
 RUNS.update({name: None for name in SPARSE})
 # References and controls: rows to compare trained runs with, never judged themselves.
 REFERENCES = ("teacher", "window-sinks", "window-sinks-lora", "teacher-lora", "window-sinks-kl4-lora",
-              "window-sinks-w128-lora", "window-sinks-w512")
+              "window-sinks-w128-lora", "window-sinks-w512", "window-sinks-w1344")
 
 
 def spec_of(name: str) -> tuple | None:
@@ -169,6 +172,7 @@ LABELS = {
     "window-sinks-kl4-lora": "window 64 + 4 sinks, softmax in [14, 17, 20, 23], the same LoRA (control)",
     "window-sinks-w128-lora": "window 128 + 4 sinks + the same LoRA (Lizard's window; control)",
     "window-sinks-w512": "window 512 + 4 sinks, untrained",
+    "window-sinks-w1344": "window 1344 + 4 sinks, untrained (the default's decode state)",
     "lolcats-paper-untrained": "LoLCATs as published, untrained",
     "lolcats-paper": "LoLCATs as published (init paper)",
     "lolcats-baseline": "LoLCATs, init baseline",
