@@ -6,6 +6,8 @@ row lengths and budgets, each layer's transfer MSE measured on held-out text bef
     python scripts/stage1_rows.py --configs stuck-default stuck-fd128 stuck-window128 stuck-l18kv2
                                       (the layers no config halves, alone, with more capacity)
     python scripts/stage1_rows.py --heads stuck-default  (that run's MSE per head, before and after)
+    python scripts/stage1_rows.py --configs shipped-rows1024-64k shipped-rows2048-64k
+                                      (stage 1 of the conversion `linearize convert` makes by default)
 
 Each config runs `linearize distill recipes/smollm2-cpu-hybrid-kl4-long.yaml` with stage 2
 off and eval on in stage 1 only: at step 0 and at the last step the run logs each linearized
@@ -71,6 +73,15 @@ CAPACITY = {
     "stuck-lr3e-2": Change("LR 3e-2 (3x)", ["stage1.optimizer.lr=3.0e-2"]),
 }
 
+# Stage 1 of the conversion users get from `linearize convert` (config.RECOMMENDED: every layer
+# linear, window 512; LoLA's sparse cache is inference-only, so stage 1 trains without it). Rows
+# must be longer than the window, or no key ever leaves it and the linear branch sees nothing.
+SHIPPED_RECIPE = "recipes/smollm2-cpu-recommended-long.yaml"
+SHIPPED = {
+    "shipped-rows1024-64k": (1024, 65536),
+    "shipped-rows2048-64k": (2048, 65536),
+}
+
 
 def heldout_file(work: Path) -> Path:
     """The first held-out long documents, each cut to at most WINDOW tokens, as JSON lines."""
@@ -96,10 +107,16 @@ def heldout_file(work: Path) -> Path:
 
 def run(name: str, work: Path) -> dict:
     """Train the config's stage 1 (unless its run exists) and return its record."""
+    recipe = RECIPE
     if name in CAPACITY:
         change = CAPACITY[name]
         seq, tokens, label = CAPACITY_SEQ_LEN, change.tokens, change.label
         overrides = [f"linearize.layers={STUCK_LAYERS}".replace(" ", ""), *change.overrides]
+    elif name in SHIPPED:
+        from linearize.config import RECOMMENDED
+
+        (seq, tokens), recipe = SHIPPED[name], SHIPPED_RECIPE
+        label, overrides = f"window {RECOMMENDED['window']}", [f"linearize.window={RECOMMENDED['window']}"]
     else:
         (seq, tokens), label, overrides = CONFIGS[name], None, []
     out = work / name
@@ -109,7 +126,7 @@ def run(name: str, work: Path) -> dict:
         train = work / "train.jsonl"
         if not train.is_file():
             write_jsonl(train, "train")
-        subprocess.run([sys.executable, "-m", "linearize.distill", RECIPE, f"output_dir={out}", "stage2.enabled=false",
+        subprocess.run([sys.executable, "-m", "linearize.distill", recipe, f"output_dir={out}", "stage2.enabled=false",
                         f"data.source={train}", f"stage1.seq_len={seq}", f"stage1.max_tokens={tokens}",
                         f"eval.source={heldout_file(work)}", "eval.stages=[1]", f"eval.texts={HELDOUT_DOCS}",
                         f"eval.seq_len={WINDOW}", f"eval.stride={WINDOW - 1}", "eval.batch_size=1",
@@ -235,16 +252,40 @@ def heads_section(names) -> list[str]:
     return [*lines, ""]
 
 
-def page(records: dict[str, dict]) -> str:
-    head = ["| stage 1 | steps | train min | mean MSE before -> after | layers halved | worst layer (after / before) "
-            "| perplexity before -> after |", "|---|---:|---:|---:|---:|---|---:|"]
+SUMMARY_HEADER = ["| stage 1 | steps | train min | mean MSE before -> after | layers halved "
+                  "| worst layer (after / before) | perplexity before -> after |", "|---|---:|---:|---:|---:|---|---:|"]
+
+
+def summary_row(r: dict) -> str:
+    """One config's line of a SUMMARY_HEADER table."""
+    ratio = {k: r["after"][k] / r["before"][k] for k in r["before"]}
+    worst = max(ratio, key=ratio.get)
+    return (f"| {r['tokens']:,} tokens at {r['seq_len']:,}-token rows | {r['steps']} "
+            f"| {r['train_seconds'] / 60:.1f} | {statistics.mean(r['before'].values()):.2f} -> "
+            f"{statistics.mean(r['after'].values()):.2f} | {sum(v <= 0.5 for v in ratio.values())}/{len(ratio)} "
+            f"| L{worst} {ratio[worst]:.2f} | {r['ppl_before']:.2f} -> {r['ppl_after']:.2f} |")
+
+
+def shipped_section(records: dict[str, dict]) -> list[str]:
+    """The page's section on stage 1 of the default conversion (SHIPPED)."""
+    if not records:
+        return []
+    from linearize.config import RECOMMENDED
+
+    lines = ["## The conversion `linearize convert` makes", "",
+             f"Stage 1 alone of `{SHIPPED_RECIPE}` at the default's window ({RECOMMENDED['window']}; every layer "
+             "linear, no kept softmax layer), the same held-out MSE and perplexity. LoLA's sparse cache is "
+             "inference-only, so neither training nor these errors include it.", "", *SUMMARY_HEADER,
+             *(summary_row(r) for r in records.values()), ""]
     for name, r in records.items():
-        ratio = {k: r["after"][k] / r["before"][k] for k in r["before"]}
-        worst = max(ratio, key=ratio.get)
-        head.append(f"| {r['tokens']:,} tokens at {r['seq_len']:,}-token rows | {r['steps']} "
-                    f"| {r['train_seconds'] / 60:.1f} | {statistics.mean(r['before'].values()):.2f} -> "
-                    f"{statistics.mean(r['after'].values()):.2f} | {sum(v <= 0.5 for v in ratio.values())}/{len(ratio)} "
-                    f"| L{worst} {ratio[worst]:.2f} | {r['ppl_before']:.2f} -> {r['ppl_after']:.2f} |")
+        stuck = {k: r["after"][k] / r["before"][k] for k in r["before"] if r["after"][k] > 0.5 * r["before"][k]}
+        lines.append(f"- {r['tokens']:,} tokens at {r['seq_len']:,}-token rows: layers above half their MSE: "
+                     + (", ".join(f"L{k} ({v:.2f})" for k, v in stuck.items()) or "none") + ".")
+    return [*lines, ""]
+
+
+def page(records: dict[str, dict]) -> str:
+    head = [*SUMMARY_HEADER, *(summary_row(r) for r in records.values())]
     best_name = min(records, key=lambda n: statistics.mean(records[n]["after"].values()))
     best = records[best_name]
     stuck = {k: best["after"][k] / best["before"][k] for k in best["before"] if best["after"][k] > 0.5 * best["before"][k]}
@@ -332,8 +373,9 @@ def after_stage2() -> list[str]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=[*CONFIGS, *CAPACITY],
-                   help=f"default: the row configs; the capacity ones ({', '.join(CAPACITY)}) on request")
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=[*CONFIGS, *CAPACITY, *SHIPPED],
+                   help=f"default: the row configs; the capacity ones ({', '.join(CAPACITY)}) and the "
+                        f"shipped conversion's ({', '.join(SHIPPED)}) on request")
     p.add_argument("--work", type=Path, default=Path("outputs/stage1-rows"))
     p.add_argument("--render", action="store_true", help="only rewrite the page from its records")
     p.add_argument("--heads", choices=[*CONFIGS, *CAPACITY],
@@ -346,7 +388,7 @@ def main(argv=None) -> None:
             run(name, args.work)
     records = load_records(CONFIGS, DATA)
     DOC.write_text(page(records) + "\n" + "\n".join(capacity_section(load_records(CAPACITY, DATA)) + heads_section(CAPACITY)
-                                                   + after_stage2()))
+                                                   + after_stage2() + shipped_section(load_records(SHIPPED, DATA))))
     print(f"wrote {DOC} ({len(records)} configs)")
 
 
