@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from quality_runs import (LABELS, REFERENCES, SPARSE, TEACHER_WINDOW, control_of, conversion_of, decode_state_mib,
-                          is_trained, window_of)
+                          is_trained, is_truncation, window_of)
 
 # Pages that answer a narrower question than "quality at length" say which in their title.
 TITLES = {"quality-at-length-recurrences": "Quality at length: the other recurrences (issue #17) beside Liger-GLA",
@@ -179,14 +179,6 @@ def verdicts(results: dict) -> list[str]:
 
 # A truncation row counts as "the same memory" up to this multiple of a run's decode state.
 MEMORY_SLACK = 1.1
-
-
-def is_truncation(name: str) -> bool:
-    """A reference that is window + sinks attention alone, at a window shorter than the evaluated
-    lengths: plain truncation, with or without the LoRA."""
-    conversion = conversion_of(name) or {}
-    return name in REFERENCES and conversion.get("method") == "window-sinks" and not conversion.get("softmax_layers") \
-        and window_of(name) < TEACHER_WINDOW
 
 
 def equal_memory(results: dict) -> list[str]:

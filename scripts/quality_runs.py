@@ -155,6 +155,14 @@ def is_control(name: str) -> bool:
         and spec[0].get("window", 0) < TEACHER_WINDOW
 
 
+def is_truncation(name: str) -> bool:
+    """A reference that is window + sinks attention alone, at a window shorter than the evaluated
+    lengths: plain truncation, with or without the LoRA."""
+    conversion = conversion_of(name) or {}
+    return name in REFERENCES and conversion.get("method") == "window-sinks" and not conversion.get("softmax_layers") \
+        and window_of(name) < TEACHER_WINDOW
+
+
 def window_of(name: str) -> int | None:
     """The exact-attention window of the run's conversion (its method's default when unset),
     None for an unconverted run."""
