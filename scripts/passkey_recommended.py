@@ -26,18 +26,18 @@ from linearize.eval.passkey import passkey_retrieval
 DATA = Path("docs/data/passkey-3trials")
 
 
-def load_model(args):
+def overrides(args) -> dict:
+    """The --set FIELD=VALUE pairs, values parsed as YAML."""
+    return {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+
+
+def load_model(args, config: "linearize.LinearizeConfig | None"):
+    """The --model folder, or the embedded SmolLM2 converted with `config`."""
     if args.model:
         return linearize.load(args.model, sparse_cache=args.sparse_cache).eval()
     model = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32).eval()
-    linearize.convert(model, conversion(args))
+    linearize.convert(model, config)
     return model
-
-
-def conversion(args) -> "linearize.LinearizeConfig":
-    """The untrained model's conversion: the recommended one with the --set overrides."""
-    overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
-    return linearize.LinearizeConfig.recommended(**overrides)
 
 
 def main(argv=None) -> None:
@@ -52,7 +52,8 @@ def main(argv=None) -> None:
         p.error("--set overrides the conversion of the untrained model; a --model folder keeps its own")
     torch.set_num_threads(1)
     tok = AutoTokenizer.from_pretrained(default_model_dir())
-    model = load_model(args)
+    config = None if args.model else linearize.LinearizeConfig.recommended(**overrides(args))
+    model = load_model(args, config)
     t0 = time.time()
     with torch.no_grad():
         pk = passkey_retrieval(model, tok, [2048, 4096], [0.1, 0.3, 0.5, 0.7], args.trials, min_distance=256)
@@ -60,9 +61,9 @@ def main(argv=None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {"model": args.model or "recommended conversion", "sparse_cache": args.sparse_cache,
               "overrides": args.set, "passkey": pk, "seconds": time.time() - t0}
-    if not args.model:  # what the recommended conversion was when this ran, not when a page reads it
-        record["conversion"] = {k: v for k, v in conversion(args).to_dict().items()
-                                if k in (*linearize.config.RECOMMENDED, *dict(kv.split("=", 1) for kv in args.set))}
+    if config is not None:  # what the recommended conversion was when this ran, not when a page reads it
+        record["conversion"] = {k: v for k, v in config.to_dict().items()
+                                if k in (*linearize.config.RECOMMENDED, *overrides(args))}
     out.write_text(json.dumps(record, indent=1))
     print(out, pk["accuracy"], f"{pk['mean_accuracy']:.1f} %", f"{time.time() - t0:.0f} s")
 
