@@ -27,6 +27,8 @@ RUNS = {
     "window-sinks-kl4-lora": (dict(method="window-sinks", softmax_layers=[14, 17, 20, 23]), False, False),
     # the control for Lizard, whose window is 128: the same window over window + sinks, the same LoRA
     "window-sinks-w128-lora": (dict(method="window-sinks", window=128), False, False),
+    # the control for the shipped default's window: window 512 + sinks, the same LoRA
+    "window-sinks-w512-lora": (dict(method="window-sinks", window=512), False, False),
     # truncation at about the decode state of the window-64 LoLCATs conversions with LoLA 64
     # (30.1 MiB at 16k) or without (14.3 MiB), with no training: window 512 + 4 sinks holds 22.6 MiB
     "window-sinks-w512": (dict(method="window-sinks", window=512), None, False),
@@ -58,6 +60,9 @@ RUNS = {
     # the recommended conversion at Lizard's window, beside window-sinks-w128-lora: does the window
     # that makes Lizard's lead help the recommended conversion too?
     "recommended-w128": (dict(RECOMMENDED_TRAINED, window=128), True, True),
+    # the conversion `linearize convert` makes (window 512) distilled at the page's budget, beside
+    # window-sinks-w512-lora: does training the recurrence pay at the window users get?
+    "recommended-w512": (dict(RECOMMENDED_TRAINED, window=512), True, True),
     # issue #17's delta rule at the recommended conversion's budget (no LoLA: its sparse cache
     # needs LoLCATs' past-window mixing)
     "gated-deltanet-baseline": (dict(method="gated-deltanet", init="baseline"), True, True),
@@ -99,6 +104,7 @@ SPARSE = {
     "recommended-w128+lola64": ("recommended-w128", 64),
     "recommended-kl1-untrained+lola64": ("recommended-kl1-untrained", 64),
     "recommended-w512-untrained+lola64": ("recommended-w512-untrained", 64),
+    "recommended-w512+lola64": ("recommended-w512", 64),
 }
 RUNS["lolcats-baseline-untrained"] = (dict(method="lolcats", init="baseline"), None, None)
 # budget 1 of `linearize select-layers` on 4 held-out rows (layer 20; on 8 rows budget 2 chose
@@ -113,7 +119,7 @@ RUNS["lolcats-baseline-gate-norope-untrained"] = (dict(method="lolcats", init="b
 RUNS.update({name: None for name in SPARSE})
 # References and controls: rows to compare trained runs with, never judged themselves.
 REFERENCES = ("teacher", "window-sinks", "window-sinks-lora", "teacher-lora", "window-sinks-kl4-lora",
-              "window-sinks-w128-lora", "window-sinks-w512", "window-sinks-w1344")
+              "window-sinks-w128-lora", "window-sinks-w512-lora", "window-sinks-w512", "window-sinks-w1344")
 
 
 def spec_of(name: str) -> tuple | None:
@@ -180,6 +186,7 @@ LABELS = {
     "window-sinks-kl4-lora": "window 64 + 4 sinks, softmax in [14, 17, 20, 23], the same LoRA (control)",
     "window-sinks-w128-lora": "window 128 + 4 sinks + the same LoRA (Lizard's window; control)",
     "window-sinks-w512": "window 512 + 4 sinks, untrained",
+    "window-sinks-w512-lora": "window 512 + 4 sinks + the same LoRA (the default's window; control)",
     "window-sinks-w1344": "window 1344 + 4 sinks, untrained (the default's decode state)",
     "lolcats-paper-untrained": "LoLCATs as published, untrained",
     "lolcats-paper": "LoLCATs as published (init paper)",
@@ -212,6 +219,8 @@ LABELS = {
     "recommended-kl1-untrained+lola64": "recommended, softmax in the KL-chosen layer [20], untrained + LoLA 64",
     "recommended-w512-untrained": "recommended at window 512, untrained (= window 512 + sinks)",
     "recommended-w512-untrained+lola64": "recommended at window 512, untrained + LoLA 64",
+    "recommended-w512": "recommended at window 512 (the default), distilled",
+    "recommended-w512+lola64": "recommended at window 512 (the default), distilled + LoLA 64",
     "recommended-kl1+lola64": "recommended, 1 KL-chosen softmax layer + LoLA 64",
     "recommended-kl2+lola64": "recommended, 2 KL-chosen softmax layers + LoLA 64",
     "recommended-kl4": "recommended, softmax in the 4 KL-chosen layers [14, 17, 20, 23]",
