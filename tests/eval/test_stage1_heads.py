@@ -59,3 +59,14 @@ def test_head_errors_leave_padding_out_as_stage_1_does():
     torch.testing.assert_close(per_head.losses[0], whole.losses[0], rtol=1e-5, atol=0)
     kept = (student - teacher)[mask].pow(2).view(-1, 4, 8).mean((0, 2)) * 1000  # [H] over the real tokens
     torch.testing.assert_close(per_head.per_head[0], kept, rtol=1e-5, atol=0)
+
+
+def test_shipped_section_counts_halved_layers_and_names_the_rest():
+    from stage1_rows import shipped_section
+
+    record = {"tokens": 65536, "seq_len": 2048, "steps": 32, "train_seconds": 600.0, "ppl_before": 20.0,
+              "ppl_after": 19.0, "before": {"0": 2.0, "1": 4.0, "2": 1.0}, "after": {"0": 1.0, "1": 3.0, "2": 0.2}}
+    lines = "\n".join(shipped_section({"shipped-rows2048-64k": record}))
+    assert "| 65,536 tokens at 2,048-token rows | 32 | 10.0 | 2.33 -> 1.40 | 2/3 | L1 0.75 | 20.00 -> 19.00 |" in lines
+    assert "layers above half their MSE: L1 (0.75)." in lines
+    assert shipped_section({}) == []
