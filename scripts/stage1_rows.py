@@ -270,10 +270,9 @@ def shipped_section(records: dict[str, dict]) -> list[str]:
     """The page's section on stage 1 of the default conversion (SHIPPED)."""
     if not records:
         return []
-    from linearize.config import RECOMMENDED
-
+    windows = ", ".join(sorted({r.get("label", "?") for r in records.values()}))  # as recorded, not today's default
     lines = ["## The conversion `linearize convert` makes", "",
-             f"Stage 1 alone of `{SHIPPED_RECIPE}` at the default's window ({RECOMMENDED['window']}; every layer "
+             f"Stage 1 alone of `{SHIPPED_RECIPE}` at the default's {windows} (every layer "
              "linear, no kept softmax layer), the same held-out MSE and perplexity. LoLA's sparse cache is "
              "inference-only, so neither training nor these errors include it.", "", *SUMMARY_HEADER,
              *(summary_row(r) for r in records.values()), ""]
