@@ -266,6 +266,11 @@ def summary_row(r: dict) -> str:
             f"| L{worst} {ratio[worst]:.2f} | {r['ppl_before']:.2f} -> {r['ppl_after']:.2f} |")
 
 
+def unhalved(r: dict) -> dict[str, float]:
+    """{layer: after / before} of the layers a config left above half their MSE."""
+    return {k: r["after"][k] / r["before"][k] for k in r["before"] if r["after"][k] > 0.5 * r["before"][k]}
+
+
 def shipped_section(records: dict[str, dict]) -> list[str]:
     """The page's section on stage 1 of the default conversion (SHIPPED)."""
     if not records:
@@ -277,7 +282,7 @@ def shipped_section(records: dict[str, dict]) -> list[str]:
              "inference-only, so neither training nor these errors include it.", "", *SUMMARY_HEADER,
              *(summary_row(r) for r in records.values()), ""]
     for name, r in records.items():
-        stuck = {k: r["after"][k] / r["before"][k] for k in r["before"] if r["after"][k] > 0.5 * r["before"][k]}
+        stuck = unhalved(r)
         lines.append(f"- {r['tokens']:,} tokens at {r['seq_len']:,}-token rows: layers above half their MSE: "
                      + (", ".join(f"L{k} ({v:.2f})" for k, v in stuck.items()) or "none") + ".")
     return [*lines, ""]
@@ -287,7 +292,7 @@ def page(records: dict[str, dict]) -> str:
     head = [*SUMMARY_HEADER, *(summary_row(r) for r in records.values())]
     best_name = min(records, key=lambda n: statistics.mean(records[n]["after"].values()))
     best = records[best_name]
-    stuck = {k: best["after"][k] / best["before"][k] for k in best["before"] if best["after"][k] > 0.5 * best["before"][k]}
+    stuck = unhalved(best)
     verdict = (f"Best: {best_name} ({best['steps']} steps). Layers it leaves above half their MSE: "
                + (", ".join(f"L{k} ({v:.2f})" for k, v in stuck.items()) or "none") + ".")
     layers = list(next(iter(records.values()))["before"])
