@@ -52,7 +52,8 @@ def main(argv=None) -> None:
         p.error("--set overrides the conversion of the untrained model; a --model folder keeps its own")
     torch.set_num_threads(1)
     tok = AutoTokenizer.from_pretrained(default_model_dir())
-    config = None if args.model else linearize.LinearizeConfig.recommended(**overrides(args))
+    sets = overrides(args)
+    config = None if args.model else linearize.LinearizeConfig.recommended(**sets)
     model = load_model(args, config)
     t0 = time.time()
     with torch.no_grad():
@@ -63,7 +64,7 @@ def main(argv=None) -> None:
               "overrides": args.set, "passkey": pk, "seconds": time.time() - t0}
     if config is not None:  # what the recommended conversion was when this ran, not when a page reads it
         record["conversion"] = {k: v for k, v in config.to_dict().items()
-                                if k in (*linearize.config.RECOMMENDED, *overrides(args))}
+                                if k in (*linearize.config.RECOMMENDED, *sets)}
     out.write_text(json.dumps(record, indent=1))
     print(out, pk["accuracy"], f"{pk['mean_accuracy']:.1f} %", f"{time.time() - t0:.0f} s")
 
