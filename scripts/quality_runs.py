@@ -35,6 +35,8 @@ RUNS = {
     # truncation holding the shipped default's decode state (window 512 + LoLA 64: 60.1 MiB at 16k)
     # as a plain window: 59.2 MiB
     "window-sinks-w1344": (dict(method="window-sinks", window=1344), None, False),
+    # the same plain window with the same LoRA: the equal-memory control for the distilled default
+    "window-sinks-w1344-lora": (dict(method="window-sinks", window=1344), False, False),
     "lolcats-paper-untrained": (dict(method="lolcats"), None, None),
     "lolcats-paper": (dict(method="lolcats"), True, False),
     "lolcats-baseline": (dict(method="lolcats", init="baseline"), True, True),
@@ -119,7 +121,8 @@ RUNS["lolcats-baseline-gate-norope-untrained"] = (dict(method="lolcats", init="b
 RUNS.update({name: None for name in SPARSE})
 # References and controls: rows to compare trained runs with, never judged themselves.
 REFERENCES = ("teacher", "window-sinks", "window-sinks-lora", "teacher-lora", "window-sinks-kl4-lora",
-              "window-sinks-w128-lora", "window-sinks-w512-lora", "window-sinks-w512", "window-sinks-w1344")
+              "window-sinks-w128-lora", "window-sinks-w512-lora", "window-sinks-w512", "window-sinks-w1344",
+              "window-sinks-w1344-lora")
 
 
 def spec_of(name: str) -> tuple | None:
@@ -188,6 +191,7 @@ LABELS = {
     "window-sinks-w512": "window 512 + 4 sinks, untrained",
     "window-sinks-w512-lora": "window 512 + 4 sinks + the same LoRA (the default's window; control)",
     "window-sinks-w1344": "window 1344 + 4 sinks, untrained (the default's decode state)",
+    "window-sinks-w1344-lora": "window 1344 + 4 sinks + the same LoRA (the default's decode state; control)",
     "lolcats-paper-untrained": "LoLCATs as published, untrained",
     "lolcats-paper": "LoLCATs as published (init paper)",
     "lolcats-baseline": "LoLCATs, init baseline",
