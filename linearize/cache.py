@@ -4,6 +4,12 @@ Per linearized layer (`LinearizedLayerCache`): the fp32 recurrent state (+ norma
 KV head, the sink tokens' keys/values and the last `window - 1` post-RoPE keys/values of the
 window branch, with validity flags so padded positions never count. Per softmax-kept layer:
 an ordinary `DynamicLayer`. Memory of a linearized layer does not grow with the context.
+
+LoLCATs' linear branch takes in each key as it leaves the window. Its layers keep one more
+position (`window` in all) and read the leaving keys and values from the window cache
+(`pending_linear`) instead of holding a second copy; where the feature map reads keys before
+RoPE, the cache also keeps each position's rotation (half of cos and of sin, [B, L, D]) and
+undoes it on the leaving key.
 """
 from __future__ import annotations
 
@@ -16,6 +22,35 @@ from .state import linearize_state
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
     return b if a is None else torch.cat([a, b], dim=1)
+
+
+def _left_pad(x: torch.Tensor, n: int) -> torch.Tensor:
+    """x [B, L, ...] with n zeros (False) before its first position."""
+    return torch.cat([x.new_zeros(x.shape[0], n, *x.shape[2:]), x], dim=1) if n else x
+
+
+def rope_halves(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """[cos | sin] first halves [B, T, D] of a Llama-convention rotation (cos, sin [B, T, D],
+    whose two halves are equal). Refuses a rotation whose halves differ: undoing it would
+    need all of it."""
+    h = cos.shape[-1] // 2
+    if not (torch.equal(cos[..., :h], cos[..., h:]) and torch.equal(sin[..., :h], sin[..., h:])):
+        raise ValueError("this model's rotary embedding has cos/sin halves that differ, which the LoLCATs decode "
+                         "cache cannot undo from half of them; convert with linear_rope=True (feature maps after "
+                         "RoPE) to decode it")
+    return torch.cat([cos[..., :h], sin[..., :h]], dim=-1)
+
+
+def undo_rope(k: torch.Tensor, halves: torch.Tensor) -> torch.Tensor:
+    """The key before RoPE: k [B, L, HKV, D] rotated by `rope_halves` [B, L, D] (x * cos +
+    rotate_half(x) * sin, a rotation of each channel pair scaled by cos^2 + sin^2), undone in fp32;
+    returns k's dtype."""
+    h = k.shape[-1] // 2
+    c, s = halves.float()[:, :, None, :h], halves.float()[:, :, None, h:]
+    k1, k2 = k.float()[..., :h], k.float()[..., h:]
+    scale = c * c + s * s
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an empty position: zeros stay zeros
+    return (torch.cat([k1 * c + k2 * s, k2 * c - k1 * s], dim=-1) / scale.repeat(1, 1, 1, 2)).to(k.dtype)
 
 
 class LinearizedLayerCache(CacheLayerMixin):
@@ -34,9 +69,9 @@ class LinearizedLayerCache(CacheLayerMixin):
         self.valid_seen: torch.Tensor | None = None  # [B] real tokens seen so far
         self.sink_k = self.sink_v = self.sink_valid = None  # [B, S, HKV, D], [B, S]
         self.win_k = self.win_v = self.win_valid = self.win_sink = None  # [B, L, HKV, D], [B, L]
-        # LoLCATs: the last `window` feature-mapped keys [B, W, Hs, F] and values that enter the
-        # recurrent state once they leave the window, and whether each may ([B, W] bool).
-        self.tail_k = self.tail_v = self.tail_keep = None
+        # LoLCATs with the feature map before RoPE: [cos | sin] halves of each window position's
+        # rotation, [B, L, D], to undo it on the key that leaves the window.
+        self.win_rope = None
         # LoLA's sparse cache (`linearize.kernels.hybrid.sparse_cache`): its tensors by name.
         self.sparse: dict[str, torch.Tensor] | None = None
         # Head-level hybrid: the kept heads' post-RoPE keys/values [B, L, n, D], growing, and [B, L].
@@ -62,7 +97,7 @@ class LinearizedLayerCache(CacheLayerMixin):
 
     def _tensors(self) -> list[str]:
         return ["recurrent", "valid_seen", "sink_k", "sink_v", "sink_valid", "win_k", "win_v", "win_valid", "win_sink",
-                "tail_k", "tail_v", "tail_keep", "full_k", "full_v", "full_valid"]
+                "win_rope", "full_k", "full_v", "full_valid"]
 
     def _map(self, fn) -> None:
         for name in self._tensors():
@@ -105,14 +140,21 @@ class LinearizedLayerCache(CacheLayerMixin):
         sizes); the real tokens are counted in `valid_seen` as the window stores them."""
         self.seen += T
 
-    @property
-    def linear_tail(self):
-        """([keys, values], keep) of the last `window` steps not yet in the state, or None."""
-        return None if self.tail_k is None else ([self.tail_k, self.tail_v], self.tail_keep)
-
-    @linear_tail.setter
-    def linear_tail(self, tail) -> None:
-        (self.tail_k, self.tail_v), self.tail_keep = tail
+    def pending_linear(self, n: int, window: int, unrotate: bool):
+        """The n oldest of the `window` positions before the next chunk, the keys a LoLCATs
+        layer's state takes in over the chunk's first n steps (n <= window; positions before
+        the first stored one are empty): ([keys, values] [B, n, HKV, D], keep [B, n] bool, real
+        and not a sink). unrotate: undo each key's RoPE (for a feature map that reads keys
+        before it). None before the first chunk."""
+        if self.win_k is None:
+            return None
+        missing = max(window - self.win_k.shape[1], 0)
+        keep = self.win_valid & ~self.win_sink
+        xs = [self.win_k, self.win_v, keep] + ([self.win_rope] if unrotate else [])
+        xs = [_left_pad(x, missing)[:, :n] for x in xs]
+        if unrotate:
+            xs[0] = undo_rope(xs[0], xs.pop())
+        return xs[:2], xs[2]
 
     def _new_ranks(self, B: int, T: int, key_mask: torch.Tensor | None, device) -> tuple[torch.Tensor, torch.Tensor]:
         valid = torch.ones(B, T, dtype=torch.bool, device=device) if key_mask is None else key_mask.bool()
@@ -122,8 +164,11 @@ class LinearizedLayerCache(CacheLayerMixin):
         return valid, rank
 
     def store_window(self, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, *, window: int,
-                     num_sink_tokens: int) -> None:
-        """Append new post-RoPE keys/values [B, T, HKV, D]: sinks kept apart, the window trimmed."""
+                     num_sink_tokens: int, leaving: bool = False, rope=None) -> None:
+        """Append new post-RoPE keys/values [B, T, HKV, D]: sinks kept apart, the window trimmed
+        to its last `window - 1` positions, or `window` with `leaving` (the key that leaves the
+        window at the next step stays for `pending_linear`). rope: the chunk's (cos, sin)
+        [B, T, D], kept beside the keys to undo their rotation, or None."""
         B, T = k.shape[:2]
         valid, rank = self._new_ranks(B, T, key_mask, k.device)
         is_sink = valid & (rank < num_sink_tokens)
@@ -138,7 +183,9 @@ class LinearizedLayerCache(CacheLayerMixin):
                 self.sink_k[b_idx, slot] = k[b_idx, t_idx].to(self.sink_k.dtype)
                 self.sink_v[b_idx, slot] = v[b_idx, t_idx].to(self.sink_v.dtype)
                 self.sink_valid[b_idx, slot] = True
-        keep = max(window - 1, 0)
+        keep = window if leaving else max(window - 1, 0)
+        if rope is not None:
+            self.win_rope = _cat(self.win_rope, rope_halves(*rope).to(k.dtype))[:, -keep:]
         self.win_k = _cat(self.win_k, k)[:, -keep:] if keep else k[:, :0]
         self.win_v = _cat(self.win_v, v)[:, -keep:] if keep else v[:, :0]
         self.win_valid = _cat(self.win_valid, valid)[:, -keep:] if keep else valid[:, :0]
@@ -154,16 +201,21 @@ class LinearizedLayerCache(CacheLayerMixin):
         return self.full_k, self.full_v, self.full_valid
 
     def window_attention(self, q, k, v, key_mask, *, window: int, num_sink_tokens: int, sink_logits, scale: float,
-                         softcap: float | None = None):
+                         softcap: float | None = None, leaving: bool = False, rope=None):
         """Softmax of new queries [B, T, H, D] over the cached sinks and window and the new keys
-        (`kernels.cached_window_attention`), then stores the new keys/values. Returns o
-        [B, T, H, D], lse [B, T, H] (fp32) and each row's largest score m [B, T, H] (fp32)."""
-        win_mask = None if self.win_k is None else self.win_valid & ~self.win_sink
+        (`kernels.cached_window_attention`), then stores the new keys/values (`leaving`, rope:
+        see `store_window`). Returns o [B, T, H, D], lse [B, T, H] (fp32) and each row's largest
+        score m [B, T, H] (fp32)."""
+        win_k = win_v = win_mask = None
+        if self.win_k is not None:
+            reach = slice(-(window - 1), None) if window > 1 else slice(0, 0)  # the leaving key is out of reach
+            win_k, win_v = self.win_k[:, reach], self.win_v[:, reach]
+            win_mask = (self.win_valid & ~self.win_sink)[:, reach]
         out = cached_window_attention(q, k, v, window=window, num_sink_tokens=num_sink_tokens, sink_k=self.sink_k,
-                                      sink_v=self.sink_v, sink_mask=self.sink_valid, win_k=self.win_k,
-                                      win_v=self.win_v, win_mask=win_mask, seen=self.valid_seen,
-                                      sink_logits=sink_logits, scale=scale, key_mask=key_mask, softcap=softcap)
-        self.store_window(k, v, key_mask, window=window, num_sink_tokens=num_sink_tokens)
+                                      sink_v=self.sink_v, sink_mask=self.sink_valid, win_k=win_k, win_v=win_v,
+                                      win_mask=win_mask, seen=self.valid_seen, sink_logits=sink_logits, scale=scale,
+                                      key_mask=key_mask, softcap=softcap)
+        self.store_window(k, v, key_mask, window=window, num_sink_tokens=num_sink_tokens, leaving=leaving, rope=rope)
         return out
 
 

@@ -47,8 +47,10 @@ def delay_into_state(xs: list[torch.Tensor], keep: torch.Tensor, window: int, *,
     """Delay tensors by `window` steps along time: what the recurrence takes in at step t.
 
     xs: tensors [B, T, ...]; keep: [B, T] bool (which tokens may enter the state); tail: the
-    previous call's last `window` steps (xs, keep), or None for a fresh sequence.
-    Returns (delayed xs [B, T, ...] zeroed where nothing enters, delayed keep [B, T], new tail).
+    `window` steps before the call (xs, keep), or only their oldest min(T, window), all that T
+    steps read; None for a fresh sequence.
+    Returns (delayed xs [B, T, ...] zeroed where nothing enters, delayed keep [B, T], and the
+    last `window` steps, the next call's tail when the tail given was whole).
     """
     B, T = keep.shape
     if tail is None:

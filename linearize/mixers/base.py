@@ -208,17 +208,17 @@ class LinearizedAttention(nn.Module):
         key_mask = self._context.key_mask(T)
         cu_seqlens = self._context.cu_seqlens(B, T) if key_mask is None else None
         state = cache.linear_layer(self.layer_idx) if cache is not None and hasattr(cache, "linear_layer") else None
-        o = self.attention(hidden_states, q, k, v, q_rot, k_rot, key_mask, cu_seqlens, state)
+        o = self.attention(hidden_states, q, k, v, q_rot, k_rot, key_mask, cu_seqlens, state, rope=(cos, sin))
         if self.full_heads:
             o = with_full_heads(self, o, q_rot, k_rot, v, key_mask, cu_seqlens, state)
         if state is not None:
             state.advance(T)
         return o, self.o_proj(o.reshape(B, T, -1).to(hidden_states.dtype))
 
-    def attention(self, hidden, q, k, v, q_rot, k_rot, key_mask, cu_seqlens, state) -> torch.Tensor:
+    def attention(self, hidden, q, k, v, q_rot, k_rot, key_mask, cu_seqlens, state, rope=None) -> torch.Tensor:
         """The mixing rule: q, k, v before RoPE ([B, T, H | HKV, D]), q_rot, k_rot after it,
-        key_mask [B, T] or None, cu_seqlens or None, the layer's decode state or None.
-        Returns o [B, T, H, V] before o_proj."""
+        key_mask [B, T] or None, cu_seqlens or None, the layer's decode state or None, rope the
+        rotation (cos, sin) [B, T, D]. Returns o [B, T, H, V] before o_proj."""
         lin_q, lin_k = (q_rot, k_rot) if self.lconfig.linear_rope else (q, k)
         mode = self.fused_mode()
         if mode is not None and q.shape[1] > DECODE_STEP_TOKENS and (state is None or not state.has_window_past()):

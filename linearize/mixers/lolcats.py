@@ -25,8 +25,8 @@ state reproduces worst stay exact beside the window instead of entering the stat
 Kernels: the window op (with its log-denominator), the row max of its scores and the GLA over
 the delayed keys, each through the dispatcher (Triton on CUDA for the window and the GLA);
 the fused hybrid kernel implements the Liger mix and the shared-denominator option, not
-this rule. Decoding keeps the last `window` keys (before the feature map, per KV head) and
-values beside the window cache, and maps each key into the state as it leaves the window.
+this rule. Decoding reads each key and value from the window cache as it leaves the window
+(undoing its RoPE when the feature map reads keys before it) and maps it into the state.
 """
 from __future__ import annotations
 
@@ -72,22 +72,22 @@ class LolcatsAttention(LinearizedAttention):
         lam = lam.to(torch.promote_types(lam.dtype, torch.float32))
         return lam + (lam.clamp_min(0) - lam).detach()
 
-    def attention(self, hidden, q, k, v, q_rot, k_rot, key_mask, cu_seqlens, state) -> torch.Tensor:
+    def attention(self, hidden, q, k, v, q_rot, k_rot, key_mask, cu_seqlens, state, rope=None) -> torch.Tensor:
         cfg = self.lconfig
         if cfg.mixing != "lolcats":
-            return super().attention(hidden, q, k, v, q_rot, k_rot, key_mask, cu_seqlens, state)
+            return super().attention(hidden, q, k, v, q_rot, k_rot, key_mask, cu_seqlens, state, rope)
         B, T = q.shape[:2]
         lin_q, lin_k = (q_rot, k_rot) if cfg.linear_rope else (q, k)
         if cfg.sparse_cache:
             return self.sparse_attention(hidden, lin_q, lin_k, k, q_rot, k_rot, v, key_mask, cu_seqlens, state)
         seen = None if state is None else state.valid_seen
         keep = linear_key_mask(B, T, cfg.num_sink_tokens, key_mask, cu_seqlens, seen, device=q.device)
-        o_win, lse, m = self.window_with_max(q_rot, k_rot, v, key_mask, cu_seqlens, state)
-        tail = None if state is None else state.linear_tail
-        # the keys wait out the window unmapped ([B, W, HKV, D] in a decode cache, not the
-        # [B, W, Hs, F] of their features) and are mapped as they enter the state
-        (k_late, v_in), kept, new_tail = delay_into_state([lin_k, v], keep, self.window_now(state), tail=tail,
-                                                          cu_seqlens=cu_seqlens)
+        window = self.window_now(state)
+        # a decode cache's window holds the keys waiting to enter the state (unmapped, [B, W,
+        # HKV, D], not the [B, W, Hs, F] of their features): they are mapped as they enter
+        tail = None if state is None else state.pending_linear(min(T, window), window, unrotate=not cfg.linear_rope)
+        o_win, lse, m = self.window_with_max(q_rot, k_rot, v, key_mask, cu_seqlens, state, rope)
+        (k_late, v_in), kept, _ = delay_into_state([lin_k, v], keep, window, tail=tail, cu_seqlens=cu_seqlens)
         fq, k_in, g = self.linear_inputs(hidden, lin_q, k_late, k)
         k_in = k_in * kept.to(k_in.dtype)[..., None, None]
         initial = None if state is None else state.recurrent
@@ -95,7 +95,7 @@ class LolcatsAttention(LinearizedAttention):
         num, den, final = linear_recurrence(fq, k_in, v_in, g, keep=kept, key_mask=key_mask, cu_seqlens=cu_seqlens,
                                             initial_state=initial, output_final_state=state is not None, step=step)
         if state is not None:
-            state.recurrent, state.linear_tail = final, new_tail
+            state.recurrent = final
         return combine_past_window(o_win, lse, m, num, den, self.window_factor(), self.linear_factor())
 
     def sparse_attention(self, hidden, lin_q, lin_k, k_raw, q_rot, k_rot, v, key_mask, cu_seqlens, state):
@@ -116,16 +116,18 @@ class LolcatsAttention(LinearizedAttention):
         return o
 
     def extra_state_bytes(self) -> int:
-        """The delayed keys and values waiting to enter the state: window x 2 x HKV x D
-        elements; with the sparse cache instead the cached pairs, sparse_cache x Hs x 3 D (RoPE'd
-        and unmapped keys, values), and the recent tokens waiting for a selection."""
+        """Beyond the window cache: the key and value that leave it next (2 x HKV x D elements)
+        and, with the feature map before RoPE, each window position's rotation (window x D);
+        with the sparse cache instead the cached pairs, sparse_cache x Hs x 3 D (RoPE'd and
+        unmapped keys, values), and the recent tokens waiting for a selection."""
         cfg = self.lconfig
         if cfg.mixing != "lolcats":
             return 0
         elem = self.o_proj.weight.element_size()
         feat = self.linearize_feature_map_k.out_dim
-        if not cfg.sparse_cache:
-            return cfg.window * 2 * self.num_kv_heads * self.head_dim * elem
+        if not cfg.sparse_cache:  # the window's one more position, and the rotation of each
+            return 2 * self.num_kv_heads * self.head_dim * elem + (0 if cfg.linear_rope else
+                                                                   cfg.window * self.head_dim * elem)
         gate_width = 4 * (feat if cfg.gate == "liger" else 1)  # fp32 cumulative log gate per token and head
         cached = cfg.sparse_cache * self.state_heads * (3 * self.head_dim * elem + gate_width + 8 + 1)
         # recent tokens: up to window + block - 1 unmapped keys and gates, and the keys and
@@ -135,17 +137,20 @@ class LolcatsAttention(LinearizedAttention):
         beyond = cfg.sparse_block * 2 * self.num_kv_heads * self.head_dim * elem
         return cached + recent + beyond
 
-    def window_with_max(self, q, k, v, key_mask, cu_seqlens, state):
-        """The window's softmax output [B, T, H, V], log-denominator and row max [B, T, H]."""
+    def window_with_max(self, q, k, v, key_mask, cu_seqlens, state, rope):
+        """The window's softmax output [B, T, H, V], log-denominator and row max [B, T, H]. A
+        decode state keeps the key that leaves the window next, and with the feature map
+        before RoPE each position's rotation (rope: (cos, sin) [B, T, D])."""
         cfg = self.lconfig
         win = dict(window=self.window_now(state), num_sink_tokens=cfg.num_sink_tokens)
+        stored = dict(leaving=True, rope=None if cfg.linear_rope else rope)
         if state is not None and state.has_window_past():
             return state.window_attention(q, k, v, key_mask, sink_logits=None, scale=self.scaling,
-                                          softcap=self.softcap, **win)
+                                          softcap=self.softcap, **win, **stored)
         o, lse = sliding_window_attention(q, k, v, scale=self.scaling, key_mask=key_mask, cu_seqlens=cu_seqlens,
                                           need_lse=True, softcap=self.softcap, **win)
         m = window_max_score(q, k, scale=self.scaling, key_mask=key_mask, cu_seqlens=cu_seqlens,
                              softcap=self.softcap, **win)
         if state is not None:
-            state.store_window(k, v, key_mask, **win)
+            state.store_window(k, v, key_mask, **win, **stored)
         return o, lse, m

@@ -21,6 +21,8 @@ parameter's dtype and device):
 - sink logits [H, M]: N(0, 1), each (head, slot) its own value, comparable to window scores.
 - learned branch weights [H]: U(0.3, 1.2) each, window and linear independently.
 - LoLCATs linear logit [H]: N(-1, 1).
+- LoLCATs' learned linear factor [H] (init baseline, clamped at 0): U(0.3, 1.2), so that no
+  head's linear branch is switched off (a noise-level gradient could then not be compared).
 - anything else whose name starts with `linearize_`: its value plus N(0, 0.3^2) per entry
   (so a parameter added later is still moved off its initialisation).
 """
@@ -61,6 +63,8 @@ def _value(name: str, p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         return _uniform(gen, shape, 0.3, 1.2)
     if name == "linearize_linear_logit":
         return _normal(gen, shape, mean=-1.0)
+    if name == "linearize_linear_factor":
+        return _uniform(gen, shape, 0.3, 1.2)
     return p.detach().float().cpu() + _normal(gen, shape, std=0.3)
 
 

@@ -12,6 +12,9 @@ CASES = {
     "lizard": dict(method="lizard", window=6),
     "lolcats": dict(method="lolcats", window=6),
     "lolcats-sinks-gate-baseline": dict(method="lolcats", window=6, num_sink_tokens=2, gate="scalar", init="baseline"),
+    "lolcats-norope": dict(method="lolcats", window=6, num_sink_tokens=2, gate="mamba2", init="baseline",
+                           linear_rope=False),
+    "lolcats-norope-shared-state": dict(method="lolcats", window=5, linear_rope=False, share_state_across_group=True),
     "lolcats-shared-state": dict(method="lolcats", window=5, share_state_across_group=True, num_sink_tokens=1),
     "lolcats-sparse-cache": dict(method="lolcats", window=4, num_sink_tokens=1, gate="mamba2", init="baseline",
                                  sparse_cache=3, sparse_block=4),
@@ -176,7 +179,8 @@ def test_mixer_accepts_both_cache_argument_names(make_tiny_model):
     assert torch.equal(outs[0], outs[1])
 
 
-@pytest.mark.parametrize("case", ["lolcats", "lolcats-sinks-gate-baseline", "liger-gla", "lizard", "gated-deltanet"])
+@pytest.mark.parametrize("case", ["lolcats", "lolcats-sinks-gate-baseline", "lolcats-norope", "liger-gla", "lizard",
+                                  "gated-deltanet"])
 def test_reported_state_bytes_equal_the_cache(make_tiny_model, case):
     """`linearize info`'s decode-state bytes are what the cache holds after a long prompt
     (keys, values and states; the one-byte validity flags and token counts left out)."""
@@ -189,3 +193,36 @@ def test_reported_state_bytes_equal_the_cache(make_tiny_model, case):
     held = sum(t.nbytes for layer in cache.layers for name in layer._tensors()
                if (t := getattr(layer, name)) is not None and t.is_floating_point())
     assert held == summarize(model, contexts=(40,)).state_bytes[40]
+
+
+def test_lolcats_keeps_no_second_copy_of_the_window(make_tiny_model):
+    """LoLCATs reads the keys and values that leave the window from the window cache: beyond
+    it, a layer holds one more position and, with the feature map before RoPE, the half
+    cos/sin of each window position (not a copy of its keys and values)."""
+    model = linearize.convert(make_tiny_model("llama", num_hidden_layers=1), method="lolcats", window=6,
+                              linear_rope=False)
+    cache = LinearizeCache(model)
+    with torch.no_grad():
+        model(torch.randint(1, 128, (1, 20)), cache=cache)
+    layer = cache.layers[0]
+    assert layer.win_k.shape[1] == layer.win_v.shape[1] == layer.win_rope.shape[1] == 6
+    assert layer.win_rope.shape[-1] == layer.win_k.shape[-1]
+    assert not any(name.startswith("tail") for name in vars(layer))
+
+
+def test_undo_rope_inverts_the_rotation_in_fp64():
+    """`undo_rope` recovers the key before `apply_rope` for any positions, including a scaled
+    rotation (YaRN's attention factor multiplies cos and sin)."""
+    from linearize.cache import rope_halves, undo_rope
+    from linearize.mixers.base import apply_rope
+
+    gen = torch.Generator().manual_seed(0)
+    k = torch.randn(2, 7, 3, 16, generator=gen, dtype=torch.float64)
+    angles = torch.rand(2, 7, 8, generator=gen, dtype=torch.float64) * 100
+    emb = torch.cat([angles, angles], dim=-1)
+    for factor in (1.0, 1.3):
+        cos, sin = emb.cos() * factor, emb.sin() * factor
+        back = undo_rope(apply_rope(k, cos, sin), rope_halves(cos, sin).double())
+        assert ((back - k).norm() / k.norm()).item() < 1e-6  # undo_rope computes in fp32
+    with pytest.raises(ValueError, match="linear_rope=True"):
+        rope_halves(torch.randn(1, 2, 16), torch.randn(1, 2, 16))

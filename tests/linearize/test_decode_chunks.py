@@ -27,6 +27,9 @@ CASES = {
     "lolcats": dict(method="lolcats", window=WINDOW),
     "lolcats-sinks-gate-baseline": dict(method="lolcats", window=WINDOW, num_sink_tokens=2, gate="scalar",
                                         init="baseline"),
+    # the shipped conversion without LoLA: feature maps before RoPE, so decoding undoes the
+    # rotation of each key that leaves the cached window
+    "lolcats-norope-gate-sinks": dict(method="lolcats", window=WINDOW, init="baseline", gate="mamba2", linear_rope=False, num_sink_tokens=2),
     "lolcats-sparse-cache": dict(method="lolcats", window=4, num_sink_tokens=1, sparse_cache=3, sparse_block=4),
     "window-sinks": dict(method="window-sinks", window=WINDOW, num_sink_tokens=2),
     "gated-deltanet": dict(method="gated-deltanet", window=WINDOW),

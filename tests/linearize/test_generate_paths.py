@@ -39,6 +39,9 @@ BEAM_CASES = {
     "liger-gla": dict(method="liger-gla", window=WINDOW),
     "lizard": dict(method="lizard", window=WINDOW, num_sink_tokens=2),
     "lolcats": dict(method="lolcats", window=WINDOW),
+    # the shipped conversion without LoLA: feature maps before RoPE, so decoding undoes the
+    # rotation of each key that leaves the cached window
+    "lolcats-norope-gate-sinks": dict(method="lolcats", window=WINDOW, init="baseline", gate="mamba2", linear_rope=False, num_sink_tokens=2),
     "gated-deltanet": dict(method="gated-deltanet", window=WINDOW),
     "window-sinks": dict(method="window-sinks", window=WINDOW, num_sink_tokens=2),
     "hybrid-liger-gla-recurrent": dict(method="liger-gla", window=0, gate="mamba2", softmax_layers=[1]),

@@ -22,6 +22,9 @@ CASES = {
     "liger-hgrn2": dict(method="liger-hgrn2", window=WINDOW),
     "lizard": dict(method="lizard", window=WINDOW),
     "lolcats": dict(method="lolcats", window=WINDOW),
+    # the shipped conversion without LoLA: feature maps before RoPE, so decoding undoes the
+    # rotation of each key that leaves the cached window
+    "lolcats-norope-gate-sinks": dict(method="lolcats", window=WINDOW, init="baseline", gate="mamba2", linear_rope=False, num_sink_tokens=2),
     "window-sinks": dict(method="window-sinks", window=WINDOW),
     "liger-gla-recurrent": dict(method="liger-gla", window=0, gate="mamba2"),
     "lizard-recurrent": dict(method="lizard", window=0),
