@@ -17,6 +17,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from .kernels import cached_window_attention
+from .kernels.rope import rope_halves, undo_rope
 from .state import linearize_state
 
 
@@ -27,30 +28,6 @@ def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
 def _left_pad(x: torch.Tensor, n: int) -> torch.Tensor:
     """x [B, L, ...] with n zeros (False) before its first position."""
     return torch.cat([x.new_zeros(x.shape[0], n, *x.shape[2:]), x], dim=1) if n else x
-
-
-def rope_halves(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """[cos | sin] first halves [B, T, D] of a Llama-convention rotation (cos, sin [B, T, D],
-    whose two halves are equal). Refuses a rotation whose halves differ: undoing it would
-    need all of it."""
-    h = cos.shape[-1] // 2
-    if not (torch.equal(cos[..., :h], cos[..., h:]) and torch.equal(sin[..., :h], sin[..., h:])):
-        raise ValueError("this model's rotary embedding has cos/sin halves that differ, which the LoLCATs decode "
-                         "cache cannot undo from half of them; convert with linear_rope=True (feature maps after "
-                         "RoPE) to decode it")
-    return torch.cat([cos[..., :h], sin[..., :h]], dim=-1)
-
-
-def undo_rope(k: torch.Tensor, halves: torch.Tensor) -> torch.Tensor:
-    """The key before RoPE: k [B, L, HKV, D] rotated by `rope_halves` [B, L, D] (x * cos +
-    rotate_half(x) * sin, a rotation of each channel pair scaled by cos^2 + sin^2), undone in fp32;
-    returns k's dtype."""
-    h = k.shape[-1] // 2
-    c, s = halves.float()[:, :, None, :h], halves.float()[:, :, None, h:]
-    k1, k2 = k.float()[..., :h], k.float()[..., h:]
-    scale = c * c + s * s
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an empty position: zeros stay zeros
-    return (torch.cat([k1 * c + k2 * s, k2 * c - k1 * s], dim=-1) / scale.repeat(1, 1, 1, 2)).to(k.dtype)
 
 
 class LinearizedLayerCache(CacheLayerMixin):

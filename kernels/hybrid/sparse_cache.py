@@ -14,7 +14,8 @@ becomes a candidate beside the pairs already cached. Each candidate's self-recal
     e_j = || v_j - S_a phi(k_j) / (z_a . phi(k_j)) ||      (prediction 0 while z_a . phi(k_j) = 0)
 
 is measured against the state as it is at a. The `budget` largest errors stay exact (ties: the
-earlier token); the others enter the state with the decay they would carry had they entered
+earlier token; a repeated token whose keys were computed in different calls can differ from
+its twin by rounding and break the tie either way); the others enter the state with the decay they would carry had they entered
 when they left the window, exp(L_a - L_{j + window}) with L the cumulative log gate. Between
 selections the waiting tokens stay exact, so a query sees between `window` and
 `window + block - 1` recent tokens exactly. `budget=0, block=1` is LoLCATs' past-window hybrid;
@@ -30,11 +31,15 @@ the model has one, decays the state and the candidates as above (LoLA has no gat
 
 Keys are mapped to features only where a selection reads them: the state keeps the unmapped
 keys of the recent tokens per KV head (not their features per state head, several times larger)
-and applies `key_map` to the candidates of each selection.
+and applies `key_map` to the candidates of each selection. Where k is kl rotated (the feature
+map reads keys before RoPE), the caller may pass the rotation (`k_rope`): the state then keeps
+the recent tokens' unmapped keys and their rotation's half cos/sin ([R, D]) instead of a second
+copy of their keys ([R, HKV, D]), and redoes the rotation bit for bit where the softmax reads them.
 
 The decode state (`state`, a dict of tensors, batch-first) holds per row: `seen` [B];
 `sink_k`, `sink_v` [B, S, HKV, D]; the recent tokens `recent_k`, `recent_v`, `recent_kl`
-[B, R, HKV, D], `recent_L` [B, R, Hs, Fg] (left-aligned, `recent_len` [B] valid,
+[B, R, HKV, D] (with `k_rope`, `recent_rope` [B, R, D] in place of `recent_k`), `recent_L`
+[B, R, Hs, Fg] (left-aligned, `recent_len` [B] valid,
 R <= window + block - 1); the cached pairs `sel_k`, `sel_v`, `sel_kl` [B, G, Hs, D], `sel_L`
 [B, G, Hs, Fg], `sel_rank` [B, G, Hs], `sel_valid` [B, G, Hs]; the state `S` [B, Hs, F, Dv],
 `z` [B, Hs, F] and the log gates `L_state`, `L_last` [B, Hs, Fg] at its last update and at the
@@ -44,6 +49,7 @@ from __future__ import annotations
 
 import torch
 
+from ..rope import redo_rope
 from ..utils import soft_cap
 from .past_window import combine_past_window
 
@@ -52,7 +58,8 @@ _LAST = torch.iinfo(torch.long).max
 
 def sparse_past_window_attention(q, k, v, fq, kl, g, *, key_map, state_heads: int, window: int, num_sink_tokens: int,
                                  budget: int, block: int, scale: float, window_factor, linear_factor=1.0, key_mask=None,
-                                 cu_seqlens=None, state: dict | None = None, softcap: float | None = None):
+                                 cu_seqlens=None, state: dict | None = None, softcap: float | None = None,
+                                 k_rope: torch.Tensor | None = None):
     """The past-window hybrid with a sparse cache of `budget` exact pairs per state head.
 
     q: [B, T, H, D] and k: [B, T, HKV, D] RoPE'd, for the softmax; v: [B, T, HKV, Dv];
@@ -63,7 +70,8 @@ def sparse_past_window_attention(q, k, v, fq, kl, g, *, key_map, state_heads: in
     linear_factor (lam): [H] or scalars. key_mask: [B, T] real tokens (padding is skipped);
     cu_seqlens: packed sequences (B = 1), each with a fresh state (no `state` then).
     state: the previous call's state dict or None for fresh sequences. softcap: the exact
-    scores' cap c * tanh(s / c) (Gemma-2), None = none.
+    scores' cap c * tanh(s / c) (Gemma-2), None = none. k_rope: [B, T, D] the `rope_halves` of
+    the rotation that made k from kl, or None (the state then keeps k as well as kl).
     Returns o [B, T, H, Dv] (fp32, fp64 stays; 0 at padding) and the new state dict.
     """
     B, T, H, _ = q.shape
@@ -79,7 +87,10 @@ def sparse_past_window_attention(q, k, v, fq, kl, g, *, key_map, state_heads: in
         g = g[..., None]
     g = g.repeat_interleave(Hs // g.shape[2], dim=2)
     spec = dict(window=window, sinks=num_sink_tokens, budget=budget, block=block, scale=scale, softcap=softcap,
-                gamma=window_factor, lam=linear_factor, H=H, Hs=Hs, key_map=key_map)
+                gamma=window_factor, lam=linear_factor, H=H, Hs=Hs, key_map=key_map,
+                recent_key="recent_k" if k_rope is None else "recent_rope")
+    if k_rope is not None:
+        k = k_rope  # what the state keeps of k
     o = q.new_zeros(B, T, H, v.shape[-1], dtype=acc)
     if cu_seqlens is not None:
         bounds = cu_seqlens.tolist()
@@ -102,16 +113,16 @@ def sparse_past_window_attention(q, k, v, fq, kl, g, *, key_map, state_heads: in
 def _fresh_row(xs, spec, acc) -> dict:
     """An empty row state shaped like the inputs xs = [q, k, v, fq, kl, g] ([1, T, ...])."""
     _, k, v, fq, kl, g = xs
-    HKV, D, Dv, Dl = k.shape[2], k.shape[3], v.shape[3], kl.shape[3]
+    HKV, D, Dv, Dl = kl.shape[2], kl.shape[3], v.shape[3], kl.shape[3]
     Hs, F, Fg = spec["Hs"], fq.shape[3], g.shape[3]
     G = spec["budget"]
     dev = k.device
     return {
         "seen": 0,
         "sink_k": k.new_zeros(0, HKV, D), "sink_v": v.new_zeros(0, HKV, Dv),
-        "recent_k": k.new_zeros(0, HKV, D), "recent_v": v.new_zeros(0, HKV, Dv),
+        spec["recent_key"]: k.new_zeros(0, *k.shape[2:]), "recent_v": v.new_zeros(0, HKV, Dv),
         "recent_kl": kl.new_zeros(0, HKV, Dl), "recent_L": torch.zeros(0, Hs, Fg, dtype=acc, device=dev),
-        "sel_k": k.new_zeros(G, Hs, D), "sel_v": v.new_zeros(G, Hs, Dv), "sel_kl": kl.new_zeros(G, Hs, Dl),
+        "sel_k": kl.new_zeros(G, Hs, D), "sel_v": v.new_zeros(G, Hs, Dv), "sel_kl": kl.new_zeros(G, Hs, Dl),
         "sel_L": torch.zeros(G, Hs, Fg, dtype=acc, device=dev),
         "sel_rank": torch.full((G, Hs), _LAST, dtype=torch.long, device=dev),
         "sel_valid": torch.zeros(G, Hs, dtype=torch.bool, device=dev),
@@ -142,12 +153,14 @@ def _run_row(q, k, v, fq, kl, g, st, spec):
 
 
 def _append(st, a, k, v, kl, L, spec) -> None:
-    """Tokens at ranks a, a+1, ...: sink ranks to the sinks, the rest to the recent tokens."""
+    """Tokens at ranks a, a+1, ...: sink ranks to the sinks, the rest to the recent tokens
+    (k: the RoPE'd keys, or with `k_rope` their rotation)."""
     n_sink = max(0, min(spec["sinks"] - a, k.shape[0]))
     if n_sink:
-        st["sink_k"] = torch.cat([st["sink_k"], k[:n_sink]])
+        sink_k = k[:n_sink] if spec["recent_key"] == "recent_k" else redo_rope(kl[None, :n_sink], k[None, :n_sink])[0]
+        st["sink_k"] = torch.cat([st["sink_k"], sink_k.to(st["sink_k"].dtype)])
         st["sink_v"] = torch.cat([st["sink_v"], v[:n_sink]])
-    for name, x in (("recent_k", k), ("recent_v", v), ("recent_kl", kl), ("recent_L", L)):
+    for name, x in ((spec["recent_key"], k), ("recent_v", v), ("recent_kl", kl), ("recent_L", L)):
         st[name] = torch.cat([st[name], x[n_sink:].to(st[name].dtype)])
     st["seen"] = a + k.shape[0]
 
@@ -156,12 +169,19 @@ def _to_state_heads(x: torch.Tensor, Hs: int) -> torch.Tensor:
     return x.repeat_interleave(Hs // x.shape[1], dim=1)
 
 
+def _recent_keys(st, n: int | None = None) -> torch.Tensor:
+    """The first n (default all) recent tokens' RoPE'd keys [n, HKV, D]."""
+    if "recent_k" in st:
+        return st["recent_k"][:n]
+    return redo_rope(st["recent_kl"][None, :n], st["recent_rope"][None, :n])[0]
+
+
 def _select(st, a, L_a, spec) -> None:
     """The selection before the queries at rank a: the pending tokens and the cached pairs
     compete; the `budget` worst reproduced stay exact, the rest enter the state."""
     W, G, Hs = spec["window"], spec["budget"], spec["Hs"]
-    start = st["seen"] - st["recent_k"].shape[0]  # rank of the first recent token
-    P = min(max(0, a - W - start + 1), st["recent_k"].shape[0])
+    start = st["seen"] - st["recent_kl"].shape[0]  # rank of the first recent token
+    P = min(max(0, a - W - start + 1), st["recent_kl"].shape[0])
     if P == 0:
         return
     decay = torch.exp(L_a - st["L_state"])  # [Hs, Fg]
@@ -171,7 +191,7 @@ def _select(st, a, L_a, spec) -> None:
     L_buf = torch.cat([st["recent_L"], L_a[None]])
     acc = S.dtype
     cand = {
-        "k": torch.cat([st["sel_k"], _to_state_heads(st["recent_k"][:P], Hs).to(st["sel_k"].dtype)]),
+        "k": torch.cat([st["sel_k"], _to_state_heads(_recent_keys(st, P), Hs).to(st["sel_k"].dtype)]),
         "v": torch.cat([st["sel_v"], _to_state_heads(st["recent_v"][:P], Hs).to(st["sel_v"].dtype)]),
         "kl": torch.cat([st["sel_kl"], _to_state_heads(st["recent_kl"][:P], Hs).to(st["sel_kl"].dtype)]),
         "L": torch.cat([st["sel_L"], L_buf[leave]]),
@@ -198,7 +218,7 @@ def _select(st, a, L_a, spec) -> None:
         st["sel_" + name] = torch.gather(x, 0, keep.reshape(*keep.shape, *([1] * (x.dim() - 2))).expand(G, *x.shape[1:]))
     st["sel_valid"] = torch.gather(top, 0, keep)
     st["sel_rank"] = torch.where(st["sel_valid"], st["sel_rank"], torch.full_like(st["sel_rank"], _LAST))
-    for name in ("recent_k", "recent_v", "recent_kl", "recent_L"):
+    for name in (spec["recent_key"], "recent_v", "recent_kl", "recent_L"):
         st[name] = st[name][P:]
 
 
@@ -210,13 +230,13 @@ def _attend(st, a, q, fq, L, spec):
     acc = st["S"].dtype
     qpos = a + torch.arange(n, device=q.device)
     n_sink = st["sink_k"].shape[0]
-    start = st["seen"] - st["recent_k"].shape[0]
+    start = st["seen"] - st["recent_kl"].shape[0]
     to_q = lambda x: x.repeat_interleave(H // x.shape[1], dim=1).to(acc)  # noqa: E731 (heads -> query heads)
-    keys = torch.cat([to_q(st["sink_k"]), to_q(st["sel_k"]), to_q(st["recent_k"])])
+    keys = torch.cat([to_q(st["sink_k"]), to_q(st["sel_k"]), to_q(_recent_keys(st))])
     values = torch.cat([to_q(st["sink_v"]), to_q(st["sel_v"]), to_q(st["recent_v"])])
     sink_ok = (torch.arange(n_sink, device=q.device)[None, :] <= qpos[:, None])[:, None, :].expand(n, H, -1)
     sel_ok = to_q(st["sel_valid"][..., None])[..., 0].T[None].expand(n, H, -1).bool()
-    rec_rank = start + torch.arange(st["recent_k"].shape[0], device=q.device)
+    rec_rank = start + torch.arange(st["recent_kl"].shape[0], device=q.device)
     rec_ok = (rec_rank[None, :] <= qpos[:, None])[:, None, :].expand(n, H, -1)
     allowed = torch.cat([sink_ok, sel_ok, rec_ok], dim=-1)  # [n, H, N]
     scores = soft_cap(torch.einsum("qhd,nhd->qhn", q.to(acc), keys) * spec["scale"], spec["softcap"])
@@ -233,18 +253,18 @@ def _attend(st, a, q, fq, L, spec):
 
 
 # -- the batched decode state ----------------------------------------------------------------
-_ROW_TENSORS = ("sink_k", "sink_v", "recent_k", "recent_v", "recent_kl", "recent_L")
+_ROW_TENSORS = ("sink_k", "sink_v", "recent_k", "recent_rope", "recent_v", "recent_kl", "recent_L")
 
 
 def _pack(rows: list[dict], spec) -> dict:
     """Row states -> one dict of batch-first tensors (variable lengths padded, counts kept)."""
     out = {"seen": torch.tensor([r["seen"] for r in rows], device=rows[0]["S"].device)}
-    for name in _ROW_TENSORS:
+    for name in (n for n in _ROW_TENSORS if n in rows[0]):
         longest = max(r[name].shape[0] for r in rows)
         out[name] = torch.stack([torch.cat([r[name], r[name].new_zeros(longest - r[name].shape[0], *r[name].shape[1:])])
                                  for r in rows])
     out["sink_len"] = torch.tensor([r["sink_k"].shape[0] for r in rows], device=out["seen"].device)
-    out["recent_len"] = torch.tensor([r["recent_k"].shape[0] for r in rows], device=out["seen"].device)
+    out["recent_len"] = torch.tensor([r["recent_kl"].shape[0] for r in rows], device=out["seen"].device)
     for name in ("sel_k", "sel_v", "sel_kl", "sel_L", "sel_rank", "sel_valid", "S", "z", "L_state", "L_last"):
         out[name] = torch.stack([r[name] for r in rows])
     return out
@@ -253,7 +273,7 @@ def _pack(rows: list[dict], spec) -> dict:
 def _unpack_row(state: dict, b: int) -> dict:
     row = {name: x[b] for name, x in state.items() if name not in ("seen", "sink_len", "recent_len")}
     row["seen"] = int(state["seen"][b])
-    for name in _ROW_TENSORS:
+    for name in (n for n in _ROW_TENSORS if n in row):
         size = int(state["sink_len" if name.startswith("sink") else "recent_len"][b])
         row[name] = row[name][:size]
     return row

@@ -37,6 +37,7 @@ import torch.nn as nn
 
 from ..kernels import (combine_past_window, delay_into_state, linear_key_mask, linear_recurrence,
                        sliding_window_attention, sparse_past_window_attention, window_max_score)
+from ..kernels.rope import rope_halves
 from ..methods import Lolcats
 from .base import DECODE_STEP_TOKENS, LinearizedAttention
 
@@ -79,7 +80,7 @@ class LolcatsAttention(LinearizedAttention):
         B, T = q.shape[:2]
         lin_q, lin_k = (q_rot, k_rot) if cfg.linear_rope else (q, k)
         if cfg.sparse_cache:
-            return self.sparse_attention(hidden, lin_q, lin_k, k, q_rot, k_rot, v, key_mask, cu_seqlens, state)
+            return self.sparse_attention(hidden, lin_q, lin_k, k, q_rot, k_rot, v, key_mask, cu_seqlens, state, rope)
         seen = None if state is None else state.valid_seen
         keep = linear_key_mask(B, T, cfg.num_sink_tokens, key_mask, cu_seqlens, seen, device=q.device)
         window = self.window_now(state)
@@ -98,15 +99,18 @@ class LolcatsAttention(LinearizedAttention):
             state.recurrent = final
         return combine_past_window(o_win, lse, m, num, den, self.window_factor(), self.linear_factor())
 
-    def sparse_attention(self, hidden, lin_q, lin_k, k_raw, q_rot, k_rot, v, key_mask, cu_seqlens, state):
+    def sparse_attention(self, hidden, lin_q, lin_k, k_raw, q_rot, k_rot, v, key_mask, cu_seqlens, state, rope):
         """With LoLA's sparse cache (`sparse_cache` > 0): the exact tokens are the sinks, the
         window (+ those waiting for the next selection) and the cached pairs. Meant for
-        inference (distill refuses it: the selection has no gradient of its own)."""
+        inference (distill refuses it: the selection has no gradient of its own). With the
+        feature map before RoPE, the state keeps the waiting keys before RoPE and their
+        rotation (rope: (cos, sin) [B, T, D]) rather than the keys twice."""
         cfg = self.lconfig
         fq, g = self.linearize_feature_map_q(lin_q), self.log_gate(hidden, k_raw, self.state_heads)
         previous = None if state is None else state.sparse
+        k_rope = None if cfg.linear_rope else rope_halves(*rope).to(k_rot.dtype)
         o, new = sparse_past_window_attention(
-            q_rot, k_rot, v, fq, lin_k, g, key_map=lambda x: self.linearize_feature_map_k(x).to(fq.dtype),
+            q_rot, k_rot, v, fq, lin_k, g, k_rope=k_rope, key_map=lambda x: self.linearize_feature_map_k(x).to(fq.dtype),
             state_heads=self.state_heads, window=cfg.window, num_sink_tokens=cfg.num_sink_tokens,
             budget=cfg.sparse_cache, block=cfg.sparse_block, scale=self.scaling, window_factor=self.window_factor(),
             linear_factor=self.linear_factor(), key_mask=key_mask, cu_seqlens=cu_seqlens, state=previous,
@@ -130,10 +134,12 @@ class LolcatsAttention(LinearizedAttention):
                                                                    cfg.window * self.head_dim * elem)
         gate_width = 4 * (feat if cfg.gate == "liger" else 1)  # fp32 cumulative log gate per token and head
         cached = cfg.sparse_cache * self.state_heads * (3 * self.head_dim * elem + gate_width + 8 + 1)
-        # recent tokens: up to window + block - 1 unmapped keys and gates, and the keys and
-        # values of up to `block` tokens beyond the window's (which the base count holds)
-        recent = (cfg.window + cfg.sparse_block - 1) * (self.num_kv_heads * self.head_dim * elem
-                                                        + self.state_heads * gate_width)
+        # recent tokens: up to window + block - 1 unmapped keys (with the feature map before
+        # RoPE, their rotation's half cos/sin: the RoPE'd keys are redone from them) and gates,
+        # and the keys and values of up to `block` tokens beyond the window's (which the base
+        # count holds)
+        unmapped = self.head_dim * elem * (1 if not cfg.linear_rope else self.num_kv_heads)
+        recent = (cfg.window + cfg.sparse_block - 1) * (unmapped + self.state_heads * gate_width)
         beyond = cfg.sparse_block * 2 * self.num_kv_heads * self.head_dim * elem
         return cached + recent + beyond
 

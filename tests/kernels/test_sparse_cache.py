@@ -34,8 +34,8 @@ def make(B=2, T=23, H=4, HKV=2, Hs=4, D=8, F=6, gate="scalar", seed=0):
 
 
 def run(q, k, v, fq, kl, g, gamma, state=None, key_mask=None, cu_seqlens=None, Hs=4, kmap=None, **kw):
-    g0 = torch.zeros(*kl.shape[:2], Hs, dtype=kl.dtype) if g is None else g
-    return sparse_past_window_attention(q, k, v, fq, kl, g0, key_map=kmap or key_map(Hs, kl.shape[-1]), state_heads=Hs,
+    g0 = torch.zeros(*k.shape[:2], Hs, dtype=k.dtype) if g is None else g
+    return sparse_past_window_attention(q, k, v, fq, kl, g0, key_map=kmap or key_map(Hs, k.shape[-1]), state_heads=Hs,
                                         scale=q.shape[-1] ** -0.5, window_factor=gamma, linear_factor=0.7,
                                         key_mask=key_mask, cu_seqlens=cu_seqlens, state=state, **kw)
 
@@ -124,3 +124,32 @@ def test_the_cache_keeps_the_pairs_the_state_reproduces_worst():
     flat = lambda x: torch.full((*x.shape[:3], fq.shape[-1]), 1.0 / fq.shape[-1], dtype=x.dtype)  # noqa: E731
     _, state = run(q, k, v, fq, kl, g, gamma, window=4, num_sink_tokens=0, budget=1, block=4, Hs=1, kmap=flat)
     assert state["sel_valid"][0, 0, 0] and int(state["sel_rank"][0, 0, 0]) == 10
+
+
+@pytest.mark.parametrize("splits", [[23], [1] * 23, [5, 1, 1, 9, 7]])
+def test_a_state_keeping_the_rotation_instead_of_the_roped_keys_gives_the_same_bits(splits):
+    """k_rope: k is kl rotated (Llama convention, scaled as YaRN scales it); the state keeps
+    each recent token's half cos/sin instead of its RoPE'd keys and redoes the rotation with the
+    same operations, so every split gives exactly what the state keeping k gives."""
+    q, _, v, fq, kl, g, gamma = make(gate="scalar", Hs=2)
+    gen = torch.Generator().manual_seed(5)
+    angles = torch.rand(2, 23, 4, generator=gen, dtype=torch.float64) * 30
+    c, s = angles.cos() * 1.2, angles.sin() * 1.2
+    cos, sin = torch.cat([c, c], dim=-1)[:, :, None], torch.cat([s, s], dim=-1)[:, :, None]
+    k1, k2 = kl.chunk(2, dim=-1)
+    k = kl * cos + torch.cat([-k2, k1], dim=-1) * sin
+    halves = torch.cat([c, s], dim=-1)
+    spec = dict(window=4, num_sink_tokens=2, budget=3, block=4)
+    key_mask = torch.ones(2, 23, dtype=torch.bool)
+    key_mask[0, :3] = False
+    ref = reference(q, k, v, fq, kl, g, gamma, key_mask=key_mask, Hs=2, **spec)
+    whole, _ = run(q, k, v, fq, kl, g, gamma, key_mask=key_mask, Hs=2, **spec)
+    state, parts, t0 = None, [], 0
+    for n in splits:
+        part = [t[:, t0:t0 + n] for t in (q, k, v, fq, kl, g, halves)]
+        o, state = run(*part[:6], gamma, state=state, key_mask=key_mask[:, t0:t0 + n], Hs=2, k_rope=part[6], **spec)
+        parts.append(o)
+        t0 += n
+    assert torch.equal(torch.cat(parts, dim=1), whole) if splits == [23] else rel(torch.cat(parts, dim=1), whole) < 1e-12
+    assert rel(whole, ref) < 1e-10
+    assert "recent_k" not in state and state["recent_rope"].shape[-1] == 8

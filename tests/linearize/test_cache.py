@@ -209,20 +209,3 @@ def test_lolcats_keeps_no_second_copy_of_the_window(make_tiny_model):
     assert layer.win_rope.shape[-1] == layer.win_k.shape[-1]
     assert not any(name.startswith("tail") for name in vars(layer))
 
-
-def test_undo_rope_inverts_the_rotation_in_fp64():
-    """`undo_rope` recovers the key before `apply_rope` for any positions, including a scaled
-    rotation (YaRN's attention factor multiplies cos and sin)."""
-    from linearize.cache import rope_halves, undo_rope
-    from linearize.mixers.base import apply_rope
-
-    gen = torch.Generator().manual_seed(0)
-    k = torch.randn(2, 7, 3, 16, generator=gen, dtype=torch.float64)
-    angles = torch.rand(2, 7, 8, generator=gen, dtype=torch.float64) * 100
-    emb = torch.cat([angles, angles], dim=-1)
-    for factor in (1.0, 1.3):
-        cos, sin = emb.cos() * factor, emb.sin() * factor
-        back = undo_rope(apply_rope(k, cos, sin), rope_halves(cos, sin).double())
-        assert ((back - k).norm() / k.norm()).item() < 1e-6  # undo_rope computes in fp32
-    with pytest.raises(ValueError, match="linear_rope=True"):
-        rope_halves(torch.randn(1, 2, 16), torch.randn(1, 2, 16))

@@ -31,6 +31,10 @@ CASES = {
     # rotation of each key that leaves the cached window
     "lolcats-norope-gate-sinks": dict(method="lolcats", window=WINDOW, init="baseline", gate="mamba2", linear_rope=False, num_sink_tokens=2),
     "lolcats-sparse-cache": dict(method="lolcats", window=4, num_sink_tokens=1, sparse_cache=3, sparse_block=4),
+    # the shipped default: LoLA over feature maps before RoPE (its state keeps the recent keys'
+    # rotation, not the keys)
+    "lolcats-sparse-cache-norope": dict(method="lolcats", window=4, num_sink_tokens=1, sparse_cache=3, sparse_block=4,
+                                        linear_rope=False, gate="mamba2", init="baseline"),
     "window-sinks": dict(method="window-sinks", window=WINDOW, num_sink_tokens=2),
     "gated-deltanet": dict(method="gated-deltanet", window=WINDOW),
     "gated-deltanet-recurrent": dict(method="gated-deltanet", window=0, share_state_across_group=False),
