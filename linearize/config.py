@@ -30,7 +30,7 @@ METHOD_DEFAULTS: dict[str, MethodDefaults] = {name: method.preset for name, meth
 # `linear_rope`), LoLA's sparse cache of 64 exact pairs per layer and head (passkey beyond the
 # window without training) and a 512-token window (LoLCATs publishes 64): untrained, it scores
 # 12.40 on the 4k held-out documents against 16.58 at window 64 and 14.62 at window 64 distilled,
-# for 60 MiB of decode state instead of 30. The CPU recipes distill at window 64.
+# for 52 MiB of decode state instead of 28. The CPU recipes distill at window 64.
 RECOMMENDED: dict[str, Any] = {"method": "lolcats", "init": "baseline", "gate": "mamba2", "linear_rope": False,
                                "sparse_cache": 64, "window": 512}
 

@@ -30,11 +30,13 @@ RUNS = {
     # the control for the shipped default's window: window 512 + sinks, the same LoRA
     "window-sinks-w512-lora": (dict(method="window-sinks", window=512), False, False),
     # truncation at about the decode state of the window-64 LoLCATs conversions with LoLA 64
-    # (30.1 MiB at 16k) or without (14.3 MiB), with no training: window 512 + 4 sinks holds 22.6 MiB
+    # (28.3 MiB at 16k) or without (12.0 MiB), with no training: window 512 + 4 sinks holds 22.6 MiB
     "window-sinks-w512": (dict(method="window-sinks", window=512), None, False),
-    # truncation holding the shipped default's decode state (window 512 + LoLA 64: 60.1 MiB at 16k)
-    # as a plain window: 59.2 MiB
+    # truncation holding the shipped default's decode state as a plain window: 59.2 MiB, the
+    # default's 60.1 before its decoding stopped keeping the window's keys twice (now 51.7)
     "window-sinks-w1344": (dict(method="window-sinks", window=1344), None, False),
+    # the same for the default's decode state now: 51.5 MiB
+    "window-sinks-w1168": (dict(method="window-sinks", window=1168), None, False),
     # the same plain window with the same LoRA: the equal-memory control for the distilled default
     "window-sinks-w1344-lora": (dict(method="window-sinks", window=1344), False, False),
     "lolcats-paper-untrained": (dict(method="lolcats"), None, None),
@@ -122,7 +124,7 @@ RUNS.update({name: None for name in SPARSE})
 # References and controls: rows to compare trained runs with, never judged themselves.
 REFERENCES = ("teacher", "window-sinks", "window-sinks-lora", "teacher-lora", "window-sinks-kl4-lora",
               "window-sinks-w128-lora", "window-sinks-w512-lora", "window-sinks-w512", "window-sinks-w1344",
-              "window-sinks-w1344-lora")
+              "window-sinks-w1344-lora", "window-sinks-w1168")
 
 
 def spec_of(name: str) -> tuple | None:
@@ -190,8 +192,9 @@ LABELS = {
     "window-sinks-w128-lora": "window 128 + 4 sinks + the same LoRA (Lizard's window; control)",
     "window-sinks-w512": "window 512 + 4 sinks, untrained",
     "window-sinks-w512-lora": "window 512 + 4 sinks + the same LoRA (the default's window; control)",
-    "window-sinks-w1344": "window 1344 + 4 sinks, untrained (the default's decode state)",
-    "window-sinks-w1344-lora": "window 1344 + 4 sinks + the same LoRA (the default's decode state; control)",
+    "window-sinks-w1344": "window 1344 + 4 sinks, untrained (more decode state than the default)",
+    "window-sinks-w1344-lora": "window 1344 + 4 sinks + the same LoRA (more decode state than the default; control)",
+    "window-sinks-w1168": "window 1168 + 4 sinks, untrained (the default's decode state)",
     "lolcats-paper-untrained": "LoLCATs as published, untrained",
     "lolcats-paper": "LoLCATs as published (init paper)",
     "lolcats-baseline": "LoLCATs, init baseline",
