@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
+from .config import LinearizeConfig
 from .convert import is_linearized, linearize_state, mixers, new_parameters
 
 
@@ -19,6 +20,15 @@ class ConversionSummary:
     state_bytes: dict[int, int]  # context length -> student decode-state bytes
     teacher_kv_bytes: dict[int, int]  # context length -> teacher KV-cache bytes
     full_attention_heads: int = 0  # KV heads kept exact in linearized layers (head-level hybrid)
+    kv_bytes_per_token: int = 0  # keys + values of one token in every layer (the teacher's per-token cache)
+    truncation_sinks: int = 0  # sink tokens of the window-sinks method (the plain window it is compared with)
+
+    def equal_window(self, context: int) -> int | None:
+        """The longest plain window (window + sinks in every layer, no recurrence) whose decode
+        state is no larger than this model's at `context` tokens; None for an unconverted model."""
+        if not self.linearized_layers or not self.kv_bytes_per_token:
+            return None
+        return max(self.state_bytes[context] // self.kv_bytes_per_token + 1 - self.truncation_sinks, 0)
 
     def lines(self) -> list[str]:
         out = [
@@ -33,6 +43,12 @@ class ConversionSummary:
         for ctx in sorted(self.state_bytes):
             s, t = self.state_bytes[ctx], self.teacher_kv_bytes[ctx]
             out.append(f"decode state @ {ctx // 1024}k  {_mib(s)} vs teacher KV cache {_mib(t)} ({t / max(s, 1):.1f}x smaller)")
+        windows = {ctx: self.equal_window(ctx) for ctx in sorted(self.state_bytes)}
+        if None not in windows.values() and windows:
+            sizes = ({f"{w:,}" for w in windows.values()} if len(set(windows.values())) == 1
+                     else [f"{w:,} at {ctx // 1024}k" for ctx, w in windows.items()])
+            out.append(f"same memory as     a plain window of {', '.join(sizes)} tokens + {self.truncation_sinks} sinks "
+                       "(--method window-sinks): the truncation to compare with")
         return out
 
     def __str__(self) -> str:
@@ -102,5 +118,5 @@ def summarize(model: nn.Module, contexts: tuple[int, ...] = (4096, 32768)) -> Co
     return ConversionSummary(
         method, n, list(st.layers), kept, added, total,
         {c: fixed + (len(kept) * kv + full_kv) * c for c in contexts}, {c: n * kv * c for c in contexts},
-        full_heads,
+        full_heads, n * kv, LinearizeConfig(method="window-sinks").resolved().num_sink_tokens,
     )

@@ -209,3 +209,19 @@ def test_lolcats_keeps_no_second_copy_of_the_window(make_tiny_model):
     assert layer.win_rope.shape[-1] == layer.win_k.shape[-1]
     assert not any(name.startswith("tail") for name in vars(layer))
 
+
+
+def test_info_names_the_plain_window_of_the_same_memory(make_tiny_model):
+    """`linearize info`'s equal window: a window-sinks conversion at window W is its own equal
+    (W exactly); a LoLCATs conversion's equal window holds no more than its decode state, and
+    one token more would hold more."""
+    from linearize.summary import summarize
+
+    plain = summarize(linearize.convert(make_tiny_model("llama"), method="window-sinks", window=37), contexts=(64,))
+    assert plain.equal_window(64) == 37 and "a plain window of 37 tokens + 4 sinks" in str(plain)
+    model = linearize.convert(make_tiny_model("llama"), method="lolcats", window=8, linear_rope=False, sparse_cache=4)
+    info = summarize(model, contexts=(64,))
+    per_slot = info.kv_bytes_per_token
+    held = (info.equal_window(64) - 1 + info.truncation_sinks) * per_slot
+    assert held <= info.state_bytes[64] < held + per_slot
+    assert summarize(make_tiny_model("llama"), contexts=(64,)).equal_window(64) is None
