@@ -162,7 +162,8 @@ class LinearizedLayerCache(CacheLayerMixin):
                 self.sink_valid[b_idx, slot] = True
         keep = window if leaving else max(window - 1, 0)
         if rope is not None:
-            self.win_rope = _cat(self.win_rope, rope_halves(*rope).to(k.dtype))[:, -keep:]
+            halves = rope_halves(*rope).to(k.dtype).expand(B, T, -1)  # cos/sin may come with batch 1
+            self.win_rope = _cat(self.win_rope, halves)[:, -keep:]
         self.win_k = _cat(self.win_k, k)[:, -keep:] if keep else k[:, :0]
         self.win_v = _cat(self.win_v, v)[:, -keep:] if keep else v[:, :0]
         self.win_valid = _cat(self.win_valid, valid)[:, -keep:] if keep else valid[:, :0]

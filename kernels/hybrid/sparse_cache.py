@@ -112,8 +112,8 @@ def sparse_past_window_attention(q, k, v, fq, kl, g, *, key_map, state_heads: in
 # -- one row ---------------------------------------------------------------------------------
 def _fresh_row(xs, spec, acc) -> dict:
     """An empty row state shaped like the inputs xs = [q, k, v, fq, kl, g] ([1, T, ...])."""
-    _, k, v, fq, kl, g = xs
-    HKV, D, Dv, Dl = kl.shape[2], kl.shape[3], v.shape[3], kl.shape[3]
+    q, k, v, fq, kl, g = xs  # k: the RoPE'd keys, or with `k_rope` their rotation [1, T, D]
+    HKV, D, Dv, Dl = v.shape[2], q.shape[3], v.shape[3], kl.shape[3]
     Hs, F, Fg = spec["Hs"], fq.shape[3], g.shape[3]
     G = spec["budget"]
     dev = k.device
@@ -122,7 +122,7 @@ def _fresh_row(xs, spec, acc) -> dict:
         "sink_k": k.new_zeros(0, HKV, D), "sink_v": v.new_zeros(0, HKV, Dv),
         spec["recent_key"]: k.new_zeros(0, *k.shape[2:]), "recent_v": v.new_zeros(0, HKV, Dv),
         "recent_kl": kl.new_zeros(0, HKV, Dl), "recent_L": torch.zeros(0, Hs, Fg, dtype=acc, device=dev),
-        "sel_k": kl.new_zeros(G, Hs, D), "sel_v": v.new_zeros(G, Hs, Dv), "sel_kl": kl.new_zeros(G, Hs, Dl),
+        "sel_k": k.new_zeros(G, Hs, D), "sel_v": v.new_zeros(G, Hs, Dv), "sel_kl": kl.new_zeros(G, Hs, Dl),
         "sel_L": torch.zeros(G, Hs, Fg, dtype=acc, device=dev),
         "sel_rank": torch.full((G, Hs), _LAST, dtype=torch.long, device=dev),
         "sel_valid": torch.zeros(G, Hs, dtype=torch.bool, device=dev),

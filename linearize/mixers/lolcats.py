@@ -108,7 +108,7 @@ class LolcatsAttention(LinearizedAttention):
         cfg = self.lconfig
         fq, g = self.linearize_feature_map_q(lin_q), self.log_gate(hidden, k_raw, self.state_heads)
         previous = None if state is None else state.sparse
-        k_rope = None if cfg.linear_rope else rope_halves(*rope).to(k_rot.dtype)
+        k_rope = None if cfg.linear_rope else rope_halves(*rope).to(k_rot.dtype).expand(*k_rot.shape[:2], -1)
         o, new = sparse_past_window_attention(
             q_rot, k_rot, v, fq, lin_k, g, k_rope=k_rope, key_map=lambda x: self.linearize_feature_map_k(x).to(fq.dtype),
             state_heads=self.state_heads, window=cfg.window, num_sink_tokens=cfg.num_sink_tokens,

@@ -225,3 +225,20 @@ def test_info_names_the_plain_window_of_the_same_memory(make_tiny_model):
     held = (info.equal_window(64) - 1 + info.truncation_sinks) * per_slot
     assert held <= info.state_bytes[64] < held + per_slot
     assert summarize(make_tiny_model("llama"), contexts=(64,)).equal_window(64) is None
+
+
+@pytest.mark.parametrize("sparse_cache", [0, 3])
+def test_decode_without_position_ids_keeps_every_rows_rotation(make_tiny_model, sparse_cache):
+    """With no position_ids the rotary embedding's cos/sin come with batch 1; a cache keeping
+    the rotation (feature maps before RoPE) must hold it for every row of a batch of 2."""
+    model = linearize.convert(make_tiny_model("llama", num_hidden_layers=2), method="lolcats", window=4,
+                              linear_rope=False, num_sink_tokens=1, sparse_cache=sparse_cache, sparse_block=2)
+    ids = torch.randint(1, 128, (2, 12))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = LinearizeCache(model)
+        steps = [model(ids[:, :5], cache=cache).logits]
+        steps += [model(ids[:, t:t + 1], cache=cache).logits for t in range(5, 12)]
+    assert rel(torch.cat(steps, dim=1), full) < 1e-5
+    if not sparse_cache:
+        assert cache.layers[0].win_rope.shape[0] == 2
