@@ -201,16 +201,33 @@ def equal_memory(results: dict) -> list[str]:
         won = _long(res) < _long(fair[best][0])
         wins, total = wins + won, total + 1
         lines.append(f"- {LABELS.get(name, name)} ({mib:.1f} MiB): {_long(res):.2f}; {word(won)} "
-                     f"{LABELS.get(best, best)} ({fair[best][1]:.1f} MiB, {_long(fair[best][0]):.2f}).")
+                     f"{LABELS.get(best, best)} ({fair[best][1]:.1f} MiB, {_long(fair[best][0]):.2f})"
+                     + (_with_more_memory(name, res, cuts, mib) if won else "") + ".")
     sizes = ", ".join(str(w) for w in sorted({window_of(n) for n in cuts}))
     head = ["## At no more memory: the run or a plain window?", "",
             "A recurrence costs decode memory that a longer softmax window could use instead. Each run beside the "
             "best plain truncation (window + sinks; with the same LoRA, or untrained) whose decode state at 16k is "
             f"at most {MEMORY_SLACK}x the run's, on the long documents: {wins} of {total} runs beat it. Only the "
             f"truncation rows measured here are candidates (windows {sizes}), so a run far above the largest "
-            "one's memory is compared with a window that holds less than it does. This is perplexity only: no plain "
+            "one's memory is compared with a window that holds less than it does; a run that beats its window is also "
+            "set beside the cheapest window with more memory that beats it in turn, or else the best such window it "
+            "beats too. This is perplexity only: no plain "
             "window recalls anything from beyond itself (the passkey column).", ""]
     return head + lines + [""]
+
+
+def _with_more_memory(name: str, res: dict, cuts: dict, mib: float) -> str:
+    """For a run that beats its affordable truncation: the cheapest measured truncation with more
+    memory that beats the run in turn, or else the best one the run beats too ('' if none)."""
+    larger = {n: c for n, c in cuts.items() if c[1] > MEMORY_SLACK * mib and (is_trained(name) or not is_trained(n))}
+    better = [n for n in larger if _long(larger[n][0]) <= _long(res)]
+    if better:
+        n = min(better, key=lambda n: larger[n][1])
+        return f", but {LABELS.get(n, n)}, with more memory ({larger[n][1]:.1f} MiB), beats it ({_long(larger[n][0]):.2f})"
+    if larger:
+        n = min(larger, key=lambda n: _long(larger[n][0]))
+        return f", and {LABELS.get(n, n)} too, with more memory ({larger[n][1]:.1f} MiB, {_long(larger[n][0]):.2f})"
+    return ""
 
 
 def domain_note(results: dict) -> list[str]:

@@ -293,6 +293,15 @@ def test_equal_memory_compares_each_run_with_the_best_window_it_could_afford(mon
     assert f"{qal.LABELS['lolcats-baseline']} (21.4 MiB): 14.00; does NOT beat {qal.LABELS['window-sinks-w512']}" in text
     assert f"(10.0 MiB): 18.00; beats {qal.LABELS['window-sinks']} (2.9 MiB, 19.80)" in text  # not the trained windows
     assert "liger" not in text.lower() and text.count("\n- ") == 2
+    # a run that beats its affordable window is set beside the windows with more memory too
+    mib.update({"window-sinks-w1344-lora": 59.2, "recommended-w512+lola64": 51.7})
+    results.update({"window-sinks-w1344-lora": _quality_record(11.0, 11.0), "recommended-w512+lola64": _quality_record(11.4, 11.1)})
+    text = "\n".join(qal.equal_memory(results))
+    assert (f"{qal.LABELS['recommended-w512+lola64']} (51.7 MiB): 11.40; beats {qal.LABELS['window-sinks-w512']} (22.7 MiB, "
+            f"13.00), but {qal.LABELS['window-sinks-w1344-lora']}, with more memory (59.2 MiB), beats it (11.00).") in text
+    results["window-sinks-w1344-lora"] = _quality_record(11.5, 11.0)
+    assert "and window 1344 + 4 sinks + the same LoRA (more decode state than the default; control) too, with more " \
+           "memory (59.2 MiB, 11.50)." in "\n".join(qal.equal_memory(results))
     assert qal.equal_memory({"window-sinks": results["window-sinks"], "lolcats-baseline": results["lolcats-baseline"]}) == []
 
 
