@@ -15,10 +15,10 @@ becomes a candidate beside the pairs already cached. Each candidate's self-recal
 
 is measured against the state as it is at a. The `budget` largest errors stay exact (ties: the
 earlier token; a repeated token whose keys were computed in different calls can differ from
-its twin by rounding and break the tie either way); the others enter the state with the decay they would carry had they entered
-when they left the window, exp(L_a - L_{j + window}) with L the cumulative log gate. Between
-selections the waiting tokens stay exact, so a query sees between `window` and
-`window + block - 1` recent tokens exactly. `budget=0, block=1` is LoLCATs' past-window hybrid;
+its twin by rounding and break the tie either way); the others enter the state with the decay
+they would carry had they entered when they left the window, exp(L_a - L_{j + window}) with L
+the cumulative log gate. Between selections the waiting tokens stay exact, so a query sees
+between `window` and `window + block - 1` recent tokens exactly. `budget=0, block=1` is LoLCATs' past-window hybrid;
 a budget as large as the sequence never fills the state and reproduces softmax attention.
 
 Outputs combine as in `combine_past_window`: gamma on the max-shifted exact terms (sinks,
