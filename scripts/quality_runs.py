@@ -39,6 +39,8 @@ RUNS = {
     "window-sinks-w1168": (dict(method="window-sinks", window=1168), None, False),
     # the same plain window with the same LoRA: the equal-memory control for the distilled default
     "window-sinks-w1344-lora": (dict(method="window-sinks", window=1344), False, False),
+    # and at exactly the default's decode state (51.5 MiB against its 51.7)
+    "window-sinks-w1168-lora": (dict(method="window-sinks", window=1168), False, False),
     "lolcats-paper-untrained": (dict(method="lolcats"), None, None),
     "lolcats-paper": (dict(method="lolcats"), True, False),
     "lolcats-baseline": (dict(method="lolcats", init="baseline"), True, True),
@@ -109,6 +111,9 @@ SPARSE = {
     "recommended-kl1-untrained+lola64": ("recommended-kl1-untrained", 64),
     "recommended-w512-untrained+lola64": ("recommended-w512-untrained", 64),
     "recommended-w512+lola64": ("recommended-w512", 64),
+    # smaller budgets on the distilled default: what each MiB of LoLA buys
+    "recommended-w512+lola16": ("recommended-w512", 16),
+    "recommended-w512+lola32": ("recommended-w512", 32),
 }
 RUNS["lolcats-baseline-untrained"] = (dict(method="lolcats", init="baseline"), None, None)
 # budget 1 of `linearize select-layers` on 4 held-out rows (layer 20; on 8 rows budget 2 chose
@@ -124,7 +129,7 @@ RUNS.update({name: None for name in SPARSE})
 # References and controls: rows to compare trained runs with, never judged themselves.
 REFERENCES = ("teacher", "window-sinks", "window-sinks-lora", "teacher-lora", "window-sinks-kl4-lora",
               "window-sinks-w128-lora", "window-sinks-w512-lora", "window-sinks-w512", "window-sinks-w1344",
-              "window-sinks-w1344-lora", "window-sinks-w1168")
+              "window-sinks-w1344-lora", "window-sinks-w1168", "window-sinks-w1168-lora")
 
 
 def spec_of(name: str) -> tuple | None:
@@ -195,6 +200,7 @@ LABELS = {
     "window-sinks-w1344": "window 1344 + 4 sinks, untrained (more decode state than the default)",
     "window-sinks-w1344-lora": "window 1344 + 4 sinks + the same LoRA (more decode state than the default; control)",
     "window-sinks-w1168": "window 1168 + 4 sinks, untrained (the default's decode state)",
+    "window-sinks-w1168-lora": "window 1168 + 4 sinks + the same LoRA (the default's decode state; control)",
     "lolcats-paper-untrained": "LoLCATs as published, untrained",
     "lolcats-paper": "LoLCATs as published (init paper)",
     "lolcats-baseline": "LoLCATs, init baseline",
@@ -228,6 +234,8 @@ LABELS = {
     "recommended-w512-untrained+lola64": "recommended at window 512, untrained + LoLA 64",
     "recommended-w512": "recommended at window 512 (the default), distilled",
     "recommended-w512+lola64": "recommended at window 512 (the default), distilled + LoLA 64",
+    "recommended-w512+lola16": "recommended at window 512 (the default), distilled + LoLA 16",
+    "recommended-w512+lola32": "recommended at window 512 (the default), distilled + LoLA 32",
     "recommended-kl1+lola64": "recommended, 1 KL-chosen softmax layer + LoLA 64",
     "recommended-kl2+lola64": "recommended, 2 KL-chosen softmax layers + LoLA 64",
     "recommended-kl4": "recommended, softmax in the 4 KL-chosen layers [14, 17, 20, 23]",
