@@ -1,4 +1,5 @@
-"""RoPE on cached keys, undone or redone (Llama convention: x * cos + rotate_half(x) * sin).
+"""RoPE (Llama convention: x * cos + rotate_half(x) * sin), as the mixers apply it and as a
+decode cache undoes or redoes it on cached keys.
 
 A decode cache needs keys after RoPE for the softmax and, where a feature map reads keys
 before RoPE, the keys before it as they enter a recurrent state. Rather than keeping both
@@ -9,6 +10,18 @@ copies, a cache keeps one and the first halves of each position's cos and sin ([
 from __future__ import annotations
 
 import torch
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[-x2, x1] for x = [x1, x2] split on the last dimension."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, T, H, D]; cos, sin: [B, T, D] -> rotated x (Llama convention), in x's dtype."""
+    cos, sin = cos.unsqueeze(2).to(x.dtype), sin.unsqueeze(2).to(x.dtype)
+    return x * cos + rotate_half(x) * sin
 
 
 def rope_halves(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -36,9 +49,7 @@ def undo_rope(k: torch.Tensor, halves: torch.Tensor) -> torch.Tensor:
 
 
 def redo_rope(k: torch.Tensor, halves: torch.Tensor) -> torch.Tensor:
-    """k [B, L, HKV, D] rotated by `rope_halves` [B, L, D] in k's dtype, with the operations of
-    the mixers' `apply_rope` (so the same key and rotation give the same bits)."""
-    cos = torch.cat([halves[..., : k.shape[-1] // 2]] * 2, dim=-1)[:, :, None].to(k.dtype)
-    sin = torch.cat([halves[..., k.shape[-1] // 2:]] * 2, dim=-1)[:, :, None].to(k.dtype)
-    k1, k2 = k.chunk(2, dim=-1)
-    return k * cos + torch.cat((-k2, k1), dim=-1) * sin
+    """k [B, L, HKV, D] rotated by `rope_halves` [B, L, D] with `apply_rope` (so the same key
+    and rotation give the same bits as the mixers' forward)."""
+    h = k.shape[-1] // 2
+    return apply_rope(k, torch.cat([halves[..., :h]] * 2, dim=-1), torch.cat([halves[..., h:]] * 2, dim=-1))

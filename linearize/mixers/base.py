@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from ..config import LinearizeConfig
 from ..families import Family
 from ..kernels import hybrid_attention, linear_recurrence, sliding_window_attention
+from ..kernels.rope import apply_rope
 from ..methods import Method
 from ..state import is_new_parameter
 from .context import ForwardContext
@@ -30,17 +31,6 @@ DECODE_STEP_TOKENS = 4
 # mixing="shared-denominator": sigmoid of the per-head linear weight at initialisation, low so
 # that a fresh model leans on the exact window.
 SHARED_DENOMINATOR_LINEAR_WEIGHT = 0.1
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, T, H, D]; cos, sin: [B, T, D] -> rotated x (Llama convention)."""
-    cos, sin = cos.unsqueeze(2).to(x.dtype), sin.unsqueeze(2).to(x.dtype)
-    return x * cos + rotate_half(x) * sin
 
 
 class AttentionTransfer:
