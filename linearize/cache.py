@@ -17,7 +17,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from .kernels import cached_window_attention
-from .kernels.rope import rope_halves, undo_rope
+from .kernels.rope import undo_rope
 from .state import linearize_state
 
 
@@ -117,6 +117,10 @@ class LinearizedLayerCache(CacheLayerMixin):
         sizes); the real tokens are counted in `valid_seen` as the window stores them."""
         self.seen += T
 
+    def _window_keys_kept(self) -> torch.Tensor:
+        """[B, L] bool: the window positions that hold a real token that is not a sink."""
+        return self.win_valid & ~self.win_sink
+
     def pending_linear(self, n: int, window: int, unrotate: bool):
         """The n oldest of the `window` positions before the next chunk, the keys a LoLCATs
         layer's state takes in over the chunk's first n steps (n <= window; positions before
@@ -126,8 +130,7 @@ class LinearizedLayerCache(CacheLayerMixin):
         if self.win_k is None:
             return None
         missing = max(window - self.win_k.shape[1], 0)
-        keep = self.win_valid & ~self.win_sink
-        xs = [self.win_k, self.win_v, keep] + ([self.win_rope] if unrotate else [])
+        xs = [self.win_k, self.win_v, self._window_keys_kept()] + ([self.win_rope] if unrotate else [])
         xs = [_left_pad(x, missing)[:, :n] for x in xs]
         if unrotate:
             xs[0] = undo_rope(xs[0], xs.pop())
@@ -141,10 +144,10 @@ class LinearizedLayerCache(CacheLayerMixin):
         return valid, rank
 
     def store_window(self, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, *, window: int,
-                     num_sink_tokens: int, leaving: bool = False, rope=None) -> None:
+                     num_sink_tokens: int, leaving: bool = False, halves: torch.Tensor | None = None) -> None:
         """Append new post-RoPE keys/values [B, T, HKV, D]: sinks kept apart, the window trimmed
         to its last `window - 1` positions, or `window` with `leaving` (the key that leaves the
-        window at the next step stays for `pending_linear`). rope: the chunk's (cos, sin)
+        window at the next step stays for `pending_linear`). halves: the chunk's `rope_halves`
         [B, T, D], kept beside the keys to undo their rotation, or None."""
         B, T = k.shape[:2]
         valid, rank = self._new_ranks(B, T, key_mask, k.device)
@@ -161,9 +164,8 @@ class LinearizedLayerCache(CacheLayerMixin):
                 self.sink_v[b_idx, slot] = v[b_idx, t_idx].to(self.sink_v.dtype)
                 self.sink_valid[b_idx, slot] = True
         keep = window if leaving else max(window - 1, 0)
-        if rope is not None:
-            halves = rope_halves(*rope).to(k.dtype).expand(B, T, -1)  # cos/sin may come with batch 1
-            self.win_rope = _cat(self.win_rope, halves)[:, -keep:]
+        if halves is not None:  # cos/sin may come with batch 1
+            self.win_rope = _cat(self.win_rope, halves.to(k.dtype).expand(B, T, -1))[:, -keep:]
         self.win_k = _cat(self.win_k, k)[:, -keep:] if keep else k[:, :0]
         self.win_v = _cat(self.win_v, v)[:, -keep:] if keep else v[:, :0]
         self.win_valid = _cat(self.win_valid, valid)[:, -keep:] if keep else valid[:, :0]
@@ -179,21 +181,21 @@ class LinearizedLayerCache(CacheLayerMixin):
         return self.full_k, self.full_v, self.full_valid
 
     def window_attention(self, q, k, v, key_mask, *, window: int, num_sink_tokens: int, sink_logits, scale: float,
-                         softcap: float | None = None, leaving: bool = False, rope=None):
+                         softcap: float | None = None, leaving: bool = False, halves=None):
         """Softmax of new queries [B, T, H, D] over the cached sinks and window and the new keys
-        (`kernels.cached_window_attention`), then stores the new keys/values (`leaving`, rope:
+        (`kernels.cached_window_attention`), then stores the new keys/values (`leaving`, halves:
         see `store_window`). Returns o [B, T, H, D], lse [B, T, H] (fp32) and each row's largest
         score m [B, T, H] (fp32)."""
         win_k = win_v = win_mask = None
         if self.win_k is not None:
             reach = slice(-(window - 1), None) if window > 1 else slice(0, 0)  # the leaving key is out of reach
             win_k, win_v = self.win_k[:, reach], self.win_v[:, reach]
-            win_mask = (self.win_valid & ~self.win_sink)[:, reach]
+            win_mask = self._window_keys_kept()[:, reach]
         out = cached_window_attention(q, k, v, window=window, num_sink_tokens=num_sink_tokens, sink_k=self.sink_k,
                                       sink_v=self.sink_v, sink_mask=self.sink_valid, win_k=win_k, win_v=win_v,
                                       win_mask=win_mask, seen=self.valid_seen, sink_logits=sink_logits, scale=scale,
                                       key_mask=key_mask, softcap=softcap)
-        self.store_window(k, v, key_mask, window=window, num_sink_tokens=num_sink_tokens, leaving=leaving, rope=rope)
+        self.store_window(k, v, key_mask, window=window, num_sink_tokens=num_sink_tokens, leaving=leaving, halves=halves)
         return out
 
 

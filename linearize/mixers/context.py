@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..kernels.rope import rope_halves
+
 
 @dataclass
 class ForwardContext:
@@ -36,6 +38,17 @@ class ForwardContext:
         if key not in self._memo:
             self._memo[key] = self._cu_seqlens(B, T)
         return self._memo[key]
+
+    def rope_halves(self, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """`kernels.rope.rope_halves` of a rotation cos, sin [B, T, D], computed and checked once
+        per forward for every layer that is handed the same rotation."""
+        memo = self._memo.setdefault("rope_halves", [])
+        for seen, halves in memo:
+            if seen is cos:
+                return halves
+        halves = rope_halves(cos, sin)
+        memo.append((cos, halves))
+        return halves
 
     def _key_mask(self, T: int) -> torch.Tensor | None:
         mask = self.attention_mask

@@ -37,7 +37,6 @@ import torch.nn as nn
 
 from ..kernels import (combine_past_window, delay_into_state, linear_key_mask, linear_recurrence,
                        sliding_window_attention, sparse_past_window_attention, window_max_score)
-from ..kernels.rope import rope_halves
 from ..methods import Lolcats
 from .base import DECODE_STEP_TOKENS, LinearizedAttention
 
@@ -79,15 +78,17 @@ class LolcatsAttention(LinearizedAttention):
             return super().attention(hidden, q, k, v, q_rot, k_rot, key_mask, cu_seqlens, state, rope)
         B, T = q.shape[:2]
         lin_q, lin_k = (q_rot, k_rot) if cfg.linear_rope else (q, k)
+        kept_rotation = not cfg.linear_rope and (state is not None or cfg.sparse_cache)  # for undoing RoPE later
+        halves = self._context.rope_halves(*rope) if kept_rotation else None
         if cfg.sparse_cache:
-            return self.sparse_attention(hidden, lin_q, lin_k, k, q_rot, k_rot, v, key_mask, cu_seqlens, state, rope)
+            return self.sparse_attention(hidden, lin_q, lin_k, k, q_rot, k_rot, v, key_mask, cu_seqlens, state, halves)
         seen = None if state is None else state.valid_seen
         keep = linear_key_mask(B, T, cfg.num_sink_tokens, key_mask, cu_seqlens, seen, device=q.device)
         window = self.window_now(state)
         # a decode cache's window holds the keys waiting to enter the state (unmapped, [B, W,
         # HKV, D], not the [B, W, Hs, F] of their features): they are mapped as they enter
         tail = None if state is None else state.pending_linear(min(T, window), window, unrotate=not cfg.linear_rope)
-        o_win, lse, m = self.window_with_max(q_rot, k_rot, v, key_mask, cu_seqlens, state, rope)
+        o_win, lse, m = self.window_with_max(q_rot, k_rot, v, key_mask, cu_seqlens, state, halves)
         (k_late, v_in), kept, _ = delay_into_state([lin_k, v], keep, window, tail=tail, cu_seqlens=cu_seqlens)
         fq, k_in, g = self.linear_inputs(hidden, lin_q, k_late, k)
         k_in = k_in * kept.to(k_in.dtype)[..., None, None]
@@ -99,16 +100,17 @@ class LolcatsAttention(LinearizedAttention):
             state.recurrent = final
         return combine_past_window(o_win, lse, m, num, den, self.window_factor(), self.linear_factor())
 
-    def sparse_attention(self, hidden, lin_q, lin_k, k_raw, q_rot, k_rot, v, key_mask, cu_seqlens, state, rope):
+    def sparse_attention(self, hidden, lin_q, lin_k, k_raw, q_rot, k_rot, v, key_mask, cu_seqlens, state, halves):
         """With LoLA's sparse cache (`sparse_cache` > 0): the exact tokens are the sinks, the
         window (+ those waiting for the next selection) and the cached pairs. Meant for
         inference (distill refuses it: the selection has no gradient of its own). With the
         feature map before RoPE, the state keeps the waiting keys before RoPE and their
-        rotation (rope: (cos, sin) [B, T, D]) rather than the keys twice."""
+        rotation (halves: `rope_halves` [B | 1, T, D], None with the map after RoPE) rather than
+        the keys twice."""
         cfg = self.lconfig
         fq, g = self.linearize_feature_map_q(lin_q), self.log_gate(hidden, k_raw, self.state_heads)
         previous = None if state is None else state.sparse
-        k_rope = None if cfg.linear_rope else rope_halves(*rope).to(k_rot.dtype).expand(*k_rot.shape[:2], -1)
+        k_rope = None if halves is None else halves.to(k_rot.dtype).expand(*k_rot.shape[:2], -1)
         o, new = sparse_past_window_attention(
             q_rot, k_rot, v, fq, lin_k, g, k_rope=k_rope, key_map=lambda x: self.linearize_feature_map_k(x).to(fq.dtype),
             state_heads=self.state_heads, window=cfg.window, num_sink_tokens=cfg.num_sink_tokens,
@@ -143,13 +145,13 @@ class LolcatsAttention(LinearizedAttention):
         beyond = cfg.sparse_block * 2 * self.num_kv_heads * self.head_dim * elem
         return cached + recent + beyond
 
-    def window_with_max(self, q, k, v, key_mask, cu_seqlens, state, rope):
+    def window_with_max(self, q, k, v, key_mask, cu_seqlens, state, halves):
         """The window's softmax output [B, T, H, V], log-denominator and row max [B, T, H]. A
         decode state keeps the key that leaves the window next, and with the feature map
-        before RoPE each position's rotation (rope: (cos, sin) [B, T, D])."""
+        before RoPE each position's rotation (halves: `rope_halves` [B | 1, T, D], else None)."""
         cfg = self.lconfig
         win = dict(window=self.window_now(state), num_sink_tokens=cfg.num_sink_tokens)
-        stored = dict(leaving=True, rope=None if cfg.linear_rope else rope)
+        stored = dict(leaving=True, halves=halves)
         if state is not None and state.has_window_past():
             return state.window_attention(q, k, v, key_mask, sink_logits=None, scale=self.scaling,
                                           softcap=self.softcap, **win, **stored)
