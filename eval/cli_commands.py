@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..sparse_cache import add_sparse_cache_arguments
 from .runner import METRICS, EvalSettings
 
 
@@ -109,11 +110,7 @@ def _add_long_context(parser: argparse.ArgumentParser, d: EvalSettings) -> None:
 def _add_seed_and_loading(parser: argparse.ArgumentParser, d: EvalSettings) -> None:
     """The seed, the sparse cache set at load, progress output and non-finite weights."""
     parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--sparse-cache", type=int, default=None, metavar="N",
-                        help="LoLA's sparse cache for a LoLCATs model: N exact key/value pairs per layer and head "
-                             "beside the window (0 = off; default: as saved)")
-    parser.add_argument("--sparse-block", type=int, default=None, metavar="C",
-                        help="the sparse cache's selection runs every C tokens (default: as saved)")
+    add_sparse_cache_arguments(parser)
     parser.add_argument("--quiet", action="store_true",
                         help="no progress bars and no progress lines on stderr (bars are drawn only on a "
                              "terminal anyway); the tables are still printed")
@@ -136,7 +133,8 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         long_doc_documents=args.long_doc_documents, long_lengths=args.long_lengths,
         long_passkey_depths=args.long_passkey_depths, long_min_distance=args.long_min_distance,
         long_mqar_pairs=args.long_mqar_pairs, long_mqar_samples=args.long_mqar_samples, seed=args.seed,
-        sparse_cache=args.sparse_cache, sparse_block=args.sparse_block, allow_nonfinite=args.allow_nonfinite,
+        sparse_cache=args.sparse_cache, sparse_block=args.sparse_block,
+        sparse_per_kv_head=args.sparse_per_kv_head, allow_nonfinite=args.allow_nonfinite,
         progress=not args.quiet,
     )
 

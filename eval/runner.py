@@ -62,6 +62,7 @@ class EvalSettings:
     seed: int = 0
     sparse_cache: int | None = None  # LoLA's sparse cache for a LoLCATs model (None: as saved)
     sparse_block: int | None = None
+    sparse_per_kv_head: bool | None = None
     allow_nonfinite: bool = False  # load weights holding NaN or inf instead of refusing them
     progress: bool = True  # bars with ETA on our own metrics (drawn only when stderr is a terminal)
 
@@ -326,11 +327,12 @@ class Evaluation:
     def _adjust_model(self) -> None:
         """The sparse cache the settings ask for, and a merged LoRA's delta taken back out."""
         s = self.s
-        if s.sparse_cache is not None or s.sparse_block is not None:
+        if s.sparse_cache is not None or s.sparse_block is not None or s.sparse_per_kv_head is not None:
             from linearize import set_sparse_cache
 
-            config = set_sparse_cache(self.model, s.sparse_cache, s.sparse_block).config.linearize
-            self.notes.append(f"LoLA's sparse cache: {config['sparse_cache']} pairs per layer and head, selected "
+            config = set_sparse_cache(self.model, s.sparse_cache, s.sparse_block, s.sparse_per_kv_head).config.linearize
+            heads = "KV head (shared by its query heads)" if config.get("sparse_per_kv_head") else "head"
+            self.notes.append(f"LoLA's sparse cache: {config['sparse_cache']} pairs per layer and {heads}, selected "
                               f"every {config['sparse_block']} tokens.")
         if self.delta is not None:
             layers = unmerge_lora(self.model)

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from .config import FEATURE_MAPS, GATES, INITS, METHODS, MIXINGS
+from .sparse_cache import add_sparse_cache_arguments
 
 
 def _int_list(text: str) -> list[int]:
@@ -68,15 +69,6 @@ def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
     add_full_heads_argument(g)
 
 
-def add_sparse_cache_arguments(group) -> None:
-    """--sparse-cache / --sparse-block (LoLA; convert, eval and generate take them)."""
-    group.add_argument("--sparse-cache", type=int, default=None, metavar="N",
-                       help="LoLA's sparse cache (lolcats only, no training needed): keep the N key/value pairs per "
-                            "layer and head that the recurrent state reproduces worst exact beside the window; 0 = off")
-    group.add_argument("--sparse-block", type=int, default=None, metavar="C",
-                       help="run the sparse cache's selection every C tokens (default 64)")
-
-
 def _full_heads(text: str) -> dict[int, list[int]]:
     """--full-attention-heads "3:0,7:1,7:2" -> {3: [0], 7: [1, 2]}."""
     choice: dict[int, list[int]] = {}
@@ -106,7 +98,7 @@ def config_from_args(args: argparse.Namespace):
                   feature_dim=args.feature_dim, mixing=args.mixing, softmax_layers=args.softmax_layers,
                   layers=args.layers, share_state_across_group=args.share_state, normalize=args.normalize,
                   linear_rope=args.linear_rope, init=args.init, sparse_cache=args.sparse_cache, sparse_block=args.sparse_block,
-                  full_attention_heads=args.full_attention_heads)
+                  sparse_per_kv_head=args.sparse_per_kv_head, full_attention_heads=args.full_attention_heads)
     given = {k: v for k, v in fields.items() if v is not None}  # None: the method's default
     if args.method is None:  # the recommended conversion, with what the user set on top
         return LinearizeConfig.recommended(**given)
@@ -223,7 +215,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .summary import summarize
 
     model = load(args.dir, allow_nonfinite=args.allow_nonfinite, sparse_cache=args.sparse_cache,
-                 sparse_block=args.sparse_block)
+                 sparse_block=args.sparse_block, sparse_per_kv_head=args.sparse_per_kv_head)
     print(f"{args.dir}: {type(model).__name__}")
     print(summarize(model))
     return 0
@@ -238,7 +230,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     generate_text(args.dir, prompt, max_new_tokens=args.max_new_tokens, teacher=args.teacher,
                   do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, chat=args.chat,
                   allow_nonfinite=args.allow_nonfinite, sparse_cache=args.sparse_cache,
-                  sparse_block=args.sparse_block)
+                  sparse_block=args.sparse_block, sparse_per_kv_head=args.sparse_per_kv_head)
     return 0
 
 

@@ -91,6 +91,10 @@ class LinearizeConfig:
         See `linearize.kernels.hybrid.sparse_cache`.
     sparse_block: the cache's selection runs every this many tokens (LoLA's chunk; a query
         then sees between `window` and `window + sparse_block - 1` recent tokens exactly).
+    sparse_per_kv_head: the cache's pairs per KV head, shared by the state heads of its GQA group
+        (chosen by their errors together), instead of per state head as LoLA has it: H/H_kv times
+        fewer stored pairs with feature maps per query head; the same as LoLA's with
+        share_state_across_group. An option beyond the paper; see docs/recall-beyond-the-window.md.
     full_attention_heads: head-level hybrid (DuoAttention-style): {layer index: [KV-head
         indices]} whose heads keep exact causal softmax over every past token and a growing KV
         cache (with GQA, a KV head and all its query heads); the other heads of the layer stay
@@ -118,6 +122,7 @@ class LinearizeConfig:
     init: str | None = None
     sparse_cache: int = 0
     sparse_block: int = 64
+    sparse_per_kv_head: bool = False
     full_attention_heads: dict[int, list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -265,7 +270,7 @@ class LinearizeConfig:
             raise ConfigError(f"gate_normalizer must be > 0, got {self.gate_normalizer}")
         if not 0.0 < self.lolcats_init_window_factor < 1.0:
             raise ConfigError(f"lolcats_init_window_factor must be in (0, 1), got {self.lolcats_init_window_factor}")
-        for name in ("normalize", "linear_rope", "share_state_across_group"):
+        for name in ("normalize", "linear_rope", "share_state_across_group", "sparse_per_kv_head"):
             val = getattr(self, name)
             if val is not None and not isinstance(val, bool):
                 raise ConfigError(f"{name} must be true or false, got {val!r}")

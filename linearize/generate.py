@@ -45,14 +45,15 @@ def cache_nbytes(cache) -> int:
 def generate_text(model_dir: str | Path, prompt: str, *, max_new_tokens: int = 64, teacher: bool = False,
                   do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.9, chat: bool = False,
                   stream=sys.stdout, allow_nonfinite: bool = False, sparse_cache: int | None = None,
-                  sparse_block: int | None = None) -> GenerationReport:
+                  sparse_block: int | None = None, sparse_per_kv_head: bool | None = None) -> GenerationReport:
     """Generate from `prompt`, streaming tokens to `stream`; returns text, speed and cache bytes.
 
     Weights holding NaN or inf are refused (they would print an empty line) unless allow_nonfinite.
-    sparse_cache, sparse_block: LoLA's sparse cache for a LoLCATs model (None: as saved).
+    sparse_cache, sparse_block, sparse_per_kv_head: LoLA's sparse cache for a LoLCATs model (None: as saved).
     """
     model_dir = resolve_model_folder(model_dir)
-    model = load(model_dir, allow_nonfinite=allow_nonfinite, sparse_cache=sparse_cache, sparse_block=sparse_block)
+    model = load(model_dir, allow_nonfinite=allow_nonfinite, sparse_cache=sparse_cache, sparse_block=sparse_block,
+                 sparse_per_kv_head=sparse_per_kv_head)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as e:

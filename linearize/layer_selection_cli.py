@@ -13,7 +13,7 @@ from .layer_selection import SCORES, layer_scores, select_softmax_layers, token_
 # The conversion options whose value is None (or [] for --softmax-layers) when not given.
 _CONVERSION_DESTS = ("method", "window", "num_sink_tokens", "num_sink_logits", "gate", "feature_map", "feature_dim",
                      "mixing", "layers", "share_state", "normalize", "linear_rope", "init", "sparse_cache",
-                     "sparse_block", "full_attention_heads")
+                     "sparse_block", "sparse_per_kv_head", "full_attention_heads")
 
 
 def add_select_layers_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -136,7 +136,7 @@ def check_finite(model: torch.nn.Module, path: Path,
 
 def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
          adapter: str | Path | None = None, allow_nonfinite: bool = False, sparse_cache: int | None = None,
-         sparse_block: int | None = None, **kwargs) -> PreTrainedModel:
+         sparse_block: int | None = None, sparse_per_kv_head: bool | None = None, **kwargs) -> PreTrainedModel:
     """Load a linearized checkpoint folder (or a plain HF model folder) as a causal LM.
 
     Args:
@@ -146,7 +146,7 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: st
         device: move the model there after loading.
         adapter: a peft LoRA adapter folder to apply on top (kept unmerged).
         allow_nonfinite: load weights holding NaN or inf instead of refusing them.
-        sparse_cache, sparse_block: LoLA's sparse cache for a LoLCATs model (see
+        sparse_cache, sparse_block, sparse_per_kv_head: LoLA's sparse cache for a LoLCATs model (see
             `linearize.set_sparse_cache`); None keeps what was saved.
 
     Raises CheckpointError naming config.json and the field, or the weight tensors, at fault.
@@ -158,10 +158,10 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: st
     if dtype is not None:
         kwargs["dtype"] = dtype
     model, _ = checked_from_pretrained(AutoModelForCausalLM.from_pretrained, path, **kwargs)
-    if sparse_cache is not None or sparse_block is not None:
+    if sparse_cache is not None or sparse_block is not None or sparse_per_kv_head is not None:
         if not is_linearized(model):
             raise CheckpointError(f"{path} is not a linearized model: it has no recurrent state for a sparse cache")
-        set_sparse_cache(model, sparse_cache, sparse_block)
+        set_sparse_cache(model, sparse_cache, sparse_block, sparse_per_kv_head)
     if not allow_nonfinite:
         check_finite(model, path)
     if adapter is not None:

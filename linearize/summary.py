@@ -113,7 +113,8 @@ def summarize(model: nn.Module, contexts: tuple[int, ...] = (4096, 32768)) -> Co
     added = sum(p.numel() for _, p in new_parameters(model))
     method = st.config.method
     if st.config.sparse_cache:
-        method += (f" + sparse cache of {st.config.sparse_cache} pairs per layer and head "
+        heads = "KV head (shared by its query heads)" if st.config.sparse_per_kv_head else "head"
+        method += (f" + sparse cache of {st.config.sparse_cache} pairs per layer and {heads} "
                    f"(selected every {st.config.sparse_block} tokens)")
     return ConversionSummary(
         method, n, list(st.layers), kept, added, total,

@@ -153,22 +153,26 @@ def naive_sparse_past_window_attention(
     linear_factor: torch.Tensor | float = 1.0,
     key_mask: torch.Tensor | None = None,
     softcap: float | None = None,
+    cache_heads: int | None = None,
 ) -> torch.Tensor:
     """LoLA's sparse cache on LoLCATs' hybrid, from its definition (the fp64 reference): the
     sets of exact and linear tokens are kept as lists and every sum is written out.
 
-    Per row and query head h (state head s), over real tokens by rank: at every rank a > 0
-    that is a multiple of `block`, the non-sink tokens j <= a - window not yet placed and the
-    cached tokens compete on e_j = |v_j - sum_i w_ij v_i / sum_i w_ij| with
-    w_ij = phi(k_j).(d_ai * phi(k_i)) over the state's tokens i (the prediction is 0 when the
+    Per row and cache head c (a group of state heads; by default each state head is its own
+    group), over real tokens by rank: at every rank a > 0 that is a multiple of `block`, the
+    non-sink tokens j <= a - window not yet placed and the cached tokens compete on
+    e_j = sqrt(sum over the group's state heads s of |v_j - sum_i w_ij v_i / sum_i w_ij|^2) with
+    w_ij = phi_s(k_j).(d_ai * phi_s(k_i)) over the state's tokens i (the prediction is 0 when the
     sum of w is 0), d_ai = exp(sum of g_s over ranks i + window + 1 .. a); the `budget`
-    largest (ties: the earlier) stay cached, the rest join the state. Query t then sees the
-    sinks (ranks < num_sink_tokens), the cached tokens and every unplaced token <= t exactly:
+    largest (ties: the earlier) stay cached, the rest join every state of the group. Query t of
+    head h (state head s, cache head c) then sees the sinks (ranks < num_sink_tokens), c's
+    cached tokens and every unplaced token <= t exactly:
     o_t = (gamma sum_E e^(s_tj - m_t) v_j + lam sum_state a_ti v_i)
-          / (gamma sum_E e^(s_tj - m_t) + lam sum_state a_ti), a_ti = phi(q_t).(d_ti phi(k_i)).
+          / (gamma sum_E e^(s_tj - m_t) + lam sum_state a_ti), a_ti = phi(q_t).(d_ti phi_s(k_i)).
 
     Shapes as `naive_past_window_attention` (k_lin [B, T, Hs, F] with Hs = H or HKV; g
-    [B, T, HKV or Hs(, F)]); softcap caps the exact scores s_tj as c tanh(s_tj / c).
+    [B, T, HKV or Hs(, F)]); softcap caps the exact scores s_tj as c tanh(s_tj / c);
+    cache_heads: Hc, a multiple of HKV dividing Hs (None: Hs).
     Returns o [B, T, H, V] in q_win's dtype (0 at padding).
     """
     B, T, H, D = q_win.shape
@@ -178,42 +182,61 @@ def naive_sparse_past_window_attention(
     lam = torch.as_tensor(linear_factor, dtype=acc).expand(H)
     o = torch.zeros(B, T, H, v.shape[-1], dtype=acc, device=q_win.device)
     Hs, HKV = k_lin.shape[2], k_win.shape[2]
+    Hc = Hs if cache_heads is None else cache_heads
     for b in range(B):
         pos = [t for t in range(T) if key_mask is None or bool(key_mask[b, t])]
+        n = len(pos)
+
+        def log_gates(s):
+            if g is None:
+                return torch.zeros(n, 1, dtype=acc)
+            gs = g[b, pos, s // (Hs // g.shape[2])].to(acc)
+            return torch.cumsum(gs.reshape(n, -1), dim=0)
+
+        L = [log_gates(s) for s in range(Hs)]
+        val = lambda j, kv: v[b, pos[j], kv].to(acc)  # noqa: E731
+        fk = lambda j, s: k_lin[b, pos[j], s].to(acc)  # noqa: E731
+        decay = lambda s, t, i: torch.exp(L[s][t] - L[s][i + window])  # noqa: E731
+        placement = [_sparse_placement(n, range(c * (Hs // Hc), (c + 1) * (Hs // Hc)), c // (Hc // HKV), val, fk,
+                                       decay, window, num_sink_tokens, budget, block, acc) for c in range(Hc)]
         for h in range(H):
             s, kv = h // (H // Hs), h // (H // HKV)
-            if g is None:
-                L = torch.zeros(len(pos), 1, dtype=acc)
-            else:
-                gs = g[b, pos, s // (Hs // g.shape[2])].to(acc)
-                L = torch.cumsum(gs.reshape(len(pos), -1), dim=0)
-            key = lambda j: k_win[b, pos[j], kv].to(acc)  # noqa: E731
-            val = lambda j: v[b, pos[j], kv].to(acc)  # noqa: E731
-            fk = lambda j: k_lin[b, pos[j], s].to(acc)  # noqa: E731
-            decay = lambda t, i: torch.exp(L[t] - L[i + window])  # noqa: E731
-            cached, in_state, placed = [], [], set()
-            for t in range(len(pos)):
-                if t > 0 and t % block == 0:
-                    pending = [j for j in range(num_sink_tokens, t - window + 1) if j not in placed]
-                    if pending:
-                        def error(j):
-                            w = [fk(j) @ (decay(t, i) * fk(i)) for i in in_state]
-                            total = sum(w) if w else torch.zeros((), dtype=acc)
-                            pred = sum(wi * val(i) for wi, i in zip(w, in_state)) / total if total > 0 else 0.0
-                            return float(torch.linalg.vector_norm(val(j) - pred))
-                        errors = {j: error(j) for j in cached + pending}
-                        ranked = sorted(cached + pending, key=lambda j: (-errors[j], j))
-                        cached = sorted(ranked[:budget])
-                        in_state += ranked[budget:]
-                        placed.update(pending)
+            for t in range(n):
+                cached, in_state, placed = placement[s // (Hs // Hc)][t]
                 exact = [j for j in range(t + 1) if j < num_sink_tokens or j in cached or j not in placed]
-                sc = soft_cap(torch.stack([(q_win[b, pos[t], h].to(acc) @ key(j)) * scale for j in exact]), softcap)
+                sc = soft_cap(torch.stack([(q_win[b, pos[t], h].to(acc) @ k_win[b, pos[j], kv].to(acc)) * scale
+                                           for j in exact]), softcap)
                 w = gam[h] * torch.exp(sc - sc.max())
-                num = sum(wj * val(j) for wj, j in zip(w, exact))
+                num = sum(wj * val(j, kv) for wj, j in zip(w, exact))
                 den = w.sum()
                 for i in in_state:
-                    a = lam[h] * (q_lin[b, pos[t], h].to(acc) @ (decay(t, i) * fk(i)))
-                    num = num + a * val(i)
+                    a = lam[h] * (q_lin[b, pos[t], h].to(acc) @ (decay(s, t, i) * fk(i, s)))
+                    num = num + a * val(i, kv)
                     den = den + a
                 o[b, pos[t], h] = num / den
     return o.to(q_win.dtype)
+
+
+def _sparse_placement(n, heads, kv, val, fk, decay, window, num_sink_tokens, budget, block, acc):
+    """For each rank t < n, the (cached, in_state, placed) token lists of one cache head (its
+    state heads `heads`, KV head kv) after the selection before query t."""
+    cached, in_state, placed, out = [], [], set(), []
+    for t in range(n):
+        if t > 0 and t % block == 0:
+            pending = [j for j in range(num_sink_tokens, t - window + 1) if j not in placed]
+            if pending:
+                def error(j):
+                    total_sq = 0.0
+                    for s in heads:
+                        w = [fk(j, s) @ (decay(s, t, i) * fk(i, s)) for i in in_state]
+                        total = sum(w) if w else torch.zeros((), dtype=acc)
+                        pred = sum(wi * val(i, kv) for wi, i in zip(w, in_state)) / total if total > 0 else 0.0
+                        total_sq += float(torch.linalg.vector_norm(val(j, kv) - pred)) ** 2
+                    return total_sq ** 0.5
+                errors = {j: error(j) for j in cached + pending}
+                ranked = sorted(cached + pending, key=lambda j: (-errors[j], j))
+                cached = sorted(ranked[:budget])
+                in_state = in_state + ranked[budget:]
+                placed = placed | set(pending)
+        out.append((cached, in_state, placed))
+    return out

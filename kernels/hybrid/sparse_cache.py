@@ -29,6 +29,12 @@ Where we differ from LoLA's code: blocks are aligned to absolute ranks (so a pro
 across calls, or decoded token by token, gives the same result as one forward); a gate, when
 the model has one, decays the state and the candidates as above (LoLA has no gate).
 
+An option beyond LoLA (`cache_heads`): LoLA keeps `budget` pairs per state head, and with one
+state per query head (LoLCATs' published form) a GQA model stores each pair's key and value
+once per query head of its group. With `cache_heads=HKV` the heads of a group share one set:
+a candidate's error is the norm of the group's state heads' errors together, and a pair is
+cached or enters every state of the group as one, for H / HKV times fewer stored pairs.
+
 Keys are mapped to features only where a selection reads them: the state keeps the unmapped
 keys of the recent tokens per KV head (not their features per state head, several times larger)
 and applies `key_map` to the candidates of each selection. Where k is kl rotated (the feature
@@ -40,8 +46,8 @@ The decode state (`state`, a dict of tensors, batch-first) holds per row: `seen`
 `sink_k`, `sink_v` [B, S, HKV, D]; the recent tokens `recent_k`, `recent_v`, `recent_kl`
 [B, R, HKV, D] (with `k_rope`, `recent_rope` [B, R, D] in place of `recent_k`), `recent_L`
 [B, R, Hs, Fg] (left-aligned, `recent_len` [B] valid,
-R <= window + block - 1); the cached pairs `sel_k`, `sel_v`, `sel_kl` [B, G, Hs, D], `sel_L`
-[B, G, Hs, Fg], `sel_rank` [B, G, Hs], `sel_valid` [B, G, Hs]; the state `S` [B, Hs, F, Dv],
+R <= window + block - 1); the cached pairs `sel_k`, `sel_v`, `sel_kl` [B, G, Hc, D], `sel_L`
+[B, G, Hs, Fg], `sel_rank` [B, G, Hc], `sel_valid` [B, G, Hc]; the state `S` [B, Hs, F, Dv],
 `z` [B, Hs, F] and the log gates `L_state`, `L_last` [B, Hs, Fg] at its last update and at the
 last token.
 """
@@ -59,8 +65,8 @@ _LAST = torch.iinfo(torch.long).max
 def sparse_past_window_attention(q, k, v, fq, kl, g, *, key_map, state_heads: int, window: int, num_sink_tokens: int,
                                  budget: int, block: int, scale: float, window_factor, linear_factor=1.0, key_mask=None,
                                  cu_seqlens=None, state: dict | None = None, softcap: float | None = None,
-                                 k_rope: torch.Tensor | None = None):
-    """The past-window hybrid with a sparse cache of `budget` exact pairs per state head.
+                                 k_rope: torch.Tensor | None = None, cache_heads: int | None = None):
+    """The past-window hybrid with a sparse cache of `budget` exact pairs per cache head.
 
     q: [B, T, H, D] and k: [B, T, HKV, D] RoPE'd, for the softmax; v: [B, T, HKV, Dv];
     fq: [B, T, H, F] the feature-mapped query; kl: [B, T, HKV, D] the keys the feature map
@@ -72,12 +78,19 @@ def sparse_past_window_attention(q, k, v, fq, kl, g, *, key_map, state_heads: in
     state: the previous call's state dict or None for fresh sequences. softcap: the exact
     scores' cap c * tanh(s / c) (Gemma-2), None = none. k_rope: [B, T, D] the `rope_halves` of
     the rotation that made k from kl, or None (the state then keeps k as well as kl).
+    cache_heads: Hc, how many heads hold their own `budget` pairs (None: Hs, as LoLA; HKV:
+    one set per KV head, shared by its state heads, which pick it by their summed squared
+    errors; a multiple of HKV dividing Hs).
     Returns o [B, T, H, Dv] (fp32, fp64 stays; 0 at padding) and the new state dict.
     """
     B, T, H, _ = q.shape
     Hs = state_heads
+    Hc = Hs if cache_heads is None else cache_heads
     if H % Hs or Hs % k.shape[2]:
         raise ValueError(f"state heads {Hs} must divide the query heads {H} and be a multiple of the KV heads "
+                         f"{k.shape[2]}")
+    if Hs % Hc or Hc % k.shape[2]:
+        raise ValueError(f"cache heads {Hc} must divide the state heads {Hs} and be a multiple of the KV heads "
                          f"{k.shape[2]}")
     if cu_seqlens is not None and state is not None:
         raise ValueError("packed sequences (cu_seqlens) start fresh: pass no state")
@@ -87,7 +100,7 @@ def sparse_past_window_attention(q, k, v, fq, kl, g, *, key_map, state_heads: in
         g = g[..., None]
     g = g.repeat_interleave(Hs // g.shape[2], dim=2)
     spec = dict(window=window, sinks=num_sink_tokens, budget=budget, block=block, scale=scale, softcap=softcap,
-                gamma=window_factor, lam=linear_factor, H=H, Hs=Hs, key_map=key_map,
+                gamma=window_factor, lam=linear_factor, H=H, Hs=Hs, Hc=Hc, key_map=key_map,
                 recent_key="recent_k" if k_rope is None else "recent_rope")
     if k_rope is not None:
         k = k_rope  # what the state keeps of k
@@ -114,7 +127,7 @@ def _fresh_row(xs, spec, acc) -> dict:
     """An empty row state shaped like the inputs xs = [q, k, v, fq, kl, g] ([1, T, ...])."""
     q, k, v, fq, kl, g = xs  # k: the RoPE'd keys, or with `k_rope` their rotation [1, T, D]
     HKV, D, Dv, Dl = v.shape[2], q.shape[3], v.shape[3], kl.shape[3]
-    Hs, F, Fg = spec["Hs"], fq.shape[3], g.shape[3]
+    Hs, Hc, F, Fg = spec["Hs"], spec["Hc"], fq.shape[3], g.shape[3]
     G = spec["budget"]
     dev = k.device
     return {
@@ -122,10 +135,10 @@ def _fresh_row(xs, spec, acc) -> dict:
         "sink_k": k.new_zeros(0, HKV, D), "sink_v": v.new_zeros(0, HKV, Dv),
         spec["recent_key"]: k.new_zeros(0, *k.shape[2:]), "recent_v": v.new_zeros(0, HKV, Dv),
         "recent_kl": kl.new_zeros(0, HKV, Dl), "recent_L": torch.zeros(0, Hs, Fg, dtype=acc, device=dev),
-        "sel_k": k.new_zeros(G, Hs, D), "sel_v": v.new_zeros(G, Hs, Dv), "sel_kl": kl.new_zeros(G, Hs, Dl),
+        "sel_k": k.new_zeros(G, Hc, D), "sel_v": v.new_zeros(G, Hc, Dv), "sel_kl": kl.new_zeros(G, Hc, Dl),
         "sel_L": torch.zeros(G, Hs, Fg, dtype=acc, device=dev),
-        "sel_rank": torch.full((G, Hs), _LAST, dtype=torch.long, device=dev),
-        "sel_valid": torch.zeros(G, Hs, dtype=torch.bool, device=dev),
+        "sel_rank": torch.full((G, Hc), _LAST, dtype=torch.long, device=dev),
+        "sel_valid": torch.zeros(G, Hc, dtype=torch.bool, device=dev),
         "S": torch.zeros(Hs, F, Dv, dtype=acc, device=dev), "z": torch.zeros(Hs, F, dtype=acc, device=dev),
         "L_state": torch.zeros(Hs, Fg, dtype=acc, device=dev), "L_last": torch.zeros(Hs, Fg, dtype=acc, device=dev),
     }
@@ -165,8 +178,9 @@ def _append(st, a, k, v, kl, L, spec) -> None:
     st["seen"] = a + k.shape[0]
 
 
-def _to_state_heads(x: torch.Tensor, Hs: int) -> torch.Tensor:
-    return x.repeat_interleave(Hs // x.shape[1], dim=1)
+def _to_heads(x: torch.Tensor, n: int) -> torch.Tensor:
+    """[N, h, ...] -> [N, n, ...], each of the h heads repeated for its n / h heads."""
+    return x.repeat_interleave(n // x.shape[1], dim=1)
 
 
 def _recent_keys(st, n: int | None = None) -> torch.Tensor:
@@ -179,7 +193,7 @@ def _recent_keys(st, n: int | None = None) -> torch.Tensor:
 def _select(st, a, L_a, spec) -> None:
     """The selection before the queries at rank a: the pending tokens and the cached pairs
     compete; the `budget` worst reproduced stay exact, the rest enter the state."""
-    W, G, Hs = spec["window"], spec["budget"], spec["Hs"]
+    W, G, Hs, Hc = spec["window"], spec["budget"], spec["Hs"], spec["Hc"]
     start = st["seen"] - st["recent_kl"].shape[0]  # rank of the first recent token
     P = min(max(0, a - W - start + 1), st["recent_kl"].shape[0])
     if P == 0:
@@ -191,31 +205,35 @@ def _select(st, a, L_a, spec) -> None:
     L_buf = torch.cat([st["recent_L"], L_a[None]])
     acc = S.dtype
     cand = {
-        "k": torch.cat([st["sel_k"], _to_state_heads(_recent_keys(st, P), Hs).to(st["sel_k"].dtype)]),
-        "v": torch.cat([st["sel_v"], _to_state_heads(st["recent_v"][:P], Hs).to(st["sel_v"].dtype)]),
-        "kl": torch.cat([st["sel_kl"], _to_state_heads(st["recent_kl"][:P], Hs).to(st["sel_kl"].dtype)]),
-        "L": torch.cat([st["sel_L"], L_buf[leave]]),
-        "rank": torch.cat([st["sel_rank"], ranks[:, None].expand(P, Hs)]),
-        "valid": torch.cat([st["sel_valid"], torch.ones(P, Hs, dtype=torch.bool, device=L_a.device)]),
+        "k": torch.cat([st["sel_k"], _to_heads(_recent_keys(st, P), Hc).to(st["sel_k"].dtype)]),
+        "v": torch.cat([st["sel_v"], _to_heads(st["recent_v"][:P], Hc).to(st["sel_v"].dtype)]),
+        "kl": torch.cat([st["sel_kl"], _to_heads(st["recent_kl"][:P], Hc).to(st["sel_kl"].dtype)]),
+        "L": torch.cat([st["sel_L"], L_buf[leave]]),  # per state head
+        "rank": torch.cat([st["sel_rank"], ranks[:, None].expand(P, Hc)]),
+        "valid": torch.cat([st["sel_valid"], torch.ones(P, Hc, dtype=torch.bool, device=L_a.device)]),
     }
-    fk_c, v_c = spec["key_map"](cand["kl"][None])[0].to(acc), cand["v"].to(acc)  # [C, Hs, F], [C, Hs, Dv]
+    fk_c = spec["key_map"](_to_heads(cand["kl"], Hs)[None])[0].to(acc)  # [C, Hs, F]
+    v_c = _to_heads(cand["v"], Hs).to(acc)  # [C, Hs, Dv]
     num = torch.einsum("chf,hfd->chd", fk_c, S)
     den = torch.einsum("chf,hf->ch", fk_c, z)
     pred = torch.where((den > 0)[..., None], num / torch.where(den > 0, den, torch.ones_like(den))[..., None],
                        torch.zeros_like(num))
-    err = torch.linalg.vector_norm(v_c - pred, dim=-1).masked_fill(~cand["valid"], float("-inf"))
+    err = torch.linalg.vector_norm(v_c - pred, dim=-1)  # [C, Hs]
+    if Hc != Hs:  # a group's pair: the norm of its state heads' errors together
+        err = err.view(err.shape[0], Hc, Hs // Hc).square().sum(-1).sqrt()
+    err = err.masked_fill(~cand["valid"], float("-inf"))
     # candidates are in rank order, so a stable sort breaks ties towards the earlier token
     order = torch.sort(err, dim=0, descending=True, stable=True).indices
-    top = torch.zeros_like(cand["valid"]).scatter_(0, order[:G], True) & cand["valid"]
-    evict = cand["valid"] & ~top
+    top = torch.zeros_like(cand["valid"]).scatter_(0, order[:G], True) & cand["valid"]  # [C, Hc]
+    evict = _to_heads(cand["valid"] & ~top, Hs)
     w = fk_c * torch.exp(L_a[None] - cand["L"]) * evict[..., None].to(acc)  # [C, Hs, F]
     st["S"] = S + torch.einsum("chf,chd->hfd", w, v_c)
     st["z"] = z + w.sum(0)
     st["L_state"] = L_a
     keep = torch.sort(torch.where(top, cand["rank"], torch.full_like(cand["rank"], _LAST)), dim=0, stable=True).indices[:G]
     for name in ("k", "v", "kl", "L", "rank"):
-        x = cand[name]
-        st["sel_" + name] = torch.gather(x, 0, keep.reshape(*keep.shape, *([1] * (x.dim() - 2))).expand(G, *x.shape[1:]))
+        x, idx = cand[name], _to_heads(keep, cand[name].shape[1])
+        st["sel_" + name] = torch.gather(x, 0, idx.reshape(*idx.shape, *([1] * (x.dim() - 2))).expand(G, *x.shape[1:]))
     st["sel_valid"] = torch.gather(top, 0, keep)
     st["sel_rank"] = torch.where(st["sel_valid"], st["sel_rank"], torch.full_like(st["sel_rank"], _LAST))
     for name in (spec["recent_key"], "recent_v", "recent_kl", "recent_L"):

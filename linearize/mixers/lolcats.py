@@ -116,16 +116,22 @@ class LolcatsAttention(LinearizedAttention):
             state_heads=self.state_heads, window=cfg.window, num_sink_tokens=cfg.num_sink_tokens,
             budget=cfg.sparse_cache, block=cfg.sparse_block, scale=self.scaling, window_factor=self.window_factor(),
             linear_factor=self.linear_factor(), key_mask=key_mask, cu_seqlens=cu_seqlens, state=previous,
-            softcap=self.softcap)
+            softcap=self.softcap, cache_heads=self.sparse_cache_heads())
         if state is not None:
             state.sparse = new
         return o
 
+    def sparse_cache_heads(self) -> int:
+        """How many heads keep their own sparse-cache pairs: the state heads (LoLA), or the KV
+        heads with `sparse_per_kv_head`."""
+        return self.num_kv_heads if self.lconfig.sparse_per_kv_head else self.state_heads
+
     def extra_state_bytes(self) -> int:
         """Beyond the window cache: the key and value that leave it next (2 x HKV x D elements)
         and, with the feature map before RoPE, each window position's rotation (window x D);
-        with the sparse cache instead the cached pairs, sparse_cache x Hs x 3 D (RoPE'd and
-        unmapped keys, values), and the recent tokens waiting for a selection."""
+        with the sparse cache instead the cached pairs, sparse_cache x Hc x 3 D (RoPE'd and
+        unmapped keys, values; Hc = `sparse_cache_heads`) and their gates per state head, and
+        the recent tokens waiting for a selection."""
         cfg = self.lconfig
         if cfg.mixing != "lolcats":
             return 0
@@ -135,7 +141,8 @@ class LolcatsAttention(LinearizedAttention):
             return 2 * self.num_kv_heads * self.head_dim * elem + (0 if cfg.linear_rope else
                                                                    cfg.window * self.head_dim * elem)
         gate_width = 4 * (feat if cfg.gate == "liger" else 1)  # fp32 cumulative log gate per token and head
-        cached = cfg.sparse_cache * self.state_heads * (3 * self.head_dim * elem + gate_width + 8 + 1)
+        cached = cfg.sparse_cache * (self.sparse_cache_heads() * (3 * self.head_dim * elem + 8 + 1)
+                                     + self.state_heads * gate_width)
         # recent tokens: up to window + block - 1 unmapped keys (with the feature map before
         # RoPE, their rotation's half cos/sin: the RoPE'd keys are redone from them) and gates,
         # and the keys and values of up to `block` tokens beyond the window's (which the base

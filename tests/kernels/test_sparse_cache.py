@@ -70,6 +70,22 @@ def test_matches_the_reference(spec, gate, Hs):
     assert o[1, :5].abs().max() == 0
 
 
+@pytest.mark.parametrize("spec", CASES)
+@pytest.mark.parametrize("gate", ["none", "vector"])
+def test_pairs_shared_by_a_kv_group_match_the_reference(spec, gate):
+    """cache_heads=HKV: each KV head's state heads pick one set of pairs together."""
+    x = make(Hs=4, gate=gate, seed=len(str(spec)) + 7)
+    key_mask = torch.ones(2, 23, dtype=torch.bool)
+    key_mask[0, :4] = False
+    o, state = run(*x, key_mask=key_mask, Hs=4, cache_heads=2, **spec)
+    ref = reference(*x, key_mask=key_mask, Hs=4, cache_heads=2, **spec)
+    assert rel(o, ref) < 1e-10
+    assert state["sel_k"].shape[2] == 2 and state["sel_L"].shape[2] == 4
+    alone = reference(*x, key_mask=key_mask, Hs=4, **spec)
+    if spec["budget"] < 5:  # a shared choice differs from each head's own somewhere
+        assert rel(ref, alone) > 1e-6
+
+
 def test_without_a_cache_and_block_one_it_is_lolcats():
     """budget 0 and a selection every step put each key into the state as it leaves the
     window: LoLCATs' published past-window hybrid."""
@@ -91,16 +107,17 @@ def test_a_budget_as_long_as_the_sequence_is_softmax_attention():
 
 
 @pytest.mark.parametrize("splits", [[23], [1] * 23, [5, 1, 1, 9, 7], [8, 15]])
-def test_any_split_into_calls_gives_one_forward(splits):
-    x = make(gate="scalar", Hs=2)
-    spec = dict(window=4, num_sink_tokens=2, budget=3, block=4)
+@pytest.mark.parametrize("Hs, cache_heads", [(2, None), (4, 2)])
+def test_any_split_into_calls_gives_one_forward(splits, Hs, cache_heads):
+    x = make(gate="scalar", Hs=Hs)
+    spec = dict(window=4, num_sink_tokens=2, budget=3, block=4, cache_heads=cache_heads)
     key_mask = torch.ones(2, 23, dtype=torch.bool)
     key_mask[0, :3] = False
-    full, _ = run(*x, key_mask=key_mask, Hs=2, **spec)
+    full, _ = run(*x, key_mask=key_mask, Hs=Hs, **spec)
     state, parts, t0 = None, [], 0
     for n in splits:
         part = [t[:, t0:t0 + n] if t is not None and t.dim() > 1 else t for t in x]
-        o, state = run(*part, state=state, key_mask=key_mask[:, t0:t0 + n], Hs=2, **spec)
+        o, state = run(*part, state=state, key_mask=key_mask[:, t0:t0 + n], Hs=Hs, **spec)
         parts.append(o)
         t0 += n
     assert rel(torch.cat(parts, dim=1), full) < 1e-12

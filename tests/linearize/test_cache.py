@@ -18,6 +18,9 @@ CASES = {
     "lolcats-shared-state": dict(method="lolcats", window=5, share_state_across_group=True, num_sink_tokens=1),
     "lolcats-sparse-cache": dict(method="lolcats", window=4, num_sink_tokens=1, gate="mamba2", init="baseline",
                                  sparse_cache=3, sparse_block=4),
+    "lolcats-sparse-cache-per-kv-head": dict(method="lolcats", window=4, num_sink_tokens=1, gate="mamba2",
+                                             init="baseline", linear_rope=False, sparse_cache=2, sparse_block=3,
+                                             sparse_per_kv_head=True),
     "lolcats-sparse-cache-shared": dict(method="lolcats", window=3, share_state_across_group=True, sparse_cache=2,
                                         sparse_block=5),
     "liger-gla-baseline": dict(method="liger-gla", window=6, init="baseline"),
@@ -74,7 +77,8 @@ def test_prefill_then_decode_equals_full_forward(make_tiny_model, case):
     assert rel(step[valid], full[valid]) < 1e-4
 
 
-@pytest.mark.parametrize("case", ["lizard", "window-sinks", "hybrid-lizard", "lolcats-sparse-cache"])
+@pytest.mark.parametrize("case", ["lizard", "window-sinks", "hybrid-lizard", "lolcats-sparse-cache",
+                                  "lolcats-sparse-cache-per-kv-head"])
 @pytest.mark.parametrize("query_block", [256, 3])
 def test_prefill_in_pieces_equals_prefill_at_once(make_tiny_model, case, query_block, monkeypatch):
     """query_block 3: a piece meeting a cached window goes in blocks of 3 queries, each seeing only

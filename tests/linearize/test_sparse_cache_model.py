@@ -41,7 +41,7 @@ def test_methods_without_a_past_window_state_refuse_it(method):
 
 
 @pytest.mark.parametrize("field, value", [("sparse_cache", -1), ("sparse_cache", 1.5), ("sparse_block", 0),
-                                          ("sparse_cache", True)])
+                                          ("sparse_cache", True), ("sparse_per_kv_head", "yes")])
 def test_bad_values_are_refused(field, value):
     with pytest.raises(ConfigError, match=field):
         LinearizeConfig(method="lolcats", **{field: value})
@@ -60,6 +60,32 @@ def test_info_counts_the_cached_pairs(make_tiny_model):
     assert cache.layers[0].nbytes() <= b + 1024  # the estimate bounds what decoding holds
 
 
+def test_pairs_per_kv_head_cost_what_info_says_and_change_nothing_with_a_shared_state(make_tiny_model):
+    """Per KV head, each pair is stored once for its group: info's bytes fall by the pairs of
+    the other query heads, decoding holds no more; with one state per KV head already
+    (share_state_across_group) the option is LoLA's own cache, output for output."""
+    kw = dict(method="lolcats", window=4, sparse_cache=8, sparse_block=4, linear_rope=False)
+    per_head, per_kv = (perturb(linearize.convert(make_tiny_model("llama"), **kw, sparse_per_kv_head=shared), seed=5)
+                        for shared in (False, True))
+    per_kv.load_state_dict(per_head.state_dict())
+    mixer = linearize.mixers(per_head)[0]
+    assert mixer.state_heads > mixer.num_kv_heads
+    saved = layer_state_bytes(mixer) - layer_state_bytes(linearize.mixers(per_kv)[0])
+    assert saved == 8 * (mixer.state_heads - mixer.num_kv_heads) * (3 * mixer.head_dim * 4 + 8 + 1)
+    ids = torch.randint(1, 128, (2, 40))
+    with torch.no_grad():
+        cache = LinearizeCache(per_kv)
+        per_kv(ids[:1], cache=cache)
+        assert cache.layers[0].nbytes() <= layer_state_bytes(linearize.mixers(per_kv)[0]) + 1024
+        assert not torch.allclose(per_head(ids).logits, per_kv(ids).logits, atol=1e-5)
+    shared = dict(kw, share_state_across_group=True)
+    a, b = (perturb(linearize.convert(make_tiny_model("llama"), **shared, sparse_per_kv_head=x), seed=5)
+            for x in (False, True))
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        assert torch.equal(a(ids).logits, b(ids).logits)
+
+
 def test_load_sets_it_and_save_keeps_it(make_tiny_model, tmp_path):
     model = perturb(linearize.convert(make_tiny_model("llama"), method="lolcats", window=4), seed=3)
     model.save_pretrained(tmp_path / "m")
@@ -69,6 +95,8 @@ def test_load_sets_it_and_save_keeps_it(make_tiny_model, tmp_path):
         loaded = linearize.load(tmp_path / "m", sparse_cache=5, sparse_block=2)
         cached = loaded(ids).logits
     assert loaded.config.linearize["sparse_cache"] == 5 and loaded.config.linearize["sparse_block"] == 2
+    assert not loaded.config.linearize["sparse_per_kv_head"]
+    assert linearize.load(tmp_path / "m", sparse_per_kv_head=True).config.linearize["sparse_per_kv_head"]
     assert not torch.allclose(plain, cached, atol=1e-4)
     loaded.save_pretrained(tmp_path / "again")
     with torch.no_grad():
@@ -92,7 +120,9 @@ def test_convert_cli_takes_it_and_refuses_it_for_liger():
 
     args = build_parser().parse_args(["convert", "--method", "lolcats", "--sparse-cache", "16", "--sparse-block", "8"])
     config = config_from_args(args).resolved()
-    assert (config.sparse_cache, config.sparse_block) == (16, 8)
+    assert (config.sparse_cache, config.sparse_block, config.sparse_per_kv_head) == (16, 8, False)
+    args = build_parser().parse_args(["convert", "--method", "lolcats", "--sparse-cache", "16", "--sparse-per-kv-head"])
+    assert config_from_args(args).resolved().sparse_per_kv_head
     args = build_parser().parse_args(["convert", "--method", "liger-gla", "--sparse-cache", "16"])
     with pytest.raises(ConfigError, match="sparse_cache needs"):
         config_from_args(args).resolved()
