@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import yaml
 from quality_page import write_document
-from quality_runs import RECIPE_EXTRAS, RUNS, SPARSE
+from quality_runs import RECIPE_EXTRAS, RUNS, SPARSE, sparse_settings
 
 WORK = Path("outputs/quality")
 DOC = Path("docs/quality-at-length.md")
@@ -95,14 +95,14 @@ def load(name: str, final: Path | None):
 
     base = default_model_dir()
     tok = AutoTokenizer.from_pretrained(base)
-    source, budget = SPARSE.get(name, (name, None))
+    source, sparse = SPARSE.get(name, (name, None))[0], sparse_settings(name)
     if final is not None:
-        return linearize.load(str(final), sparse_cache=budget).eval(), tok
+        return linearize.load(str(final), **sparse).eval(), tok
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     if RUNS[source] is not None:
         linearize.convert(model, linearize.LinearizeConfig(**RUNS[source][0]))
-        if budget is not None:
-            linearize.set_sparse_cache(model, budget)
+        if sparse:
+            linearize.set_sparse_cache(model, sparse["sparse_cache"], per_kv_head=sparse["sparse_per_kv_head"])
     return model, tok
 
 

@@ -114,7 +114,22 @@ SPARSE = {
     # smaller budgets on the distilled default: what each MiB of LoLA buys
     "recommended-w512+lola16": ("recommended-w512", 16),
     "recommended-w512+lola32": ("recommended-w512", 32),
+    # pairs per KV head, shared by its 3 query heads' states (`sparse_per_kv_head`): 64 per group
+    # holds a third of LoLA 64's pairs, 192 as many
+    "recommended-w512+lola64kv": ("recommended-w512", 64),
+    "recommended-w512+lola192kv": ("recommended-w512", 192),
 }
+# SPARSE entries whose pairs are kept per KV head (LinearizeConfig.sparse_per_kv_head)
+SPARSE_PER_KV_HEAD = {"recommended-w512+lola64kv", "recommended-w512+lola192kv"}
+
+
+def sparse_settings(name: str) -> dict:
+    """The `linearize.load` / `set_sparse_cache` keywords of a SPARSE entry ({} for other runs)."""
+    if name not in SPARSE:
+        return {}
+    return dict(sparse_cache=SPARSE[name][1], sparse_per_kv_head=name in SPARSE_PER_KV_HEAD)
+
+
 RUNS["lolcats-baseline-untrained"] = (dict(method="lolcats", init="baseline"), None, None)
 # budget 1 of `linearize select-layers` on 4 held-out rows (layer 20; on 8 rows budget 2 chose
 # [20, 23]), untrained: with init baseline this is window + sinks with one softmax layer
@@ -236,6 +251,8 @@ LABELS = {
     "recommended-w512+lola64": "recommended at window 512 (the default), distilled + LoLA 64",
     "recommended-w512+lola16": "recommended at window 512 (the default), distilled + LoLA 16",
     "recommended-w512+lola32": "recommended at window 512 (the default), distilled + LoLA 32",
+    "recommended-w512+lola64kv": "recommended at window 512 (the default), distilled + LoLA 64 per KV head",
+    "recommended-w512+lola192kv": "recommended at window 512 (the default), distilled + LoLA 192 per KV head",
     "recommended-kl1+lola64": "recommended, 1 KL-chosen softmax layer + LoLA 64",
     "recommended-kl2+lola64": "recommended, 2 KL-chosen softmax layers + LoLA 64",
     "recommended-kl4": "recommended, softmax in the 4 KL-chosen layers [14, 17, 20, 23]",
@@ -264,11 +281,11 @@ def decode_state_mib(name: str, context: int = 16384) -> float | None:
     import linearize
     from linearize.summary import summarize
 
-    source, budget = SPARSE.get(name, (name, None))
+    source = SPARSE.get(name, (name, None))[0]
     source = "teacher" if source == "teacher-lora" else source  # its 8,192-token window is the teacher's attention
     if source not in RUNS:
         return None
     model = copy.deepcopy(_plain_model())
     if RUNS[source] is not None:
-        linearize.convert(model, linearize.LinearizeConfig(**RUNS[source][0], sparse_cache=budget or 0))
+        linearize.convert(model, linearize.LinearizeConfig(**RUNS[source][0], **sparse_settings(name)))
     return summarize(model, (context,)).state_bytes[context] / 2**20

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 from quality_runs import (LABELS, REFERENCES, RUNS, SPARSE, conversion_of, decode_state_mib, is_trained,
-                          is_truncation)
+                          is_truncation, sparse_settings)
 
 
 def quality_section(doc_dir: Path) -> list[str]:
@@ -62,7 +62,8 @@ def is_default(name: str) -> bool:
     conversion = conversion_of(name)
     if conversion is None:
         return False
-    return {**conversion, "sparse_cache": SPARSE.get(name, (None, 0))[1]} == RECOMMENDED
+    shared = {"sparse_per_kv_head": True} if sparse_settings(name).get("sparse_per_kv_head") else {}
+    return {**conversion, "sparse_cache": SPARSE.get(name, (None, 0))[1], **shared} == RECOMMENDED
 
 
 def refresh_quality_section(doc: Path) -> Path:
