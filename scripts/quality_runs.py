@@ -118,9 +118,10 @@ SPARSE = {
     # holds a third of LoLA 64's pairs, 192 as many
     "recommended-w512+lola64kv": ("recommended-w512", 64),
     "recommended-w512+lola192kv": ("recommended-w512", 192),
+    "recommended-w512-untrained+lola64kv": ("recommended-w512-untrained", 64),
 }
 # SPARSE entries whose pairs are kept per KV head (LinearizeConfig.sparse_per_kv_head)
-SPARSE_PER_KV_HEAD = {"recommended-w512+lola64kv", "recommended-w512+lola192kv"}
+SPARSE_PER_KV_HEAD = {"recommended-w512+lola64kv", "recommended-w512+lola192kv", "recommended-w512-untrained+lola64kv"}
 
 
 def sparse_settings(name: str) -> dict:
@@ -253,6 +254,7 @@ LABELS = {
     "recommended-w512+lola32": "recommended at window 512 (the default), distilled + LoLA 32",
     "recommended-w512+lola64kv": "recommended at window 512 (the default), distilled + LoLA 64 per KV head",
     "recommended-w512+lola192kv": "recommended at window 512 (the default), distilled + LoLA 192 per KV head",
+    "recommended-w512-untrained+lola64kv": "recommended at window 512, untrained + LoLA 64 per KV head",
     "recommended-kl1+lola64": "recommended, 1 KL-chosen softmax layer + LoLA 64",
     "recommended-kl2+lola64": "recommended, 2 KL-chosen softmax layers + LoLA 64",
     "recommended-kl4": "recommended, softmax in the 4 KL-chosen layers [14, 17, 20, 23]",
