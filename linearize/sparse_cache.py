@@ -1,6 +1,7 @@
 """Turn LoLA's sparse cache on or off on a converted model (it needs no training)."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 
 import torch.nn as nn
@@ -40,7 +41,8 @@ def add_sparse_cache_arguments(group) -> None:
                             "(default: the conversion's, or as saved)")
     group.add_argument("--sparse-block", type=int, default=None, metavar="C",
                        help="run the sparse cache's selection every C tokens (default: the conversion's, 64, or as saved)")
-    group.add_argument("--sparse-per-kv-head", action="store_true", default=None,
+    group.add_argument("--sparse-per-kv-head", action=argparse.BooleanOptionalAction, default=None,
                        help="keep the sparse cache's pairs per KV head, shared by its query heads (chosen by their "
-                            "errors together): H/H_kv times fewer stored pairs than LoLA's per-head cache; beyond "
-                            "the paper")
+                            "errors together): H/H_kv times fewer stored pairs than LoLA's per-head cache (beyond "
+                            "the paper); --no-sparse-per-kv-head keeps them per head as LoLA does (default: the "
+                            "conversion's, or as saved)")

@@ -121,8 +121,9 @@ def test_convert_cli_takes_it_and_refuses_it_for_liger():
     args = build_parser().parse_args(["convert", "--method", "lolcats", "--sparse-cache", "16", "--sparse-block", "8"])
     config = config_from_args(args).resolved()
     assert (config.sparse_cache, config.sparse_block, config.sparse_per_kv_head) == (16, 8, False)
-    args = build_parser().parse_args(["convert", "--method", "lolcats", "--sparse-cache", "16", "--sparse-per-kv-head"])
-    assert config_from_args(args).resolved().sparse_per_kv_head
+    for flag, value in (("--sparse-per-kv-head", True), ("--no-sparse-per-kv-head", False)):
+        args = build_parser().parse_args(["convert", "--method", "lolcats", "--sparse-cache", "16", flag])
+        assert config_from_args(args).resolved().sparse_per_kv_head is value
     args = build_parser().parse_args(["convert", "--method", "liger-gla", "--sparse-cache", "16"])
     with pytest.raises(ConfigError, match="sparse_cache needs"):
         config_from_args(args).resolved()
