@@ -80,13 +80,17 @@ def _untrained_twin(source: str, results: dict) -> dict | None:
 
 def passkey_command(record: dict, name: str) -> str:
     """The command that remakes a 3-trial passkey record: an untrained record sets the fields in
-    which its conversion differs from today's recommended one."""
-    from linearize.config import RECOMMENDED
+    which its conversion differs from today's recommended one (a field the recommended one did
+    not set when the record was made had LinearizeConfig's default)."""
+    import dataclasses
+
+    from linearize.config import RECOMMENDED, LinearizeConfig
 
     if record["model"] != "recommended conversion":
         return f"python scripts/passkey_recommended.py --model {record['model']} --sparse-cache {record['sparse_cache']} " \
                f"--name {name}"
-    sets = [f"{k}={v}" for k, v in record["conversion"].items() if RECOMMENDED.get(k) != v]
+    then = {f.name: f.default for f in dataclasses.fields(LinearizeConfig) if f.name in RECOMMENDED}
+    sets = sorted(f"{k}={v}" for k, v in {**then, **record["conversion"]}.items() if RECOMMENDED.get(k) != v)
     return "python scripts/passkey_recommended.py" + (" --set " + " ".join(sets) if sets else "") + f" --name {name}"
 
 

@@ -332,5 +332,8 @@ def test_passkey_command_remakes_the_record_under_todays_default():
     assert qal.passkey_command(same, "r") == "python scripts/passkey_recommended.py --name r"
     older = {"model": "recommended conversion", "conversion": {**RECOMMENDED, "window": 64, "gate": "none"}}
     assert qal.passkey_command(older, "r") == "python scripts/passkey_recommended.py --set gate=none window=64 --name r"
+    before_init = {"model": "recommended conversion",  # made before the recommended conversion set init
+                   "conversion": {k: v for k, v in RECOMMENDED.items() if k != "init"}}
+    assert qal.passkey_command(before_init, "r") == "python scripts/passkey_recommended.py --set init=None --name r"
     trained = {"model": "out/final", "sparse_cache": 64}
     assert qal.passkey_command(trained, "t") == "python scripts/passkey_recommended.py --model out/final --sparse-cache 64 --name t"
