@@ -35,12 +35,14 @@ RUNS = {
     # truncation holding the shipped default's decode state as a plain window: 59.2 MiB, the
     # default's 60.1 before its decoding stopped keeping the window's keys twice (now 51.7)
     "window-sinks-w1344": (dict(method="window-sinks", window=1344), None, False),
-    # the same for the default's decode state now: 51.5 MiB
+    # the same for the default's decode state with LoLA's pairs per head: 51.5 MiB
     "window-sinks-w1168": (dict(method="window-sinks", window=1168), None, False),
     # the same plain window with the same LoRA: the equal-memory control for the distilled default
     "window-sinks-w1344-lora": (dict(method="window-sinks", window=1344), False, False),
-    # and at exactly the default's decode state (51.5 MiB against its 51.7)
+    # and at exactly the default's decode state with LoLA's pairs per head (51.5 MiB against 51.7)
     "window-sinks-w1168-lora": (dict(method="window-sinks", window=1168), False, False),
+    # the default's decode state with its pairs per KV head (43.1 MiB against 43.2)
+    "window-sinks-w978": (dict(method="window-sinks", window=978), None, False),
     "lolcats-paper-untrained": (dict(method="lolcats"), None, None),
     "lolcats-paper": (dict(method="lolcats"), True, False),
     "lolcats-baseline": (dict(method="lolcats", init="baseline"), True, True),
@@ -145,7 +147,7 @@ RUNS.update({name: None for name in SPARSE})
 # References and controls: rows to compare trained runs with, never judged themselves.
 REFERENCES = ("teacher", "window-sinks", "window-sinks-lora", "teacher-lora", "window-sinks-kl4-lora",
               "window-sinks-w128-lora", "window-sinks-w512-lora", "window-sinks-w512", "window-sinks-w1344",
-              "window-sinks-w1344-lora", "window-sinks-w1168", "window-sinks-w1168-lora")
+              "window-sinks-w1344-lora", "window-sinks-w1168", "window-sinks-w1168-lora", "window-sinks-w978")
 
 
 def spec_of(name: str) -> tuple | None:
@@ -215,8 +217,9 @@ LABELS = {
     "window-sinks-w512-lora": "window 512 + 4 sinks + the same LoRA (the default's window; control)",
     "window-sinks-w1344": "window 1344 + 4 sinks, untrained (more decode state than the default)",
     "window-sinks-w1344-lora": "window 1344 + 4 sinks + the same LoRA (more decode state than the default; control)",
-    "window-sinks-w1168": "window 1168 + 4 sinks, untrained (the default's decode state)",
-    "window-sinks-w1168-lora": "window 1168 + 4 sinks + the same LoRA (the default's decode state; control)",
+    "window-sinks-w1168": "window 1168 + 4 sinks, untrained (the default's decode state with LoLA per head)",
+    "window-sinks-w1168-lora": "window 1168 + 4 sinks + the same LoRA (the decode state of the default with LoLA per head; control)",
+    "window-sinks-w978": "window 978 + 4 sinks, untrained (the default's decode state)",
     "lolcats-paper-untrained": "LoLCATs as published, untrained",
     "lolcats-paper": "LoLCATs as published (init paper)",
     "lolcats-baseline": "LoLCATs, init baseline",
