@@ -164,7 +164,7 @@ class LinearizedLayerCache(CacheLayerMixin):
                 self.sink_v[b_idx, slot] = v[b_idx, t_idx].to(self.sink_v.dtype)
                 self.sink_valid[b_idx, slot] = True
         keep = window if leaving else max(window - 1, 0)
-        if halves is not None:  # cos/sin may come with batch 1
+        if halves is not None:  # the rotation may come with batch 1
             self.win_rope = _cat(self.win_rope, halves.to(k.dtype).expand(B, T, -1))[:, -keep:]
         self.win_k = _cat(self.win_k, k)[:, -keep:] if keep else k[:, :0]
         self.win_v = _cat(self.win_v, v)[:, -keep:] if keep else v[:, :0]
