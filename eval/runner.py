@@ -328,10 +328,10 @@ class Evaluation:
         """The sparse cache the settings ask for, and a merged LoRA's delta taken back out."""
         s = self.s
         if s.sparse_cache is not None or s.sparse_block is not None or s.sparse_per_kv_head is not None:
-            from linearize import set_sparse_cache
+            from linearize.sparse_cache import pairs_kept_per, set_sparse_cache
 
             config = set_sparse_cache(self.model, s.sparse_cache, s.sparse_block, s.sparse_per_kv_head).config.linearize
-            heads = "KV head (shared by its query heads)" if config.get("sparse_per_kv_head") else "head"
+            heads = pairs_kept_per(config.get("sparse_per_kv_head", False))
             self.notes.append(f"LoLA's sparse cache: {config['sparse_cache']} pairs per layer and {heads}, selected "
                               f"every {config['sparse_block']} tokens.")
         if self.delta is not None:

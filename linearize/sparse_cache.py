@@ -32,6 +32,11 @@ def set_sparse_cache(model: nn.Module, budget: int | None, block: int | None = N
     return model
 
 
+def pairs_kept_per(per_kv_head: bool) -> str:
+    """What each set of sparse-cache pairs belongs to, for summaries and notes."""
+    return "KV head (shared by its query heads)" if per_kv_head else "head"
+
+
 def add_sparse_cache_arguments(group) -> None:
     """--sparse-cache / --sparse-block / --sparse-per-kv-head (LoLA; convert, eval, generate and
     info take them)."""

@@ -7,6 +7,7 @@ import torch.nn as nn
 
 from .config import LinearizeConfig
 from .convert import is_linearized, linearize_state, mixers, new_parameters
+from .sparse_cache import pairs_kept_per
 
 
 @dataclass
@@ -113,8 +114,8 @@ def summarize(model: nn.Module, contexts: tuple[int, ...] = (4096, 32768)) -> Co
     added = sum(p.numel() for _, p in new_parameters(model))
     method = st.config.method
     if st.config.sparse_cache:
-        heads = "KV head (shared by its query heads)" if st.config.sparse_per_kv_head else "head"
-        method += (f" + sparse cache of {st.config.sparse_cache} pairs per layer and {heads} "
+        method += (f" + sparse cache of {st.config.sparse_cache} pairs per layer and "
+                   f"{pairs_kept_per(st.config.sparse_per_kv_head)} "
                    f"(selected every {st.config.sparse_block} tokens)")
     return ConversionSummary(
         method, n, list(st.layers), kept, added, total,

@@ -179,8 +179,9 @@ def _append(st, a, k, v, kl, L, spec) -> None:
 
 
 def _to_heads(x: torch.Tensor, n: int) -> torch.Tensor:
-    """[N, h, ...] -> [N, n, ...], each of the h heads repeated for its n / h heads."""
-    return x.repeat_interleave(n // x.shape[1], dim=1)
+    """[N, h, ...] -> [N, n, ...], each of the h heads repeated for its n / h heads (x itself
+    when h = n)."""
+    return x if n == x.shape[1] else x.repeat_interleave(n // x.shape[1], dim=1)
 
 
 def _recent_keys(st, n: int | None = None) -> torch.Tensor:
