@@ -71,6 +71,9 @@ RUNS = {
     # the conversion `linearize convert` makes (window 512) distilled at the page's budget, beside
     # window-sinks-w512-lora: does training the recurrence pay at the window users get?
     "recommended-w512": (dict(RECOMMENDED_TRAINED, window=512), True, True),
+    # the same with one recurrent state (and key feature map) per KV head, shared by its query
+    # heads: a third of the state's memory on SmolLM2; does the recurrence keep its worth?
+    "recommended-w512-shared": (dict(RECOMMENDED_TRAINED, window=512, share_state_across_group=True), True, True),
     # issue #17's delta rule at the recommended conversion's budget (no LoLA: its sparse cache
     # needs LoLCATs' past-window mixing)
     "gated-deltanet-baseline": (dict(method="gated-deltanet", init="baseline"), True, True),
@@ -121,9 +124,11 @@ SPARSE = {
     "recommended-w512+lola64kv": ("recommended-w512", 64),
     "recommended-w512+lola192kv": ("recommended-w512", 192),
     "recommended-w512-untrained+lola64kv": ("recommended-w512-untrained", 64),
+    "recommended-w512-shared+lola64kv": ("recommended-w512-shared", 64),
 }
 # SPARSE entries whose pairs are kept per KV head (LinearizeConfig.sparse_per_kv_head)
-SPARSE_PER_KV_HEAD = {"recommended-w512+lola64kv", "recommended-w512+lola192kv", "recommended-w512-untrained+lola64kv"}
+SPARSE_PER_KV_HEAD = {"recommended-w512+lola64kv", "recommended-w512+lola192kv", "recommended-w512-untrained+lola64kv",
+                      "recommended-w512-shared+lola64kv"}
 
 
 def sparse_settings(name: str) -> dict:
@@ -258,6 +263,8 @@ LABELS = {
     "recommended-w512+lola64kv": "recommended at window 512 (the default), distilled + LoLA 64 per KV head",
     "recommended-w512+lola192kv": "recommended at window 512 (the default), distilled + LoLA 192 per KV head",
     "recommended-w512-untrained+lola64kv": "recommended at window 512, untrained + LoLA 64 per KV head",
+    "recommended-w512-shared": "recommended at window 512, one state per KV head, distilled",
+    "recommended-w512-shared+lola64kv": "recommended at window 512, one state per KV head, distilled + LoLA 64 per KV head",
     "recommended-kl1+lola64": "recommended, 1 KL-chosen softmax layer + LoLA 64",
     "recommended-kl2+lola64": "recommended, 2 KL-chosen softmax layers + LoLA 64",
     "recommended-kl4": "recommended, softmax in the 4 KL-chosen layers [14, 17, 20, 23]",
