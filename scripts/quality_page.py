@@ -87,8 +87,12 @@ def passkey_command(record: dict, name: str) -> str:
     from linearize.config import RECOMMENDED, LinearizeConfig
 
     if record["model"] != "recommended conversion":
-        return f"python scripts/passkey_recommended.py --model {record['model']} --sparse-cache {record['sparse_cache']} " \
-               f"--name {name}"
+        flags = f"--sparse-cache {record['sparse_cache']}"
+        if record.get("sparse_block") is not None:
+            flags += f" --sparse-block {record['sparse_block']}"
+        if record.get("sparse_per_kv_head") is not None:
+            flags += " --sparse-per-kv-head" if record["sparse_per_kv_head"] else " --no-sparse-per-kv-head"
+        return f"python scripts/passkey_recommended.py --model {record['model']} {flags} --name {name}"
     then = {f.name: f.default for f in dataclasses.fields(LinearizeConfig) if f.name in RECOMMENDED}
     sets = sorted(f"{k}={v}" for k, v in {**then, **record["conversion"]}.items() if RECOMMENDED.get(k) != v)
     return "python scripts/passkey_recommended.py" + (" --set " + " ".join(sets) if sets else "") + f" --name {name}"
@@ -98,6 +102,8 @@ def sparse_cache_section(results: dict, doc_dir: Path, work: Path) -> list[str]:
     """What LoLA's sparse cache adds to the model it is set on, per entry with numbers, and the
     3-trial passkey records of this page's runs (their models under `work`) and of the
     untrained recommended conversion."""
+    from linearize.sparse_cache import pairs_kept_per
+
     lines = []
     for name, (source, budget) in SPARSE.items():
         res, ref = results.get(name), results.get(source) or _untrained_twin(source, results)
@@ -125,7 +131,8 @@ def sparse_cache_section(results: dict, doc_dir: Path, work: Path) -> list[str]:
         per = " / ".join(f"{sum(a) / len(a):.0f}" for a in pk["accuracy"])
         untrained = record["model"] == "recommended conversion"
         what = (f"the recommended conversion untrained ({conversion_label(record['conversion'])})" if untrained
-                else f"`{record['model']}` with LoLA {record['sparse_cache']}")
+                else f"`{record['model']}` with LoLA {record['sparse_cache']} "
+                     f"{pairs_kept_per(bool(record.get('sparse_per_kv_head')))}")
         lines.append(f"- {pk['trials']} trials per depth (12 needles per length, `{passkey_command(record, trials.stem)}`"
                      f"): {what} retrieves {per} % at 2k / 4k.")
     if not lines:

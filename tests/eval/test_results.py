@@ -335,5 +335,10 @@ def test_passkey_command_remakes_the_record_under_todays_default():
     before_init = {"model": "recommended conversion",  # made before the recommended conversion set init
                    "conversion": {k: v for k, v in RECOMMENDED.items() if k != "init"}}
     assert qal.passkey_command(before_init, "r") == "python scripts/passkey_recommended.py --set init=None --name r"
-    trained = {"model": "out/final", "sparse_cache": 64}
+    trained = {"model": "out/final", "sparse_cache": 64}  # made before the record kept the other sparse flags
     assert qal.passkey_command(trained, "t") == "python scripts/passkey_recommended.py --model out/final --sparse-cache 64 --name t"
+    per_kv_head = {**trained, "sparse_block": 32, "sparse_per_kv_head": True}
+    assert qal.passkey_command(per_kv_head, "t") == ("python scripts/passkey_recommended.py --model out/final "
+                                                    "--sparse-cache 64 --sparse-block 32 --sparse-per-kv-head --name t")
+    per_head = {**trained, "sparse_block": None, "sparse_per_kv_head": False}
+    assert qal.passkey_command(per_head, "t").endswith("--sparse-cache 64 --no-sparse-per-kv-head --name t")
