@@ -9,9 +9,13 @@ LoLCATs' linear branch takes in each key as it leaves the window. Its layers kee
 position (`window` in all) and read the leaving keys and values from the window cache
 (`pending_linear`) instead of holding a second copy; where the feature map reads keys before
 RoPE, the cache also keeps each position's rotation (half of cos and of sin, [B, L, D]) and
-undoes it on the leaving key.
+undoes it on the leaving key. Every layer sees the same positions, so these rotations (and
+those LoLA's sparse cache keeps for its waiting keys) are equal from layer to layer: the layers
+of one `LinearizeCache` hold one copy (`SharedRotations`), not one each.
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
@@ -30,6 +34,26 @@ def _left_pad(x: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([x.new_zeros(x.shape[0], n, *x.shape[2:]), x], dim=1) if n else x
 
 
+class SharedRotations:
+    """The rotations several layers' states hold with equal values, kept once: a layer hands in
+    the rotation tensor it is about to keep and gets back an equal one already held, if any.
+    Equality is checked (bit for bit), never assumed, so layers whose rotations differ (Gemma-3's
+    local and global RoPE) each keep their own. Only weak references: a rotation no layer holds
+    any more is freed."""
+
+    def __init__(self):
+        self.held: list[weakref.ref] = []
+
+    def share(self, t: torch.Tensor) -> torch.Tensor:
+        alive = [h for h in (ref() for ref in self.held) if h is not None]
+        self.held = [weakref.ref(h) for h in alive]
+        for h in alive:
+            if h is t or (h.shape == t.shape and h.dtype == t.dtype and h.device == t.device and torch.equal(h, t)):
+                return h
+        self.held.append(weakref.ref(t))
+        return t
+
+
 class LinearizedLayerCache(CacheLayerMixin):
     """Constant-size state of one linearized layer (batch-first, `[B, L, HKV, D]` layout)."""
 
@@ -37,9 +61,10 @@ class LinearizedLayerCache(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, window: int = 0, num_sink_tokens: int = 0):
+    def __init__(self, window: int = 0, num_sink_tokens: int = 0, rotations: SharedRotations | None = None):
         super().__init__()
         self.window = window
+        self.rotations = SharedRotations() if rotations is None else rotations
         self.num_sink_tokens = num_sink_tokens
         self.seen = 0
         self.recurrent: torch.Tensor | None = None
@@ -83,6 +108,19 @@ class LinearizedLayerCache(CacheLayerMixin):
                 setattr(self, name, fn(t))
         if self.sparse is not None:
             self.sparse = {name: fn(t) for name, t in self.sparse.items()}
+        self._share_rotations()
+
+    def _share_rotations(self) -> None:
+        """Hold the window's rotations (and the sparse cache's) as the other layers' copy where equal."""
+        if self.win_rope is not None:
+            self.win_rope = self.rotations.share(self.win_rope)
+        if self.sparse is not None and "recent_rope" in self.sparse:
+            self.sparse["recent_rope"] = self.rotations.share(self.sparse["recent_rope"])
+
+    def keep_sparse(self, state: dict[str, torch.Tensor]) -> None:
+        """Keep LoLA's sparse-cache state (`kernels.hybrid.sparse_cache`'s dict of tensors)."""
+        self.sparse = state
+        self._share_rotations()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -103,10 +141,13 @@ class LinearizedLayerCache(CacheLayerMixin):
         if tokens_to_remove != 0:
             raise ValueError("a recurrent state cannot be rolled back: cropping is not supported for linearized layers")
 
-    def nbytes(self) -> int:
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Every tensor this layer's state holds (rotations shared with other layers included)."""
         tensors = [getattr(self, n) for n in self._tensors() if getattr(self, n) is not None]
-        tensors += list((self.sparse or {}).values())
-        return sum(t.nelement() * t.element_size() for t in tensors)
+        return tensors + list((self.sparse or {}).values())
+
+    def nbytes(self) -> int:
+        return _nbytes(self.state_tensors())
 
     # -- used by the mixers -----------------------------------------------------------------
     def has_window_past(self) -> bool:
@@ -165,7 +206,7 @@ class LinearizedLayerCache(CacheLayerMixin):
                 self.sink_valid[b_idx, slot] = True
         keep = window if leaving else max(window - 1, 0)
         if halves is not None:  # the rotation may come with batch 1
-            self.win_rope = _cat(self.win_rope, halves.to(k.dtype).expand(B, T, -1))[:, -keep:]
+            self.win_rope = self.rotations.share(_cat(self.win_rope, halves.to(k.dtype).expand(B, T, -1))[:, -keep:])
         self.win_k = _cat(self.win_k, k)[:, -keep:] if keep else k[:, :0]
         self.win_v = _cat(self.win_v, v)[:, -keep:] if keep else v[:, :0]
         self.win_valid = _cat(self.win_valid, valid)[:, -keep:] if keep else valid[:, :0]
@@ -212,7 +253,8 @@ class LinearizeCache(Cache):
             layer_specs = {i: (window, st.config.num_sink_tokens) for i in st.layers}
         if num_layers is None or layer_specs is None:
             raise ValueError("LinearizeCache needs a linearized model (or num_layers and layer_specs)")
-        layers = [LinearizedLayerCache(*layer_specs[i]) if i in layer_specs else DynamicLayer()
+        rotations = SharedRotations()
+        layers = [LinearizedLayerCache(*layer_specs[i], rotations=rotations) if i in layer_specs else DynamicLayer()
                   for i in range(num_layers)]
         super().__init__(layers=layers)
 
@@ -223,11 +265,16 @@ class LinearizeCache(Cache):
         return layer
 
     def nbytes(self) -> int:
-        """Bytes held by every layer's state (recurrent state, window, sinks, KV cache)."""
-        total = 0
+        """Bytes held by every layer's state (recurrent state, window, sinks, KV cache), a
+        tensor that several layers share counted once."""
+        tensors = []
         for layer in self.layers:
             if isinstance(layer, LinearizedLayerCache):
-                total += layer.nbytes()
+                tensors += layer.state_tensors()
             elif getattr(layer, "is_initialized", False) and layer.keys is not None:
-                total += layer.keys.nelement() * layer.keys.element_size() * 2
-        return total
+                tensors += [layer.keys, layer.values]
+        return _nbytes(list({id(t): t for t in tensors}.values()))
+
+
+def _nbytes(tensors: list[torch.Tensor]) -> int:
+    return sum(t.nelement() * t.element_size() for t in tensors)

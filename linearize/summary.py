@@ -83,7 +83,8 @@ def kv_bytes_per_token(model: nn.Module) -> int:
 
 
 def layer_state_bytes(mixer) -> int:
-    """Constant decode-state bytes of one mixer: fp32 recurrent state, window and sink buffers."""
+    """Constant decode-state bytes of one mixer: fp32 recurrent state, window and sink buffers
+    (not the RoPE rotation the layers share: `rotation_state_bytes`)."""
     cfg = mixer.lconfig
     elem = mixer.o_proj.weight.element_size()
     total = 0
@@ -94,6 +95,18 @@ def layer_state_bytes(mixer) -> int:
         slots = cfg.window - 1 + cfg.num_sink_tokens
         total += slots * 2 * mixer.num_kv_heads * mixer.head_dim * elem
     return total + mixer.extra_state_bytes()
+
+
+def rotation_state_bytes(model: nn.Module) -> int:
+    """Bytes of the RoPE rotations the linearized layers' decode states share: one copy per
+    distinct rotation. Layers of different `layer_types` (Gemma-3's local and global RoPE) are
+    counted apart, a bound where their rotations are in fact equal."""
+    types = getattr(model.config, "layer_types", None)
+    per_rotation: dict = {}
+    for mixer in mixers(model):
+        key = types[mixer.layer_idx] if types else None
+        per_rotation[key] = max(per_rotation.get(key, 0), mixer.rotation_state_bytes())
+    return sum(per_rotation.values())
 
 
 def summarize(model: nn.Module, contexts: tuple[int, ...] = (4096, 32768)) -> ConversionSummary:
@@ -108,7 +121,7 @@ def summarize(model: nn.Module, contexts: tuple[int, ...] = (4096, 32768)) -> Co
     st = linearize_state(model)
     kept = [i for i in range(n) if i not in set(st.layers)]
     kv = kv_bytes_per_token(model)
-    fixed = sum(layer_state_bytes(m) for m in mixers(model))
+    fixed = sum(layer_state_bytes(m) for m in mixers(model)) + rotation_state_bytes(model)
     full_heads = sum(len(m.full_heads) for m in mixers(model))
     full_kv = kv * full_heads // model.config.num_key_value_heads  # per token, kept heads' keys + values
     added = sum(p.numel() for _, p in new_parameters(model))

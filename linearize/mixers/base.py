@@ -357,6 +357,11 @@ class LinearizedAttention(nn.Module):
         """Decode-state bytes a method keeps beyond the recurrent state and the window (none here)."""
         return 0
 
+    def rotation_state_bytes(self) -> int:
+        """Decode-state bytes of RoPE rotations, equal in every layer and kept once per model
+        (`cache.SharedRotations`); none here."""
+        return 0
+
     def new_parameters(self):
         """(name, parameter) pairs of the parameters this mixer added to the model."""
         return [(n, p) for n, p in self.named_parameters() if is_new_parameter(n)]

@@ -118,7 +118,7 @@ class LolcatsAttention(LinearizedAttention):
             linear_factor=self.linear_factor(), key_mask=key_mask, cu_seqlens=cu_seqlens, state=previous,
             softcap=self.softcap, cache_heads=self.sparse_cache_heads())
         if state is not None:
-            state.sparse = new
+            state.keep_sparse(new)
         return o
 
     def sparse_cache_heads(self) -> int:
@@ -127,30 +127,40 @@ class LolcatsAttention(LinearizedAttention):
         return self.num_kv_heads if self.lconfig.sparse_per_kv_head else self.state_heads
 
     def extra_state_bytes(self) -> int:
-        """Beyond the window cache: the key and value that leave it next (2 x HKV x D elements)
-        and, with the feature map before RoPE, each window position's rotation (window x D);
+        """Beyond the window cache: the key and value that leave it next (2 x HKV x D elements);
         with the sparse cache instead the cached pairs, sparse_cache x Hc x 3 D (RoPE'd and
         unmapped keys, values; Hc = `sparse_cache_heads`) and their gates per state head, and
-        the recent tokens waiting for a selection."""
+        the recent tokens waiting for a selection. The rotation a state keeps with the feature
+        map before RoPE is not counted here but in `rotation_state_bytes`."""
         cfg = self.lconfig
         if cfg.mixing != "lolcats":
             return 0
         elem = self.o_proj.weight.element_size()
         feat = self.linearize_feature_map_k.out_dim
-        if not cfg.sparse_cache:  # the window's one more position, and the rotation of each
-            return 2 * self.num_kv_heads * self.head_dim * elem + (0 if cfg.linear_rope else
-                                                                   cfg.window * self.head_dim * elem)
+        if not cfg.sparse_cache:  # the window's one more position
+            return 2 * self.num_kv_heads * self.head_dim * elem
         gate_width = 4 * (feat if cfg.gate == "liger" else 1)  # fp32 cumulative log gate per token and head
         cached = cfg.sparse_cache * (self.sparse_cache_heads() * (3 * self.head_dim * elem + 8 + 1)
                                      + self.state_heads * gate_width)
-        # recent tokens: up to window + block - 1 unmapped keys (with the feature map before
-        # RoPE, their rotation's half cos/sin: the RoPE'd keys are redone from them) and gates,
-        # and the keys and values of up to `block` tokens beyond the window's (which the base
-        # count holds)
-        unmapped = self.head_dim * elem * (1 if not cfg.linear_rope else self.num_kv_heads)
-        recent = (cfg.window + cfg.sparse_block - 1) * (unmapped + self.state_heads * gate_width)
+        # recent tokens: up to window + block - 1 gates and, with the feature map after RoPE,
+        # RoPE'd keys beside the unmapped ones (before RoPE the RoPE'd keys are redone from the
+        # unmapped keys and the rotation); the keys and values of up to `block` tokens beyond
+        # the window's (which the base count holds)
+        rope_keys = self.num_kv_heads * self.head_dim * elem if cfg.linear_rope else 0
+        recent = (cfg.window + cfg.sparse_block - 1) * (rope_keys + self.state_heads * gate_width)
         beyond = cfg.sparse_block * 2 * self.num_kv_heads * self.head_dim * elem
         return cached + recent + beyond
+
+    def rotation_state_bytes(self) -> int:
+        """With the feature map before RoPE, a decode state keeps each held key's rotation (half
+        cos, half sin: D per position) to undo or redo it: the window's positions, or with the
+        sparse cache the up to window + block - 1 waiting ones. Every layer's is the same, and
+        a `LinearizeCache` keeps one copy for all of them (`cache.SharedRotations`)."""
+        cfg = self.lconfig
+        if cfg.mixing != "lolcats" or cfg.linear_rope:
+            return 0
+        positions = cfg.window + cfg.sparse_block - 1 if cfg.sparse_cache else cfg.window
+        return positions * self.head_dim * self.o_proj.weight.element_size()
 
     def window_with_max(self, q, k, v, key_mask, cu_seqlens, state, halves):
         """The window's softmax output [B, T, H, V], log-denominator and row max [B, T, H]. A

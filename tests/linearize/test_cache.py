@@ -187,16 +187,70 @@ def test_mixer_accepts_both_cache_argument_names(make_tiny_model):
                                   "gated-deltanet"])
 def test_reported_state_bytes_equal_the_cache(make_tiny_model, case):
     """`linearize info`'s decode-state bytes are what the cache holds after a long prompt
-    (keys, values and states; the one-byte validity flags and token counts left out)."""
+    (keys, values and states, a tensor the layers share once; the one-byte validity flags and
+    token counts left out)."""
     from linearize.summary import summarize
 
     model = convert(make_tiny_model, case)
     cache = LinearizeCache(model)
     with torch.no_grad():
         model(torch.randint(1, 128, (1, 40)), past_key_values=cache, use_cache=True)
-    held = sum(t.nbytes for layer in cache.layers for name in layer._tensors()
-               if (t := getattr(layer, name)) is not None and t.is_floating_point())
-    assert held == summarize(model, contexts=(40,)).state_bytes[40]
+    held = {id(t): t for layer in cache.layers for name in layer._tensors()
+            if (t := getattr(layer, name)) is not None and t.is_floating_point()}
+    assert sum(t.nbytes for t in held.values()) == summarize(model, contexts=(40,)).state_bytes[40]
+
+
+@pytest.mark.parametrize("sparse_cache", [0, 3])
+def test_the_layers_keep_one_rotation(make_tiny_model, sparse_cache):
+    """With the feature map before RoPE every layer's state keeps its keys' rotation, the same
+    in each layer: the cache holds it once (one tensor, counted once), through prefill, decode
+    and a beam reorder; `linearize info` counts it once too."""
+    from linearize.summary import layer_state_bytes, summarize
+
+    model = linearize.convert(make_tiny_model("llama", num_hidden_layers=3), method="lolcats", window=4,
+                              linear_rope=False, sparse_cache=sparse_cache, sparse_block=3)
+    rotation = (lambda layer: layer.win_rope) if not sparse_cache else (lambda layer: layer.sparse["recent_rope"])
+    ids = torch.randint(1, 128, (2, 30))
+    cache = LinearizeCache(model)
+    with torch.no_grad():
+        model(ids[:, :20], cache=cache)
+        for t in range(20, 30):
+            model(ids[:, t:t + 1], cache=cache)
+            assert all(rotation(layer) is rotation(cache.layers[0]) for layer in cache.layers)
+        cache.reorder_cache(torch.tensor([1, 1]))
+    assert all(rotation(layer) is rotation(cache.layers[0]) for layer in cache.layers)
+    one = rotation(cache.layers[0]).nbytes
+    assert cache.nbytes() == sum(layer.nbytes() for layer in cache.layers) - 2 * one
+    info = summarize(model, contexts=(30,)).state_bytes[30]
+    mixer = linearize.mixers(model)[0]
+    assert mixer.rotation_state_bytes() > 0
+    assert info == 3 * layer_state_bytes(mixer) + mixer.rotation_state_bytes()
+
+
+def test_gemma3_keeps_one_rotation_per_rope(make_tiny_model):
+    """Gemma-3's local and global layers rotate by different RoPE: the cache keeps one copy of
+    each, never the one for the other, the decode matches the full forward, and `linearize
+    info` counts the two copies."""
+    from linearize.summary import summarize
+
+    model = make_tiny_model("gemma3_text", num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2)
+    linearize.convert(model, method="lolcats", window=4, linear_rope=False, layers=[0, 1, 2, 3])
+    types = model.config.layer_types
+    assert len(set(types)) == 2
+    ids = torch.randint(1, 128, (1, 16))
+    cache = LinearizeCache(model)
+    with torch.no_grad():
+        full = model(ids).logits
+        steps = torch.cat([model(ids[:, t:t + 1], cache=cache).logits for t in range(16)], 1)
+    assert rel(steps, full) < 1e-5
+    by_type = {}
+    for kind, layer in zip(types, cache.layers):
+        by_type.setdefault(kind, set()).add(id(layer.win_rope))
+    assert all(len(ids_) == 1 for ids_ in by_type.values())
+    assert len(set.union(*by_type.values())) == 2
+    held = {id(t): t for layer in cache.layers for name in layer._tensors()
+            if (t := getattr(layer, name)) is not None and t.is_floating_point()}
+    assert sum(t.nbytes for t in held.values()) == summarize(model, contexts=(16,)).state_bytes[16]
 
 
 def test_lolcats_keeps_no_second_copy_of_the_window(make_tiny_model):
