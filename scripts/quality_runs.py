@@ -41,8 +41,15 @@ RUNS = {
     "window-sinks-w1344-lora": (dict(method="window-sinks", window=1344), False, False),
     # and at exactly the default's decode state with LoLA's pairs per head (51.5 MiB against 51.7)
     "window-sinks-w1168-lora": (dict(method="window-sinks", window=1168), False, False),
-    # the default's decode state with its pairs per KV head (43.1 MiB against 43.2)
+    # the default's decode state with its pairs per KV head (43.1 MiB against 43.2) while each
+    # layer kept its own copy of the RoPE rotation
     "window-sinks-w978": (dict(method="window-sinks", window=978), None, False),
+    # and since the layers keep one copy (39.07 MiB against 39.08)
+    "window-sinks-w886": (dict(method="window-sinks", window=886), None, False),
+    # the decode state of the default with one state per KV head (recommended-w512-shared +
+    # LoLA 64 per KV head: 32.91 MiB against 32.93), untrained and with the same LoRA
+    "window-sinks-w746": (dict(method="window-sinks", window=746), None, False),
+    "window-sinks-w746-lora": (dict(method="window-sinks", window=746), False, False),
     "lolcats-paper-untrained": (dict(method="lolcats"), None, None),
     "lolcats-paper": (dict(method="lolcats"), True, False),
     "lolcats-baseline": (dict(method="lolcats", init="baseline"), True, True),
@@ -152,7 +159,8 @@ RUNS.update({name: None for name in SPARSE})
 # References and controls: rows to compare trained runs with, never judged themselves.
 REFERENCES = ("teacher", "window-sinks", "window-sinks-lora", "teacher-lora", "window-sinks-kl4-lora",
               "window-sinks-w128-lora", "window-sinks-w512-lora", "window-sinks-w512", "window-sinks-w1344",
-              "window-sinks-w1344-lora", "window-sinks-w1168", "window-sinks-w1168-lora", "window-sinks-w978")
+              "window-sinks-w1344-lora", "window-sinks-w1168", "window-sinks-w1168-lora", "window-sinks-w978",
+              "window-sinks-w886", "window-sinks-w746", "window-sinks-w746-lora")
 
 
 def spec_of(name: str) -> tuple | None:
@@ -224,7 +232,10 @@ LABELS = {
     "window-sinks-w1344-lora": "window 1344 + 4 sinks + the same LoRA (more decode state than the default; control)",
     "window-sinks-w1168": "window 1168 + 4 sinks, untrained (the default's decode state with LoLA per head)",
     "window-sinks-w1168-lora": "window 1168 + 4 sinks + the same LoRA (the decode state of the default with LoLA per head; control)",
-    "window-sinks-w978": "window 978 + 4 sinks, untrained (the default's decode state)",
+    "window-sinks-w978": "window 978 + 4 sinks, untrained (the default's decode state with a rotation per layer)",
+    "window-sinks-w886": "window 886 + 4 sinks, untrained (the default's decode state)",
+    "window-sinks-w746": "window 746 + 4 sinks, untrained (the decode state of the default with one state per KV head)",
+    "window-sinks-w746-lora": "window 746 + 4 sinks + the same LoRA (the decode state of the default with one state per KV head; control)",
     "lolcats-paper-untrained": "LoLCATs as published, untrained",
     "lolcats-paper": "LoLCATs as published (init paper)",
     "lolcats-baseline": "LoLCATs, init baseline",
