@@ -102,7 +102,8 @@ def load(name: str, final: Path | None):
     if RUNS[source] is not None:
         linearize.convert(model, linearize.LinearizeConfig(**RUNS[source][0]))
         if sparse:
-            linearize.set_sparse_cache(model, sparse["sparse_cache"], per_kv_head=sparse["sparse_per_kv_head"])
+            linearize.set_sparse_cache(model, sparse["sparse_cache"], block=sparse.get("sparse_block"),
+                                       per_kv_head=sparse["sparse_per_kv_head"])
     return model, tok
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from quality_runs import (LABELS, REFERENCES, SPARSE, TEACHER_WINDOW, control_of, conversion_of, decode_state_mib,
+from quality_runs import (LABELS, REFERENCES, SPARSE, control_of, conversion_of, decode_state_mib,
                           is_trained, is_truncation, window_of)
 
 # Pages that answer a narrower question than "quality at length" say which in their title.
@@ -105,8 +105,8 @@ def sparse_cache_section(results: dict, doc_dir: Path, work: Path) -> list[str]:
     from linearize.sparse_cache import pairs_kept_per
 
     lines = []
-    for name, (source, budget) in SPARSE.items():
-        res, ref = results.get(name), results.get(source) or _untrained_twin(source, results)
+    for name, entry in SPARSE.items():
+        res, ref = results.get(name), results.get(entry.source) or _untrained_twin(entry.source, results)
         if not res or not ref:
             continue
         parts = []

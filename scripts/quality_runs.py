@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from typing import NamedTuple
 
 import torch
 
@@ -102,47 +103,60 @@ RECIPE_EXTRAS = {
     "recommended-kl4-s1short": {"stage1": {"seq_len": 512, "max_tokens": 65536}},
     "recommended-kl4-s1rows512": {"stage1": {"seq_len": 512}},
 }
-# LoLA's sparse cache at evaluation, no training of its own: name -> (the run whose trained
-# model it loads, pairs per layer and head). Untrained entries load the conversion.
+
+
+class Sparse(NamedTuple):
+    """A LoLA entry: LoLA's sparse cache set at evaluation on another run's model, no training of
+    its own. source: the run whose trained model it loads (an untrained run: its conversion);
+    budget: pairs per layer and head; per_kv_head: pairs per KV head, shared by its query
+    heads (`sparse_per_kv_head`); block: tokens between selections (None: the conversion's, 64)."""
+    source: str
+    budget: int
+    per_kv_head: bool = False
+    block: int | None = None
+
+
 SPARSE = {
-    "lolcats-baseline-untrained+lola64": ("lolcats-baseline-untrained", 64),
-    "lolcats-baseline-untrained+lola256": ("lolcats-baseline-untrained", 256),
-    "lolcats-baseline+lola64": ("lolcats-baseline", 64),
-    "lolcats-baseline-gate+lola64": ("lolcats-baseline-gate", 64),
-    "lolcats-baseline-gate-untrained+lola64": ("lolcats-baseline-gate-untrained", 64),
-    "lolcats-baseline-gate-norope-untrained+lola64": ("lolcats-baseline-gate-norope-untrained", 64),
-    "lolcats-baseline-gate+lola256": ("lolcats-baseline-gate", 256),
-    "lolcats-baseline-gate-norope+lola64": ("lolcats-baseline-gate-norope", 64),
-    "lolcats-baseline-gate-norope-ssd+lola64": ("lolcats-baseline-gate-norope-ssd", 64),
-    "recommended-kl1+lola64": ("recommended-kl1", 64),
-    "recommended-kl2+lola64": ("recommended-kl2", 64),
-    "recommended-kl4+lola64": ("recommended-kl4", 64),
-    "recommended-kl4-s1short+lola64": ("recommended-kl4-s1short", 64),
-    "recommended-fixed2+lola64": ("recommended-fixed2", 64),
-    "recommended-w128+lola64": ("recommended-w128", 64),
-    "recommended-kl1-untrained+lola64": ("recommended-kl1-untrained", 64),
-    "recommended-w512-untrained+lola64": ("recommended-w512-untrained", 64),
-    "recommended-w512+lola64": ("recommended-w512", 64),
+    "lolcats-baseline-untrained+lola64": Sparse("lolcats-baseline-untrained", 64),
+    "lolcats-baseline-untrained+lola256": Sparse("lolcats-baseline-untrained", 256),
+    "lolcats-baseline+lola64": Sparse("lolcats-baseline", 64),
+    "lolcats-baseline-gate+lola64": Sparse("lolcats-baseline-gate", 64),
+    "lolcats-baseline-gate-untrained+lola64": Sparse("lolcats-baseline-gate-untrained", 64),
+    "lolcats-baseline-gate-norope-untrained+lola64": Sparse("lolcats-baseline-gate-norope-untrained", 64),
+    "lolcats-baseline-gate+lola256": Sparse("lolcats-baseline-gate", 256),
+    "lolcats-baseline-gate-norope+lola64": Sparse("lolcats-baseline-gate-norope", 64),
+    "lolcats-baseline-gate-norope-ssd+lola64": Sparse("lolcats-baseline-gate-norope-ssd", 64),
+    "recommended-kl1+lola64": Sparse("recommended-kl1", 64),
+    "recommended-kl2+lola64": Sparse("recommended-kl2", 64),
+    "recommended-kl4+lola64": Sparse("recommended-kl4", 64),
+    "recommended-kl4-s1short+lola64": Sparse("recommended-kl4-s1short", 64),
+    "recommended-fixed2+lola64": Sparse("recommended-fixed2", 64),
+    "recommended-w128+lola64": Sparse("recommended-w128", 64),
+    "recommended-kl1-untrained+lola64": Sparse("recommended-kl1-untrained", 64),
+    "recommended-w512-untrained+lola64": Sparse("recommended-w512-untrained", 64),
+    "recommended-w512+lola64": Sparse("recommended-w512", 64),
     # smaller budgets on the distilled default: what each MiB of LoLA buys
-    "recommended-w512+lola16": ("recommended-w512", 16),
-    "recommended-w512+lola32": ("recommended-w512", 32),
+    "recommended-w512+lola16": Sparse("recommended-w512", 16),
+    "recommended-w512+lola32": Sparse("recommended-w512", 32),
     # pairs per KV head, shared by its 3 query heads' states (`sparse_per_kv_head`): 64 per group
     # holds a third of LoLA 64's pairs, 192 as many
-    "recommended-w512+lola64kv": ("recommended-w512", 64),
-    "recommended-w512+lola192kv": ("recommended-w512", 192),
-    "recommended-w512-untrained+lola64kv": ("recommended-w512-untrained", 64),
-    "recommended-w512-shared+lola64kv": ("recommended-w512-shared", 64),
+    "recommended-w512+lola64kv": Sparse("recommended-w512", 64, per_kv_head=True),
+    "recommended-w512+lola192kv": Sparse("recommended-w512", 192, per_kv_head=True),
+    "recommended-w512-untrained+lola64kv": Sparse("recommended-w512-untrained", 64, per_kv_head=True),
+    "recommended-w512-shared+lola64kv": Sparse("recommended-w512-shared", 64, per_kv_head=True),
+    # a selection every 16 tokens, not 64: fewer tokens wait beyond the window (2.2 MiB less)
+    "recommended-w512+lola64kv-b16": Sparse("recommended-w512", 64, per_kv_head=True, block=16),
+    "recommended-w512-shared+lola64kv-b16": Sparse("recommended-w512-shared", 64, per_kv_head=True, block=16),
 }
-# SPARSE entries whose pairs are kept per KV head (LinearizeConfig.sparse_per_kv_head)
-SPARSE_PER_KV_HEAD = {"recommended-w512+lola64kv", "recommended-w512+lola192kv", "recommended-w512-untrained+lola64kv",
-                      "recommended-w512-shared+lola64kv"}
 
 
 def sparse_settings(name: str) -> dict:
-    """The `linearize.load` / `set_sparse_cache` keywords of a SPARSE entry ({} for other runs)."""
+    """The `linearize.load` / `LinearizeConfig` keywords of a SPARSE entry ({} for other runs)."""
     if name not in SPARSE:
         return {}
-    return dict(sparse_cache=SPARSE[name][1], sparse_per_kv_head=name in SPARSE_PER_KV_HEAD)
+    entry = SPARSE[name]
+    block = {} if entry.block is None else {"sparse_block": entry.block}
+    return dict(sparse_cache=entry.budget, sparse_per_kv_head=entry.per_kv_head, **block)
 
 
 RUNS["lolcats-baseline-untrained"] = (dict(method="lolcats", init="baseline"), None, None)
@@ -276,6 +290,8 @@ LABELS = {
     "recommended-w512-untrained+lola64kv": "recommended at window 512, untrained + LoLA 64 per KV head",
     "recommended-w512-shared": "recommended at window 512, one state per KV head, distilled",
     "recommended-w512-shared+lola64kv": "recommended at window 512, one state per KV head, distilled + LoLA 64 per KV head",
+    "recommended-w512+lola64kv-b16": "recommended at window 512 (the default), distilled + LoLA 64 per KV head, selected every 16 tokens",
+    "recommended-w512-shared+lola64kv-b16": "recommended at window 512, one state per KV head, distilled + LoLA 64 per KV head, selected every 16 tokens",
     "recommended-kl1+lola64": "recommended, 1 KL-chosen softmax layer + LoLA 64",
     "recommended-kl2+lola64": "recommended, 2 KL-chosen softmax layers + LoLA 64",
     "recommended-kl4": "recommended, softmax in the 4 KL-chosen layers [14, 17, 20, 23]",

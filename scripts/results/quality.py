@@ -8,7 +8,7 @@ import json
 import re
 from pathlib import Path
 
-from quality_runs import (LABELS, REFERENCES, RUNS, SPARSE, conversion_of, decode_state_mib, is_trained,
+from quality_runs import (LABELS, REFERENCES, RUNS, conversion_of, decode_state_mib, is_trained,
                           is_truncation, sparse_settings)
 
 
@@ -62,8 +62,7 @@ def is_default(name: str) -> bool:
     conversion = conversion_of(name)
     if conversion is None:
         return False
-    shared = {"sparse_per_kv_head": True} if sparse_settings(name).get("sparse_per_kv_head") else {}
-    return {**conversion, "sparse_cache": SPARSE.get(name, (None, 0))[1], **shared} == RECOMMENDED
+    return {**conversion, **sparse_settings(name)} == RECOMMENDED
 
 
 def refresh_quality_section(doc: Path) -> Path:
