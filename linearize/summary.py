@@ -1,7 +1,7 @@
 """What a conversion did, in numbers: layers, added parameters, decode-state memory."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch.nn as nn
 
@@ -23,6 +23,7 @@ class ConversionSummary:
     full_attention_heads: int = 0  # KV heads kept exact in linearized layers (head-level hybrid)
     kv_bytes_per_token: int = 0  # keys + values of one token in every layer (the teacher's per-token cache)
     truncation_sinks: int = 0  # sink tokens of the window-sinks method (the plain window it is compared with)
+    constant_parts: dict[str, int] = field(default_factory=dict)  # what holds the linearized layers' fixed bytes
 
     def equal_window(self, context: int) -> int | None:
         """The longest plain window (window + sinks in every layer, no recurrence) whose decode
@@ -44,6 +45,9 @@ class ConversionSummary:
         for ctx in sorted(self.state_bytes):
             s, t = self.state_bytes[ctx], self.teacher_kv_bytes[ctx]
             out.append(f"decode state @ {ctx // 1024}k  {_mib(s)} vs teacher KV cache {_mib(t)} ({t / max(s, 1):.1f}x smaller)")
+        parts = [f"{name} {n / 2**20:.2f} MiB" for name, n in self.constant_parts.items() if n]
+        if parts:
+            out.append(f"constant part       {', '.join(parts)}")
         windows = {ctx: self.equal_window(ctx) for ctx in sorted(self.state_bytes)}
         if None not in windows.values() and windows:
             sizes = ({f"{w:,}" for w in windows.values()} if len(set(windows.values())) == 1
@@ -82,19 +86,26 @@ def kv_bytes_per_token(model: nn.Module) -> int:
     return 2 * cfg.num_key_value_heads * head_dim * elem
 
 
-def layer_state_bytes(mixer) -> int:
-    """Constant decode-state bytes of one mixer: fp32 recurrent state, window and sink buffers
-    (not the RoPE rotation the layers share: `rotation_state_bytes`)."""
+def layer_state_parts(mixer) -> dict[str, int]:
+    """Constant decode-state bytes of one mixer by what holds them: the fp32 recurrent state,
+    the window and sink buffers, and LoLA's sparse cache (its pairs and the tokens waiting for
+    a selection); not the RoPE rotation the layers share (`rotation_state_bytes`)."""
     cfg = mixer.lconfig
     elem = mixer.o_proj.weight.element_size()
-    total = 0
+    parts = {"window + sinks": 0, "recurrent state": 0, "sparse cache": 0}
     if mixer.has_linear:
         feat = mixer.linearize_feature_map_k.out_dim
-        total += mixer.state_heads * feat * (mixer.head_dim + int(bool(cfg.normalize))) * 4
+        parts["recurrent state"] = mixer.state_heads * feat * (mixer.head_dim + int(bool(cfg.normalize))) * 4
     if mixer.has_window:
         slots = cfg.window - 1 + cfg.num_sink_tokens
-        total += slots * 2 * mixer.num_kv_heads * mixer.head_dim * elem
-    return total + mixer.extra_state_bytes()
+        parts["window + sinks"] = slots * 2 * mixer.num_kv_heads * mixer.head_dim * elem
+    parts["sparse cache" if cfg.sparse_cache else "window + sinks"] += mixer.extra_state_bytes()
+    return parts
+
+
+def layer_state_bytes(mixer) -> int:
+    """Constant decode-state bytes of one mixer (`layer_state_parts` together)."""
+    return sum(layer_state_parts(mixer).values())
 
 
 def rotation_state_bytes(model: nn.Module) -> int:
@@ -121,7 +132,12 @@ def summarize(model: nn.Module, contexts: tuple[int, ...] = (4096, 32768)) -> Co
     st = linearize_state(model)
     kept = [i for i in range(n) if i not in set(st.layers)]
     kv = kv_bytes_per_token(model)
-    fixed = sum(layer_state_bytes(m) for m in mixers(model)) + rotation_state_bytes(model)
+    parts: dict[str, int] = {}
+    for mixer in mixers(model):
+        for name, b in layer_state_parts(mixer).items():
+            parts[name] = parts.get(name, 0) + b
+    parts["RoPE rotation (all layers)"] = rotation_state_bytes(model)
+    fixed = sum(parts.values())
     full_heads = sum(len(m.full_heads) for m in mixers(model))
     full_kv = kv * full_heads // model.config.num_key_value_heads  # per token, kept heads' keys + values
     added = sum(p.numel() for _, p in new_parameters(model))
@@ -133,5 +149,5 @@ def summarize(model: nn.Module, contexts: tuple[int, ...] = (4096, 32768)) -> Co
     return ConversionSummary(
         method, n, list(st.layers), kept, added, total,
         {c: fixed + (len(kept) * kv + full_kv) * c for c in contexts}, {c: n * kv * c for c in contexts},
-        full_heads, n * kv, LinearizeConfig(method="window-sinks").resolved().num_sink_tokens,
+        full_heads, n * kv, LinearizeConfig(method="window-sinks").resolved().num_sink_tokens, parts,
     )

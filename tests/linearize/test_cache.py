@@ -285,6 +285,20 @@ def test_info_names_the_plain_window_of_the_same_memory(make_tiny_model):
     assert summarize(make_tiny_model("llama"), contexts=(64,)).equal_window(64) is None
 
 
+def test_info_breaks_the_constant_state_down(make_tiny_model):
+    """`linearize info` says what holds the constant decode state, and the parts add up to it."""
+    from linearize.summary import summarize
+
+    model = linearize.convert(make_tiny_model("llama"), method="lolcats", window=8, linear_rope=False, sparse_cache=4)
+    info = summarize(model, contexts=(64,))
+    assert sum(info.constant_parts.values()) == info.state_bytes[64]
+    assert all(b > 0 for b in info.constant_parts.values()) and len(info.constant_parts) == 4
+    assert "constant part       window + sinks" in str(info) and "RoPE rotation (all layers)" in str(info)
+    plain = summarize(linearize.convert(make_tiny_model("llama"), method="window-sinks", window=8), contexts=(64,))
+    assert {k for k, b in plain.constant_parts.items() if b} == {"window + sinks"}
+    assert "recurrent state" not in str(plain)
+
+
 @pytest.mark.parametrize("sparse_cache", [0, 3])
 def test_decode_without_position_ids_keeps_every_rows_rotation(make_tiny_model, sparse_cache):
     """With no position_ids the rotary embedding's cos/sin come with batch 1; a cache keeping
