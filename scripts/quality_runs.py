@@ -144,6 +144,7 @@ SPARSE = {
     "recommended-w512+lola192kv": Sparse("recommended-w512", 192, per_kv_head=True),
     "recommended-w512-untrained+lola64kv": Sparse("recommended-w512-untrained", 64, per_kv_head=True),
     "recommended-w512-shared+lola64kv": Sparse("recommended-w512-shared", 64, per_kv_head=True),
+    "recommended-w512-shared-untrained+lola64kv": Sparse("recommended-w512-shared-untrained", 64, per_kv_head=True),
     # a selection every 16 tokens, not 64: fewer tokens wait beyond the window (2.2 MiB less)
     "recommended-w512+lola64kv-b16": Sparse("recommended-w512", 64, per_kv_head=True, block=16),
     "recommended-w512-shared+lola64kv-b16": Sparse("recommended-w512-shared", 64, per_kv_head=True, block=16),
@@ -166,6 +167,8 @@ RUNS["recommended-kl1-untrained"] = (dict(RECOMMENDED_TRAINED, softmax_layers=[2
 # the recommended conversion at window 512, untrained: with init baseline that is window 512 +
 # sinks (window-sinks-w512) until LoLA keeps pairs past the window
 RUNS["recommended-w512-untrained"] = (dict(RECOMMENDED_TRAINED, window=512), None, None)
+RUNS["recommended-w512-shared-untrained"] = (dict(RECOMMENDED_TRAINED, window=512, share_state_across_group=True),
+                                             None, None)
 RUNS["lolcats-baseline-gate-untrained"] = (dict(method="lolcats", init="baseline", gate="mamba2"), None, None)
 RUNS["lolcats-baseline-gate-norope-untrained"] = (dict(method="lolcats", init="baseline", gate="mamba2",
                                                     linear_rope=False), None, None)
@@ -291,6 +294,7 @@ LABELS = {
     "recommended-w512-shared": "recommended at window 512, one state per KV head, distilled",
     "recommended-w512-shared+lola64kv": "recommended at window 512, one state per KV head, distilled + LoLA 64 per KV head",
     "recommended-w512+lola64kv-b16": "recommended at window 512 (the default), distilled + LoLA 64 per KV head, selected every 16 tokens",
+    "recommended-w512-shared-untrained+lola64kv": "recommended at window 512, one state per KV head, untrained + LoLA 64 per KV head",
     "recommended-w512-shared+lola64kv-b16": "recommended at window 512, one state per KV head, distilled + LoLA 64 per KV head, selected every 16 tokens",
     "recommended-kl1+lola64": "recommended, 1 KL-chosen softmax layer + LoLA 64",
     "recommended-kl2+lola64": "recommended, 2 KL-chosen softmax layers + LoLA 64",
