@@ -45,10 +45,11 @@ class SharedRotations:
         self.held: list[weakref.ref] = []
 
     def share(self, t: torch.Tensor) -> torch.Tensor:
-        alive = [h for h in (ref() for ref in self.held) if h is not None]
-        self.held = [weakref.ref(h) for h in alive]
-        for h in alive:
-            if h is t or (h.shape == t.shape and h.dtype == t.dtype and h.device == t.device and torch.equal(h, t)):
+        self.held = [ref for ref in self.held if ref() is not None]
+        for ref in self.held:
+            h = ref()
+            if h is t or (h is not None and h.shape == t.shape and h.dtype == t.dtype and h.device == t.device
+                          and torch.equal(h, t)):
                 return h
         self.held.append(weakref.ref(t))
         return t

@@ -32,11 +32,11 @@ def overrides(args) -> dict:
     return {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
 
 
-def load_model(args, config: "linearize.LinearizeConfig | None"):
-    """The --model folder, or the embedded SmolLM2 converted with `config`."""
+def load_model(args, config: "linearize.LinearizeConfig | None", sparse: dict):
+    """The --model folder with the `sparse` cache settings, or the embedded SmolLM2 converted
+    with `config`."""
     if args.model:
-        return linearize.load(args.model, sparse_cache=args.sparse_cache, sparse_block=args.sparse_block,
-                              sparse_per_kv_head=args.sparse_per_kv_head).eval()
+        return linearize.load(args.model, **sparse).eval()
     model = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32).eval()
     linearize.convert(model, config)
     return model
@@ -61,13 +61,14 @@ def main(argv=None) -> None:
     tok = AutoTokenizer.from_pretrained(default_model_dir())
     sets = overrides(args)
     config = None if args.model else linearize.LinearizeConfig.recommended(**sets)
-    model = load_model(args, config)
+    model = load_model(args, config, sparse)
     t0 = time.time()
     with torch.no_grad():
         pk = passkey_retrieval(model, tok, [2048, 4096], [0.1, 0.3, 0.5, 0.7], args.trials, min_distance=256)
     out = DATA / f"{args.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"model": args.model or "recommended conversion", **sparse, "overrides": args.set, "passkey": pk, "seconds": time.time() - t0}
+    record = {"model": args.model or "recommended conversion", **sparse, "overrides": args.set, "passkey": pk,
+              "seconds": time.time() - t0}
     if config is not None:  # what the recommended conversion was when this ran, not when a page reads it
         record["conversion"] = {k: v for k, v in config.to_dict().items()
                                 if k in (*linearize.config.RECOMMENDED, *sets)}
