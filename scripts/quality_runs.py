@@ -148,6 +148,8 @@ SPARSE = {
     # a selection every 16 tokens, not 64: fewer tokens wait beyond the window (2.2 MiB less)
     "recommended-w512+lola64kv-b16": Sparse("recommended-w512", 64, per_kv_head=True, block=16),
     "recommended-w512-shared+lola64kv-b16": Sparse("recommended-w512-shared", 64, per_kv_head=True, block=16),
+    "recommended-w512-shared-untrained+lola64kv-b16": Sparse("recommended-w512-shared-untrained", 64,
+                                                             per_kv_head=True, block=16),
 }
 
 
@@ -296,6 +298,7 @@ LABELS = {
     "recommended-w512+lola64kv-b16": "recommended at window 512 (the default), distilled + LoLA 64 per KV head, selected every 16 tokens",
     "recommended-w512-shared-untrained+lola64kv": "recommended at window 512, one state per KV head, untrained + LoLA 64 per KV head",
     "recommended-w512-shared+lola64kv-b16": "recommended at window 512, one state per KV head, distilled + LoLA 64 per KV head, selected every 16 tokens",
+    "recommended-w512-shared-untrained+lola64kv-b16": "recommended at window 512, one state per KV head, untrained + LoLA 64 per KV head, selected every 16 tokens",
     "recommended-kl1+lola64": "recommended, 1 KL-chosen softmax layer + LoLA 64",
     "recommended-kl2+lola64": "recommended, 2 KL-chosen softmax layers + LoLA 64",
     "recommended-kl4": "recommended, softmax in the 4 KL-chosen layers [14, 17, 20, 23]",
