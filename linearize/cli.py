@@ -38,7 +38,7 @@ def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
                         "based: Based's Taylor feature map (16 -> 273 features) beside a 64-token window + 4 sinks; "
                         "window-sinks: softmax over 4 sink tokens + last 64 (no training). "
                         "Default: the recommended conversion, lolcats --init baseline --gate mamba2 --no-linear-rope "
-                        "--sparse-cache 64 --window 512 "
+                        "--state-sharing --sparse-cache 64 --window 512 "
                         "(the best measured at constant memory; README, docs/quality-at-length-128k.md)")
     g.add_argument("--window", type=int, help="sliding-window size of the softmax branch; 0 = pure recurrent form")
     g.add_argument("--sinks", dest="num_sink_tokens", type=int, help="number of sink tokens always attended")

@@ -6,8 +6,9 @@ row lengths and budgets, each layer's transfer MSE measured on held-out text bef
     python scripts/stage1_rows.py --configs stuck-default stuck-fd128 stuck-window128 stuck-l18kv2
                                       (the layers no config halves, alone, with more capacity)
     python scripts/stage1_rows.py --heads stuck-default  (that run's MSE per head, before and after)
-    python scripts/stage1_rows.py --configs shipped-rows1024-64k shipped-rows2048-64k
-                                      (stage 1 of the conversion `linearize convert` makes by default)
+    python scripts/stage1_rows.py --configs shipped-shared-rows2048-64k
+                                      (stage 1 of the conversion `linearize convert` makes by default;
+                                       shipped-rows2048-64k keeps a state per query head)
 
 Each config runs `linearize distill recipes/smollm2-cpu-hybrid-kl4-long.yaml` with stage 2
 off and eval on in stage 1 only: at step 0 and at the last step the run logs each linearized
@@ -76,10 +77,13 @@ CAPACITY = {
 # Stage 1 of the conversion users get from `linearize convert` (config.RECOMMENDED: every layer
 # linear, window 512; LoLA's sparse cache is inference-only, so stage 1 trains without it). Rows
 # must be longer than the window, or no key ever leaves it and the linear branch sees nothing.
+# name: (row length, tokens, one state and key map per KV head); the first two keep LoLCATs'
+# state per query head, as the default did when they were measured.
 SHIPPED_RECIPE = "recipes/smollm2-cpu-recommended-long.yaml"
 SHIPPED = {
-    "shipped-rows1024-64k": (1024, 65536),
-    "shipped-rows2048-64k": (2048, 65536),
+    "shipped-rows1024-64k": (1024, 65536, False),
+    "shipped-rows2048-64k": (2048, 65536, False),
+    "shipped-shared-rows2048-64k": (2048, 65536, True),
 }
 
 
@@ -115,8 +119,9 @@ def run(name: str, work: Path) -> dict:
     elif name in SHIPPED:
         from linearize.config import RECOMMENDED
 
-        (seq, tokens), recipe = SHIPPED[name], SHIPPED_RECIPE
-        label, overrides = f"window {RECOMMENDED['window']}", [f"linearize.window={RECOMMENDED['window']}"]
+        (seq, tokens, shared), recipe = SHIPPED[name], SHIPPED_RECIPE
+        label = f"window {RECOMMENDED['window']}, " + ("one state per KV head" if shared else "a state per query head")
+        overrides = [f"linearize.window={RECOMMENDED['window']}", f"linearize.share_state_across_group={str(shared).lower()}"]
     else:
         (seq, tokens), label, overrides = CONFIGS[name], None, []
     out = work / name
@@ -256,11 +261,16 @@ SUMMARY_HEADER = ["| stage 1 | steps | train min | mean MSE before -> after | la
                   "| worst layer (after / before) | perplexity before -> after |", "|---|---:|---:|---:|---:|---|---:|"]
 
 
+def budget_text(r: dict) -> str:
+    """'65,536 tokens at 2,048-token rows', after the record's label where it has one."""
+    return (f"{r['label']}: " if r.get("label") else "") + f"{r['tokens']:,} tokens at {r['seq_len']:,}-token rows"
+
+
 def summary_row(r: dict) -> str:
     """One config's line of a SUMMARY_HEADER table."""
     ratio = {k: r["after"][k] / r["before"][k] for k in r["before"]}
     worst = max(ratio, key=ratio.get)
-    return (f"| {r['tokens']:,} tokens at {r['seq_len']:,}-token rows | {r['steps']} "
+    return (f"| {budget_text(r)} | {r['steps']} "
             f"| {r['train_seconds'] / 60:.1f} | {statistics.mean(r['before'].values()):.2f} -> "
             f"{statistics.mean(r['after'].values()):.2f} | {sum(v <= 0.5 for v in ratio.values())}/{len(ratio)} "
             f"| L{worst} {ratio[worst]:.2f} | {r['ppl_before']:.2f} -> {r['ppl_after']:.2f} |")
@@ -275,15 +285,14 @@ def shipped_section(records: dict[str, dict]) -> list[str]:
     """The page's section on stage 1 of the default conversion (SHIPPED)."""
     if not records:
         return []
-    windows = ", ".join(sorted({r.get("label", "?") for r in records.values()}))  # as recorded, not today's default
     lines = ["## The conversion `linearize convert` makes", "",
-             f"Stage 1 alone of `{SHIPPED_RECIPE}` at the default's {windows} (every layer "
-             "linear, no kept softmax layer), the same held-out MSE and perplexity. LoLA's sparse cache is "
+             f"Stage 1 alone of `{SHIPPED_RECIPE}` (every layer linear, no kept softmax layer; each row "
+             "names its window and state sharing as recorded), the same held-out MSE and perplexity. LoLA's sparse cache is "
              "inference-only, so neither training nor these errors include it.", "", *SUMMARY_HEADER,
              *(summary_row(r) for r in records.values()), ""]
     for name, r in records.items():
         stuck = unhalved(r)
-        lines.append(f"- {r['tokens']:,} tokens at {r['seq_len']:,}-token rows: layers above half their MSE: "
+        lines.append(f"- {budget_text(r)}: layers above half their MSE: "
                      + (", ".join(f"L{k} ({v:.2f})" for k, v in stuck.items()) or "none") + ".")
     return [*lines, ""]
 

@@ -213,12 +213,12 @@ def test_quality_section_reads_every_page_record(tmp_path, monkeypatch):
                "lolcats-baseline-gate-norope-untrained+lola64": _quality_record(17.0, 12.7),
                "teacher-lora": _quality_record(9.0, 10.5),
                "window-sinks-w512": _quality_record(12.5, 11.7, [[0.0] * 4, [0.0] * 4]),
-               "recommended-w512-untrained+lola64kv": _quality_record(12.2, 11.6, [[50.0] * 4, [100.0] * 4])}
+               "recommended-w512-shared-untrained+lola64kv": _quality_record(12.2, 11.6, [[50.0] * 4, [100.0] * 4])}
     for name, record in records.items():
         (data / f"{name}.json").write_text(json.dumps(record))
     text = "\n".join(quality.quality_section(tmp_path))
     rows = table_under(text, "## Quality at length")
-    order = ["teacher", "window-sinks", "window-sinks-w512", "recommended-w512-untrained+lola64kv", "teacher-lora",
+    order = ["teacher", "window-sinks", "window-sinks-w512", "recommended-w512-shared-untrained+lola64kv", "teacher-lora",
              "lolcats-baseline-gate-norope", "lolcats-baseline-gate-norope+lola64"]
     assert [r[0] for r in rows] == [quality.LABELS[n] for n in order]  # the default, untrained, beside the references
     assert rows[2][1] == rows[3][1] == "[untrained](quality-at-length-128k.md)"

@@ -69,4 +69,6 @@ def test_shipped_section_counts_halved_layers_and_names_the_rest():
     lines = "\n".join(shipped_section({"shipped-rows2048-64k": record}))
     assert "| 65,536 tokens at 2,048-token rows | 32 | 10.0 | 2.33 -> 1.40 | 2/3 | L1 0.75 | 20.00 -> 19.00 |" in lines
     assert "layers above half their MSE: L1 (0.75)." in lines
+    labelled = "\n".join(shipped_section({"shipped-shared-rows2048-64k": {**record, "label": "window 512, one state per KV head"}}))
+    assert "| window 512, one state per KV head: 65,536 tokens at 2,048-token rows | 32 |" in labelled
     assert shipped_section({}) == []
