@@ -243,32 +243,48 @@ def _select(st, a, L_a, spec) -> None:
 
 def _attend(st, a, q, fq, L, spec):
     """Queries at ranks a, a+1, ... ([n, H, D], fq [n, H, F], their cumulative gates L
-    [n, Hs, Fg]) against the exact tokens and the state -> o [n, H, Dv]."""
+    [n, Hs, Fg]) against the exact tokens and the state -> o [n, H, Dv]. Each query head reads
+    its group's keys, values and state where they are (no copy per query head)."""
     n, H, _ = q.shape
-    Hs = spec["Hs"]
     acc = st["S"].dtype
+    qa = q.to(acc)
     qpos = a + torch.arange(n, device=q.device)
-    n_sink = st["sink_k"].shape[0]
     start = st["seen"] - st["recent_kl"].shape[0]
-    to_q = lambda x: x.repeat_interleave(H // x.shape[1], dim=1).to(acc)  # noqa: E731 (heads -> query heads)
-    keys = torch.cat([to_q(st["sink_k"]), to_q(st["sel_k"]), to_q(_recent_keys(st))])
-    values = torch.cat([to_q(st["sink_v"]), to_q(st["sel_v"]), to_q(st["recent_v"])])
-    sink_ok = (torch.arange(n_sink, device=q.device)[None, :] <= qpos[:, None])[:, None, :].expand(n, H, -1)
-    sel_ok = to_q(st["sel_valid"][..., None])[..., 0].T[None].expand(n, H, -1).bool()
+    sink_rank = torch.arange(st["sink_k"].shape[0], device=q.device)
     rec_rank = start + torch.arange(st["recent_kl"].shape[0], device=q.device)
-    rec_ok = (rec_rank[None, :] <= qpos[:, None])[:, None, :].expand(n, H, -1)
-    allowed = torch.cat([sink_ok, sel_ok, rec_ok], dim=-1)  # [n, H, N]
-    scores = soft_cap(torch.einsum("qhd,nhd->qhn", q.to(acc), keys) * spec["scale"], spec["softcap"])
-    scores = scores.masked_fill(~allowed, float("-inf"))
+    sel_ok = st["sel_valid"].repeat_interleave(H // st["sel_valid"].shape[1], dim=1).T  # [H, G]
+    allowed = torch.cat([(sink_rank[None, :] <= qpos[:, None])[:, None, :].expand(n, H, -1),
+                         sel_ok[None].expand(n, H, -1),
+                         (rec_rank[None, :] <= qpos[:, None])[:, None, :].expand(n, H, -1)], dim=-1)  # [n, H, N]
+    exact = [(st["sink_k"], st["sink_v"]), (st["sel_k"], st["sel_v"]), (_recent_keys(st), st["recent_v"])]
+    if st["sel_k"].shape[1] == st["sink_k"].shape[1]:  # the pairs per KV head too: one product
+        exact = [(torch.cat([k for k, _ in exact]), torch.cat([v for _, v in exact]))]
+    scores = torch.cat([_group_scores(qa, k.to(acc)) for k, _ in exact], dim=-1) * spec["scale"]
+    scores = soft_cap(scores, spec["softcap"]).masked_fill(~allowed, float("-inf"))
     m = scores.amax(-1)
     lse = torch.logsumexp(scores, dim=-1)
-    o_win = torch.einsum("qhn,nhd->qhd", torch.exp(scores - lse[..., None]), values)
-    decay = to_q(torch.exp(L - st["L_state"][None]))  # [n, H, Fg]
-    fq_d = fq.to(acc) * decay
-    per_query_head = lambda x: x.repeat_interleave(H // Hs, dim=0)  # noqa: E731 ([Hs, ...] state)
-    num = torch.einsum("qhf,hfd->qhd", fq_d, per_query_head(st["S"]))
-    den = torch.einsum("qhf,hf->qh", fq_d, per_query_head(st["z"]))
+    p = torch.exp(scores - lse[..., None]).split([k.shape[0] for k, _ in exact], dim=-1)
+    o_win = sum(_group_values(pi, v.to(acc)) for pi, (_, v) in zip(p, exact))
+    Hs = spec["Hs"]
+    fq_d = fq.to(acc).view(n, Hs, H // Hs, -1) * torch.exp(L - st["L_state"][None])[:, :, None]  # [n, Hs, H/Hs, F]
+    num = torch.einsum("qsgf,sfd->qsgd", fq_d, st["S"]).reshape(n, H, -1)
+    den = torch.einsum("qsgf,sf->qsg", fq_d, st["z"]).reshape(n, H)
     return combine_past_window(o_win[None], lse[None], m[None], num[None], den[None], spec["gamma"], spec["lam"])[0]
+
+
+def _group_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q [n, H, D] against keys k [N, h, D] of h heads, each read by H / h query heads in a
+    row -> [n, H, N]."""
+    n, H, D = q.shape
+    h = k.shape[1]
+    return torch.einsum("qhgd,khd->qhgk", q.view(n, h, H // h, D), k).reshape(n, H, k.shape[0])
+
+
+def _group_values(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Weights p [n, H, N] on values v [N, h, Dv] of h heads (as `_group_scores`) -> [n, H, Dv]."""
+    n, H, N = p.shape
+    h = v.shape[1]
+    return torch.einsum("qhgk,khd->qhgd", p.view(n, h, H // h, N), v).reshape(n, H, v.shape[-1])
 
 
 # -- the batched decode state ----------------------------------------------------------------
